@@ -1,0 +1,96 @@
+"""A job published to Pub/Sub, pushed by the emulator to the worker served over HTTP by
+functions-framework: outputs checked line by line against TensorFlow, manifest, completion."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from localdev import models
+from tests.conftest import read_lines, write_lines
+
+pytestmark = pytest.mark.integration
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(float(a) - float(b)) <= 1e-5
+    return bool(a == b)
+
+
+def test_pubsub_job_end_to_end(worker_service, storage_client, bucket, model_uris, model_dirs, reference):
+    _, _, topo = worker_service
+    instances = models.mlp_instances(20)
+    write_lines(storage_client, f"gs://{bucket}/in/a.jsonl", [json.dumps(i) for i in instances[:13]])
+    write_lines(storage_client, f"gs://{bucket}/in/sub/b.jsonl", [json.dumps(i) for i in instances[13:]])
+    # A name-prefix neighbour outside the input folder must not be read.
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl.bak", ["not an instance"])
+
+    message_id = topo.publish_job(
+        {"model": model_uris["mlp"], "input": f"gs://{bucket}/in/", "output": f"gs://{bucket}/out/"}
+    )
+    [(manifest, attrs)] = topo.completions(1)
+
+    assert attrs == {"job_id": message_id, "status": "SUCCEEDED"}
+    assert manifest["job_id"] == message_id
+    assert manifest["status"] == "SUCCEEDED"
+    assert manifest["model"]["version"] == 1
+    assert manifest["model"]["resolved"] == model_uris["mlp"] + "1/"
+    assert manifest["totals"] == {"lines": 20, "instances": 20, "predictions": 20, "errors": 0, "skipped": 0}
+    assert [(f["input"], f["output"], f["instances"]) for f in manifest["files"]] == [
+        (f"gs://{bucket}/in/a.jsonl", f"gs://{bucket}/out/a.jsonl", 13),
+        (f"gs://{bucket}/in/sub/b.jsonl", f"gs://{bucket}/out/sub/b.jsonl", 7),
+    ]
+    expected = reference(model_dirs["mlp"], instances)
+    lines = read_lines(storage_client, f"gs://{bucket}/out/a.jsonl") + read_lines(
+        storage_client, f"gs://{bucket}/out/sub/b.jsonl"
+    )
+    assert [line["instance"] for line in lines] == instances
+    assert all(_close(line["prediction"], want) for line, want in zip(lines, expected, strict=True))
+    stored = json.loads(storage_client.bucket(bucket).blob("out/_manifest.json").download_as_bytes())
+    assert stored == manifest
+
+
+def test_named_inputs_and_b64_strings(worker_service, storage_client, bucket, model_uris):
+    _, _, topo = worker_service
+    write_lines(
+        storage_client,
+        f"gs://{bucket}/two.jsonl",
+        [
+            json.dumps({"a": [1, 2, 3, 4], "b": 2}),
+            json.dumps({"a": [1, 1, 1, 1], "b": 0}),
+            json.dumps({"a": [0, 0, 0, 0], "b": 0}),
+        ],
+    )
+    write_lines(
+        storage_client,
+        f"gs://{bucket}/text.jsonl",
+        [json.dumps("abc"), json.dumps({"b64": base64.b64encode(b"\xffz").decode()})],
+    )
+    topo.publish_job(
+        {"model": model_uris["two_io"], "input": f"gs://{bucket}/two.jsonl", "output": f"gs://{bucket}/o1"}
+    )
+    topo.publish_job(
+        {"model": model_uris["strings"], "input": f"gs://{bucket}/text.jsonl", "output": f"gs://{bucket}/o2/"}
+    )
+    done = topo.completions(2)
+    assert sorted(a["status"] for _, a in done) == ["SUCCEEDED", "SUCCEEDED"]
+
+    two = read_lines(storage_client, f"gs://{bucket}/o1/two.jsonl")
+    assert [line["prediction"] for line in two] == [
+        {"ratio": 5.0, "total": 12.0},
+        {"ratio": "Infinity", "total": 4.0},
+        {"ratio": "NaN", "total": 0.0},
+    ]
+    text = read_lines(storage_client, f"gs://{bucket}/o2/text.jsonl")
+    assert [line["prediction"] for line in text] == [
+        {"length": 3, "upper_bytes": {"b64": base64.b64encode(b"ABC").decode()}},
+        {"length": 2, "upper_bytes": {"b64": base64.b64encode(b"\xffZ").decode()}},
+    ]

@@ -1,0 +1,128 @@
+"""Command line: `python -m worker run --model gs://… --input gs://… --output gs://…`.
+
+Runs the same pipeline as the event handler, with a progress bar per file on stderr, and prints
+the manifest as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from typing import Any
+
+from worker import __version__, errors, logs
+from worker.config import ENV_VARS, Settings
+from worker.jobs import STATUS_FAILED, Job, parse_json_object
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL: try again later
+
+
+def _env_help() -> str:
+    lines = ["environment:"]
+    for var, _, text in ENV_VARS:
+        lines.append(f"  {var:<24} {text}")
+    lines.append("  STORAGE_EMULATOR_HOST    Cloud Storage emulator, e.g. http://127.0.0.1:4443")
+    lines.append("  PUBSUB_EMULATOR_HOST     Pub/Sub emulator, e.g. 127.0.0.1:8085")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker",
+        description="Batch predictions with a TensorFlow SavedModel over JSON-lines files in Cloud Storage.",
+    )
+    parser.add_argument("--version", action="version", version=f"embedded-tf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run one job and print its manifest",
+        description=(
+            "Predict every line of every input file with the model and write the predictions under "
+            "the output prefix, mirroring the input tree; then write _manifest.json and, when "
+            "WORKER_RESULTS_TOPIC is set, publish the completion message."
+        ),
+        epilog=_env_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "--model", required=True, help="gs:// SavedModel version folder, or a base path of numeric versions"
+    )
+    run.add_argument("--input", required=True, help="gs:// object, or a prefix ending in / for every object under it")
+    run.add_argument("--output", required=True, help="gs:// prefix where outputs and _manifest.json are written")
+    run.add_argument("--job-id", help="job id (default: a new random id); a completed job id is not run again")
+    run.add_argument("--batch-size", type=int, help="instances per prediction call (default: WORKER_BATCH_SIZE or 64)")
+    run.add_argument("--signature-name", help="model signature (default: serving_default)")
+    run.add_argument("--options", help='job options as JSON, e.g. \'{"key_field": "id"}\'')
+    run.add_argument("--no-publish", action="store_true", help="do not publish a completion message")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+class _Bars:
+    """One tqdm bar per input file, advanced in bytes."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+        self._file: Any = None
+        self._done = 0
+
+    def __call__(self, f: Any, lines: int, nbytes: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if f is not self._file:
+            self.close()
+            self._file, self._done = f, 0
+            self._bar = tqdm(total=f.size, desc=f.rel, unit="B", unit_scale=True, file=sys.stderr)
+        self._bar.update(min(nbytes, f.size) - self._done)
+        self._done = min(nbytes, f.size)
+        self._bar.set_postfix(lines=lines)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.setup(settings.log_level)
+    from worker.runtime import Runtime
+
+    raw: dict[str, Any] = {"model": args.model, "input": args.input, "output": args.output}
+    if args.job_id:
+        raw["job_id"] = args.job_id
+    try:
+        options = parse_json_object(args.options, what="--options") if args.options else {}
+        if args.batch_size is not None:
+            options["batch_size"] = args.batch_size
+        if args.signature_name:
+            options["signature_name"] = args.signature_name
+        raw["options"] = options
+        job = Job.from_mapping(raw, default_job_id=f"cli-{uuid.uuid4().hex[:16]}")
+        rt = Runtime.from_settings(settings, publish=not args.no_publish)
+    except (errors.InvalidJob, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    bars = _Bars(enabled=not args.quiet)
+    try:
+        outcome = rt.run_job(job, progress=bars)
+    except errors.TransientError as e:
+        print(f"error (transient, try again): {e}", file=sys.stderr)
+        return EXIT_TRANSIENT
+    finally:
+        bars.close()
+    print(json.dumps(outcome.manifest, indent=2))
+    return EXIT_FAILED if outcome.status == STATUS_FAILED else 0

@@ -1,0 +1,78 @@
+"""`Settings`: the worker's configuration, read once from the environment.
+
+Everything below `main` and `cli` receives a `Settings` (or values from it), never `os.environ`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# (environment variable, field, description) — also the README's configuration table.
+ENV_VARS: tuple[tuple[str, str, str], ...] = (
+    ("GOOGLE_CLOUD_PROJECT", "project", "Project of the results topic (also used by the client libraries)."),
+    (
+        "WORKER_RESULTS_TOPIC",
+        "results_topic",
+        "Topic for completion messages: a name or projects/P/topics/T. Empty: do not publish.",
+    ),
+    ("WORKER_BATCH_SIZE", "batch_size", "Instances per prediction call, unless a job sets options.batch_size."),
+    ("WORKER_MAX_BATCH_BYTES", "max_batch_bytes", "Upper bound on the input bytes of one batch."),
+    ("WORKER_WORK_DIR", "work_dir", "Local folder for downloaded models."),
+    ("WORKER_DOWNLOAD_THREADS", "download_threads", "Parallel downloads when fetching a model."),
+    ("WORKER_MODEL", "default_model", "Model for input files dropped into a bucket without `model` metadata."),
+    ("WORKER_OUTPUT", "default_output", "Output prefix for dropped files without `output` metadata."),
+    ("WORKER_LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    project: str = ""
+    results_topic: str = ""
+    batch_size: int = 64
+    max_batch_bytes: int = 4 * 1024 * 1024
+    work_dir: str = os.path.join(tempfile.gettempdir(), "embedded-tf")
+    download_threads: int = 8
+    default_model: str = ""
+    default_output: str = ""
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        kw: dict[str, object] = {}
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for var, name, _ in ENV_VARS:
+            raw = env.get(var, "").strip()
+            if not raw:
+                continue
+            if types[name] in ("int", int):
+                try:
+                    value = int(raw)
+                except ValueError:
+                    raise ValueError(f"{var}={raw!r} is not an integer") from None
+                if value < 1:
+                    raise ValueError(f"{var}={raw!r} must be at least 1")
+                kw[name] = value
+            else:
+                kw[name] = raw
+        settings = cls(**kw)  # type: ignore[arg-type]
+        if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"WORKER_LOG_LEVEL={settings.log_level!r} is not a log level")
+        return settings
+
+    @property
+    def results_topic_path(self) -> str:
+        """Fully qualified topic path, or "" when completion messages are off."""
+        topic = self.results_topic
+        if not topic or topic.startswith("projects/"):
+            return topic
+        if not self.project:
+            raise ValueError(
+                f"WORKER_RESULTS_TOPIC={topic!r} is a bare name: set GOOGLE_CLOUD_PROJECT too, "
+                "or give the full projects/P/topics/T path"
+            )
+        return f"projects/{self.project}/topics/{topic}"

@@ -1,0 +1,49 @@
+"""The worker's error tree: what is reported and acknowledged vs what is retried.
+
+    WorkerError
+    ├── PermanentError        the job can never succeed as given: report FAILED, ack
+    │   ├── InvalidJob        malformed job, unknown option, bad URI   (INVALID_ARGUMENT)
+    │   ├── NotFound          model or input missing                   (NOT_FOUND)
+    │   └── ModelError        model present but unusable               (FAILED_PRECONDITION)
+    └── TransientError        may succeed later: raise, so delivery is retried  (UNAVAILABLE)
+
+Every message names the object at fault and what to change.
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base of every error the worker raises on purpose."""
+
+    code = "INTERNAL"
+
+
+class PermanentError(WorkerError):
+    """Retrying cannot help: the job is reported FAILED and the event acknowledged."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class InvalidJob(PermanentError):
+    """The job itself is malformed: its JSON, an option, a URI."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(PermanentError):
+    """The model or input the job names does not exist."""
+
+    code = "NOT_FOUND"
+
+
+class ModelError(PermanentError):
+    """The model exists but cannot be loaded or served."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class TransientError(WorkerError):
+    """A dependency is unavailable for now: raised so the platform redelivers."""
+
+    code = "UNAVAILABLE"

@@ -1,0 +1,155 @@
+"""Turns what arrives — a CloudEvent, a Pub/Sub message, an HTTP query — into a `Trigger`.
+
+Pure parsing, no I/O: a job message becomes a `Job`; a finalized object becomes an
+`ObjectTrigger` (the runtime decides whether it is a job file or an input file); anything else
+is `Ignored` with the reason. Malformed payloads raise `InvalidJob`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.errors import InvalidJob
+from worker.jobs import Job, parse_json_object
+
+PUBSUB_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
+STORAGE_FINALIZED = "google.cloud.storage.object.v1.finalized"
+_JOB_ATTRIBUTE_KEYS = ("model", "input", "output", "job_id", "options")
+
+
+@dataclass(frozen=True)
+class ObjectTrigger:
+    """A finalized Cloud Storage object."""
+
+    bucket: str
+    name: str
+    generation: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.bucket}/{self.name}#{self.generation}"
+
+
+@dataclass(frozen=True)
+class Ignored:
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobTrigger:
+    job: Job
+
+
+Trigger = JobTrigger | ObjectTrigger | Ignored
+
+
+def from_cloud_event(attributes: Mapping[str, Any], data: Any) -> Trigger:
+    """Dispatch on the CloudEvent type: Pub/Sub message or Cloud Storage object finalize."""
+    ce_type = attributes.get("type", "")
+    if ce_type == PUBSUB_PUBLISHED:
+        if not isinstance(data, Mapping) or not isinstance(data.get("message"), Mapping):
+            raise InvalidJob("Pub/Sub event has no message: expected data.message with data and attributes")
+        fallback_id = str(attributes.get("id", ""))
+        return from_pubsub_message(data["message"], fallback_id=fallback_id)
+    if ce_type == STORAGE_FINALIZED:
+        return object_trigger(_object_resource(data))
+    if ce_type.startswith("google.cloud.storage.object."):
+        return Ignored(f"storage event {ce_type} is not a finalize")
+    return Ignored(f"event type {ce_type!r} is not handled")
+
+
+def from_pubsub_message(message: Mapping[str, Any], *, fallback_id: str = "") -> Trigger:
+    """A Pub/Sub message: a bucket notification (eventType attribute) or a job message."""
+    attrs = message.get("attributes") or {}
+    if not isinstance(attrs, Mapping):
+        raise InvalidJob("Pub/Sub message attributes must be an object of strings")
+    message_id = str(message.get("messageId") or message.get("message_id") or fallback_id)
+    payload = _message_data(message.get("data"))
+
+    event_type = attrs.get("eventType")
+    if event_type is not None:
+        if event_type != "OBJECT_FINALIZE":
+            return Ignored(f"bucket notification {event_type} is not OBJECT_FINALIZE")
+        resource: dict[str, Any] = {}
+        if payload.strip():
+            resource = parse_json_object(payload, what="bucket notification payload")
+        resource.setdefault("bucket", attrs.get("bucketId"))
+        resource.setdefault("name", attrs.get("objectId"))
+        resource.setdefault("generation", attrs.get("objectGeneration"))
+        return object_trigger(resource)
+
+    if payload.strip():
+        raw = parse_json_object(payload, what=f"job message {message_id or ''}".strip())
+    elif any(k in attrs for k in ("model", "input", "output")):
+        raw = {k: attrs[k] for k in _JOB_ATTRIBUTE_KEYS if k in attrs}
+    else:
+        raise InvalidJob(
+            "job message is empty: publish a JSON object with model, input and output "
+            "(or set them as message attributes)"
+        )
+    if not message_id and not raw.get("job_id"):
+        raise InvalidJob("job message has neither a message id nor a job_id")
+    return JobTrigger(Job.from_mapping(raw, default_job_id=message_id))
+
+
+def from_query(params: Mapping[str, str], *, default_job_id: str) -> Job:
+    """The original tool's interface: `?model=gs://…&input=gs://…&output=gs://…`."""
+    raw: dict[str, Any] = {k: v for k, v in params.items() if k in ("model", "input", "output", "job_id")}
+    extra = sorted(set(params) - set(raw) - {"options"})
+    if extra:
+        raise InvalidJob(f"unknown query parameter(s) {extra}; use model, input, output, job_id, options")
+    if "options" in params:
+        raw["options"] = parse_json_object(params["options"], what="options parameter")
+    return Job.from_mapping(raw, default_job_id=default_job_id)
+
+
+def object_trigger(resource: Mapping[str, Any]) -> ObjectTrigger:
+    bucket, name = resource.get("bucket"), resource.get("name")
+    if not isinstance(bucket, str) or not bucket or not isinstance(name, str) or not name:
+        raise InvalidJob("storage event has no bucket and object name")
+    metadata = resource.get("metadata") or {}
+    if not isinstance(metadata, Mapping):
+        metadata = {}
+    return ObjectTrigger(
+        bucket=bucket,
+        name=name,
+        generation=str(resource.get("generation") or "0"),
+        metadata={str(k): str(v) for k, v in metadata.items()},
+    )
+
+
+def _object_resource(data: Any) -> Mapping[str, Any]:
+    if isinstance(data, (bytes, str)):
+        return parse_json_object(data, what="storage event data")
+    if not isinstance(data, Mapping):
+        raise InvalidJob("storage event data must be the object resource JSON")
+    return data
+
+
+def _message_data(data: Any) -> bytes:
+    if data is None or data == "":
+        return b""
+    if isinstance(data, bytes):
+        return data
+    if not isinstance(data, str):
+        raise InvalidJob("Pub/Sub message data must be base64 text")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidJob(f"Pub/Sub message data is not valid base64: {e}") from e
+
+
+def describe(trigger: Trigger) -> str:
+    if isinstance(trigger, JobTrigger):
+        return f"job {trigger.job.job_id}"
+    if isinstance(trigger, ObjectTrigger):
+        return f"object gs://{trigger.bucket}/{trigger.name}#{trigger.generation}"
+    return f"ignored ({trigger.reason})"
+
+
+__all__ = ["Ignored", "JobTrigger", "ObjectTrigger", "Trigger", "from_cloud_event", "from_pubsub_message", "from_query"]

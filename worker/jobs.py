@@ -1,0 +1,243 @@
+"""Value types of a job: `GcsUri`, `Options`, `Job`, and the counts and manifest of a run.
+
+Pure data and validation; no I/O. Every parse error is an `InvalidJob` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.errors import InvalidJob
+
+# A bucket name as GCS accepts it (3-222 chars of lowercase letters, digits, -, _ and .).
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+STATUS_SUCCEEDED = "SUCCEEDED"
+STATUS_PARTIAL = "PARTIALLY_SUCCEEDED"
+STATUS_FAILED = "FAILED"
+
+MANIFEST_NAME = "_manifest.json"
+
+
+@dataclass(frozen=True)
+class GcsUri:
+    """`gs://bucket/path`; `path` may be empty (the bucket root) or end in `/` (a prefix)."""
+
+    bucket: str
+    path: str
+
+    @classmethod
+    def parse(cls, value: object, *, what: str = "URI") -> GcsUri:
+        if not isinstance(value, str) or not value:
+            raise InvalidJob(f"{what} must be a gs:// URI string, got {value!r}")
+        if not value.startswith("gs://"):
+            raise InvalidJob(
+                f"{what} {value!r} is not a gs:// URI — write it as gs://BUCKET/PATH "
+                "(only Cloud Storage locations are supported)"
+            )
+        rest = value[len("gs://") :]
+        bucket, _, path = rest.partition("/")
+        if not _BUCKET_RE.match(bucket):
+            raise InvalidJob(f"{what} {value!r} has no valid bucket name after gs://")
+        if "//" in path or path.startswith("/"):
+            raise InvalidJob(f"{what} {value!r} has an empty path segment (//)")
+        return cls(bucket, path)
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.path == "" or self.path.endswith("/")
+
+    def as_prefix(self) -> GcsUri:
+        """The same location read as a folder: `gs://b/out` → `gs://b/out/`."""
+        return self if self.is_prefix else GcsUri(self.bucket, self.path + "/")
+
+    def child(self, rel: str) -> GcsUri:
+        return GcsUri(self.bucket, self.as_prefix().path + rel)
+
+    def __str__(self) -> str:
+        return f"gs://{self.bucket}/{self.path}"
+
+
+_INSTANCE_TYPES = ("object", "array")
+_OUTPUT_FORMATS = ("results", "predictions")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-job options; every field is optional in the job message."""
+
+    batch_size: int | None = None
+    signature_name: str = "serving_default"
+    key_field: str | None = None
+    included_fields: tuple[str, ...] | None = None
+    excluded_fields: tuple[str, ...] | None = None
+    instance_type: str | None = None
+    output_format: str = "results"
+    max_error_ratio: float | None = None
+
+    @classmethod
+    def parse(cls, raw: object) -> Options:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise InvalidJob(f"options must be a JSON object, got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise InvalidJob(
+                f"unknown option(s) {', '.join(map(repr, unknown))}; supported options are: {', '.join(sorted(known))}"
+            )
+        kw: dict[str, Any] = {}
+        if "batch_size" in raw and raw["batch_size"] is not None:
+            bs = raw["batch_size"]
+            if isinstance(bs, bool) or not isinstance(bs, int) or not 1 <= bs <= 100_000:
+                raise InvalidJob(f"option batch_size must be an integer from 1 to 100000, got {bs!r}")
+            kw["batch_size"] = bs
+        for name in ("signature_name", "key_field"):
+            if name in raw and raw[name] is not None:
+                if not isinstance(raw[name], str) or not raw[name]:
+                    raise InvalidJob(f"option {name} must be a non-empty string, got {raw[name]!r}")
+                kw[name] = raw[name]
+        for name in ("included_fields", "excluded_fields"):
+            if name in raw and raw[name] is not None:
+                val = raw[name]
+                if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+                    raise InvalidJob(f"option {name} must be a list of field names, got {val!r}")
+                kw[name] = tuple(val)
+        if raw.get("instance_type") is not None:
+            if raw["instance_type"] not in _INSTANCE_TYPES:
+                raise InvalidJob(
+                    f"option instance_type must be one of {', '.join(_INSTANCE_TYPES)}, got {raw['instance_type']!r}"
+                )
+            kw["instance_type"] = raw["instance_type"]
+        if raw.get("output_format") is not None:
+            if raw["output_format"] not in _OUTPUT_FORMATS:
+                raise InvalidJob(
+                    f"option output_format must be one of {', '.join(_OUTPUT_FORMATS)}, got {raw['output_format']!r}"
+                )
+            kw["output_format"] = raw["output_format"]
+        if raw.get("max_error_ratio") is not None:
+            ratio = raw["max_error_ratio"]
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+                raise InvalidJob(f"option max_error_ratio must be a number from 0 to 1, got {ratio!r}")
+            kw["max_error_ratio"] = float(ratio)
+        opts = cls(**kw)
+        if opts.instance_type == "array" and opts.included_fields is None:
+            raise InvalidJob(
+                "option instance_type 'array' needs included_fields, which gives the order of the values in each array"
+            )
+        if opts.included_fields is not None and opts.excluded_fields is not None:
+            raise InvalidJob("options included_fields and excluded_fields cannot be used together")
+        return opts
+
+    def to_json(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+_JOB_KEYS = {"model", "input", "output", "job_id", "options"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One batch prediction: a model, its input file(s), where predictions go."""
+
+    job_id: str
+    model: GcsUri
+    input: GcsUri
+    output: GcsUri
+    options: Options = field(default_factory=Options)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], *, default_job_id: str) -> Job:
+        """Build a job from a decoded job message (keys: model, input, output, job_id, options)."""
+        unknown = sorted(set(raw) - _JOB_KEYS)
+        if unknown:
+            raise InvalidJob(
+                f"unknown job field(s) {', '.join(map(repr, unknown))}; a job has "
+                f"{', '.join(sorted(_JOB_KEYS))} (job options go inside 'options')"
+            )
+        missing = [k for k in ("model", "input", "output") if not raw.get(k)]
+        if missing:
+            raise InvalidJob(f"job is missing {', '.join(missing)}: a job needs model, input and output gs:// URIs")
+        job_id = raw.get("job_id") or default_job_id
+        if not isinstance(job_id, str) or not job_id.strip():
+            raise InvalidJob(f"job_id must be a non-empty string, got {job_id!r}")
+        options = raw.get("options")
+        if isinstance(options, str):
+            # Message attributes are strings: options arrive as JSON text there.
+            options = parse_json_object(options, what="options attribute")
+        model = GcsUri.parse(raw["model"], what="model")
+        inp = GcsUri.parse(raw["input"], what="input")
+        out = GcsUri.parse(raw["output"], what="output").as_prefix()
+        if inp.path == "" and inp.bucket == out.bucket and out.path == "":
+            raise InvalidJob(f"output {out} is the input bucket's root: outputs would be read as input")
+        return cls(job_id=job_id, model=model, input=inp, output=out, options=Options.parse(options))
+
+    @property
+    def manifest_uri(self) -> GcsUri:
+        return self.output.child(MANIFEST_NAME)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "model": str(self.model),
+            "input": str(self.input),
+            "output": str(self.output),
+            "options": self.options.to_json(),
+        }
+
+
+def parse_json_object(text: str | bytes, *, what: str) -> dict[str, Any]:
+    """Decode JSON that must be an object, with an error that says where it went wrong."""
+    try:
+        value = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidJob(f"{what} is not valid JSON ({e}); send a JSON object") from e
+    if not isinstance(value, dict):
+        raise InvalidJob(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+@dataclass
+class Counts:
+    """Line accounting for a file or a job: lines = instances + skipped; instances = predictions + errors."""
+
+    lines: int = 0
+    instances: int = 0
+    predictions: int = 0
+    errors: int = 0
+    skipped: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.lines += other.lines
+        self.instances += other.instances
+        self.predictions += other.predictions
+        self.errors += other.errors
+        self.skipped += other.skipped
+
+    def to_json(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FileResult:
+    input: str
+    output: str
+    counts: Counts = field(default_factory=Counts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"input": self.input, "output": self.output, **self.counts.to_json()}
+
+
+def failure(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}

@@ -1,0 +1,45 @@
+"""Completion messages, and the only importer of `google.cloud.pubsub_v1`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from google.api_core import exceptions as gexc
+
+from worker.errors import TransientError
+
+log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_S = 60.0
+
+
+class PubSubPublisher:
+    """Publishes to one topic; the gRPC client is created on first use, never at import."""
+
+    def __init__(self, topic_path: str) -> None:
+        self.topic_path = topic_path
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _publisher(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from google.cloud import pubsub_v1
+
+                self._client = pubsub_v1.PublisherClient()
+            return self._client
+
+    def publish(self, data: bytes, attributes: dict[str, str]) -> None:
+        """Publish and wait for the server's acknowledgement; failures are transient."""
+        try:
+            future = self._publisher().publish(self.topic_path, data, **attributes)
+            message_id = future.result(timeout=PUBLISH_TIMEOUT_S)
+        except gexc.NotFound as e:
+            raise TransientError(
+                f"results topic {self.topic_path} does not exist — create it or fix WORKER_RESULTS_TOPIC"
+            ) from e
+        except (gexc.GoogleAPIError, TimeoutError, OSError) as e:
+            raise TransientError(f"publishing to {self.topic_path} failed: {e}") from e
+        log.info("published completion message %s to %s", message_id, self.topic_path)

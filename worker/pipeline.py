@@ -1,0 +1,400 @@
+"""Runs a job: every input line → one output line, batched through a predictor; manifest last.
+
+Composes a `Store`, a `ModelProvider` and a `Publisher` through the small protocols below; it
+never touches the SDKs, HTTP or the environment. Accounting per file and in total:
+lines = instances + skipped, instances = predictions + errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any, Protocol
+
+from worker import errors
+from worker.jobs import (
+    STATUS_FAILED,
+    STATUS_PARTIAL,
+    STATUS_SUCCEEDED,
+    Counts,
+    FileResult,
+    GcsUri,
+    Job,
+    Options,
+    failure,
+)
+from worker.serving import BatchRejected, LoadedModel, Predictor
+
+log = logging.getLogger(__name__)
+
+PROGRESS_LOG_INTERVAL_S = 10.0
+
+
+class InputFileLike(Protocol):
+    @property
+    def uri(self) -> GcsUri: ...
+    @property
+    def rel(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+
+
+class Store(Protocol):
+    def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[Any]: ...
+    def read_lines(self, f: Any) -> Iterator[bytes]: ...
+    def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> AbstractContextManager[IO[bytes]]: ...
+    def write_json(self, uri: GcsUri, value: Any, *, job_id: str) -> None: ...
+    def read_json(self, uri: GcsUri) -> Any | None: ...
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """A loaded model and where it came from (for the manifest)."""
+
+    uri: GcsUri  # the version folder actually served
+    version: int | None
+    model: LoadedModel
+
+
+class ModelProvider(Protocol):
+    def load(self, model: GcsUri) -> ModelHandle: ...
+
+
+class Publisher(Protocol):
+    def publish(self, data: bytes, attributes: dict[str, str]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    batch_size: int = 64
+    max_batch_bytes: int = 4 * 1024 * 1024
+
+
+# Called after each batch with (file, lines done in the file so far, bytes read so far).
+ProgressFn = Callable[[Any, int, int], None]
+
+
+@dataclass
+class Outcome:
+    manifest: dict[str, Any]
+    skipped: bool = False  # True when an earlier run of the same job already completed it
+
+    @property
+    def status(self) -> str:
+        return str(self.manifest.get("status"))
+
+
+def run(
+    job: Job,
+    *,
+    store: Store,
+    models: ModelProvider,
+    publisher: Publisher | None,
+    limits: Limits,
+    progress: ProgressFn | None = None,
+) -> Outcome:
+    """Run `job` to completion. Permanent failures end as a FAILED manifest and completion
+    message; transient ones (`errors.TransientError`) propagate so the caller can retry."""
+    previous = store.read_json(job.manifest_uri)
+    if isinstance(previous, dict) and previous.get("job_id") == job.job_id and previous.get("status") != STATUS_FAILED:
+        log.info("job %s already completed (%s): skipping", job.job_id, previous.get("status"))
+        return Outcome(previous, skipped=True)
+
+    started = time.time()
+    timings: dict[str, float] = {}
+    files: list[FileResult] = []
+    totals = Counts()
+    handle: ModelHandle | None = None
+    error: dict[str, str] | None = None
+    try:
+        t = time.perf_counter()
+        inputs = store.list_inputs(job.input, exclude=job.output)
+        _check_no_overwrite(job, inputs)
+        timings["list_inputs_s"] = time.perf_counter() - t
+        log.info("job %s: %d input file(s), %d bytes", job.job_id, len(inputs), sum(f.size for f in inputs))
+
+        t = time.perf_counter()
+        handle = models.load(job.model)
+        predictor = handle.model.predictor(job.options.signature_name)
+        timings["model_load_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        batch_size = job.options.batch_size or limits.batch_size
+        for f in inputs:
+            result = _run_file(job, f, store, predictor, batch_size, limits.max_batch_bytes, progress)
+            files.append(result)
+            totals.add(result.counts)
+        timings["predict_s"] = time.perf_counter() - t
+        error = _error_ratio_exceeded(job.options, totals)
+    except errors.PermanentError as e:
+        log.error("job %s failed: %s", job.job_id, e)
+        error = failure(e.code, str(e))
+
+    status = STATUS_FAILED if error else STATUS_PARTIAL if totals.errors else STATUS_SUCCEEDED
+    manifest = _manifest(job, status, handle, files, totals, started, timings, error)
+    try:
+        store.write_json(job.manifest_uri, manifest, job_id=job.job_id)
+    except errors.PermanentError as e:
+        if status != STATUS_FAILED:
+            raise
+        # The job already failed; not being able to write its manifest must not hide why.
+        log.error("could not write manifest %s: %s", job.manifest_uri, e)
+    if publisher is not None:
+        publisher.publish(
+            json.dumps(manifest).encode(),
+            {"job_id": job.job_id, "status": status},
+        )
+    log.info(
+        "job %s %s: %d instances, %d predictions, %d errors in %.2fs",
+        job.job_id, status, totals.instances, totals.predictions, totals.errors, time.time() - started,
+    )  # fmt: skip
+    return Outcome(manifest)
+
+
+def _check_no_overwrite(job: Job, inputs: list[Any]) -> None:
+    names = {(f.uri.bucket, f.uri.path) for f in inputs}
+    for f in inputs:
+        out = job.output.child(f.rel)
+        if (out.bucket, out.path) in names:
+            raise errors.InvalidJob(
+                f"output {out} would overwrite input {f.uri} — choose an output prefix outside the input"
+            )
+
+
+def _error_ratio_exceeded(options: Options, totals: Counts) -> dict[str, str] | None:
+    if options.max_error_ratio is None or not totals.instances:
+        return None
+    ratio = totals.errors / totals.instances
+    if ratio <= options.max_error_ratio:
+        return None
+    return failure(
+        "INVALID_ARGUMENT",
+        f"{totals.errors} of {totals.instances} instances ({ratio:.1%}) could not be predicted, more "
+        f"than max_error_ratio {options.max_error_ratio} allows — see the error lines in the output files",
+    )
+
+
+def _manifest(
+    job: Job,
+    status: str,
+    handle: ModelHandle | None,
+    files: list[FileResult],
+    totals: Counts,
+    started: float,
+    timings: dict[str, float],
+    error: dict[str, str] | None,
+) -> dict[str, Any]:
+    finished = time.time()
+    manifest: dict[str, Any] = {
+        "job_id": job.job_id,
+        "status": status,
+        "model": {
+            "uri": str(job.model),
+            "resolved": str(handle.uri) if handle else None,
+            "version": handle.version if handle else None,
+            "signature_name": job.options.signature_name,
+        },
+        "input": str(job.input),
+        "output": str(job.output),
+        "options": job.options.to_json(),
+        "files": [f.to_json() for f in files],
+        "totals": totals.to_json(),
+        "started_at": _iso(started),
+        "finished_at": _iso(finished),
+        "timings": {"total_s": round(finished - started, 3), **{k: round(v, 3) for k, v in timings.items()}},
+    }
+    if error:
+        manifest["error"] = error
+    return manifest
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# -- one file -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    """One instance line on its way to an output line."""
+
+    shown: Any  # what the output line echoes: the instance, or its key
+    label: str = "instance"  # "key" when `shown` is the key_field value
+    feed: Any = None  # what the model receives
+    error: str | None = None
+    prediction: Any = None
+
+
+@dataclass
+class _Batch:
+    entries: list[_Entry] = field(default_factory=list)
+    to_predict: int = 0
+    nbytes: int = 0
+
+
+def _run_file(
+    job: Job,
+    f: Any,
+    store: Store,
+    predictor: Predictor,
+    batch_size: int,
+    max_batch_bytes: int,
+    progress: ProgressFn | None,
+) -> FileResult:
+    out_uri = job.output.child(f.rel)
+    result = FileResult(input=str(f.uri), output=str(out_uri))
+    counts = result.counts
+    options = job.options
+    bytes_read = 0
+    last_log = time.monotonic()
+    batch = _Batch()
+
+    with store.open_output(out_uri, job_id=job.job_id, content_type="application/jsonl") as out:
+
+        def flush() -> None:
+            _predict_entries(predictor, batch.entries)
+            lines = []
+            for e in batch.entries:
+                if e.error is None:
+                    counts.predictions += 1
+                else:
+                    counts.errors += 1
+                lines.append(_format(e, options))
+            out.write(("\n".join(lines) + "\n").encode())
+            batch.entries.clear()
+            batch.to_predict = batch.nbytes = 0
+
+        for raw in store.read_lines(f):
+            counts.lines += 1
+            bytes_read += len(raw) + 1
+            if not raw.strip():
+                counts.skipped += 1
+                continue
+            counts.instances += 1
+            entry = _parse_line(raw, counts.lines, options)
+            batch.entries.append(entry)
+            if entry.error is None:
+                batch.to_predict += 1
+                batch.nbytes += len(raw)
+            if batch.to_predict >= batch_size or batch.nbytes >= max_batch_bytes:
+                flush()
+                if progress:
+                    progress(f, counts.lines, bytes_read)
+                if time.monotonic() - last_log >= PROGRESS_LOG_INTERVAL_S:
+                    last_log = time.monotonic()
+                    log.info("%s: %d lines, %d/%d bytes", f.uri, counts.lines, bytes_read, f.size)
+        if batch.entries:
+            flush()
+        if progress:
+            progress(f, counts.lines, bytes_read)
+    log.info(
+        "%s → %s: %d instances, %d predictions, %d errors, %d skipped",
+        f.uri, out_uri, counts.instances, counts.predictions, counts.errors, counts.skipped,
+    )  # fmt: skip
+    return result
+
+
+def _parse_line(raw: bytes, lineno: int, options: Options) -> _Entry:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        return _Entry(raw.decode("utf-8", errors="replace"), error=f"line {lineno} is not valid JSON: {e}")
+    shown: Any = value
+    if options.key_field is not None:
+        if not isinstance(value, dict) or options.key_field not in value:
+            return _Entry(value, error=f"line {lineno} has no key field {options.key_field!r}")
+        shown = value[options.key_field]
+    label = "key" if options.key_field is not None else "instance"
+    try:
+        feed = _select_fields(value, options)
+    except ValueError as e:
+        return _Entry(shown, label, error=f"line {lineno}: {e}")
+    if options.key_field is None and (options.included_fields or options.excluded_fields):
+        shown = feed
+    return _Entry(shown, label, feed=feed)
+
+
+def _select_fields(value: Any, options: Options) -> Any:
+    """Apply key_field / included_fields / excluded_fields / instance_type to one instance."""
+    if options.key_field is None and options.included_fields is None and options.excluded_fields is None:
+        return value
+    if not isinstance(value, dict):
+        raise ValueError("instance must be a JSON object when key_field or *_fields options are set")
+    if options.included_fields is not None:
+        missing = [k for k in options.included_fields if k not in value]
+        if missing:
+            raise ValueError(f"instance has no field(s) {missing} named in included_fields")
+        if options.instance_type == "array":
+            return [value[k] for k in options.included_fields]
+        return {k: value[k] for k in options.included_fields}
+    dropped = set(options.excluded_fields or ())
+    if options.key_field is not None:
+        dropped.add(options.key_field)
+    return {k: v for k, v in value.items() if k not in dropped}
+
+
+def _predict_entries(predictor: Predictor, entries: list[_Entry]) -> None:
+    todo = [e for e in entries if e.error is None]
+    if todo:
+        _predict_isolating(predictor, todo)
+
+
+def _predict_isolating(predictor: Predictor, entries: list[_Entry]) -> None:
+    """Predict `entries`; when the model rejects the batch, split it until each bad instance is
+    alone, so one bad instance costs one error line and not its batch."""
+    try:
+        predictions = predictor.predict([e.feed for e in entries])
+    except BatchRejected as rejected:
+        if len(entries) == 1:
+            entries[0].error = rejected.message
+            return
+        mid = len(entries) // 2
+        _predict_isolating(predictor, entries[:mid])
+        _predict_isolating(predictor, entries[mid:])
+        return
+    if len(predictions) != len(entries):
+        raise errors.ModelError(f"the model returned {len(predictions)} predictions for {len(entries)} instances")
+    for e, p in zip(entries, predictions, strict=True):
+        e.prediction = p
+
+
+def _format(e: _Entry, options: Options) -> str:
+    if options.output_format == "predictions":
+        obj: Any = e.prediction if e.error is None else {"error": _error_obj(e.error)}
+    else:
+        obj = {e.label: e.shown}
+        if e.error is None:
+            obj["prediction"] = e.prediction
+        else:
+            obj["error"] = _error_obj(e.error)
+    return dumps_line(obj)
+
+
+def _error_obj(message: str) -> dict[str, str]:
+    return {"status": "INVALID_ARGUMENT", "message": message}
+
+
+def dumps_line(obj: Any) -> str:
+    """One strict-JSON line. Non-finite floats (a model's NaN, or NaN in an input line) are not
+    JSON: TF Serving writes them bare, we write the strings "NaN", "Infinity", "-Infinity"."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value

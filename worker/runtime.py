@@ -1,0 +1,122 @@
+"""The one room behind every door (event handler, HTTP handler, CLI): builds the collaborators
+from `Settings` once per process and runs jobs and triggers with them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from worker import errors, events, logs
+from worker.config import Settings
+from worker.jobs import MANIFEST_NAME, STATUS_FAILED, GcsUri, Job, failure, parse_json_object
+from worker.notify import PubSubPublisher
+from worker.pipeline import Limits, ModelHandle, Outcome, ProgressFn, Publisher, run
+from worker.serving.cache import ModelCache
+from worker.storage import WRITTEN_BY_KEY, GcsStore
+
+log = logging.getLogger(__name__)
+
+JOB_FILE_SUFFIX = ".job.json"
+
+
+class StoreModelProvider:
+    """Fetches a model's files (skipped when an identical copy is on disk) and loads it once."""
+
+    def __init__(self, store: GcsStore, cache: ModelCache, work_dir: str) -> None:
+        self._store = store
+        self._cache = cache
+        self._work_dir = work_dir
+
+    def load(self, model: GcsUri) -> ModelHandle:
+        local = self._store.fetch_model(model, self._work_dir)
+        loaded = self._cache.get(local.fingerprint, local.path, str(local.uri))
+        return ModelHandle(local.uri, local.version, loaded)
+
+
+def _load_tensorflow(path: str, description: str) -> Any:
+    from worker.serving.tf_backend import TensorFlowModel
+
+    return TensorFlowModel(path, description=description)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: GcsStore
+    models: StoreModelProvider
+    publisher: Publisher | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, publish: bool = True) -> Runtime:
+        store = GcsStore.from_environment(settings.project, download_threads=settings.download_threads)
+        cache = ModelCache(_load_tensorflow)
+        topic = settings.results_topic_path
+        publisher = PubSubPublisher(topic) if publish and topic else None
+        return cls(settings, store, StoreModelProvider(store, cache, settings.work_dir), publisher)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(batch_size=self.settings.batch_size, max_batch_bytes=self.settings.max_batch_bytes)
+
+    def run_job(self, job: Job, *, progress: ProgressFn | None = None) -> Outcome:
+        with logs.bound(job_id=job.job_id):
+            log.info("starting job %s: %s → %s with model %s", job.job_id, job.input, job.output, job.model)
+            return run(
+                job,
+                store=self.store,
+                models=self.models,
+                publisher=self.publisher,
+                limits=self.limits,
+                progress=progress,
+            )
+
+    def handle(self, trigger: events.Trigger) -> Outcome | None:
+        """Run what a trigger asks for; None when there is nothing to do."""
+        if isinstance(trigger, events.Ignored):
+            log.info("event ignored: %s", trigger.reason)
+            return None
+        if isinstance(trigger, events.ObjectTrigger):
+            job = self.job_for_object(trigger)
+            if job is None:
+                return None
+        else:
+            job = trigger.job
+        return self.run_job(job)
+
+    def job_for_object(self, obj: events.ObjectTrigger) -> Job | None:
+        """A finalized object as a job: `*.job.json` holds one; any other object is an input file.
+        Objects the worker wrote, and anything under the configured output, start nothing."""
+        uri = f"gs://{obj.bucket}/{obj.name}"
+        if WRITTEN_BY_KEY in obj.metadata or obj.name.endswith("/" + MANIFEST_NAME) or obj.name == MANIFEST_NAME:
+            log.info("ignoring %s: written by the worker", uri)
+            return None
+        default_output = self.settings.default_output
+        if default_output and default_output.startswith("gs://"):
+            out = GcsUri.parse(default_output, what="WORKER_OUTPUT").as_prefix()
+            if out.bucket == obj.bucket and obj.name.startswith(out.path):
+                log.info("ignoring %s: under the output prefix %s", uri, out)
+                return None
+        if obj.name.endswith("/"):
+            return None
+        if obj.name.endswith(JOB_FILE_SUFFIX):
+            raw = parse_json_object(self.store.read_bytes(GcsUri(obj.bucket, obj.name)), what=f"job file {uri}")
+            return Job.from_mapping(raw, default_job_id=obj.job_id)
+        model = obj.metadata.get("model") or self.settings.default_model
+        output = obj.metadata.get("output") or default_output
+        if not model or not output:
+            raise errors.InvalidJob(
+                f"input file {uri} has no `model`/`output` custom metadata and the worker has no "
+                "WORKER_MODEL/WORKER_OUTPUT default — set one of them"
+            )
+        return Job.from_mapping({"model": model, "input": uri, "output": output}, default_job_id=obj.job_id)
+
+    def report_failure(self, job_id: str, error: errors.WorkerError, context: dict[str, Any]) -> dict[str, Any]:
+        """Publish FAILED for an event that never became a runnable job (malformed message)."""
+        report = {"job_id": job_id, "status": STATUS_FAILED, "error": failure(error.code, str(error)), **context}
+        with logs.bound(job_id=job_id):
+            log.error("rejected event: %s", error)
+            if self.publisher is not None:
+                self.publisher.publish(json.dumps(report).encode(), {"job_id": job_id, "status": STATUS_FAILED})
+        return report

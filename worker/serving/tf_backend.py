@@ -1,0 +1,130 @@
+"""In-process TensorFlow backend: loads a SavedModel once and runs a signature on batches.
+
+Accepts instances in TF Serving's REST row format and answers in its JSON shapes, so output is
+the same whichever backend serves the model. TensorFlow is imported lazily, once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from worker.errors import ModelError
+from worker.serving import BatchRejected
+from worker.serving.jsonvalues import decode_strings, rows_from_array
+
+log = logging.getLogger(__name__)
+_import_lock = threading.Lock()
+
+
+def import_tensorflow() -> Any:
+    """TensorFlow, imported on first use (3-5 s), quietly."""
+    with _import_lock:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        return tf
+
+
+class TensorFlowModel:
+    """A SavedModel loaded with `tf.saved_model.load`."""
+
+    def __init__(self, path: str, *, description: str) -> None:
+        tf = import_tensorflow()
+        self._tf = tf
+        self.description = description
+        try:
+            self._loaded = tf.saved_model.load(path)
+        except Exception as e:  # TensorFlow raises many types here; all mean "cannot load".
+            raise ModelError(f"TensorFlow cannot load model {description}: {e}") from e
+        self._predictors: dict[str, TensorFlowSignature] = {}
+        self._lock = threading.Lock()
+
+    def predictor(self, signature_name: str) -> TensorFlowSignature:
+        with self._lock:
+            if signature_name not in self._predictors:
+                signatures = self._loaded.signatures
+                if signature_name not in signatures:
+                    raise ModelError(
+                        f"model {self.description} has no signature {signature_name!r}; it has "
+                        f"{', '.join(sorted(signatures)) or 'none'} — set options.signature_name"
+                    )
+                self._predictors[signature_name] = TensorFlowSignature(self._tf, signatures[signature_name])
+            return self._predictors[signature_name]
+
+
+class TensorFlowSignature:
+    """One concrete signature function, fed TF Serving row-format instances."""
+
+    def __init__(self, tf: Any, fn: Any) -> None:
+        self._tf = tf
+        self._fn = fn
+        _, kwargs = fn.structured_input_signature
+        self.inputs: dict[str, Any] = dict(sorted(kwargs.items()))
+        self.output_names = sorted(fn.structured_outputs)
+
+    def _column(self, name: str, values: list[Any]) -> Any:
+        spec = self.inputs[name]
+        if spec.dtype == self._tf.string:
+            arr = np.asarray([decode_strings(v) for v in values], dtype=object)
+        else:
+            try:
+                arr = np.asarray(values)
+            except ValueError as e:
+                raise BatchRejected(f"input {name!r}: instances are not rectangular arrays ({e})") from None
+            target = np.dtype(spec.dtype.as_numpy_dtype)
+            if arr.dtype.kind not in "biuf":
+                raise BatchRejected(
+                    f"input {name!r} expects {spec.dtype.name} numbers, got values of JSON type {_json_type(values)}"
+                )
+            if target.kind in "iu" and arr.dtype.kind == "f":
+                raise BatchRejected(f"input {name!r} expects integers ({spec.dtype.name}), got fractional numbers")
+            arr = arr.astype(target, copy=False)
+        expected = spec.shape
+        if expected.rank is not None:
+            got = arr.shape[1:]
+            want = expected.as_list()[1:]
+            if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got, strict=False)):
+                raise BatchRejected(
+                    f"input {name!r} expects instances of shape {_shape(want)}, got {_shape(list(got))}"
+                )
+        return self._tf.constant(arr, dtype=spec.dtype)
+
+    def predict(self, instances: list[Any]) -> list[Any]:
+        names = list(self.inputs)
+        if len(names) == 1:
+            (name,) = names
+            values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
+            feeds = {name: self._column(name, values)}
+        else:
+            for i in instances:
+                if not isinstance(i, dict) or set(i) != set(names):
+                    got = sorted(i) if isinstance(i, dict) else _json_type([i])
+                    raise BatchRejected(
+                        f"this model takes named inputs {names}: each instance must be an object "
+                        f"with exactly those keys, got {got}"
+                    )
+            feeds = {name: self._column(name, [i[name] for i in instances]) for name in names}
+        try:
+            outputs = self._fn(**feeds)
+        except self._tf.errors.InvalidArgumentError as e:
+            raise BatchRejected(e.message.strip().splitlines()[0]) from None
+        n = len(instances)
+        columns = {name: rows_from_array(name, outputs[name].numpy(), n) for name in self.output_names}
+        if len(columns) == 1:
+            return next(iter(columns.values()))
+        return [{name: columns[name][k] for name in self.output_names} for k in range(n)]
+
+
+def _shape(dims: list[Any]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _json_type(values: list[Any]) -> str:
+    kinds = {type(v).__name__ for v in values}
+    names = {"str": "string", "dict": "object", "list": "array", "NoneType": "null", "bool": "boolean"}
+    return "/".join(sorted(names.get(k, k) for k in kinds))

@@ -1,0 +1,274 @@
+"""Cloud Storage I/O, and the only importer of `google.cloud.storage`.
+
+Lists input objects, streams their lines, writes outputs that appear whole or not at all, reads and
+writes manifests, and fetches a SavedModel (resolving TF Serving's numeric version folders).
+SDK exceptions are translated here into the worker's permanent/transient errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Any
+
+import requests
+from google.api_core import exceptions as gexc
+from google.cloud import storage
+
+from worker.errors import ModelError, NotFound, PermanentError, TransientError
+from worker.jobs import GcsUri
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 4 * 1024 * 1024
+# Resumable upload chunks must be multiples of 256 KiB; this bounds memory per open output.
+WRITE_CHUNK_BYTES = 4 * 1024 * 1024
+# Custom metadata set on every object the worker writes, so object events never loop back.
+WRITTEN_BY_KEY = "embedded-tf-job"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: GcsUri
+    rel: str  # path relative to the input prefix: where its output goes under the output prefix
+    size: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    uri: GcsUri  # the version folder that was fetched
+    version: int | None
+    path: str  # local folder holding saved_model.pb
+    fingerprint: str  # changes when any object of the model changes
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Map SDK and transport failures to the worker's error tree, naming `what` was being done."""
+    try:
+        yield
+    except (NotFound, PermanentError, TransientError):
+        raise
+    except gexc.NotFound as e:
+        raise NotFound(f"{what}: not found ({e.message})") from e
+    except gexc.Forbidden as e:
+        raise PermanentError(
+            f"{what}: permission denied ({e.message}) — grant the worker's service account access to the bucket"
+        ) from e
+    except gexc.Unauthorized as e:
+        raise PermanentError(f"{what}: unauthorized ({e.message})") from e
+    except (gexc.ServerError, gexc.TooManyRequests, gexc.RetryError) as e:
+        raise TransientError(f"{what}: Cloud Storage unavailable ({e})") from e
+    except (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError) as e:
+        raise TransientError(f"{what}: cannot reach Cloud Storage ({e})") from e
+
+
+def _safe_join(root: str, rel: str) -> str:
+    """`root/rel`, refusing names that would land outside `root` (`..`, absolute paths)."""
+    norm = posixpath.normpath(rel)
+    if norm.startswith("/") or norm == ".." or norm.startswith("../") or "\\" in rel:
+        raise ModelError(f"model object name {rel!r} would escape the model folder; refusing to download it")
+    return os.path.join(root, *norm.split("/"))
+
+
+class GcsStore:
+    """Storage for one process: a `storage.Client` shared by all jobs (thread-safe for our use)."""
+
+    def __init__(self, client: storage.Client, *, download_threads: int = 8) -> None:
+        self._client = client
+        self._download_threads = download_threads
+
+    @classmethod
+    def from_environment(cls, project: str | None, *, download_threads: int = 8) -> GcsStore:
+        """A client for real GCS, or for the emulator when STORAGE_EMULATOR_HOST is set."""
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+
+            client = storage.Client(project=project or "local", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
+        else:
+            client = storage.Client(project=project or None)
+        return cls(client, download_threads=download_threads)
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[InputFile]:
+        """The object `input_uri` names, or every object under it when it ends in `/`.
+
+        Folder placeholders (names ending in `/`) and anything under `exclude` (the job's output
+        prefix) are left out, so outputs written inside the input tree are never read back.
+        """
+        bucket = self._client.bucket(input_uri.bucket)
+        with translate_errors(f"reading input {input_uri}"):
+            if not input_uri.is_prefix:
+                blob = bucket.get_blob(input_uri.path)
+                if blob is None:
+                    raise NotFound(
+                        f"input {input_uri} does not exist — check the object name, or end the URI "
+                        "with / to read every object under a prefix"
+                    )
+                return [self._input_file(blob, posixpath.basename(input_uri.path))]
+            files = []
+            for blob in self._client.list_blobs(input_uri.bucket, prefix=input_uri.path):
+                name: str = blob.name
+                if name.endswith("/"):
+                    continue
+                if exclude and exclude.bucket == input_uri.bucket and name.startswith(exclude.path):
+                    continue
+                files.append(self._input_file(blob, name[len(input_uri.path) :]))
+        if not files:
+            raise NotFound(f"input {input_uri} matches no object — check the prefix and that files were uploaded")
+        files.sort(key=lambda f: f.rel)
+        return files
+
+    @staticmethod
+    def _input_file(blob: Any, rel: str) -> InputFile:
+        return InputFile(
+            uri=GcsUri(blob.bucket.name, blob.name),
+            rel=rel,
+            size=int(blob.size or 0),
+            generation=int(blob.generation or 0),
+        )
+
+    def read_lines(self, f: InputFile) -> Iterator[bytes]:
+        """Yield the object's lines without their line ending, reading it in bounded chunks.
+
+        The generation read at listing time is pinned, so a file replaced mid-job is not mixed.
+        """
+        blob = self._client.bucket(f.uri.bucket).blob(f.uri.path, generation=f.generation or None)
+        with translate_errors(f"reading input {f.uri}"), blob.open("rb", chunk_size=READ_CHUNK_BYTES) as reader:
+            pending = b""
+            while True:
+                chunk = reader.read(READ_CHUNK_BYTES)
+                if not chunk:
+                    break
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    yield line[:-1] if line.endswith(b"\r") else line
+            if pending:
+                yield pending[:-1] if pending.endswith(b"\r") else pending
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[IO[bytes]]:
+        """A binary stream to `uri` over a resumable upload, visible only once the block exits
+        normally; on an exception the upload is cancelled and no object appears."""
+        blob = self._client.bucket(uri.bucket).blob(uri.path)
+        blob.metadata = {WRITTEN_BY_KEY: job_id}
+        with (
+            translate_errors(f"writing output {uri}"),
+            blob.open("wb", chunk_size=WRITE_CHUNK_BYTES, ignore_flush=True, content_type=content_type) as w,
+        ):
+            yield w
+
+    def write_json(self, uri: GcsUri, value: Any, *, job_id: str) -> None:
+        blob = self._client.bucket(uri.bucket).blob(uri.path)
+        blob.metadata = {WRITTEN_BY_KEY: job_id}
+        with translate_errors(f"writing {uri}"):
+            blob.upload_from_string(json.dumps(value, indent=2) + "\n", content_type="application/json")
+
+    def read_json(self, uri: GcsUri) -> Any | None:
+        """The decoded object, or None when it does not exist (or is not JSON)."""
+        blob = self._client.bucket(uri.bucket).blob(uri.path)
+        try:
+            with translate_errors(f"reading {uri}"):
+                data = blob.download_as_bytes()
+        except NotFound:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            log.warning("%s is not JSON; ignoring it", uri)
+            return None
+
+    def read_bytes(self, uri: GcsUri) -> bytes:
+        with translate_errors(f"reading {uri}"):
+            data: bytes = self._client.bucket(uri.bucket).blob(uri.path).download_as_bytes()
+            return data
+
+    # -- models ------------------------------------------------------------------------------
+
+    def resolve_model(self, model: GcsUri) -> tuple[GcsUri, int | None, list[Any]]:
+        """Find the version folder `model` designates and list its objects.
+
+        `model` may be the version folder itself (holding saved_model.pb), or a base path of
+        numeric version folders, where the highest version wins as in TF Serving.
+        """
+        base = model
+        if base.path.endswith("saved_model.pb"):
+            base = GcsUri(base.bucket, base.path[: -len("saved_model.pb")])
+        base = base.as_prefix()
+        with translate_errors(f"reading model {model}"):
+            blobs = list(self._client.list_blobs(base.bucket, prefix=base.path))
+        if not blobs:
+            raise NotFound(f"model {model} does not exist: no object under {base} — check the path")
+        rel_names = {b.name[len(base.path) :]: b for b in blobs}
+        if "saved_model.pb" in rel_names:
+            leaf = base.path.rstrip("/").rsplit("/", 1)[-1]
+            return base, int(leaf) if leaf.isdigit() else None, blobs
+        versions = sorted(
+            {
+                int(rel.split("/", 1)[0])
+                for rel in rel_names
+                if rel.count("/") == 1 and rel.endswith("/saved_model.pb") and rel.split("/", 1)[0].isdigit()
+            }
+        )
+        if not versions:
+            raise ModelError(
+                f"model {model} has no saved_model.pb — point `model` at the version folder that "
+                "holds saved_model.pb and variables/, or at its parent holding numeric version folders"
+            )
+        version = versions[-1]
+        folder = base.child(f"{version}/")
+        return folder, version, [b for b in blobs if b.name.startswith(folder.path)]
+
+    def fetch_model(self, model: GcsUri, work_dir: str) -> LocalModel:
+        """Download the model's version folder under `work_dir`, reusing an identical earlier copy."""
+        folder, version, blobs = self.resolve_model(model)
+        fingerprint = hashlib.sha256("\n".join(sorted(f"{b.name}#{b.generation}" for b in blobs)).encode()).hexdigest()[
+            :20
+        ]
+        dest = os.path.join(work_dir, "models", fingerprint)
+        if os.path.isfile(os.path.join(dest, "saved_model.pb")):
+            log.info("model %s already on local disk", folder)
+            return LocalModel(folder, version, dest, fingerprint)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".fetch-", dir=os.path.dirname(dest))
+        try:
+            targets = []
+            for b in blobs:
+                rel = b.name[len(folder.path) :]
+                if not rel or rel.endswith("/"):
+                    continue
+                targets.append((b, _safe_join(staging, rel)))
+            total = sum(int(b.size or 0) for b, _ in targets)
+            log.info("downloading model %s: %d files, %d bytes", folder, len(targets), total)
+
+            def fetch(item: tuple[Any, str]) -> None:
+                blob, path = item
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with translate_errors(f"downloading model file gs://{blob.bucket.name}/{blob.name}"):
+                    blob.download_to_filename(path)
+
+            with ThreadPoolExecutor(max_workers=self._download_threads) as pool:
+                list(pool.map(fetch, targets))
+            try:
+                os.rename(staging, dest)
+            except OSError:
+                # Another job fetched the same model at the same time; theirs is as good as ours.
+                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return LocalModel(folder, version, dest, fingerprint)
