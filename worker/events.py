@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +143,28 @@ def _message_data(data: Any) -> bytes:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
         raise InvalidJob(f"Pub/Sub message data is not valid base64: {e}") from e
+
+
+def job_id_hint(attributes: Mapping[str, Any], data: Any) -> str:
+    """The job id to report for an event that may never become a job: an explicit job_id in
+    the message if it can be read, else the message id, the object's id, or the event id."""
+    if isinstance(data, Mapping) and isinstance(data.get("message"), Mapping):
+        message = data["message"]
+        attrs = message.get("attributes")
+        if isinstance(attrs, Mapping) and isinstance(attrs.get("job_id"), str) and attrs["job_id"]:
+            return str(attrs["job_id"])
+        try:
+            payload = json.loads(_message_data(message.get("data")))
+        except (ValueError, InvalidJob):
+            payload = None
+        if isinstance(payload, dict) and isinstance(payload.get("job_id"), str) and payload["job_id"]:
+            return payload["job_id"]
+        msg_id = message.get("messageId") or message.get("message_id")
+        if msg_id:
+            return str(msg_id)
+    if isinstance(data, Mapping) and data.get("bucket") and data.get("name"):
+        return f"{data['bucket']}/{data['name']}#{data.get('generation', '0')}"
+    return str(attributes.get("id") or "unknown")
 
 
 def describe(trigger: Trigger) -> str:

@@ -41,25 +41,13 @@ def runtime() -> Runtime:
         return _runtime
 
 
-def _event_job_id(attributes: dict[str, Any], data: Any) -> str:
-    """The job id a failure report carries when the event never became a job."""
-    if isinstance(data, dict) and isinstance(data.get("message"), dict):
-        message = data["message"]
-        msg_id = message.get("messageId") or message.get("message_id")
-        if msg_id:
-            return str(msg_id)
-    if isinstance(data, dict) and data.get("bucket") and data.get("name"):
-        return f"{data['bucket']}/{data['name']}#{data.get('generation', '0')}"
-    return str(attributes.get("id", "unknown"))
-
-
 @functions_framework.cloud_event
 def handle_event(cloud_event: CloudEvent) -> None:
     rt = runtime()
     attributes = dict(cloud_event.get_attributes())
     data = cloud_event.get_data()
     context = {"event": {k: attributes.get(k) for k in ("id", "type", "source", "subject") if attributes.get(k)}}
-    job_id = _event_job_id(attributes, data)
+    job_id = events.job_id_hint(attributes, data)
     try:
         trigger = events.from_cloud_event(attributes, data)
         if isinstance(trigger, events.ObjectTrigger):

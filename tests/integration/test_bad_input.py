@@ -1,0 +1,137 @@
+"""Bad jobs and bad lines, through the real chain (Pub/Sub emulator push → functions-framework):
+a bad job ends as one FAILED completion saying what to fix, and is acknowledged (never
+redelivered); a bad line becomes one error line while its neighbours are predicted."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from localdev import models
+from tests.conftest import read_lines, write_lines
+
+pytestmark = pytest.mark.integration
+
+
+def _by_job(done: list[tuple[dict[str, Any], dict[str, str]]]) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
+    return {attrs["job_id"]: (data, attrs) for data, attrs in done}
+
+
+def test_bad_jobs_fail_with_actionable_messages(worker_service, storage_client, bucket, model_uris):
+    _, _, topo = worker_service
+    write_lines(storage_client, f"gs://{bucket}/in/ok.jsonl", [json.dumps(models.mlp_instances(1)[0])])
+    # A model folder without saved_model.pb (only variables).
+    storage_client.bucket(bucket).blob("nomodel/variables/variables.index").upload_from_string(b"x")
+    good = {"model": model_uris["mlp"], "input": f"gs://{bucket}/in/ok.jsonl", "output": f"gs://{bucket}/out/"}
+
+    malformed_id = topo.publish_job(b'{"model": "gs://b/m", "input": ')
+    cases = {
+        "unknown-option": {**good, "options": {"batch_sise": 3}},
+        "http-uri": {**good, "input": "http://example.com/in.jsonl"},
+        "missing-model": {**good, "model": f"gs://{bucket}/no-such-model/"},
+        "no-saved-model": {**good, "model": f"gs://{bucket}/nomodel/"},
+        "no-input": {**good, "input": f"gs://{bucket}/nothing-here/"},
+        "missing-input-object": {**good, "input": f"gs://{bucket}/in/ok.json"},
+        "missing-field": {"model": good["model"], "input": good["input"]},
+    }
+    for job_id, job in cases.items():
+        topo.publish_job({**job, "job_id": job_id})
+
+    done = _by_job(topo.completions(len(cases) + 1))
+    assert set(done) == {*cases, malformed_id}
+    assert all(attrs["status"] == "FAILED" for _, attrs in done.values())
+    errors = {job_id: data["error"] for job_id, (data, _) in done.items()}
+
+    assert errors[malformed_id]["code"] == "INVALID_ARGUMENT"
+    assert errors[malformed_id]["message"].startswith(f"job message {malformed_id} is not valid JSON")
+    assert errors["unknown-option"] == {
+        "code": "INVALID_ARGUMENT",
+        "message": "unknown option(s) 'batch_sise'; supported options are: batch_size, excluded_fields, "
+        "included_fields, instance_type, key_field, max_error_ratio, output_format, signature_name",
+    }
+    assert errors["http-uri"] == {
+        "code": "INVALID_ARGUMENT",
+        "message": "input 'http://example.com/in.jsonl' is not a gs:// URI — write it as gs://BUCKET/PATH "
+        "(only Cloud Storage locations are supported)",
+    }
+    assert errors["missing-model"] == {
+        "code": "NOT_FOUND",
+        "message": f"model gs://{bucket}/no-such-model/ does not exist: no object under "
+        f"gs://{bucket}/no-such-model/ — check the path",
+    }
+    assert errors["no-saved-model"] == {
+        "code": "FAILED_PRECONDITION",
+        "message": f"model gs://{bucket}/nomodel/ has no saved_model.pb — point `model` at the version folder "
+        "that holds saved_model.pb and variables/, or at its parent holding numeric version folders",
+    }
+    assert errors["no-input"] == {
+        "code": "NOT_FOUND",
+        "message": f"input gs://{bucket}/nothing-here/ matches no object — check the prefix and that files "
+        "were uploaded",
+    }
+    assert errors["missing-input-object"]["code"] == "NOT_FOUND"
+    assert errors["missing-input-object"]["message"].startswith(f"input gs://{bucket}/in/ok.json does not exist")
+    assert errors["missing-field"] == {
+        "code": "INVALID_ARGUMENT",
+        "message": "job is missing output: a job needs model, input and output gs:// URIs",
+    }
+    # Acknowledged, so nothing is redelivered and reported twice.
+    assert topo.no_more_completions() == []
+
+
+def test_bad_lines_become_error_lines(worker_service, storage_client, bucket, model_uris, model_dirs, reference):
+    _, _, topo = worker_service
+    good = models.mlp_instances(10)
+    lines = [json.dumps(i) for i in good]
+    lines.insert(3, '{"not json"')  # malformed
+    lines.insert(6, json.dumps([1.0, 2.0, 3.0]))  # wrong shape
+    lines.insert(8, "")  # blank: skipped
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", lines)
+    topo.publish_job(
+        {
+            "model": model_uris["mlp"],
+            "input": f"gs://{bucket}/in.jsonl",
+            "output": f"gs://{bucket}/out/",
+            "job_id": "bad-lines",
+        }
+    )
+    [(manifest, attrs)] = topo.completions(1)
+    assert attrs == {"job_id": "bad-lines", "status": "PARTIALLY_SUCCEEDED"}
+    assert manifest["totals"] == {"lines": 13, "instances": 12, "predictions": 10, "errors": 2, "skipped": 1}
+
+    out = read_lines(storage_client, f"gs://{bucket}/out/in.jsonl")
+    assert len(out) == 12
+    assert out[3] == {
+        "instance": '{"not json"',
+        "error": {
+            "status": "INVALID_ARGUMENT",
+            "message": "line 4 is not valid JSON: Expecting ':' delimiter: line 1 column 12 (char 11)",
+        },
+    }
+    assert out[6] == {
+        "instance": [1.0, 2.0, 3.0],
+        "error": {"status": "INVALID_ARGUMENT", "message": "input 'x' expects instances of shape [16], got [3]"},
+    }
+    predicted = [line for line in out if "prediction" in line]
+    assert [line["instance"] for line in predicted] == good
+    want = reference(model_dirs["mlp"], good)
+    assert all(
+        max(abs(a - b) for a, b in zip(line["prediction"], w, strict=True)) < 1e-5
+        for line, w in zip(predicted, want, strict=True)
+    )
+
+
+def test_a_100_kib_line(worker_service, storage_client, bucket, model_uris):
+    _, _, topo = worker_service
+    long_text = "é" * (50 * 1024)  # 100 KiB of UTF-8 in one JSON string
+    write_lines(storage_client, f"gs://{bucket}/long.jsonl", [json.dumps("short"), json.dumps(long_text)])
+    topo.publish_job(
+        {"model": model_uris["strings"], "input": f"gs://{bucket}/long.jsonl", "output": f"gs://{bucket}/o/"}
+    )
+    [(manifest, attrs)] = topo.completions(1)
+    assert attrs["status"] == "SUCCEEDED", manifest
+    out = read_lines(storage_client, f"gs://{bucket}/o/long.jsonl")
+    assert [line["prediction"]["length"] for line in out] == [5, len(long_text.encode())]
+    assert out[1]["instance"] == long_text
