@@ -1,0 +1,82 @@
+"""Event payloads in the shapes Google Cloud sends them → triggers."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from worker import errors, events
+
+JOB = {"model": "gs://mdl/m/", "input": "gs://bkt/in/", "output": "gs://bkt/out/"}
+
+
+def _pubsub(data: bytes | None, attributes: dict[str, str] | None = None, message_id: str = "42") -> dict:
+    message = {"attributes": attributes or {}, "messageId": message_id, "publishTime": "2026-11-23T00:00:00Z"}
+    if data is not None:
+        message["data"] = base64.b64encode(data).decode()
+    return {"message": message, "subscription": "projects/p/subscriptions/s"}
+
+
+CE_PUBSUB = {"type": events.PUBSUB_PUBLISHED, "id": "42", "source": "//pubsub.googleapis.com/projects/p/topics/jobs"}
+
+
+def test_job_message_in_data():
+    trigger = events.from_cloud_event(CE_PUBSUB, _pubsub(json.dumps(JOB).encode()))
+    assert isinstance(trigger, events.JobTrigger)
+    assert trigger.job.job_id == "42"
+    assert str(trigger.job.output) == "gs://bkt/out/"
+
+
+def test_job_message_in_attributes_with_options_as_json_text():
+    attrs = {**JOB, "job_id": "mine", "options": '{"batch_size": 5}'}
+    trigger = events.from_cloud_event(CE_PUBSUB, _pubsub(None, attrs))
+    assert isinstance(trigger, events.JobTrigger)
+    assert (trigger.job.job_id, trigger.job.options.batch_size) == ("mine", 5)
+
+
+def test_eventarc_storage_finalized_with_string_generation():
+    resource = {"bucket": "bkt", "name": "in/a.jsonl", "generation": "1700000000000001", "size": "12",
+                "metageneration": "1", "metadata": {"model": "gs://mdl/m/"}}  # fmt: skip
+    ce = {"type": events.STORAGE_FINALIZED, "id": "e1", "source": "//storage.googleapis.com/projects/_/buckets/bkt"}
+    trigger = events.from_cloud_event(ce, resource)
+    assert trigger == events.ObjectTrigger("bkt", "in/a.jsonl", "1700000000000001", {"model": "gs://mdl/m/"})
+    assert trigger.job_id == "bkt/in/a.jsonl#1700000000000001"
+
+
+def test_bucket_notification_over_pubsub():
+    attrs = {"eventType": "OBJECT_FINALIZE", "bucketId": "bkt", "objectId": "in/a.jsonl",
+             "objectGeneration": "7", "payloadFormat": "JSON_API_V1"}  # fmt: skip
+    body = json.dumps({"bucket": "bkt", "name": "in/a.jsonl", "generation": "7"}).encode()
+    trigger = events.from_cloud_event(CE_PUBSUB, _pubsub(body, attrs))
+    assert trigger == events.ObjectTrigger("bkt", "in/a.jsonl", "7", {})
+    deleted = events.from_cloud_event(CE_PUBSUB, _pubsub(body, {**attrs, "eventType": "OBJECT_DELETE"}))
+    assert isinstance(deleted, events.Ignored)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "job message is empty"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b"{bad", "is not valid JSON"),
+        (json.dumps({**JOB, "extra": 1}).encode(), "unknown job field(s) 'extra'"),
+    ],
+)
+def test_malformed_job_messages(data, message):
+    with pytest.raises(errors.InvalidJob, match=message.replace("(", r"\(").replace(")", r"\)")):
+        events.from_cloud_event(CE_PUBSUB, _pubsub(data))
+
+
+def test_job_id_hint_prefers_the_messages_own_job_id():
+    data = _pubsub(json.dumps({"job_id": "mine", "input": 3}).encode())
+    assert events.job_id_hint(CE_PUBSUB, data) == "mine"
+    assert events.job_id_hint(CE_PUBSUB, _pubsub(b"{bad")) == "42"
+
+
+def test_http_query():
+    job = events.from_query(JOB, default_job_id="http-1")
+    assert job.job_id == "http-1"
+    with pytest.raises(errors.InvalidJob, match="unknown query parameter"):
+        events.from_query({**JOB, "modle": "x"}, default_job_id="h")

@@ -1,0 +1,214 @@
+"""The pipeline with small fakes of our own Store / ModelProvider / Publisher / Predictor."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from worker import errors
+from worker.jobs import GcsUri, Job, Options
+from worker.pipeline import Limits, ModelHandle, dumps_line, run
+from worker.serving import BatchRejected
+
+
+@dataclass(frozen=True)
+class FakeFile:
+    uri: GcsUri
+    rel: str
+    size: int
+
+
+class FakeStore:
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = dict(objects)  # "bucket/path" -> bytes
+
+    def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[FakeFile]:
+        key = f"{input_uri.bucket}/{input_uri.path}"
+        if not input_uri.is_prefix:
+            if key not in self.objects:
+                raise errors.NotFound(f"input {input_uri} does not exist")
+            return [FakeFile(input_uri, input_uri.path.rsplit("/", 1)[-1], len(self.objects[key]))]
+        return [
+            FakeFile(GcsUri(input_uri.bucket, k.split("/", 1)[1]), k[len(key) :], len(v))
+            for k, v in sorted(self.objects.items())
+            if k.startswith(key)
+        ]
+
+    def read_lines(self, f: FakeFile) -> Iterator[bytes]:
+        yield from self.objects[f"{f.uri.bucket}/{f.uri.path}"].splitlines()
+
+    @contextlib.contextmanager
+    def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[io.BytesIO]:
+        buf = io.BytesIO()
+        yield buf
+        self.objects[f"{uri.bucket}/{uri.path}"] = buf.getvalue()
+
+    def write_json(self, uri: GcsUri, value: Any, *, job_id: str) -> None:
+        self.objects[f"{uri.bucket}/{uri.path}"] = json.dumps(value).encode()
+
+    def read_json(self, uri: GcsUri) -> Any:
+        data = self.objects.get(f"{uri.bucket}/{uri.path}")
+        return json.loads(data) if data else None
+
+    def lines(self, key: str) -> list[Any]:
+        return [json.loads(line) for line in self.objects[key].splitlines()]
+
+
+class SumPredictor:
+    """Predicts sum(instance); rejects any batch holding a non-list (like a 400 from the model)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def predict(self, instances: list[Any]) -> list[Any]:
+        self.calls.append(len(instances))
+        if any(not isinstance(i, list) for i in instances):
+            raise BatchRejected("instances must be lists")
+        return [sum(i) for i in instances]
+
+
+class FakeModels:
+    def __init__(self, predictor: SumPredictor) -> None:
+        self.predictor_ = predictor
+
+    def load(self, model: GcsUri) -> ModelHandle:
+        outer = self
+
+        class Loaded:
+            def predictor(self, signature_name: str) -> SumPredictor:
+                return outer.predictor_
+
+        return ModelHandle(model, 1, Loaded())
+
+
+class Published:
+    def __init__(self) -> None:
+        self.messages: list[tuple[dict[str, Any], dict[str, str]]] = []
+
+    def publish(self, data: bytes, attributes: dict[str, str]) -> None:
+        self.messages.append((json.loads(data), attributes))
+
+
+def _job(options: dict[str, Any] | None = None, job_id: str = "j1", inp: str = "gs://bkt/in/") -> Job:
+    return Job.from_mapping(
+        {"model": "gs://mdl/model/", "input": inp, "output": "gs://bkt/out/", "options": options or {}},
+        default_job_id=job_id,
+    )
+
+
+def _run(store: FakeStore, job: Job, predictor: SumPredictor | None = None, batch_size: int = 4):
+    pub = Published()
+    outcome = run(
+        job, store=store, models=FakeModels(predictor or SumPredictor()), publisher=pub, limits=Limits(batch_size)
+    )
+    return outcome, pub
+
+
+def test_one_bad_instance_costs_one_line_and_counts_add_up():
+    lines = [json.dumps([k, 1]) for k in range(10)]
+    lines[5] = json.dumps({"bad": True})
+    lines.insert(2, "   ")
+    lines.insert(7, "{oops")
+    store = FakeStore({"bkt/in/f.jsonl": "\n".join(lines).encode()})
+    predictor = SumPredictor()
+    outcome, pub = _run(store, _job(), predictor)
+
+    assert outcome.status == "PARTIALLY_SUCCEEDED"
+    totals = outcome.manifest["totals"]
+    assert totals == {"lines": 12, "instances": 11, "predictions": 9, "errors": 2, "skipped": 1}
+    assert totals["lines"] == totals["instances"] + totals["skipped"]
+    assert totals["instances"] == totals["predictions"] + totals["errors"]
+    out = store.lines("bkt/out/f.jsonl")
+    assert len(out) == 11
+    assert [o.get("prediction") for o in out] == [1, 2, 3, 4, 5, None, None, 7, 8, 9, 10]
+    assert out[5]["error"] == {"status": "INVALID_ARGUMENT", "message": "instances must be lists"}
+    assert out[6]["error"]["message"].startswith("line 8 is not valid JSON")
+    assert pub.messages == [(outcome.manifest, {"job_id": "j1", "status": "PARTIALLY_SUCCEEDED"})]
+    # The manifest is written, and last.
+    assert list(store.objects)[-1] == "bkt/out/_manifest.json"
+
+
+def test_key_field_and_predictions_format():
+    store = FakeStore({"bkt/in/f.jsonl": b'{"id": "a", "v": 1, "w": 2, "z": 9}\n{"v": 3}\n'})
+    _run(store, _job({"key_field": "id", "included_fields": ["v", "w"], "instance_type": "array"}))
+    assert store.lines("bkt/out/f.jsonl") == [
+        {"key": "a", "prediction": 3},
+        {"instance": {"v": 3}, "error": {"status": "INVALID_ARGUMENT", "message": "line 2 has no key field 'id'"}},
+    ]
+    store = FakeStore({"bkt/in/f.jsonl": b"[1, 2]\n{}\n"})
+    _run(store, _job({"output_format": "predictions"}))
+    assert store.lines("bkt/out/f.jsonl") == [
+        3,
+        {"error": {"status": "INVALID_ARGUMENT", "message": "instances must be lists"}},
+    ]
+
+
+def test_max_error_ratio_fails_the_job():
+    store = FakeStore({"bkt/in/f.jsonl": b"[1]\n{}\n{}\n"})
+    outcome, pub = _run(store, _job({"max_error_ratio": 0.5}))
+    assert outcome.status == "FAILED"
+    assert outcome.manifest["error"]["message"].startswith("2 of 3 instances (66.7%) could not be predicted")
+    assert pub.messages[0][1]["status"] == "FAILED"
+
+
+def test_completed_job_is_skipped_and_not_reported_twice():
+    store = FakeStore({"bkt/in/f.jsonl": b"[1]\n"})
+    first, pub1 = _run(store, _job())
+    second, pub2 = _run(store, _job())
+    assert not first.skipped and second.skipped
+    assert len(pub1.messages) == 1 and pub2.messages == []
+    # A different job id on the same output runs again.
+    third, pub3 = _run(store, _job(job_id="j2"))
+    assert not third.skipped and len(pub3.messages) == 1
+
+
+def test_permanent_errors_become_failed_manifests():
+    store = FakeStore({})
+    outcome, pub = _run(store, _job(inp="gs://bkt/in/missing.jsonl"))
+    assert outcome.status == "FAILED"
+    assert outcome.manifest["error"] == {
+        "code": "NOT_FOUND",
+        "message": "input gs://bkt/in/missing.jsonl does not exist",
+    }
+    assert pub.messages[0][1] == {"job_id": "j1", "status": "FAILED"}
+
+
+def test_output_overwriting_input_is_refused():
+    store = FakeStore({"bkt/out/f.jsonl": b"[1]\n"})
+    job = Job.from_mapping(
+        {"model": "gs://mdl/x/", "input": "gs://bkt/out/f.jsonl", "output": "gs://bkt/out/"}, default_job_id="j"
+    )
+    outcome, _ = _run(store, job)
+    assert outcome.manifest["error"]["code"] == "INVALID_ARGUMENT"
+    assert "would overwrite input" in outcome.manifest["error"]["message"]
+    assert store.objects["bkt/out/f.jsonl"] == b"[1]\n"
+
+
+def test_batches_are_bounded_and_bisection_isolates():
+    store = FakeStore({"bkt/in/f.jsonl": "\n".join(json.dumps([k]) for k in range(8)).encode() + b"\n{}\n"})
+    predictor = SumPredictor()
+    _run(store, _job(), predictor, batch_size=4)
+    assert max(predictor.calls) <= 4
+    # 4 + 4 good; then the lone bad one. Each batch holds at most batch_size instances.
+    assert predictor.calls[:2] == [4, 4]
+
+
+def test_non_finite_numbers_are_written_as_strict_json():
+    line = dumps_line({"instance": [float("nan")], "prediction": [float("inf"), -float("inf"), 1.5]})
+    assert line == '{"instance":["NaN"],"prediction":["Infinity","-Infinity",1.5]}'
+    json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in output"))
+
+
+def test_options_reject_unknown_and_bad_values():
+    with pytest.raises(errors.InvalidJob, match="unknown option"):
+        Options.parse({"nope": 1})
+    with pytest.raises(errors.InvalidJob, match="batch_size must be an integer"):
+        Options.parse({"batch_size": 0})
+    with pytest.raises(errors.InvalidJob, match="needs included_fields"):
+        Options.parse({"instance_type": "array"})
