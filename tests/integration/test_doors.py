@@ -1,0 +1,83 @@
+"""The other two doors into the same pipeline: the CLI and the original HTTP interface."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from localdev import emulators, models
+from tests.conftest import read_lines, write_lines
+
+pytestmark = pytest.mark.integration
+
+
+def _cli(*args: str, gcs_host: str, work_dir: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "STORAGE_EMULATOR_HOST": gcs_host,
+        "WORKER_WORK_DIR": work_dir,
+        "PYTHONPATH": str(emulators.REPO_ROOT),
+    }
+    env.pop("WORKER_RESULTS_TOPIC", None)
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "run", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_cli_runs_a_job_and_prints_the_manifest(gcs_host, storage_client, bucket, model_uris, tmp_path):
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", [json.dumps(i) for i in models.mlp_instances(5)] + ["{x"])
+    args = ("--model", model_uris["mlp"], "--input", f"gs://{bucket}/in.jsonl", "--output", f"gs://{bucket}/o/")
+    done = _cli(*args, "--job-id", "cli-1", gcs_host=gcs_host, work_dir=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert (manifest["job_id"], manifest["status"]) == ("cli-1", "PARTIALLY_SUCCEEDED")
+    assert manifest["totals"]["predictions"] == 5 and manifest["totals"]["errors"] == 1
+    assert len(read_lines(storage_client, f"gs://{bucket}/o/in.jsonl")) == 6
+
+    failed = _cli("--model", f"gs://{bucket}/nope/", *args[2:], gcs_host=gcs_host, work_dir=str(tmp_path))
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["error"]["code"] == "NOT_FOUND"
+
+    bad = _cli("--model", "s3://x/y", *args[2:], gcs_host=gcs_host, work_dir=str(tmp_path))
+    assert bad.returncode == 2
+    assert "is not a gs:// URI" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def http_worker(gcs_host, tmp_path_factory):
+    service, url = emulators.start_worker(
+        {"STORAGE_EMULATOR_HOST": gcs_host, "WORKER_WORK_DIR": str(tmp_path_factory.mktemp("http"))},
+        target="handle_http",
+    )
+    yield url
+    service.stop()
+
+
+def test_original_http_interface(http_worker, storage_client, bucket, model_uris):
+    write_lines(storage_client, f"gs://{bucket}/in/x.jsonl", [json.dumps(i) for i in models.mlp_instances(3)])
+    params = {"model": model_uris["mlp"], "input": f"gs://{bucket}/in/", "output": f"gs://{bucket}/out"}
+    r = requests.get(http_worker + "/", params=params, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "SUCCEEDED" and r.json()["totals"]["predictions"] == 3
+    assert [
+        line["instance"] for line in read_lines(storage_client, f"gs://{bucket}/out/x.jsonl")
+    ] == models.mlp_instances(3)
+
+    r = requests.get(http_worker + "/", params={"model": model_uris["mlp"]}, timeout=30)
+    assert r.status_code == 400
+    assert (
+        r.json()["error"]["message"] == "job is missing input, output: a job needs model, input and output gs:// URIs"
+    )
+
+    r = requests.get(http_worker + "/", params={**params, "input": f"gs://{bucket}/none/"}, timeout=60)
+    assert r.status_code == 404 and r.json()["status"] == "FAILED"
