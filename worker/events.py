@@ -158,7 +158,7 @@ def job_id_hint(attributes: Mapping[str, Any], data: Any) -> str:
         except (ValueError, InvalidJob):
             payload = None
         if isinstance(payload, dict) and isinstance(payload.get("job_id"), str) and payload["job_id"]:
-            return payload["job_id"]
+            return str(payload["job_id"])
         msg_id = message.get("messageId") or message.get("message_id")
         if msg_id:
             return str(msg_id)
