@@ -19,26 +19,25 @@ from localdev import emulators, models
 PROJECT = "test-project"
 
 
-@pytest.fixture(scope="session")
-def pubsub_host() -> Iterator[str]:
-    service, host = emulators.start_pubsub_emulator()
-    os.environ["PUBSUB_EMULATOR_HOST"] = host
+def _emulator(start: Any, env_var: str) -> Iterator[str]:
+    """Start an emulator, point the client libraries at it for the session, stop it by pid."""
+    service, host = start()
+    os.environ[env_var] = host
     try:
         yield host
     finally:
         service.stop()
-        os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+        os.environ.pop(env_var, None)
+
+
+@pytest.fixture(scope="session")
+def pubsub_host() -> Iterator[str]:
+    yield from _emulator(emulators.start_pubsub_emulator, "PUBSUB_EMULATOR_HOST")
 
 
 @pytest.fixture(scope="session")
 def gcs_host() -> Iterator[str]:
-    service, host = emulators.start_fake_gcs()
-    os.environ["STORAGE_EMULATOR_HOST"] = host
-    try:
-        yield host
-    finally:
-        service.stop()
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    yield from _emulator(emulators.start_fake_gcs, "STORAGE_EMULATOR_HOST")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -81,3 +82,27 @@ def test_original_http_interface(http_worker, storage_client, bucket, model_uris
 
     r = requests.get(http_worker + "/", params={**params, "input": f"gs://{bucket}/none/"}, timeout=60)
     assert r.status_code == 404 and r.json()["status"] == "FAILED"
+
+
+def test_unavailable_storage_is_retried_not_acknowledged(tmp_path):
+    """Cloud Storage down: the handler must answer 5xx so Pub/Sub redelivers, not report FAILED."""
+    dead = f"http://127.0.0.1:{emulators.free_port()}"
+    service, url = emulators.start_worker({"STORAGE_EMULATOR_HOST": dead, "WORKER_WORK_DIR": str(tmp_path)})
+    try:
+        job = {"model": "gs://models-x/m/", "input": "gs://data-x/in/", "output": "gs://data-x/out/"}
+        body = {
+            "message": {"data": base64.b64encode(json.dumps(job).encode()).decode(), "messageId": "77"},
+            "subscription": "projects/p/subscriptions/jobs",
+        }
+        headers = {
+            "ce-id": "77",
+            "ce-specversion": "1.0",
+            "ce-type": "google.cloud.pubsub.topic.v1.messagePublished",
+            "ce-source": "//pubsub.googleapis.com/projects/p/topics/jobs",
+            "content-type": "application/json",
+        }
+        r = requests.post(url + "/", json=body, headers=headers, timeout=180)
+        assert r.status_code >= 500
+        assert "Cloud Storage" in service.log_tail(200)
+    finally:
+        service.stop()
