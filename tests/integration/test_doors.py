@@ -106,3 +106,17 @@ def test_unavailable_storage_is_retried_not_acknowledged(tmp_path):
         assert "Cloud Storage" in service.log_tail(200)
     finally:
         service.stop()
+
+
+def test_unloadable_model_fails_with_tensorflows_reason(gcs_host, storage_client, bucket, tmp_path):
+    storage_client.bucket(bucket).blob("bad/1/saved_model.pb").upload_from_string(b"\x00not a protobuf")
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", ["[1.0]"])
+    done = _cli(
+        "--model", f"gs://{bucket}/bad/", "--input", f"gs://{bucket}/in.jsonl", "--output", f"gs://{bucket}/o/",
+        gcs_host=gcs_host, work_dir=str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "FAILED_PRECONDITION"
+    assert error["message"].startswith(f"TensorFlow cannot load model gs://{bucket}/bad/1/: ")
+    assert len(error["message"]) > len(f"TensorFlow cannot load model gs://{bucket}/bad/1/: ")
