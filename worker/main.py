@@ -47,23 +47,30 @@ def handle_event(cloud_event: CloudEvent) -> None:
     attributes = dict(cloud_event.get_attributes())
     data = cloud_event.get_data()
     context = {"event": {k: attributes.get(k) for k in ("id", "type", "source", "subject") if attributes.get(k)}}
-    job_id = events.job_id_hint(attributes, data)
+    trigger: events.Trigger | None = None
     try:
         trigger = events.from_cloud_event(attributes, data)
-        if isinstance(trigger, events.ObjectTrigger):
-            job_id = trigger.job_id
         log.info("event %s: %s", attributes.get("id"), events.describe(trigger))
         rt.handle(trigger)
     except errors.TransientError as e:
         log.error("transient failure, the event will be redelivered: %s", e)
         raise
     except errors.PermanentError as e:
-        rt.report_failure(job_id, e, context)
+        rt.report_failure(_report_job_id(trigger, attributes, data), e, context)
     except Exception as e:
         # A bug must not turn into a day of redeliveries: report it once and acknowledge.
         log.exception("unexpected error handling event %s", attributes.get("id"))
         internal = errors.WorkerError(f"internal error: {type(e).__name__}: {e}")
-        rt.report_failure(job_id, internal, context)
+        rt.report_failure(_report_job_id(trigger, attributes, data), internal, context)
+
+
+def _report_job_id(trigger: events.Trigger | None, attributes: dict[str, Any], data: Any) -> str:
+    """The id a failure report carries: the trigger's when it was parsed, else a best guess."""
+    if isinstance(trigger, events.JobTrigger):
+        return trigger.job.job_id
+    if isinstance(trigger, events.ObjectTrigger):
+        return trigger.job_id
+    return events.job_id_hint(attributes, data)
 
 
 _HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 422}

@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
 
 import pytest
 
 from localdev import models
-from tests.conftest import read_lines, write_lines
+from tests.conftest import close_to, read_lines, write_lines
 
 pytestmark = pytest.mark.integration
-
-
-def _close(a: Any, b: Any) -> bool:
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, float) or isinstance(b, float):
-        return abs(float(a) - float(b)) <= 1e-5
-    return bool(a == b)
 
 
 def test_pubsub_job_end_to_end(worker_service, storage_client, bucket, model_uris, model_dirs, reference):
@@ -53,7 +42,7 @@ def test_pubsub_job_end_to_end(worker_service, storage_client, bucket, model_uri
         storage_client, f"gs://{bucket}/out/sub/b.jsonl"
     )
     assert [line["instance"] for line in lines] == instances
-    assert all(_close(line["prediction"], want) for line, want in zip(lines, expected, strict=True))
+    assert all(close_to(line["prediction"], want) for line, want in zip(lines, expected, strict=True))
     stored = json.loads(storage_client.bucket(bucket).blob("out/_manifest.json").download_as_bytes())
     assert stored == manifest
 

@@ -19,7 +19,6 @@ class ModelCache:
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._key_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
-        self.loads = 0  # how many models were loaded, for logs and tests
 
     def get(self, fingerprint: str, path: str, description: str) -> LoadedModel:
         with self._lock:
@@ -35,7 +34,6 @@ class ModelCache:
             log.info("loading model %s", description)
             model = self._load(path, description)
             with self._lock:
-                self.loads += 1
                 self._models[fingerprint] = model
                 while len(self._models) > self._max:
                     evicted, _ = self._models.popitem(last=False)
