@@ -6,6 +6,8 @@
     │   ├── NotFound          model or input missing                   (NOT_FOUND)
     │   └── ModelError        model present but unusable               (FAILED_PRECONDITION)
     └── TransientError        may succeed later: raise, so delivery is retried  (UNAVAILABLE)
+        ├── Conflict          a write precondition failed: someone else wrote first
+        └── Busy              the job (or its output) is being run elsewhere right now
 
 Every message names the object at fault and what to change.
 """
@@ -47,3 +49,15 @@ class TransientError(WorkerError):
     """A dependency is unavailable for now: raised so the platform redelivers."""
 
     code = "UNAVAILABLE"
+
+
+class Conflict(TransientError):
+    """A conditional write lost a race (HTTP 412): another writer changed the object first."""
+
+    code = "ABORTED"
+
+
+class Busy(TransientError):
+    """Another run holds the job's lease: this delivery must be retried later, not acknowledged."""
+
+    code = "ABORTED"

@@ -22,6 +22,7 @@ STATUS_PARTIAL = "PARTIALLY_SUCCEEDED"
 STATUS_FAILED = "FAILED"
 
 MANIFEST_NAME = "_manifest.json"
+LEASE_SUFFIX = ".lease"
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,9 @@ class Job:
     input: GcsUri
     output: GcsUri
     options: Options = field(default_factory=Options)
+    # Where the manifest goes when not `<output>/_manifest.json` (one per file for dropped files,
+    # so files dropped together into one folder do not share, and race for, one manifest).
+    manifest: GcsUri | None = None
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], *, default_job_id: str) -> Job:
@@ -185,7 +189,13 @@ class Job:
 
     @property
     def manifest_uri(self) -> GcsUri:
-        return self.output.child(MANIFEST_NAME)
+        return self.manifest or self.output.child(MANIFEST_NAME)
+
+    @property
+    def lease_uri(self) -> GcsUri:
+        """The lease object that keeps two runs of this job (or two jobs on its manifest) apart."""
+        m = self.manifest_uri
+        return GcsUri(m.bucket, m.path + LEASE_SUFFIX)
 
     def to_json(self) -> dict[str, Any]:
         return {

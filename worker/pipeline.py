@@ -29,19 +29,25 @@ from worker.jobs import (
     Options,
     failure,
 )
+from worker.lease import Lease
 from worker.serving import BatchRejected, LoadedModel, Predictor
 
 log = logging.getLogger(__name__)
 
 PROGRESS_LOG_INTERVAL_S = 10.0
+# Manifest metadata set once its completion message is published: a redelivery of a completed
+# job re-publishes only when this is missing (the publish failed after the manifest was written).
+PUBLISHED_KEY = "embedded-tf-completion-published"
 
 
 class Store(Protocol):
     def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[Any]: ...
     def read_lines(self, f: Any) -> Iterator[bytes]: ...
     def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> AbstractContextManager[IO[bytes]]: ...
-    def write_json(self, uri: GcsUri, value: Any, *, job_id: str) -> None: ...
-    def read_json(self, uri: GcsUri) -> Any | None: ...
+    def write_json(self, uri: GcsUri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int: ...
+    def read_json(self, uri: GcsUri) -> Any | None: ...  # StoredJson-like: .value, .generation, .metadata
+    def mark(self, uri: GcsUri, key: str, value: str) -> None: ...
+    def delete(self, uri: GcsUri, *, if_generation_match: int | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class Publisher(Protocol):
 class Limits:
     batch_size: int = 64
     max_batch_bytes: int = 4 * 1024 * 1024
+    lease_s: float = 120.0  # a job's lease time to live; renewed every third of it
 
 
 # Called after each batch with (file, lines done in the file so far, bytes read so far).
@@ -90,19 +97,61 @@ def run(
     limits: Limits,
     progress: ProgressFn | None = None,
 ) -> Outcome:
-    """Run `job` to completion. Permanent failures end as a FAILED manifest and completion
-    message; transient ones (`errors.TransientError`) propagate so the caller can retry."""
-    previous = store.read_json(job.manifest_uri)
-    if isinstance(previous, dict) and previous.get("job_id") == job.job_id and previous.get("status") != STATUS_FAILED:
-        log.info("job %s already completed (%s): skipping", job.job_id, previous.get("status"))
-        return Outcome(previous, skipped=True)
+    """Run `job` to completion, once: a job whose manifest says it completed is skipped, and a
+    job running elsewhere raises `errors.Busy`. Permanent failures end as a FAILED manifest and
+    completion message; transient ones (`errors.TransientError`) propagate so the caller can retry."""
+    done = _completed(job, store, publisher)
+    if done is not None:
+        return done
+    try:
+        lease = Lease(store, job.lease_uri, job.job_id, limits.lease_s)
+        lease.acquire()
+    except errors.PermanentError as e:
+        # Nothing can be written to the output: the job fails here, before reading anything.
+        return _finish(job, store, publisher, _Run(error=failure(e.code, f"cannot write to output {job.output}: {e}")))
+    try:
+        done = _completed(job, store, publisher)  # finished by the run that held the lease before us
+        if done is not None:
+            return done
+        state = _execute(job, store, models, limits, progress)
+        lease.check()
+        return _finish(job, store, publisher, state)
+    finally:
+        lease.release()
 
-    started = time.time()
-    timings: dict[str, float] = {}
-    files: list[FileResult] = []
-    totals = Counts()
+
+def _completed(job: Job, store: Store, publisher: Publisher | None) -> Outcome | None:
+    """The earlier outcome when this job already completed (FAILED runs are retried: the cause may
+    have been fixed). Re-publishes its completion if that was never confirmed."""
+    stored = store.read_json(job.manifest_uri)
+    if stored is None:
+        return None
+    previous = stored.value
+    if not isinstance(previous, dict) or previous.get("job_id") != job.job_id:
+        return None
+    if previous.get("status") == STATUS_FAILED:
+        return None
+    if publisher is not None and PUBLISHED_KEY not in stored.metadata:
+        log.warning("job %s completed but its completion was not confirmed published: publishing it", job.job_id)
+        _publish(job, store, publisher, previous, manifest_written=True)
+    else:
+        log.info("job %s already completed (%s): skipping", job.job_id, previous.get("status"))
+    return Outcome(previous, skipped=True)
+
+
+@dataclass
+class _Run:
+    started: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(default_factory=dict)
+    files: list[FileResult] = field(default_factory=list)
+    totals: Counts = field(default_factory=Counts)
     handle: ModelHandle | None = None
     error: dict[str, str] | None = None
+
+
+def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, progress: ProgressFn | None) -> _Run:
+    state = _Run()
+    timings = state.timings
     try:
         t = time.perf_counter()
         inputs = store.list_inputs(job.input, exclude=job.output)
@@ -111,41 +160,51 @@ def run(
         log.info("job %s: %d input file(s), %d bytes", job.job_id, len(inputs), sum(f.size for f in inputs))
 
         t = time.perf_counter()
-        handle = models.load(job.model)
-        predictor = handle.model.predictor(job.options.signature_name)
+        state.handle = models.load(job.model)
+        predictor = state.handle.model.predictor(job.options.signature_name)
         timings["model_load_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         batch_size = job.options.batch_size or limits.batch_size
         for f in inputs:
             result = _run_file(job, f, store, predictor, batch_size, limits.max_batch_bytes, progress)
-            files.append(result)
-            totals.add(result.counts)
+            state.files.append(result)
+            state.totals.add(result.counts)
         timings["predict_s"] = time.perf_counter() - t
-        error = _error_ratio_exceeded(job.options, totals)
+        state.error = _error_ratio_exceeded(job.options, state.totals)
     except errors.PermanentError as e:
         log.error("job %s failed: %s", job.job_id, e)
-        error = failure(e.code, str(e))
+        state.error = failure(e.code, str(e))
+    return state
 
-    status = STATUS_FAILED if error else STATUS_PARTIAL if totals.errors else STATUS_SUCCEEDED
-    manifest = _manifest(job, status, handle, files, totals, started, timings, error)
+
+def _finish(job: Job, store: Store, publisher: Publisher | None, state: _Run) -> Outcome:
+    """Write the manifest (the job's commit point), then publish the completion message."""
+    totals = state.totals
+    status = STATUS_FAILED if state.error else STATUS_PARTIAL if totals.errors else STATUS_SUCCEEDED
+    manifest = _manifest(job, status, state)
+    written = False
     try:
         store.write_json(job.manifest_uri, manifest, job_id=job.job_id)
+        written = True
     except errors.PermanentError as e:
         if status != STATUS_FAILED:
             raise
         # The job already failed; not being able to write its manifest must not hide why.
         log.error("could not write manifest %s: %s", job.manifest_uri, e)
     if publisher is not None:
-        publisher.publish(
-            json.dumps(manifest).encode(),
-            {"job_id": job.job_id, "status": status},
-        )
+        _publish(job, store, publisher, manifest, manifest_written=written)
     log.info(
         "job %s %s: %d instances, %d predictions, %d errors in %.2fs",
-        job.job_id, status, totals.instances, totals.predictions, totals.errors, time.time() - started,
+        job.job_id, status, totals.instances, totals.predictions, totals.errors, time.time() - state.started,
     )  # fmt: skip
     return Outcome(manifest)
+
+
+def _publish(job: Job, store: Store, publisher: Publisher, manifest: dict[str, Any], *, manifest_written: bool) -> None:
+    publisher.publish(json.dumps(manifest).encode(), {"job_id": job.job_id, "status": str(manifest.get("status"))})
+    if manifest_written:
+        store.mark(job.manifest_uri, PUBLISHED_KEY, _iso(time.time()))
 
 
 def _check_no_overwrite(job: Job, inputs: list[Any]) -> None:
@@ -171,16 +230,8 @@ def _error_ratio_exceeded(options: Options, totals: Counts) -> dict[str, str] | 
     )
 
 
-def _manifest(
-    job: Job,
-    status: str,
-    handle: ModelHandle | None,
-    files: list[FileResult],
-    totals: Counts,
-    started: float,
-    timings: dict[str, float],
-    error: dict[str, str] | None,
-) -> dict[str, Any]:
+def _manifest(job: Job, status: str, state: _Run) -> dict[str, Any]:
+    handle, started, error = state.handle, state.started, state.error
     finished = time.time()
     manifest: dict[str, Any] = {
         "job_id": job.job_id,
@@ -194,11 +245,11 @@ def _manifest(
         "input": str(job.input),
         "output": str(job.output),
         "options": job.options.to_json(),
-        "files": [f.to_json() for f in files],
-        "totals": totals.to_json(),
+        "files": [f.to_json() for f in state.files],
+        "totals": state.totals.to_json(),
         "started_at": _iso(started),
         "finished_at": _iso(finished),
-        "timings": {"total_s": round(finished - started, 3), **{k: round(v, 3) for k, v in timings.items()}},
+        "timings": {"total_s": round(finished - started, 3), **{k: round(v, 3) for k, v in state.timings.items()}},
     }
     if error:
         manifest["error"] = error
@@ -246,6 +297,7 @@ def _run_file(
     bytes_read = 0
     last_log = time.monotonic()
     batch = _Batch()
+    log.info("%s (%d bytes) → %s", f.uri, f.size, out_uri)
 
     with store.open_output(out_uri, job_id=job.job_id, content_type="application/jsonl") as out:
 

@@ -24,7 +24,7 @@ import requests
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from worker.errors import ModelError, NotFound, PermanentError, TransientError
+from worker.errors import Conflict, ModelError, NotFound, PermanentError, TransientError
 from worker.jobs import GcsUri
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,15 @@ class InputFile:
 
 
 @dataclass(frozen=True)
+class StoredJson:
+    """A small JSON object as read, with what conditional writes and marks need."""
+
+    value: Any
+    generation: int
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
 class LocalModel:
     uri: GcsUri  # the version folder that was fetched
     version: int | None
@@ -59,6 +68,8 @@ def translate_errors(what: str) -> Iterator[None]:
         yield
     except (NotFound, PermanentError, TransientError):
         raise
+    except gexc.PreconditionFailed as e:
+        raise Conflict(f"{what}: changed by another writer ({e.message})") from e
     except gexc.NotFound as e:
         raise NotFound(f"{what}: not found ({e.message})") from e
     except gexc.Forbidden as e:
@@ -172,25 +183,55 @@ class GcsStore:
         ):
             yield w
 
-    def write_json(self, uri: GcsUri, value: Any, *, job_id: str) -> None:
+    def write_json(self, uri: GcsUri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int:
+        """Write `value` as one object (a single-request upload, so preconditions apply);
+        `if_generation_match=0` creates only if absent. Returns the new generation; a failed
+        precondition raises `Conflict`."""
         blob = self._client.bucket(uri.bucket).blob(uri.path)
         blob.metadata = {WRITTEN_BY_KEY: job_id}
         with translate_errors(f"writing {uri}"):
-            blob.upload_from_string(json.dumps(value, indent=2) + "\n", content_type="application/json")
+            blob.upload_from_string(
+                json.dumps(value, indent=2) + "\n",
+                content_type="application/json",
+                if_generation_match=if_generation_match,
+            )
+        return int(blob.generation or 0)
 
-    def read_json(self, uri: GcsUri) -> Any | None:
-        """The decoded object, or None when it does not exist (or is not JSON)."""
-        blob = self._client.bucket(uri.bucket).blob(uri.path)
+    def read_json(self, uri: GcsUri) -> StoredJson | None:
+        """The object decoded, with its generation and metadata (value None when it is not JSON);
+        None when it does not exist."""
         try:
             with translate_errors(f"reading {uri}"):
-                data = blob.download_as_bytes()
-        except NotFound:
-            return None
+                # get_blob reads the metadata too; download_as_bytes alone would not.
+                blob = self._client.bucket(uri.bucket).get_blob(uri.path)
+                if blob is None:
+                    return None
+                data = blob.download_as_bytes(if_generation_match=blob.generation)
+        except (NotFound, Conflict):
+            return None  # deleted or replaced between the two calls: as good as absent this time
         try:
-            return json.loads(data)
+            value = json.loads(data)
         except ValueError:
-            log.warning("%s is not JSON; ignoring it", uri)
-            return None
+            log.warning("%s is not JSON; ignoring its content", uri)
+            value = None
+        return StoredJson(value, int(blob.generation or 0), dict(blob.metadata or {}))
+
+    def mark(self, uri: GcsUri, key: str, value: str) -> None:
+        """Add one custom metadata entry to an existing object (its content and generation stay)."""
+        blob = self._client.bucket(uri.bucket).blob(uri.path)
+        with translate_errors(f"updating metadata of {uri}"):
+            blob.reload()
+            blob.metadata = {**(blob.metadata or {}), key: value}
+            blob.patch()
+
+    def delete(self, uri: GcsUri, *, if_generation_match: int | None = None) -> None:
+        """Delete the object if it still is that generation; absent already is fine."""
+        blob = self._client.bucket(uri.bucket).blob(uri.path)
+        try:
+            with translate_errors(f"deleting {uri}"):
+                blob.delete(if_generation_match=if_generation_match)
+        except NotFound:
+            pass
 
     def read_bytes(self, uri: GcsUri) -> bytes:
         with translate_errors(f"reading {uri}"):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +27,22 @@ class FakeFile:
     size: int
 
 
+@dataclass(frozen=True)
+class Stored:
+    value: Any
+    generation: int
+    metadata: dict[str, str]
+
+
 class FakeStore:
+    """Objects in a dict, with generations and ifGenerationMatch preconditions as GCS has them."""
+
     def __init__(self, objects: dict[str, bytes]) -> None:
         self.objects = dict(objects)  # "bucket/path" -> bytes
+        self.generations = {k: 1 for k in objects}
+        self.metadata: dict[str, dict[str, str]] = {}
+        self._next_generation = itertools.count(2)
+        self._lock = threading.Lock()
 
     def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[FakeFile]:
         key = f"{input_uri.bucket}/{input_uri.path}"
@@ -49,12 +65,34 @@ class FakeStore:
         yield buf
         self.objects[f"{uri.bucket}/{uri.path}"] = buf.getvalue()
 
-    def write_json(self, uri: GcsUri, value: Any, *, job_id: str) -> None:
-        self.objects[f"{uri.bucket}/{uri.path}"] = json.dumps(value).encode()
+    def write_json(self, uri: GcsUri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int:
+        key = f"{uri.bucket}/{uri.path}"
+        with self._lock:
+            if if_generation_match is not None and self.generations.get(key, 0) != if_generation_match:
+                raise errors.Conflict(f"writing {uri}: precondition failed")
+            self.objects.pop(key, None)  # a new generation is a new object: it goes last
+            self.objects[key] = json.dumps(value).encode()
+            self.generations[key] = next(self._next_generation)
+            self.metadata[key] = {}
+            return self.generations[key]
 
-    def read_json(self, uri: GcsUri) -> Any:
-        data = self.objects.get(f"{uri.bucket}/{uri.path}")
-        return json.loads(data) if data else None
+    def read_json(self, uri: GcsUri) -> Stored | None:
+        key = f"{uri.bucket}/{uri.path}"
+        with self._lock:
+            if key not in self.objects:
+                return None
+            return Stored(json.loads(self.objects[key]), self.generations[key], dict(self.metadata.get(key, {})))
+
+    def mark(self, uri: GcsUri, key: str, value: str) -> None:
+        self.metadata.setdefault(f"{uri.bucket}/{uri.path}", {})[key] = value
+
+    def delete(self, uri: GcsUri, *, if_generation_match: int | None = None) -> None:
+        key = f"{uri.bucket}/{uri.path}"
+        with self._lock:
+            if if_generation_match is not None and self.generations.get(key, 0) != if_generation_match:
+                raise errors.Conflict(f"deleting {uri}: precondition failed")
+            self.objects.pop(key, None)
+            self.generations.pop(key, None)
 
     def lines(self, key: str) -> list[Any]:
         return [json.loads(line) for line in self.objects[key].splitlines()]
@@ -212,3 +250,85 @@ def test_options_reject_unknown_and_bad_values():
         Options.parse({"batch_size": 0})
     with pytest.raises(errors.InvalidJob, match="needs included_fields"):
         Options.parse({"instance_type": "array"})
+
+
+class FlakyPublisher(Published):
+    """Fails its first `failures` publishes the way Pub/Sub being down does."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def publish(self, data: bytes, attributes: dict[str, str]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise errors.TransientError("publishing: Pub/Sub unavailable")
+        super().publish(data, attributes)
+
+
+def test_completion_lost_to_a_failed_publish_is_sent_on_redelivery_once():
+    store = FakeStore({"bkt/in/f.jsonl": b"[1]\n[2]\n"})
+    models = FakeModels(SumPredictor())
+    flaky = FlakyPublisher(failures=1)
+    with pytest.raises(errors.TransientError):
+        run(_job(), store=store, models=models, publisher=flaky, limits=Limits())
+    assert "bkt/out/_manifest.json" in store.objects and flaky.messages == []
+    assert "bkt/out/_manifest.json.lease" not in store.objects  # released although the job raised
+
+    calls_before = list(models.predictor_.calls)
+    redelivered = run(_job(), store=store, models=models, publisher=flaky, limits=Limits())
+    assert redelivered.skipped and models.predictor_.calls == calls_before  # nothing recomputed
+    assert [m[1] for m in flaky.messages] == [{"job_id": "j1", "status": "SUCCEEDED"}]
+    assert flaky.messages[0][0]["totals"]["predictions"] == 2
+
+    again = run(_job(), store=store, models=models, publisher=flaky, limits=Limits())
+    assert again.skipped and len(flaky.messages) == 1
+
+
+def _held_lease(store: FakeStore, job: Job, *, expires_in_s: float) -> None:
+    body = {"job_id": job.job_id, "holder": "other-instance/1", "expires_at": time.time() + expires_in_s}
+    store.write_json(job.lease_uri, body, job_id=job.job_id)
+
+
+def test_a_job_running_elsewhere_is_not_started_twice():
+    store = FakeStore({"bkt/in/f.jsonl": b"[1]\n"})
+    job = _job()
+    _held_lease(store, job, expires_in_s=60)
+    with pytest.raises(errors.Busy, match="running on other-instance/1"):
+        _run(store, job)
+    assert "bkt/out/f.jsonl" not in store.objects and "bkt/out/_manifest.json" not in store.objects
+    assert "bkt/out/_manifest.json.lease" in store.objects  # the holder's lease is left alone
+
+
+def test_an_expired_lease_is_taken_over():
+    store = FakeStore({"bkt/in/f.jsonl": b"[1]\n"})
+    job = _job()
+    _held_lease(store, job, expires_in_s=-1)
+    outcome, pub = _run(store, job)
+    assert outcome.status == "SUCCEEDED" and len(pub.messages) == 1
+    assert "bkt/out/_manifest.json.lease" not in store.objects
+
+
+def test_concurrent_deliveries_run_the_job_once():
+    store = FakeStore({"bkt/in/f.jsonl": "\n".join(json.dumps([k]) for k in range(50)).encode()})
+    predictor = SumPredictor()
+    models = FakeModels(predictor)
+    pub = Published()
+    results: list[Any] = []
+
+    def deliver() -> None:
+        try:
+            results.append(run(_job(), store=store, models=models, publisher=pub, limits=Limits(batch_size=1)))
+        except errors.Busy as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=deliver) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ran = [r for r in results if not isinstance(r, errors.Busy) and not r.skipped]
+    assert len(ran) == 1 and len(pub.messages) == 1
+    assert sum(predictor.calls) == 50
+    # The others were told to retry later, or found the job complete.
+    assert all(isinstance(r, errors.Busy) or r.skipped for r in results if r is not ran[0])
