@@ -23,7 +23,19 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ("WORKER_MAX_BATCH_BYTES", "max_batch_bytes", "Upper bound on the input bytes of one batch."),
     ("WORKER_WORK_DIR", "work_dir", "Local folder for downloaded models."),
     ("WORKER_DOWNLOAD_THREADS", "download_threads", "Parallel downloads when fetching a model."),
+    (
+        "WORKER_LEASE_SECONDS",
+        "lease_seconds",
+        "A running job's lease: a redelivered event waits (retryable answer) while the lease is renewed; "
+        "a retry takes over this long after its holder died.",
+    ),
     ("WORKER_MODEL", "default_model", "Model for input files dropped into a bucket without `model` metadata."),
+    (
+        "WORKER_INPUT",
+        "input_prefix",
+        "gs://BUCKET/PREFIX/ where dropped input files go: only objects under it start a job, and "
+        "`PREFIX/a/b.jsonl` writes `WORKER_OUTPUT/a/b.jsonl`. Empty: any object of the bucket, path kept whole.",
+    ),
     ("WORKER_OUTPUT", "default_output", "Output prefix for dropped files without `output` metadata."),
     ("WORKER_LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
 )
@@ -37,7 +49,9 @@ class Settings:
     max_batch_bytes: int = 4 * 1024 * 1024
     work_dir: str = os.path.join(tempfile.gettempdir(), "embedded-tf")
     download_threads: int = 8
+    lease_seconds: int = 120
     default_model: str = ""
+    input_prefix: str = ""
     default_output: str = ""
     log_level: str = "INFO"
 

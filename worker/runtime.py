@@ -3,8 +3,10 @@ from `Settings` once per process and runs jobs and triggers with them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,8 @@ from worker.storage import WRITTEN_BY_KEY, GcsStore
 log = logging.getLogger(__name__)
 
 JOB_FILE_SUFFIX = ".job.json"
+# Under the output prefix: one manifest per dropped input file, mirroring its path.
+MANIFESTS_FOLDER = "_manifests/"
 
 
 class StoreModelProvider:
@@ -58,7 +62,11 @@ class Runtime:
 
     @property
     def limits(self) -> Limits:
-        return Limits(batch_size=self.settings.batch_size, max_batch_bytes=self.settings.max_batch_bytes)
+        return Limits(
+            batch_size=self.settings.batch_size,
+            max_batch_bytes=self.settings.max_batch_bytes,
+            lease_s=float(self.settings.lease_seconds),
+        )
 
     def run_job(self, job: Job, *, progress: ProgressFn | None = None) -> Outcome:
         with logs.bound(job_id=job.job_id):
@@ -103,14 +111,34 @@ class Runtime:
         if obj.name.endswith(JOB_FILE_SUFFIX):
             raw = parse_json_object(self.store.read_bytes(GcsUri(obj.bucket, obj.name)), what=f"job file {uri}")
             return Job.from_mapping(raw, default_job_id=obj.job_id)
-        model = obj.metadata.get("model") or self.settings.default_model
-        output = obj.metadata.get("output") or default_output
+        return self._input_file_job(obj, uri)
+
+    def _input_file_job(self, obj: events.ObjectTrigger, uri: str) -> Job | None:
+        """A dropped input file: `WORKER_INPUT/a/b.jsonl` → `WORKER_OUTPUT/a/b.jsonl`, or
+        `<output metadata>/b.jsonl`; its manifest is `<output>/_manifests/<same path>.json`."""
+        settings = self.settings
+        inputs = GcsUri.parse(settings.input_prefix, what="WORKER_INPUT").as_prefix() if settings.input_prefix else None
+        if inputs is not None and (obj.bucket != inputs.bucket or not obj.name.startswith(inputs.path)):
+            log.info("ignoring %s: not under the input prefix %s (WORKER_INPUT)", uri, inputs)
+            return None
+        model = obj.metadata.get("model") or settings.default_model
+        output = obj.metadata.get("output") or settings.default_output
         if not model or not output:
             raise errors.InvalidJob(
                 f"input file {uri} has no `model`/`output` custom metadata and the worker has no "
                 "WORKER_MODEL/WORKER_OUTPUT default — set one of them"
             )
-        return Job.from_mapping({"model": model, "input": uri, "output": output}, default_job_id=obj.job_id)
+        if obj.metadata.get("output"):
+            rel = posixpath.basename(obj.name)
+        else:
+            rel = obj.name[len(inputs.path) :] if inputs is not None else obj.name
+        out = GcsUri.parse(output, what="output").as_prefix()
+        folder = posixpath.dirname(rel)
+        job = Job.from_mapping(
+            {"model": model, "input": uri, "output": str(out.child(folder + "/" if folder else ""))},
+            default_job_id=obj.job_id,
+        )
+        return dataclasses.replace(job, manifest=out.child(f"{MANIFESTS_FOLDER}{rel}.json"))
 
     def report_failure(self, job_id: str, error: errors.WorkerError, context: dict[str, Any]) -> dict[str, Any]:
         """Publish FAILED for an event that never became a runnable job (malformed message)."""

@@ -1,0 +1,58 @@
+"""How a finalized object becomes a job (or nothing), from the worker's configuration."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker import errors, events
+from worker.config import Settings
+from worker.runtime import Runtime
+
+
+def _runtime(**settings: str) -> Runtime:
+    return Runtime(Settings(**settings), store=None, models=None, publisher=None)  # type: ignore[arg-type]
+
+
+def _obj(name: str, bucket: str = "drop", **metadata: str) -> events.ObjectTrigger:
+    return events.ObjectTrigger(bucket, name, "17", metadata)
+
+
+def test_dropped_file_mirrors_its_path_from_the_input_prefix_to_the_output_prefix():
+    rt = _runtime(default_model="gs://mdl/model/", input_prefix="gs://drop/in", default_output="gs://res/out/")
+    job = rt.job_for_object(_obj("in/a/b.jsonl"))
+    assert job is not None
+    assert (str(job.input), str(job.output)) == ("gs://drop/in/a/b.jsonl", "gs://res/out/a/")
+    assert str(job.output.child("b.jsonl")) == "gs://res/out/a/b.jsonl"
+    # One manifest (and lease) per file, so files dropped together never share one.
+    assert str(job.manifest_uri) == "gs://res/out/_manifests/a/b.jsonl.json"
+    assert str(job.lease_uri) == "gs://res/out/_manifests/a/b.jsonl.json.lease"
+    assert job.job_id == "drop/in/a/b.jsonl#17"
+
+
+def test_objects_outside_the_input_prefix_or_written_by_the_worker_start_nothing():
+    rt = _runtime(default_model="gs://mdl/model/", input_prefix="gs://drop/in/", default_output="gs://drop/out/")
+    assert rt.job_for_object(_obj("other/b.jsonl")) is None
+    assert rt.job_for_object(_obj("in/b.jsonl", bucket="elsewhere")) is None
+    assert rt.job_for_object(_obj("out/b.jsonl")) is None  # under WORKER_OUTPUT
+    assert rt.job_for_object(_obj("in/x.jsonl", **{"embedded-tf-job": "j"})) is None
+    assert rt.job_for_object(_obj("in/sub/")) is None
+
+
+def test_without_an_input_prefix_the_whole_name_is_mirrored():
+    rt = _runtime(default_model="gs://mdl/model/", default_output="gs://res/out/")
+    job = rt.job_for_object(_obj("x/y.jsonl"))
+    assert job is not None and str(job.output) == "gs://res/out/x/"
+    assert str(job.manifest_uri) == "gs://res/out/_manifests/x/y.jsonl.json"
+
+
+def test_metadata_names_model_and_output_for_one_file():
+    rt = _runtime(input_prefix="gs://drop/in/")
+    job = rt.job_for_object(_obj("in/deep/f.jsonl", model="gs://mdl/other/", output="gs://res/mine"))
+    assert job is not None
+    assert (str(job.model), str(job.output)) == ("gs://mdl/other/", "gs://res/mine/")
+    assert str(job.manifest_uri) == "gs://res/mine/_manifests/f.jsonl.json"
+
+
+def test_a_dropped_file_with_nowhere_to_go_says_what_to_set():
+    with pytest.raises(errors.InvalidJob, match="WORKER_MODEL/WORKER_OUTPUT"):
+        _runtime().job_for_object(_obj("f.jsonl"))
