@@ -1,0 +1,225 @@
+"""A stand-in for `tensorflow_model_server`'s REST API, backed by TensorFlow, for development and
+tests on machines where the real binary cannot be installed.
+
+    python -m localdev.tfserving_standin --rest_api_port=8501 --model_name=m --model_base_path=/models/m
+
+It takes the real server's flags (unknown ones are accepted and ignored), serves the highest
+numeric version folder under `--model_base_path`, and answers like TF Serving:
+
+- `GET /v1/models/NAME` — `model_version_status` (`LOADING`, then `AVAILABLE`, or `END` with the
+  load error, as TF Serving reports a model it cannot load); `GET /v1/models/NAME/metadata` —
+  the signatures with their inputs and outputs;
+- `POST /v1/models/NAME[/versions/N]:predict` — row (`instances` → `predictions`) and columnar
+  (`inputs` → `outputs`) formats, `signature_name`, `{"b64": …}`; errors as `{"error": "…"}` with
+  400 (bad request or instances) or 404 (unknown model, version or signature); bare NaN/Infinity
+  in predictions, as the real server writes them.
+
+What it does not do: gRPC (`--port` is accepted and ignored), server-side batching
+(`--enable_batching`), model config files, version policies, or hot-reloading new versions.
+The worker runs it through exactly the code path it uses for the real binary
+(`WORKER_MODEL_SERVER="python -m localdev.tfserving_standin"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_PREDICT = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
+_STATUS = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata)?$")
+
+
+class Servable:
+    """The model: loaded in the background so `LOADING` is observable, as with the real server."""
+
+    def __init__(self, name: str, base_path: str) -> None:
+        self.name = name
+        self.base_path = base_path
+        self.version: int | None = None
+        self.state = "START"
+        self.error = ""
+        self.model: Any = None
+        self._predictors: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        try:
+            versions = sorted(int(v) for v in os.listdir(self.base_path) if v.isdigit())
+        except OSError as e:
+            self.state, self.error = "END", f"cannot read model base path: {e}"
+            return
+        if not versions:
+            # The real server logs this and keeps waiting for a version to appear.
+            print(f"No versions of servable {self.name} found under base path {self.base_path}", flush=True)
+            return
+        self.version = versions[-1]
+        self.state = "LOADING"
+        print(f"Loading servable: {self.name} version {self.version}", flush=True)
+        try:
+            from worker.serving.tf_backend import TensorFlowModel
+
+            self.model = TensorFlowModel(os.path.join(self.base_path, str(self.version)), description=self.name)
+        except Exception as e:
+            self.state, self.error = "END", str(e)
+            print(f"Loading servable {self.name} version {self.version} failed: {e}", flush=True)
+            return
+        self.state = "AVAILABLE"
+        print(f"Successfully loaded servable version {{name: {self.name} version: {self.version}}}", flush=True)
+
+    def signature(self, name: str) -> Any:
+        with self._lock:
+            if name not in self._predictors:
+                self._predictors[name] = self.model.predictor(name)
+            return self._predictors[name]
+
+    def signature_names(self) -> list[str]:
+        return sorted(self.model._loaded.signatures) if self.model is not None else []
+
+
+class Handler(BaseHTTPRequestHandler):
+    servable: Servable
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per request would flood the worker's logs
+
+    def _send(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()  # allow_nan: the real server writes bare NaN too
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, {"error": message})
+
+    def _check(self, name: str, version: str | None) -> bool:
+        s = self.servable
+        if name != s.name or s.state != "AVAILABLE" or (version is not None and int(version) != s.version):
+            label = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
+            self._error(404, f"Servable not found for request: {label}")
+            return False
+        return True
+
+    def do_GET(self) -> None:
+        m = _STATUS.match(self.path)
+        s = self.servable
+        if not m:
+            self._error(404, f"Malformed request: GET {self.path}")
+            return
+        name, version, metadata = m.groups()
+        if metadata:
+            if not self._check(name, version):
+                return
+            self._send(200, {"model_spec": {"name": name, "version": str(s.version)}, "metadata": self._metadata()})
+            return
+        if name != s.name or s.version is None:
+            self._error(404, f"Could not find any versions of model {name}")
+            return
+        code = "OK" if s.state != "END" else "UNKNOWN"
+        status = {"version": str(s.version), "state": s.state, "status": {"error_code": code, "error_message": s.error}}
+        self._send(200, {"model_version_status": [status]})
+
+    def _metadata(self) -> dict[str, Any]:
+        defs = {}
+        for sig in self.servable.signature_names():
+            p = self.servable.signature(sig)
+            defs[sig] = {
+                "inputs": {k: {"dtype": "DT_" + spec.dtype.name.upper(), "name": k} for k, spec in p.inputs.items()},
+                "outputs": {k: {"name": k} for k in p.output_names},
+                "method_name": "tensorflow/serving/predict",
+            }
+        return {"signature_def": {"signature_def": defs}}
+
+    def do_POST(self) -> None:
+        m = _PREDICT.match(self.path)
+        if not m:
+            self._error(404, f"Malformed request: POST {self.path}")
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if not self._check(*m.groups()):
+            return
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            self._error(400, f"JSON Parse error: {e}")
+            return
+        if not isinstance(body, dict):
+            self._error(400, "JSON Value: not an object. Expecting object")
+            return
+        sig_name = body.get("signature_name", "serving_default")
+        if sig_name not in self.servable.signature_names():
+            self._error(404, f'Serving signature name: "{sig_name}" not found in signature def')
+            return
+        predictor = self.servable.signature(sig_name)
+        has_rows, has_cols = "instances" in body, "inputs" in body
+        if has_rows == has_cols:
+            self._error(
+                400, "Missing 'inputs' or 'instances' key" if not has_rows else "Not both 'inputs' and 'instances'"
+            )
+            return
+        try:
+            if has_rows:
+                instances = body["instances"]
+                if not isinstance(instances, list) or not instances:
+                    self._error(400, "'instances' must be a non-empty JSON array")
+                    return
+                self._send(200, {"predictions": predictor.predict(instances)})
+            else:
+                rows = _rows_from_columns(body["inputs"], list(predictor.inputs))
+                self._send(200, {"outputs": _columns_from_rows(predictor.predict(rows), predictor.output_names)})
+        except Exception as e:  # the row converter's BatchRejected and TensorFlow's own errors
+            self._error(400, getattr(e, "message", None) or str(e))
+
+
+def _rows_from_columns(inputs: Any, names: list[str]) -> list[Any]:
+    if isinstance(inputs, dict) and len(names) > 1:
+        columns = [inputs[n] for n in names]
+        return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+    if isinstance(inputs, dict) and set(inputs) == set(names):
+        inputs = inputs[names[0]]
+    if not isinstance(inputs, list) or not inputs:
+        raise ValueError("'inputs' must be a non-empty JSON array or an object of arrays")
+    return inputs
+
+
+def _columns_from_rows(predictions: list[Any], output_names: list[str]) -> Any:
+    if len(output_names) == 1:
+        return predictions
+    return {n: [p[n] for p in predictions] for n in output_names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--rest_api_port", type=int, default=0)
+    parser.add_argument("--rest_api_host", default="127.0.0.1")
+    parser.add_argument("--model_name", default="default")
+    parser.add_argument("--model_base_path", required=True)
+    args, ignored = parser.parse_known_args(argv)
+    if args.rest_api_port == 0:
+        print("--rest_api_port is 0: the REST API is off (as with tensorflow_model_server)", flush=True)
+        return 2
+    if ignored:
+        print(f"stand-in ignores flags: {' '.join(ignored)}", flush=True)
+    servable = Servable(args.model_name, args.model_base_path)
+    handler = type("BoundHandler", (Handler,), {"servable": servable})
+    server = ThreadingHTTPServer((args.rest_api_host, args.rest_api_port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=servable.load, daemon=True).start()
+    print(f"Exporting HTTP/REST API at:{args.rest_api_host}:{args.rest_api_port} ...", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
