@@ -124,5 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TRANSIENT
     finally:
         bars.close()
+        rt.close()
     print(json.dumps(outcome.manifest, indent=2))
     return EXIT_FAILED if outcome.status == STATUS_FAILED else 0

@@ -37,8 +37,25 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
         "`PREFIX/a/b.jsonl` writes `WORKER_OUTPUT/a/b.jsonl`. Empty: any object of the bucket, path kept whole.",
     ),
     ("WORKER_OUTPUT", "default_output", "Output prefix for dropped files without `output` metadata."),
+    (
+        "WORKER_SERVING",
+        "serving",
+        "auto (TensorFlow Serving when WORKER_MODEL_SERVER is on PATH, else in-process), tfserving or tensorflow.",
+    ),
+    ("WORKER_MODEL_SERVER", "model_server", "The TensorFlow Serving program (and leading arguments) to start."),
+    (
+        "WORKER_MODEL_SERVER_ARGS",
+        "model_server_args",
+        "More flags for it, e.g. --tensorflow_intra_op_parallelism=2 or "
+        "--enable_batching --batching_parameters_file=PATH.",
+    ),
+    ("WORKER_SERVER_START_SECONDS", "server_start_seconds", "How long a model server may take to load a model."),
+    ("WORKER_PREDICT_TIMEOUT_SECONDS", "predict_timeout_seconds", "Longest a model server may take on one batch."),
+    ("WORKER_MAX_MODELS", "max_models", "Models kept loaded (with their servers and local files) between jobs."),
     ("WORKER_LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
 )
+
+SERVING_CHOICES = ("auto", "tfserving", "tensorflow")
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,12 @@ class Settings:
     default_model: str = ""
     input_prefix: str = ""
     default_output: str = ""
+    serving: str = "auto"
+    model_server: str = "tensorflow_model_server"
+    model_server_args: str = ""
+    server_start_seconds: int = 300
+    predict_timeout_seconds: int = 300
+    max_models: int = 2
     log_level: str = "INFO"
 
     @classmethod
@@ -76,6 +99,8 @@ class Settings:
         settings = cls(**kw)  # type: ignore[arg-type]
         if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"WORKER_LOG_LEVEL={settings.log_level!r} is not a log level")
+        if settings.serving not in SERVING_CHOICES:
+            raise ValueError(f"WORKER_SERVING={settings.serving!r} is not one of {', '.join(SERVING_CHOICES)}")
         return settings
 
     @property

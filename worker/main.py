@@ -7,6 +7,7 @@ Serve with: PYTHONPATH=. functions-framework --source worker/main.py --target ha
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ def runtime() -> Runtime:
             settings = Settings.from_env(os.environ)
             logs.setup(settings.log_level)
             _runtime = Runtime.from_settings(settings)
+            atexit.register(_runtime.close)  # stop model servers when the worker process exits
         return _runtime
 
 

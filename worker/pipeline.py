@@ -60,7 +60,9 @@ class ModelHandle:
 
 
 class ModelProvider(Protocol):
-    def load(self, model: GcsUri) -> ModelHandle: ...
+    def load(self, model: GcsUri) -> AbstractContextManager[ModelHandle]:
+        """The model, loaded (or kept warm), for the duration of the block."""
+        ...
 
 
 class Publisher(Protocol):
@@ -160,17 +162,18 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
         log.info("job %s: %d input file(s), %d bytes", job.job_id, len(inputs), sum(f.size for f in inputs))
 
         t = time.perf_counter()
-        state.handle = models.load(job.model)
-        predictor = state.handle.model.predictor(job.options.signature_name)
-        timings["model_load_s"] = time.perf_counter() - t
+        with models.load(job.model) as handle:
+            state.handle = handle
+            predictor = handle.model.predictor(job.options.signature_name)
+            timings["model_load_s"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        batch_size = job.options.batch_size or limits.batch_size
-        for f in inputs:
-            result = _run_file(job, f, store, predictor, batch_size, limits.max_batch_bytes, progress)
-            state.files.append(result)
-            state.totals.add(result.counts)
-        timings["predict_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            batch_size = job.options.batch_size or limits.batch_size
+            for f in inputs:
+                result = _run_file(job, f, store, predictor, batch_size, limits.max_batch_bytes, progress)
+                state.files.append(result)
+                state.totals.add(result.counts)
+            timings["predict_s"] = time.perf_counter() - t
         state.error = _error_ratio_exceeded(job.options, state.totals)
     except errors.PermanentError as e:
         log.error("job %s failed: %s", job.job_id, e)

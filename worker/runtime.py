@@ -3,10 +3,14 @@ from `Settings` once per process and runs jobs and triggers with them."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import posixpath
+import shutil
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +19,7 @@ from worker.config import Settings
 from worker.jobs import MANIFEST_NAME, STATUS_FAILED, GcsUri, Job, failure, parse_json_object
 from worker.notify import PubSubPublisher
 from worker.pipeline import Limits, ModelHandle, Outcome, ProgressFn, Publisher, run
+from worker.serving import LoadedModel, ServingStats
 from worker.serving.cache import ModelCache
 from worker.storage import WRITTEN_BY_KEY, GcsStore
 
@@ -26,23 +31,78 @@ MANIFESTS_FOLDER = "_manifests/"
 
 
 class StoreModelProvider:
-    """Fetches a model's files (skipped when an identical copy is on disk) and loads it once."""
+    """Fetches a model's files (skipped when an identical copy is on disk) and loads it once;
+    the files of a model evicted from the cache are deleted, so local disk stays bounded."""
 
-    def __init__(self, store: GcsStore, cache: ModelCache, work_dir: str) -> None:
+    def __init__(
+        self,
+        store: GcsStore,
+        load: Callable[[str, str], LoadedModel],
+        work_dir: str,
+        *,
+        max_models: int = 2,
+        stats: ServingStats | None = None,
+    ) -> None:
         self._store = store
-        self._cache = cache
+        self._cache = ModelCache(load, max_models=max_models, stats=stats, on_evict=self._delete_files)
         self._work_dir = work_dir
+        # Held from "is it on disk?" until the cache holds it, and while evicted files are deleted.
+        self._disk_lock = threading.RLock()
 
-    def load(self, model: GcsUri) -> ModelHandle:
-        local = self._store.fetch_model(model, self._work_dir)
-        loaded = self._cache.get(local.fingerprint, local.path, str(local.uri))
-        return ModelHandle(local.uri, local.version, loaded)
+    @property
+    def stats(self) -> ServingStats:
+        return self._cache.stats
+
+    @contextlib.contextmanager
+    def load(self, model: GcsUri) -> Iterator[ModelHandle]:
+        with contextlib.ExitStack() as stack:
+            with self._disk_lock:
+                local = self._store.fetch_model(model, self._work_dir)
+                if local.downloaded:
+                    self.stats.add("downloads")
+                loaded = stack.enter_context(self._cache.use(local.fingerprint, local.path, str(local.uri)))
+            yield ModelHandle(local.uri, local.version, loaded)
+
+    def _delete_files(self, path: str) -> None:
+        with self._disk_lock:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("deleted local model files %s", path)
+
+    def close(self) -> None:
+        """Stop every model server and unload every model (process exit)."""
+        self._cache.close_all()
 
 
-def _load_tensorflow(path: str, description: str) -> Any:
-    from worker.serving.tf_backend import TensorFlowModel
+def make_loader(settings: Settings, stats: ServingStats) -> Callable[[str, str], LoadedModel]:
+    """The backend `WORKER_SERVING` chooses: TF Serving as a child process, or in-process TensorFlow."""
+    from worker.serving.tfserving import ServerConfig, TFServingModel
 
-    return TensorFlowModel(path, description=description)
+    config = ServerConfig(
+        command=settings.model_server,
+        extra_args=settings.model_server_args,
+        start_timeout_s=float(settings.server_start_seconds),
+        predict_timeout_s=float(settings.predict_timeout_seconds),
+        work_dir=settings.work_dir,
+    )
+    serving = settings.serving
+    if serving == "auto":
+        serving = "tfserving" if config.available() else "tensorflow"
+        log.info("WORKER_SERVING=auto: using %s", serving)
+    if serving == "tfserving":
+
+        def load_tfserving(path: str, description: str) -> LoadedModel:
+            return TFServingModel.start(
+                config, path, description=description, on_start=lambda: stats.add("server_starts")
+            )
+
+        return load_tfserving
+
+    def load_tensorflow(path: str, description: str) -> LoadedModel:
+        from worker.serving.tf_backend import TensorFlowModel
+
+        return TensorFlowModel(path, description=description)
+
+    return load_tensorflow
 
 
 @dataclass
@@ -55,10 +115,13 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings, *, publish: bool = True) -> Runtime:
         store = GcsStore.from_environment(settings.project, download_threads=settings.download_threads)
-        cache = ModelCache(_load_tensorflow)
+        stats = ServingStats()
+        models = StoreModelProvider(
+            store, make_loader(settings, stats), settings.work_dir, max_models=settings.max_models, stats=stats
+        )
         topic = settings.results_topic_path
         publisher = PubSubPublisher(topic) if publish and topic else None
-        return cls(settings, store, StoreModelProvider(store, cache, settings.work_dir), publisher)
+        return cls(settings, store, models, publisher)
 
     @property
     def limits(self) -> Limits:
@@ -71,7 +134,7 @@ class Runtime:
     def run_job(self, job: Job, *, progress: ProgressFn | None = None) -> Outcome:
         with logs.bound(job_id=job.job_id):
             log.info("starting job %s: %s → %s with model %s", job.job_id, job.input, job.output, job.model)
-            return run(
+            outcome = run(
                 job,
                 store=self.store,
                 models=self.models,
@@ -79,6 +142,12 @@ class Runtime:
                 limits=self.limits,
                 progress=progress,
             )
+            log.info("serving counters: %s", self.models.stats.snapshot())
+            return outcome
+
+    def close(self) -> None:
+        """Stop every model server and unload every model (process exit)."""
+        self.models.close()
 
     def handle(self, trigger: events.Trigger) -> Outcome | None:
         """Run what a trigger asks for; None when there is nothing to do."""

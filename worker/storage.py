@@ -59,6 +59,7 @@ class LocalModel:
     version: int | None
     path: str  # local folder holding saved_model.pb
     fingerprint: str  # changes when any object of the model changes
+    downloaded: bool = True  # False when an identical local copy was reused
 
 
 @contextlib.contextmanager
@@ -283,7 +284,7 @@ class GcsStore:
         dest = os.path.join(work_dir, "models", fingerprint)
         if os.path.isfile(os.path.join(dest, "saved_model.pb")):
             log.info("model %s already on local disk", folder)
-            return LocalModel(folder, version, dest, fingerprint)
+            return LocalModel(folder, version, dest, fingerprint, downloaded=False)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".fetch-", dir=os.path.dirname(dest))
         try:

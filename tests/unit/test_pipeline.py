@@ -115,14 +115,15 @@ class FakeModels:
     def __init__(self, predictor: SumPredictor) -> None:
         self.predictor_ = predictor
 
-    def load(self, model: GcsUri) -> ModelHandle:
+    @contextlib.contextmanager
+    def load(self, model: GcsUri) -> Iterator[ModelHandle]:
         outer = self
 
         class Loaded:
             def predictor(self, signature_name: str) -> SumPredictor:
                 return outer.predictor_
 
-        return ModelHandle(model, 1, Loaded())
+        yield ModelHandle(model, 1, Loaded())
 
 
 class Published:

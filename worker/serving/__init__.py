@@ -7,6 +7,7 @@ anything else means the model or server failed.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Protocol
 
 
@@ -28,3 +29,22 @@ class LoadedModel(Protocol):
     """A model loaded once and used by many jobs; one predictor per signature."""
 
     def predictor(self, signature_name: str) -> Predictor: ...
+
+
+class ServingStats:
+    """The worker's own counters of model work, for logs and tests: downloads, loads (cache
+    misses), hits, evictions and model server starts (restarts included)."""
+
+    FIELDS = ("downloads", "loads", "hits", "evictions", "server_starts")
+
+    def __init__(self) -> None:
+        self._counts = dict.fromkeys(self.FIELDS, 0)
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
