@@ -1,0 +1,186 @@
+"""Both serving backends through the whole pipeline: in-process TensorFlow, and TF Serving as a
+child process (the TensorFlow-backed stand-in, launched through exactly the code path the image
+uses for `tensorflow_model_server`). Same jobs, same output lines; a server killed mid-job; a
+model that cannot load; the warm cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localdev import emulators, models
+from tests.conftest import read_lines, write_lines
+from worker import errors
+from worker.config import Settings
+from worker.jobs import Job
+from worker.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+STANDIN = f"{sys.executable} -m localdev.tfserving_standin"
+MakeRuntime = Callable[..., Runtime]
+
+
+@pytest.fixture
+def make_runtime(gcs_host: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeRuntime]:
+    monkeypatch.setenv("PYTHONPATH", str(emulators.REPO_ROOT))  # for the stand-in child process
+    made: list[Runtime] = []
+
+    def make(serving: str, **settings: Any) -> Runtime:
+        work_dir = tmp_path / f"work-{len(made)}"
+        rt = Runtime.from_settings(
+            Settings(**{"serving": serving, "model_server": STANDIN, "work_dir": str(work_dir), **settings}),
+            publish=False,
+        )
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.close()
+
+
+def _job(model: str, inp: str, out: str, **options: Any) -> Job:
+    return Job.from_mapping({"model": model, "input": inp, "output": out, "options": options}, default_job_id=out)
+
+
+def _server_processes(marker: str) -> list[int]:
+    """Pids of live processes whose command line mentions `marker` (a test's work folder)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def test_both_backends_write_the_same_lines(make_runtime, storage_client, bucket, model_uris):
+    good = models.mlp_instances(64, seed=7)
+    wrong_shape = [json.dumps(i) for i in good]
+    wrong_shape[10] = json.dumps(good[10][:3])
+    wrong_dtype = [json.dumps(i) for i in good]
+    wrong_dtype[40] = json.dumps(["a"] * 16)
+    write_lines(storage_client, f"gs://{bucket}/mlp/shape.jsonl", wrong_shape)
+    write_lines(storage_client, f"gs://{bucket}/mlp/dtype.jsonl", wrong_dtype)
+    write_lines(
+        storage_client,
+        f"gs://{bucket}/two.jsonl",
+        [json.dumps({"a": [1, 2, 3, 4], "b": 2}), json.dumps({"a": [0, 0, 0, 0], "b": 0}), json.dumps({"a": [1]})],
+    )
+    write_lines(storage_client, f"gs://{bucket}/text.jsonl", [json.dumps("abc"), json.dumps({"b64": "/3o="})])
+
+    outputs: dict[str, list[Any]] = {}
+    for serving in ("tensorflow", "tfserving"):
+        rt = make_runtime(serving)
+        out = f"gs://{bucket}/{serving}"
+        mlp = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/mlp/", f"{out}/mlp/"))
+        assert mlp.status == "PARTIALLY_SUCCEEDED"
+        # One bad instance inside a batch of 64 costs one error line; 63 predictions each.
+        assert [(f["predictions"], f["errors"]) for f in mlp.manifest["files"]] == [(63, 1), (63, 1)]
+        rt.run_job(_job(model_uris["two_io"], f"gs://{bucket}/two.jsonl", f"{out}/two/"))
+        rt.run_job(_job(model_uris["strings"], f"gs://{bucket}/text.jsonl", f"{out}/text/"))
+        outputs[serving] = [
+            read_lines(storage_client, f"{out}/{name}")
+            for name in ("mlp/dtype.jsonl", "mlp/shape.jsonl", "two/two.jsonl", "text/text.jsonl")
+        ]
+    assert outputs["tfserving"] == outputs["tensorflow"]
+    dtype_lines, shape_lines, two_lines, _ = outputs["tfserving"]
+    assert "expects instances of shape [16], got [3]" in shape_lines[10]["error"]["message"]
+    assert "expects float32 numbers" in dtype_lines[40]["error"]["message"]
+    assert two_lines[1]["prediction"] == {"ratio": "NaN", "total": 0.0}  # the server's bare NaN, made strict
+    assert "error" in two_lines[2]
+
+
+def test_a_server_killed_mid_job_is_restarted_and_every_line_written_once(
+    make_runtime, storage_client, bucket, model_uris
+):
+    instances = models.mlp_instances(1000, seed=8)
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", [json.dumps(i) for i in instances])
+    rt = make_runtime("tfserving", batch_size=8)
+    # Warm the server, then kill it with SIGKILL after a few batches of the real job.
+    rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/in.jsonl", f"gs://{bucket}/warm/"))
+    starts = rt.models.stats.snapshot()["server_starts"]
+    killed: list[int] = []
+
+    def kill_once(_f: Any, lines: int, _bytes: int) -> None:
+        if lines >= 40 and not killed:
+            pids = _server_processes(rt.settings.work_dir)
+            assert len(pids) == 1
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    outcome = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/"), progress=kill_once)
+    assert killed and outcome.status == "SUCCEEDED"
+    assert outcome.manifest["totals"]["predictions"] == 1000
+    assert rt.models.stats.snapshot()["server_starts"] == starts + 1
+    lines = read_lines(storage_client, f"gs://{bucket}/out/in.jsonl")
+    assert [line["instance"] for line in lines] == instances
+    assert lines == read_lines(storage_client, f"gs://{bucket}/warm/in.jsonl")
+
+
+def test_a_model_the_server_cannot_load_fails_the_job_and_leaves_no_process(
+    make_runtime, storage_client, bucket, tmp_path
+):
+    storage_client.bucket(bucket).blob("broken/1/saved_model.pb").upload_from_string(b"not a protobuf")
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", ["[1]"])
+    rt = make_runtime("tfserving")
+    outcome = rt.run_job(_job(f"gs://{bucket}/broken/", f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/"))
+    assert outcome.status == "FAILED"
+    assert outcome.manifest["error"]["code"] == "FAILED_PRECONDITION"
+    assert outcome.manifest["error"]["message"].startswith(
+        f"TensorFlow Serving cannot load model gs://{bucket}/broken/1/"
+    )
+    assert _server_processes(rt.settings.work_dir) == []
+
+
+def test_a_server_that_exits_at_start_is_a_transient_failure_with_its_output(
+    make_runtime, storage_client, bucket, model_uris
+):
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", ["[1]"])
+    crash = f"{sys.executable} -c \"import sys; print('unknown flag --frobnicate'); sys.exit(3)\""
+    rt = make_runtime("tfserving", model_server=crash)
+    with pytest.raises(errors.TransientError, match=r"exited with code 3[\s\S]*unknown flag --frobnicate"):
+        rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/"))
+
+
+def test_warm_jobs_reuse_the_server_and_a_reuploaded_model_is_reloaded(
+    make_runtime, storage_client, bucket, model_dirs
+):
+    for name in ("mlp", "two_io"):
+        models.upload_folder(storage_client, model_dirs[name], bucket, f"{name}/1")
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", [json.dumps(i) for i in models.mlp_instances(5)])
+    write_lines(storage_client, f"gs://{bucket}/two.jsonl", [json.dumps({"a": [1, 2, 3, 4], "b": 2})])
+    rt = make_runtime("tfserving", max_models=1)
+
+    def job(model: str, inp: str, n: int) -> None:
+        out = rt.run_job(_job(f"gs://{bucket}/{model}/", f"gs://{bucket}/{inp}", f"gs://{bucket}/o{n}/"))
+        assert out.status == "SUCCEEDED"
+
+    job("mlp", "in.jsonl", 1)
+    job("mlp", "in.jsonl", 2)
+    assert rt.models.stats.snapshot() == {"downloads": 1, "loads": 1, "hits": 1, "evictions": 0, "server_starts": 1}
+
+    models.upload_folder(storage_client, model_dirs["mlp"], bucket, "mlp/1")  # new generations
+    job("mlp", "in.jsonl", 3)
+    stats = rt.models.stats.snapshot()
+    assert (stats["downloads"], stats["loads"], stats["server_starts"], stats["evictions"]) == (2, 2, 2, 1)
+    assert len(_server_processes(rt.settings.work_dir)) == 1  # the stale server was stopped
+
+    job("two_io", "two.jsonl", 4)  # max_models=1: the mlp is evicted, its server stopped, its files deleted
+    assert len(_server_processes(rt.settings.work_dir)) == 1
+    assert len(os.listdir(os.path.join(rt.settings.work_dir, "models"))) == 1
