@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# checkov pins its own dependency versions: it gets a virtualenv of its own.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_VERSION := 3.3.30
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint lint-deploy
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -11,15 +14,28 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+$(CHECKOV_VENV)/.installed:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
+	touch $@
+
 setup: $(VENV)/.installed
 
 demo: setup
 	PYTHONPATH=. $(PY) -m localdev.demo
 
-test: setup lint
+test: setup lint lint-deploy
 	PYTHONPATH=. $(PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check worker localdev tests
 	$(VENV)/bin/ruff format --check worker localdev tests
 	$(VENV)/bin/mypy
+
+# The Dockerfile and infra/ cannot be built or applied here: lint them instead.
+lint-deploy: setup $(CHECKOV_VENV)/.installed
+	$(VENV)/bin/hadolint Dockerfile
+	@if command -v terraform >/dev/null; then terraform fmt -check -recursive -diff infra; \
+	else echo "terraform not found: skipping terraform fmt -check (CI requires it)"; fi
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download -d infra --framework terraform
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download -f Dockerfile --framework dockerfile
