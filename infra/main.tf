@@ -139,6 +139,8 @@ resource "google_cloud_run_v2_service" "worker" {
   location = var.region
   ingress  = "INGRESS_TRAFFIC_INTERNAL_ONLY" # Pub/Sub push and Eventarc count as internal
 
+  deletion_protection = var.deletion_protection
+
   template {
     service_account                  = google_service_account.worker.email
     timeout                          = "${var.timeout_seconds}s"

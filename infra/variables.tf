@@ -186,3 +186,9 @@ variable "jobs_via_eventarc" {
   type        = bool
   default     = false
 }
+
+variable "deletion_protection" {
+  description = "Refuse to destroy the Cloud Run service; set to false (and apply) before terraform destroy."
+  type        = bool
+  default     = true
+}

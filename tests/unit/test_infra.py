@@ -141,3 +141,10 @@ def test_variables_are_described_and_the_example_sets_only_known_ones(config):
     assert assigned <= set(config["variable"]), assigned - set(config["variable"])
     required = {n for n, v in config["variable"].items() if "default" not in v}
     assert required <= assigned, required - assigned
+
+
+def test_the_readme_deploy_commands_read_outputs_that_exist(config):
+    readme = (INFRA.parent / "README.md").read_text()
+    used = set(re.findall(r"terraform output -raw (\w+)", readme))
+    assert used, "the README's deploy section reads terraform outputs"
+    assert used - set(config["output"]) == set()
