@@ -240,7 +240,7 @@ def test_batches_are_bounded_and_bisection_isolates():
 
 def test_non_finite_numbers_are_written_as_strict_json():
     line = dumps_line({"instance": [float("nan")], "prediction": [float("inf"), -float("inf"), 1.5]})
-    assert line == '{"instance":["NaN"],"prediction":["Infinity","-Infinity",1.5]}'
+    assert line == b'{"instance":["NaN"],"prediction":["Infinity","-Infinity",1.5]}'
     json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in output"))
 
 

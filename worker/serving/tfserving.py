@@ -12,7 +12,6 @@ bounded number of times, then fails transiently.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import shlex
@@ -28,6 +27,7 @@ from typing import Any
 
 import requests
 
+from worker import codec
 from worker.errors import ModelError, TransientError
 from worker.serving import BatchRejected
 
@@ -206,7 +206,7 @@ class ModelServer:
                 r = _session().request(
                     method,
                     url + suffix,
-                    data=None if body is None else json.dumps(body).encode(),
+                    data=None if body is None else codec.dumps_request(body),
                     headers={"Content-Type": "application/json"},
                     timeout=(10, self._config.predict_timeout_s + 10),
                 )
@@ -302,7 +302,7 @@ class RestPredictor:
         if r.status_code != 200:
             raise BatchRejected(_error_message(r))
         try:
-            predictions = json.loads(r.content)["predictions"]  # json reads TF Serving's bare NaN
+            predictions = codec.loads(r.content)["predictions"]  # reads TF Serving's bare NaN too
         except (ValueError, KeyError, TypeError) as e:
             raise ModelError(f"the model server answered without predictions: {r.text[:300]}") from e
         if not isinstance(predictions, list):

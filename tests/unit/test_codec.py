@@ -1,0 +1,66 @@
+"""The fast codec gives exactly the standard library's answers (or stricter output: no NaN)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker import codec
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=20,
+)
+
+
+def _finite_equal(a: object, b: object) -> bool:
+    """Equality where NaN equals NaN (after a round trip both are the string "NaN")."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_finite_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_finite_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _strict(text: bytes) -> object:
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in output"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_dumps_is_strict_json_and_agrees_with_the_standard_library(value):
+    out = codec.dumps(value)
+    assert _strict(out) == _strict(codec._dumps_std(value))
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_parse_reads_what_json_reads(value):
+    text = json.dumps(value).encode()  # may hold bare NaN/Infinity, as TF Serving and some users write
+    parsed, strict = codec.parse(text)
+    assert _finite_equal(parsed, json.loads(text))
+    if strict:  # then the text can be copied into output lines: it must be strict JSON
+        _strict(text)
+
+
+def test_non_utf8_and_bom_fall_back_or_fail_like_json():
+    assert codec.parse(b"\xef\xbb\xbf[1]".decode("utf-8-sig").encode("utf-16"))[0] == [1]
+    with pytest.raises(ValueError):
+        codec.parse(b"[1, 2")
+    with pytest.raises(UnicodeDecodeError):
+        codec.parse(b'["\xff"]')
+
+
+def test_a_real_null_stays_null_and_nan_becomes_a_string():
+    assert codec.dumps({"a": None, "b": [float("nan"), float("-inf")]}) == b'{"a":null,"b":["NaN","-Infinity"]}'
