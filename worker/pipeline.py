@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
-from worker import errors
+from worker import codec, errors
 from worker.jobs import (
     STATUS_FAILED,
     STATUS_PARTIAL,
@@ -40,10 +39,14 @@ PROGRESS_LOG_INTERVAL_S = 10.0
 PUBLISHED_KEY = "embedded-tf-completion-published"
 
 
+class Sink(Protocol):
+    def write(self, block: bytes, /) -> int: ...
+
+
 class Store(Protocol):
     def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[Any]: ...
     def read_lines(self, f: Any) -> Iterator[bytes]: ...
-    def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> AbstractContextManager[IO[bytes]]: ...
+    def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> AbstractContextManager[Sink]: ...
     def write_json(self, uri: GcsUri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int: ...
     def read_json(self, uri: GcsUri) -> Any | None: ...  # StoredJson-like: .value, .generation, .metadata
     def mark(self, uri: GcsUri, key: str, value: str) -> None: ...
@@ -266,7 +269,7 @@ def _iso(ts: float) -> str:
 # -- one file -----------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     """One instance line on its way to an output line."""
 
@@ -275,6 +278,7 @@ class _Entry:
     feed: Any = None  # what the model receives
     error: str | None = None
     prediction: Any = None
+    raw: bytes | None = None  # `shown` as strict JSON text, when it is the whole input line
 
 
 @dataclass
@@ -297,6 +301,7 @@ def _run_file(
     result = FileResult(input=str(f.uri), output=str(out_uri))
     counts = result.counts
     options = job.options
+    plain = options.key_field is None and options.included_fields is None and options.excluded_fields is None
     bytes_read = 0
     last_log = time.monotonic()
     batch = _Batch()
@@ -313,18 +318,19 @@ def _run_file(
                 else:
                     counts.errors += 1
                 lines.append(_format(e, options))
-            out.write(("\n".join(lines) + "\n").encode())
+            lines.append(b"")
+            out.write(b"\n".join(lines))
             batch.entries.clear()
             batch.to_predict = batch.nbytes = 0
 
         for raw in store.read_lines(f):
             counts.lines += 1
             bytes_read += len(raw) + 1
-            if not raw.strip():
+            if not raw or raw.isspace():
                 counts.skipped += 1
                 continue
             counts.instances += 1
-            entry = _parse_line(raw, counts.lines, options)
+            entry = _parse_line(raw, counts.lines, options, plain)
             batch.entries.append(entry)
             if entry.error is None:
                 batch.to_predict += 1
@@ -347,11 +353,14 @@ def _run_file(
     return result
 
 
-def _parse_line(raw: bytes, lineno: int, options: Options) -> _Entry:
+def _parse_line(raw: bytes, lineno: int, options: Options, plain: bool) -> _Entry:
+    """`plain`: no key_field or *_fields option, so the output echoes the instance as it is."""
     try:
-        value = json.loads(raw)
+        value, strict = codec.parse(raw)
     except (ValueError, UnicodeDecodeError) as e:
         return _Entry(raw.decode("utf-8", errors="replace"), error=f"line {lineno} is not valid JSON: {e}")
+    if plain:
+        return _Entry(value, feed=value, raw=raw.strip() if strict else None)
     shown: Any = value
     if options.key_field is not None:
         if not isinstance(value, dict) or options.key_field not in value:
@@ -411,36 +420,33 @@ def _predict_isolating(predictor: Predictor, entries: list[_Entry]) -> None:
         e.prediction = p
 
 
-def _format(e: _Entry, options: Options) -> str:
+def _format(e: _Entry, options: Options) -> bytes:
     if options.output_format == "predictions":
-        obj: Any = e.prediction if e.error is None else {"error": _error_obj(e.error)}
+        return dumps_line(e.prediction if e.error is None else {"error": _error_obj(e.error)})
+    if e.raw is not None:
+        # The input line is strict JSON: copy it rather than encode the parsed instance again.
+        tail = (
+            b',"prediction":' + dumps_line(e.prediction)
+            if e.error is None
+            else b',"error":' + dumps_line(_error_obj(e.error))
+        )
+        return _OPEN[e.label] + e.raw + tail + b"}"
+    obj: dict[str, Any] = {e.label: e.shown}
+    if e.error is None:
+        obj["prediction"] = e.prediction
     else:
-        obj = {e.label: e.shown}
-        if e.error is None:
-            obj["prediction"] = e.prediction
-        else:
-            obj["error"] = _error_obj(e.error)
+        obj["error"] = _error_obj(e.error)
     return dumps_line(obj)
+
+
+_OPEN = {"instance": b'{"instance":', "key": b'{"key":'}
 
 
 def _error_obj(message: str) -> dict[str, str]:
     return {"status": "INVALID_ARGUMENT", "message": message}
 
 
-def dumps_line(obj: Any) -> str:
+def dumps_line(obj: Any) -> bytes:
     """One strict-JSON line. Non-finite floats (a model's NaN, or NaN in an input line) are not
     JSON: TF Serving writes them bare, we write the strings "NaN", "Infinity", "-Infinity"."""
-    try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
+    return codec.dumps(obj)

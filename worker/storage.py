@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import posixpath
+import queue
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 READ_CHUNK_BYTES = 4 * 1024 * 1024
 # Resumable upload chunks must be multiples of 256 KiB; this bounds memory per open output.
 WRITE_CHUNK_BYTES = 4 * 1024 * 1024
+# Output blocks queued for the upload thread at most: bounds memory (a block is a batch's lines).
+WRITE_QUEUE_BLOCKS = 64
 # Custom metadata set on every object the worker writes, so object events never loop back.
 WRITTEN_BY_KEY = "embedded-tf-job"
 
@@ -173,16 +177,23 @@ class GcsStore:
     # -- outputs -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[IO[bytes]]:
+    def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[BackgroundWriter]:
         """A binary stream to `uri` over a resumable upload, visible only once the block exits
-        normally; on an exception the upload is cancelled and no object appears."""
+        normally; on an exception the upload is cancelled and no object appears. Uploading runs in
+        a thread of its own, so the next batches are predicted while the last ones are sent."""
         blob = self._client.bucket(uri.bucket).blob(uri.path)
         blob.metadata = {WRITTEN_BY_KEY: job_id}
         with (
             translate_errors(f"writing output {uri}"),
             blob.open("wb", chunk_size=WRITE_CHUNK_BYTES, ignore_flush=True, content_type=content_type) as w,
         ):
-            yield w
+            writer = BackgroundWriter(w, name=f"upload {uri}")
+            try:
+                yield writer
+            except BaseException:
+                writer.abandon()
+                raise
+            writer.finish()
 
     def write_json(self, uri: GcsUri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int:
         """Write `value` as one object (a single-request upload, so preconditions apply);
@@ -314,3 +325,46 @@ class GcsStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return LocalModel(folder, version, dest, fingerprint)
+
+
+class BackgroundWriter:
+    """Writes blocks to `sink` in a thread, through a bounded queue. An error in the thread is
+    raised by the next `write` or by `finish`, in the caller's thread."""
+
+    def __init__(self, sink: IO[bytes], *, name: str, depth: int = WRITE_QUEUE_BLOCKS) -> None:
+        self._sink = sink
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name=name, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            block = self._queue.get()
+            if block is None:
+                return
+            if self._error is None:
+                try:
+                    self._sink.write(block)
+                except BaseException as e:  # handed to the caller's thread
+                    self._error = e
+
+    def write(self, block: bytes) -> int:
+        if self._error is not None:
+            raise self._error
+        if block:
+            self._queue.put(block)
+        return len(block)
+
+    def finish(self) -> None:
+        """Wait until every block reached the sink; raise what went wrong there, if anything."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abandon(self) -> None:
+        """Stop without waiting for the sink to succeed (the upload is being cancelled)."""
+        self._error = self._error or RuntimeError("abandoned")
+        self._queue.put(None)
+        self._thread.join()
