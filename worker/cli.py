@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", required=True, help="gs:// object, or a prefix ending in / for every object under it")
     run.add_argument("--output", required=True, help="gs:// prefix where outputs and _manifest.json are written")
     run.add_argument("--job-id", help="job id (default: a new random id); a completed job id is not run again")
-    run.add_argument("--batch-size", type=int, help="instances per prediction call (default: WORKER_BATCH_SIZE or 64)")
+    run.add_argument("--batch-size", type=int, help="instances per prediction call (default: WORKER_BATCH_SIZE or 256)")
     run.add_argument("--signature-name", help="model signature (default: serving_default)")
     run.add_argument("--options", help='job options as JSON, e.g. \'{"key_field": "id"}\'')
     run.add_argument("--no-publish", action="store_true", help="do not publish a completion message")

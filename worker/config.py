@@ -62,7 +62,7 @@ SERVING_CHOICES = ("auto", "tfserving", "tensorflow")
 class Settings:
     project: str = ""
     results_topic: str = ""
-    batch_size: int = 64
+    batch_size: int = 256
     max_batch_bytes: int = 4 * 1024 * 1024
     work_dir: str = os.path.join(tempfile.gettempdir(), "embedded-tf")
     download_threads: int = 8

@@ -74,7 +74,7 @@ class Publisher(Protocol):
 
 @dataclass(frozen=True)
 class Limits:
-    batch_size: int = 64
+    batch_size: int = 256
     max_batch_bytes: int = 4 * 1024 * 1024
     lease_s: float = 120.0  # a job's lease time to live; renewed every third of it
 
@@ -281,13 +281,6 @@ class _Entry:
     raw: bytes | None = None  # `shown` as strict JSON text, when it is the whole input line
 
 
-@dataclass
-class _Batch:
-    entries: list[_Entry] = field(default_factory=list)
-    to_predict: int = 0
-    nbytes: int = 0
-
-
 def _run_file(
     job: Job,
     f: Any,
@@ -302,26 +295,40 @@ def _run_file(
     counts = result.counts
     options = job.options
     plain = options.key_field is None and options.included_fields is None and options.excluded_fields is None
+    results_format = options.output_format != "predictions"
     bytes_read = 0
     last_log = time.monotonic()
-    batch = _Batch()
+    # The batch being filled: (line number, line) of its non-blank lines, and their bytes.
+    pending: list[tuple[int, bytes]] = []
+    pending_bytes = 0
     log.info("%s (%d bytes) → %s", f.uri, f.size, out_uri)
 
     with store.open_output(out_uri, job_id=job.job_id, content_type="application/jsonl") as out:
 
         def flush() -> None:
-            _predict_entries(predictor, batch.entries)
-            lines = []
-            for e in batch.entries:
-                if e.error is None:
-                    counts.predictions += 1
-                else:
-                    counts.errors += 1
-                lines.append(_format(e, options))
+            parsed = codec.parse_many([raw for _, raw in pending])
+            entries = [
+                _Entry(p[0], feed=p[0], raw=raw.strip() if p[1] else None)
+                if plain and not isinstance(p, ValueError)
+                else _entry(p, raw, lineno, options)
+                for (lineno, raw), p in zip(pending, parsed, strict=True)
+            ]
+            _predict_entries(predictor, entries)
+            failed = sum(1 for e in entries if e.error is not None)
+            counts.instances += len(entries)
+            counts.errors += failed
+            counts.predictions += len(entries) - failed
+            if results_format:  # the common line inline: the input line copied, the prediction encoded
+                lines = [
+                    _OPEN[e.label] + e.raw + b',"prediction":' + codec.dumps(e.prediction) + b"}"
+                    if e.raw is not None and e.error is None
+                    else _format(e, options)
+                    for e in entries
+                ]
+            else:
+                lines = [_format(e, options) for e in entries]
             lines.append(b"")
             out.write(b"\n".join(lines))
-            batch.entries.clear()
-            batch.to_predict = batch.nbytes = 0
 
         for raw in store.read_lines(f):
             counts.lines += 1
@@ -329,20 +336,18 @@ def _run_file(
             if not raw or raw.isspace():
                 counts.skipped += 1
                 continue
-            counts.instances += 1
-            entry = _parse_line(raw, counts.lines, options, plain)
-            batch.entries.append(entry)
-            if entry.error is None:
-                batch.to_predict += 1
-                batch.nbytes += len(raw)
-            if batch.to_predict >= batch_size or batch.nbytes >= max_batch_bytes:
+            pending.append((counts.lines, raw))
+            pending_bytes += len(raw)
+            if len(pending) >= batch_size or pending_bytes >= max_batch_bytes:
                 flush()
+                pending.clear()
+                pending_bytes = 0
                 if progress:
                     progress(f, counts.lines, bytes_read)
                 if time.monotonic() - last_log >= PROGRESS_LOG_INTERVAL_S:
                     last_log = time.monotonic()
                     log.info("%s: %d lines, %d/%d bytes", f.uri, counts.lines, bytes_read, f.size)
-        if batch.entries:
+        if pending:
             flush()
         if progress:
             progress(f, counts.lines, bytes_read)
@@ -353,13 +358,12 @@ def _run_file(
     return result
 
 
-def _parse_line(raw: bytes, lineno: int, options: Options, plain: bool) -> _Entry:
-    """`plain`: no key_field or *_fields option, so the output echoes the instance as it is."""
-    try:
-        value, strict = codec.parse(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        return _Entry(raw.decode("utf-8", errors="replace"), error=f"line {lineno} is not valid JSON: {e}")
-    if plain:
+def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, options: Options) -> _Entry:
+    """The entry of a line that is not valid JSON, or of an instance under key/fields options."""
+    if isinstance(parsed, ValueError):
+        return _Entry(raw.decode("utf-8", errors="replace"), error=f"line {lineno} is not valid JSON: {parsed}")
+    value, strict = parsed
+    if options.key_field is None and options.included_fields is None and options.excluded_fields is None:
         return _Entry(value, feed=value, raw=raw.strip() if strict else None)
     shown: Any = value
     if options.key_field is not None:

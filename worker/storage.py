@@ -17,7 +17,7 @@ import queue
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any
@@ -156,17 +156,15 @@ class GcsStore:
         )
 
     def read_lines(self, f: InputFile) -> Iterator[bytes]:
-        """Yield the object's lines without their line ending, reading it in bounded chunks.
+        """Yield the object's lines without their line ending, reading it in bounded chunks, the
+        next chunk downloaded in a thread while this one is processed.
 
         The generation read at listing time is pinned, so a file replaced mid-job is not mixed.
         """
         blob = self._client.bucket(f.uri.bucket).blob(f.uri.path, generation=f.generation or None)
         with translate_errors(f"reading input {f.uri}"), blob.open("rb", chunk_size=READ_CHUNK_BYTES) as reader:
             pending = b""
-            while True:
-                chunk = reader.read(READ_CHUNK_BYTES)
-                if not chunk:
-                    break
+            for chunk in _prefetched(lambda: reader.read(READ_CHUNK_BYTES), name=f"download {f.uri}"):
                 lines = (pending + chunk).split(b"\n")
                 pending = lines.pop()
                 for line in lines:
@@ -325,6 +323,46 @@ class GcsStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return LocalModel(folder, version, dest, fingerprint)
+
+
+def _prefetched(read: Callable[[], bytes], *, name: str, depth: int = 1) -> Iterator[bytes]:
+    """The chunks `read()` returns until it returns b"", read by a thread up to `depth` ahead.
+    Its errors are raised here; when the consumer stops early the thread stops after its read."""
+    ready: queue.Queue[tuple[bytes, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: tuple[bytes, BaseException | None]) -> None:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def pump() -> None:
+        while not stop.is_set():
+            try:
+                chunk = read()
+            except BaseException as e:  # handed to the consumer's thread
+                offer((b"", e))
+                return
+            offer((chunk, None))
+            if not chunk:
+                return
+
+    thread = threading.Thread(target=pump, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            chunk, error = ready.get()
+            if error is not None:
+                raise error
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        stop.set()
+        thread.join()
 
 
 class BackgroundWriter:

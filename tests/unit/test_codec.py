@@ -64,3 +64,27 @@ def test_non_utf8_and_bom_fall_back_or_fail_like_json():
 
 def test_a_real_null_stays_null_and_nan_becomes_a_string():
     assert codec.dumps({"a": None, "b": [float("nan"), float("-inf")]}) == b'{"a":null,"b":["NaN","-Infinity"]}'
+
+
+lines = st.lists(
+    st.one_of(
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.sampled_from([b"[1", b"2]", b"1,2", b"", b"{", b'"\xff"', b"NaN", b"12345678901234567890", b"[1] x"]),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines)
+def test_parse_many_answers_line_by_line_as_parse_does(batch):
+    got = codec.parse_many(batch)
+    assert len(got) == len(batch)
+    for raw, answer in zip(batch, got, strict=True):
+        try:
+            want = codec.parse(raw)
+        except ValueError:
+            assert isinstance(answer, ValueError)
+            continue
+        assert not isinstance(answer, ValueError)
+        assert _finite_equal(answer[0], want[0]) and answer[1] == want[1]
