@@ -28,8 +28,8 @@ test: setup lint lint-deploy
 	PYTHONPATH=. $(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check worker localdev tests
-	$(VENV)/bin/ruff format --check worker localdev tests
+	$(VENV)/bin/ruff check worker localdev tests benchmarks
+	$(VENV)/bin/ruff format --check worker localdev tests benchmarks
 	$(VENV)/bin/mypy
 
 # The Dockerfile and infra/ cannot be built or applied here: lint them instead.

@@ -1,6 +1,7 @@
 """Small SavedModels built with TensorFlow, for the demo, the tests and the benchmarks.
 
 - `mlp`: x float32[?,16] → one output (3 scores); deterministic weights.
+- `dense` (benchmarks only, not in BUILDERS): the same signature through three dense layers of 1024 units.
 - `two_io`: inputs a float32[?,4] and b int64[?] → outputs total float32[?], ratio float32[?]
   (ratio = sum(a)/b: Infinity when b is 0, NaN when both are 0).
 - `strings`: text string[?] → length int32[?] and upper_bytes string[?] (base64 in TF Serving JSON).
@@ -8,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -24,26 +26,37 @@ def _tf() -> Any:
     return tf
 
 
-def build_mlp(path: str | Path, *, width: int = 32, features: int = 16, outputs: int = 3, seed: int = 7) -> Path:
+def build_mlp(
+    path: str | Path, *, hidden: tuple[int, ...] = (32,), features: int = 16, outputs: int = 3, seed: int = 7
+) -> Path:
+    """x float32[?,features] → relu dense layers of `hidden` units → softmax `scores` [?,outputs]."""
     tf = _tf()
     rng = np.random.default_rng(seed)
+    sizes = [features, *hidden, outputs]
 
     class Mlp(tf.Module):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__()
-            self.w1 = tf.Variable(rng.normal(0, 0.3, (features, width)).astype("float32"))
-            self.b1 = tf.Variable(rng.normal(0, 0.1, (width,)).astype("float32"))
-            self.w2 = tf.Variable(rng.normal(0, 0.3, (width, outputs)).astype("float32"))
-            self.b2 = tf.Variable(rng.normal(0, 0.1, (outputs,)).astype("float32"))
+            self.weights = [
+                tf.Variable(rng.normal(0, (2 / n_in) ** 0.5, (n_in, n_out)).astype("float32"))
+                for n_in, n_out in itertools.pairwise(sizes)
+            ]
+            self.biases = [tf.Variable(rng.normal(0, 0.1, (n,)).astype("float32")) for n in sizes[1:]]
 
         @tf.function(input_signature=[tf.TensorSpec([None, features], tf.float32, name="x")])
         def serve(self, x: Any) -> Any:
-            hidden = tf.nn.relu(tf.matmul(x, self.w1) + self.b1)
-            return {"scores": tf.nn.softmax(tf.matmul(hidden, self.w2) + self.b2)}
+            for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
+                x = tf.nn.relu(tf.matmul(x, w) + b)
+            return {"scores": tf.nn.softmax(tf.matmul(x, self.weights[-1]) + self.biases[-1])}
 
     module = Mlp()
     tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
     return Path(path)
+
+
+def build_dense(path: str | Path) -> Path:
+    """The bigger model of the benchmarks: 16 floats → three dense layers of 1024 units → 3 scores."""
+    return build_mlp(path, hidden=(1024, 1024, 1024))
 
 
 def build_two_io(path: str | Path) -> Path:

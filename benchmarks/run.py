@@ -1,0 +1,541 @@
+"""Benchmarks: the worker side by side with the raw model and with the original tool's approach.
+
+    PYTHONPATH=. .venv/bin/python -m benchmarks.run            # the full run (about 30 minutes)
+    PYTHONPATH=. .venv/bin/python -m benchmarks.run --quick    # a smoke run (about 2 minutes)
+
+Against local fake-gcs-server, on generated JSON lines of 16 floats, for each model it measures:
+
+1. limit   — the SavedModel signature called in-process on pre-built tensors, per batch size;
+2. floor   — parse lines → predict → encode lines, in this process, memory to memory;
+3. worker  — end to end through an event (functions-framework, model warm) and through the CLI
+             (a new process: TensorFlow import and model load included): instances/s and the peak
+             RSS of the whole process tree; the time from event to completed 10-line job, cold
+             (new process) and warm;
+4. original — the original tool's approach (benchmarks/original.py) against the TF Serving
+             stand-in: whole file in memory, one request per file; where it breaks, why.
+
+Every figure is a median over --repeat runs; ratios are taken between figures of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import requests
+
+from benchmarks.measure import RssSampler, Stopwatch, human, median, parse_size, write_input
+from localdev import emulators, models
+
+REPO = Path(__file__).resolve().parent.parent
+FEATURES = 16
+MODELS = {"mlp": models.build_mlp, "dense": models.build_dense}
+MODEL_TEXT = {"mlp": "16→32→3 MLP", "dense": "16→3×1024→3 dense"}
+
+
+@dataclass
+class Config:
+    models: list[str]
+    sizes: list[int]
+    batch_sizes: list[int]
+    batch_size: int
+    repeat: int
+    tree_files: int
+    original_timeout_s: float
+    original_cap: int
+    floor_bytes: int
+
+
+@dataclass
+class Env:
+    gcs_host: str
+    client: Any
+    tmp: Path
+    model_dirs: dict[str, Path] = field(default_factory=dict)
+    inputs: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # label → (uri, lines, bytes)
+
+
+def say(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def child_env(env: Env, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "STORAGE_EMULATOR_HOST": env.gcs_host,
+        "GOOGLE_CLOUD_PROJECT": "bench",
+        "WORKER_LOG_LEVEL": "WARNING",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **extra,
+    }
+
+
+# -- setup ----------------------------------------------------------------------------------------
+
+
+def prepare(env: Env, cfg: Config) -> None:
+    for name in ("bench-models", "bench-data"):
+        env.client.create_bucket(name)
+    for name in cfg.models:
+        say(f"building model {name} ({MODEL_TEXT[name]})")
+        path = MODELS[name](env.tmp / "models" / name)
+        env.model_dirs[name] = path
+        models.upload_folder(env.client, path, "bench-models", f"{name}/1")
+    data = env.client.bucket("bench-data")
+    small = env.tmp / "small.jsonl"
+    lines = write_input(small, 10 * 140, features=FEATURES)
+    small_lines = b"".join(small.read_bytes().splitlines(keepends=True)[:10])
+    data.blob("in/10lines.jsonl").upload_from_string(small_lines)
+    env.inputs["10 lines"] = ("gs://bench-data/in/10lines.jsonl", 10, len(small_lines))
+    for size in cfg.sizes:
+        label = human(size)
+        path = env.tmp / f"{label}.jsonl"
+        say(f"generating and uploading {label} of JSON lines")
+        lines = write_input(path, size, features=FEATURES)
+        data.blob(f"in/{label}.jsonl").upload_from_filename(str(path), content_type="application/jsonl")
+        env.inputs[label] = (f"gs://bench-data/in/{label}.jsonl", lines, path.stat().st_size)
+        if size == min(cfg.sizes) and cfg.tree_files > 1:
+            all_lines = path.read_bytes().splitlines(keepends=True)
+            per = -(-len(all_lines) // cfg.tree_files)
+            for i in range(cfg.tree_files):
+                part = b"".join(all_lines[i * per : (i + 1) * per])
+                data.blob(f"tree/{label}/d{i % 10}/part-{i:04d}.jsonl").upload_from_string(part)
+            env.inputs[f"{label} in {cfg.tree_files} files"] = (
+                f"gs://bench-data/tree/{label}/",
+                len(all_lines),
+                path.stat().st_size,
+            )
+        if size != min(cfg.sizes):
+            path.unlink()
+
+
+def delete_prefix(env: Env, uri: str) -> None:
+    bucket, _, prefix = uri.removeprefix("gs://").partition("/")
+    for blob in env.client.list_blobs(bucket, prefix=prefix):
+        blob.delete()
+
+
+# -- 1 and 2: limit and floor -----------------------------------------------------------------------
+
+
+def _signature(model_dir: Path) -> Any:
+    import tensorflow as tf
+
+    return tf, tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+
+
+def limit(model_dir: Path, batch: int, repeat: int, min_instances: int = 50_000) -> float:
+    """Instances/s of the signature on pre-built float32 tensors of `batch` rows."""
+    tf, fn = _signature(model_dir)
+    x = tf.constant(np.random.default_rng(1).normal(0, 1, (batch, FEATURES)).astype(np.float32))
+    fn(x=x)
+    calls = max(1, min_instances // batch)
+    rates = []
+    for _ in range(repeat):
+        clock = Stopwatch()
+        for _ in range(calls):
+            fn(x=x)["scores"].numpy()
+        rates.append(calls * batch / clock.elapsed)
+    return median(rates)
+
+
+def floor(model_dir: Path, lines: list[bytes], batch: int, repeat: int) -> float:
+    """Instances/s of parse → predict → encode over `lines` in memory, with the fastest codec
+    here (orjson) and the input line copied into the output line: the same output lines the
+    worker writes, with nothing else (no I/O, no accounting, no error handling)."""
+    tf, fn = _signature(model_dir)
+    rates = []
+    for _ in range(repeat):
+        clock = Stopwatch()
+        out = []
+        for i in range(0, len(lines), batch):
+            chunk = lines[i : i + batch]
+            instances = [orjson.loads(line) for line in chunk]
+            scores = fn(x=tf.constant(np.asarray(instances, dtype=np.float32)))["scores"].numpy().tolist()
+            out.append(
+                b"".join(
+                    b'{"instance":' + line + b',"prediction":' + orjson.dumps(p) + b"}\n"
+                    for line, p in zip(chunk, scores, strict=True)
+                )
+            )
+        rates.append(len(lines) / clock.elapsed)
+    return median(rates)
+
+
+# -- 3: the worker ------------------------------------------------------------------------------------
+
+
+def post_job(url: str, job: dict[str, Any], timeout_s: float = 3600) -> requests.Response:
+    """A Pub/Sub messagePublished CloudEvent in binary mode, as Eventarc delivers it."""
+    message_id = uuid.uuid4().hex[:16]
+    body = {
+        "message": {"data": base64.b64encode(json.dumps(job).encode()).decode(), "messageId": message_id},
+        "subscription": "projects/bench/subscriptions/jobs",
+    }
+    headers = {
+        "ce-id": message_id,
+        "ce-specversion": "1.0",
+        "ce-type": "google.cloud.pubsub.topic.v1.messagePublished",
+        "ce-source": "//pubsub.googleapis.com/projects/bench/topics/jobs",
+        "Content-Type": "application/json",
+    }
+    r = requests.post(url + "/", json=body, headers=headers, timeout=timeout_s)
+    if r.status_code != 200:
+        raise RuntimeError(f"worker answered {r.status_code}: {r.text[:500]}")
+    return r
+
+
+def read_manifest(env: Env, output: str) -> dict[str, Any]:
+    bucket, _, prefix = output.removeprefix("gs://").partition("/")
+    manifest: dict[str, Any] = json.loads(env.client.bucket(bucket).blob(prefix + "_manifest.json").download_as_bytes())
+    if manifest["status"] != "SUCCEEDED":
+        raise RuntimeError(f"job {manifest['job_id']} {manifest['status']}: {manifest.get('error')}")
+    return manifest
+
+
+@dataclass
+class Run:
+    seconds: float
+    instances: int
+    peak_rss: int
+
+    @property
+    def rate(self) -> float:
+        return self.instances / self.seconds
+
+
+def _median_run(runs: list[Run]) -> Run:
+    runs = sorted(runs, key=lambda r: r.seconds)
+    mid = runs[len(runs) // 2]
+    return Run(mid.seconds, mid.instances, int(median(r.peak_rss for r in runs)))
+
+
+def worker_event_runs(env: Env, cfg: Config, model: str, backend: str) -> dict[str, Any]:
+    """Cold and warm latency on 10 lines, then every input through events to one warm worker."""
+    results: dict[str, Any] = {}
+    worker_env = child_env(
+        env,
+        WORKER_SERVING=backend,
+        WORKER_WORK_DIR=str(env.tmp / f"work-{model}-{backend}"),
+        WORKER_BATCH_SIZE=str(cfg.batch_size),
+        WORKER_MODEL_SERVER=f"{sys.executable} -m localdev.tfserving_standin",
+    )
+    small_uri = env.inputs["10 lines"][0]
+    model_uri = f"gs://bench-models/{model}/"
+    cold = []
+    for _ in range(cfg.repeat):
+        clock = Stopwatch()
+        service, url = emulators.start_worker(worker_env, threads=2)
+        try:
+            out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+            post_job(url, {"model": model_uri, "input": small_uri, "output": out})
+            cold.append(clock.elapsed)
+        finally:
+            service.stop()
+    results["cold_s"] = median(cold)
+
+    service, url = emulators.start_worker(worker_env, threads=2)
+    try:
+        assert service.proc is not None
+        post_job(url, {"model": model_uri, "input": small_uri, "output": f"gs://bench-data/out/{uuid.uuid4().hex}/"})
+        warm = []
+        for _ in range(max(cfg.repeat, 5)):
+            out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+            clock = Stopwatch()
+            post_job(url, {"model": model_uri, "input": small_uri, "output": out})
+            warm.append(clock.elapsed)
+        results["warm_s"] = median(warm)
+        for label, (uri, _, size) in env.inputs.items():
+            if label == "10 lines":
+                continue
+            runs = []
+            for _ in range(cfg.repeat if size < 2**30 else 1):
+                out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+                with RssSampler([service.proc.pid]) as rss:
+                    clock = Stopwatch()
+                    post_job(url, {"model": model_uri, "input": uri, "output": out})
+                    seconds = clock.elapsed
+                manifest = read_manifest(env, out)
+                runs.append(Run(seconds, manifest["totals"]["predictions"], rss.peak))
+                delete_prefix(env, out)
+            results[label] = _median_run(runs)
+            say(f"  event/{backend} {model} {label}: {results[label].rate:,.0f} instances/s")
+    finally:
+        service.stop()
+    return results
+
+
+def worker_cli_runs(env: Env, cfg: Config, model: str) -> dict[str, Run]:
+    results: dict[str, Run] = {}
+    for label, (uri, _, size) in env.inputs.items():
+        if label == "10 lines" or " in " in label:
+            continue
+        runs = []
+        for _ in range(cfg.repeat if size < 2**30 else 1):
+            out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+            argv = [sys.executable, "-m", "worker", "run", "--model", f"gs://bench-models/{model}/"]
+            argv += ["--input", uri, "--output", out, "--no-publish", "--quiet", "--batch-size", str(cfg.batch_size)]
+            work = str(env.tmp / f"cli-{uuid.uuid4().hex}")
+            clock = Stopwatch()
+            proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=child_env(env, WORKER_SERVING="tensorflow", WORKER_WORK_DIR=work),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            with RssSampler([proc.pid]) as rss:
+                stdout, stderr = proc.communicate()
+            seconds = clock.elapsed
+            if proc.returncode != 0:
+                raise RuntimeError(f"worker CLI exited {proc.returncode}: {stderr.decode()[-2000:]}")
+            manifest = json.loads(stdout)
+            runs.append(Run(seconds, manifest["totals"]["predictions"], rss.peak))
+            delete_prefix(env, out)
+        results[label] = _median_run(runs)
+        say(f"  cli {model} {label}: {results[label].rate:,.0f} instances/s")
+    return results
+
+
+# -- 4: the original approach -------------------------------------------------------------------------
+
+
+def original_runs(env: Env, cfg: Config, model: str) -> dict[str, Run | str]:
+    results: dict[str, Run | str] = {}
+    base = env.tmp / f"standin-{model}"
+    base.mkdir(exist_ok=True)
+    if not (base / "1").exists():
+        (base / "1").symlink_to(env.model_dirs[model])
+    port = emulators.free_port()
+    argv = [sys.executable, "-m", "localdev.tfserving_standin", f"--rest_api_port={port}"]
+    argv += ["--model_name=model", f"--model_base_path={base}"]
+
+    def ready() -> bool:
+        r = requests.get(f"http://127.0.0.1:{port}/v1/models/model", timeout=2)
+        return "AVAILABLE" in r.text
+
+    for label, (uri, _, size) in env.inputs.items():
+        if label == "10 lines":
+            continue
+        server = emulators.Service(f"standin-{model}", argv, env=child_env(env), cwd=str(REPO), ready=ready)
+        server.start()
+        runs: list[Run] = []
+        broke = ""
+        try:
+            for _ in range(cfg.repeat if size < 2**30 else 1):
+                out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+                client_argv = [sys.executable, "-m", "benchmarks.original"]
+                client_argv += ["--url", f"http://127.0.0.1:{port}/v1/models/model:predict"]
+                client_argv += ["--input", uri, "--output", out, "--timeout", str(cfg.original_timeout_s)]
+                clock = Stopwatch()
+                proc = subprocess.Popen(
+                    client_argv, cwd=REPO, env=child_env(env), stdout=subprocess.PIPE, start_new_session=True
+                )
+                assert server.proc is not None
+                with RssSampler([proc.pid, server.proc.pid], cap_bytes=cfg.original_cap) as rss:
+                    stdout, _ = proc.communicate()
+                seconds = clock.elapsed
+                delete_prefix(env, out)
+                if rss.capped:
+                    broke = f"memory: over {human(cfg.original_cap)} after {seconds:.0f} s"
+                    break
+                answer = json.loads(stdout or b"{}")
+                if proc.returncode != 0:
+                    broke = str(answer.get("error", f"exit {proc.returncode}"))
+                    break
+                runs.append(Run(seconds, answer["instances"], rss.peak))
+        finally:
+            server.stop()
+        results[label] = broke or _median_run(runs)
+        say(f"  original {model} {label}: {broke or f'{_median_run(runs).rate:,.0f} instances/s'}")
+    return results
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+
+def tensorflow_import_s(repeat: int) -> float:
+    code = "import time; t = time.perf_counter(); import tensorflow; print(time.perf_counter() - t)"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return median(
+        float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout)
+        for _ in range(repeat)
+    )
+
+
+def model_download_s(env: Env, model: str) -> float:
+    clock = Stopwatch()
+    for blob in env.client.list_blobs("bench-models", prefix=f"{model}/"):
+        blob.download_as_bytes()
+    return clock.elapsed
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def rate(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB"
+
+
+def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
+    out = []
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "?")
+    out.append(f"Machine: {os.cpu_count()} CPUs ({cpu}); TensorFlow import {results['tf_import_s']:.1f} s.")
+    out.append(f"Batch size {cfg.batch_size}; medians of {cfg.repeat} runs (1 run at 1 GB).\n")
+    for model in cfg.models:
+        r = results[model]
+        out.append(f"### {model} ({MODEL_TEXT[model]})\n")
+        out.append("Batch curve (instances/s):\n")
+        out.append(
+            table(
+                ["batch", "limit: signature on tensors", "floor: parse → predict → encode"],
+                [[str(b), rate(r["limit"][b]), rate(r["floor"][b])] for b in cfg.batch_sizes],
+            )
+        )
+        fl = r["floor"][cfg.batch_size]
+        rows = []
+        for label, (_, lines, _size) in env.inputs.items():
+            if label == "10 lines":
+                continue
+            ev: Run = r["event"][label]
+            cli: Run | None = r["cli"].get(label)
+            orig = r["original"].get(label)
+            row = [f"{label} ({lines:,} lines)", rate(ev.rate), f"{ev.rate / fl:.2f}", mb(ev.peak_rss)]
+            row += [rate(cli.rate), mb(cli.peak_rss)] if cli else ["—", "—"]
+            if isinstance(orig, Run):
+                row += [rate(orig.rate), mb(orig.peak_rss), f"{ev.rate / orig.rate:.1f}×"]
+            else:
+                row += [f"breaks: {orig}", "—", "—"]
+            rows.append(row)
+        out.append("\nEnd to end (instances/s; the floor at this batch size is " + rate(fl) + "):\n")
+        out.append(
+            table(
+                [
+                    "input",
+                    "worker, event (warm)",
+                    "÷ floor",
+                    "peak RSS",
+                    "worker, CLI (cold)",
+                    "peak RSS",
+                    "original approach",
+                    "peak RSS",
+                    "worker ÷ original",
+                ],
+                rows,
+            )
+        )
+        labels = [lb for lb in env.inputs if lb != "10 lines" and " in " not in lb]
+        if len(labels) > 1:
+            growth = r["event"][labels[-1]].peak_rss - r["event"][labels[0]].peak_rss
+            out.append(f"\nPeak RSS growth from {labels[0]} to {labels[-1]} (event): {mb(growth)}.")
+        budget = results["tf_import_s"] + r["download_s"] + 1
+        out.append(
+            f"Event → 10-line job done: warm {r['event']['warm_s'] * 1000:.0f} ms; cold (new process) "
+            f"{r['event']['cold_s']:.1f} s against TensorFlow import + model download + 1 s = {budget:.1f} s.\n"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="mlp, 1MB and 4MB, one run each: a smoke test")
+    parser.add_argument("--models", help="comma-separated: mlp, dense (default: both; --quick: mlp)")
+    parser.add_argument("--sizes", help="input sizes (default: 10MB,100MB,1GB; --quick: 1MB,4MB)")
+    parser.add_argument("--batch-size", type=int, default=256, help="the worker's batch size (default: 256)")
+    parser.add_argument("--batch-sizes", help="batch curve for limit and floor (default: 16,64,256,1024)")
+    parser.add_argument("--repeat", type=int, help="runs per figure; medians are reported (default: 3; --quick: 1)")
+    parser.add_argument("--tree-files", type=int, help="files in the tree input (smallest size; default: 100)")
+    parser.add_argument("--original-timeout", type=float, default=30.0, help="REST timeout of the original (30 s)")
+    parser.add_argument("--original-cap", default="8GB", help="kill the original approach above this RSS (8GB)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    defaults = (
+        {"models": "mlp", "sizes": "1MB,4MB", "batch_sizes": "64,256", "repeat": 1, "tree_files": 10}
+        if args.quick
+        else {"models": "mlp,dense", "sizes": "10MB,100MB,1GB", "batch_sizes": "16,64,256,1024", "repeat": 3,
+              "tree_files": 100}
+    )  # fmt: skip
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    cfg = Config(
+        models=[m for m in args.models.split(",") if m],
+        sizes=sorted(parse_size(s) for s in args.sizes.split(",")),
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        batch_size=args.batch_size,
+        repeat=args.repeat,
+        tree_files=args.tree_files,
+        original_timeout_s=args.original_timeout,
+        original_cap=parse_size(args.original_cap),
+        floor_bytes=min(parse_size("10MB"), min(parse_size(s) for s in args.sizes.split(","))),
+    )
+    unknown = [m for m in cfg.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}: choose from {sorted(MODELS)}")
+    if cfg.batch_size not in cfg.batch_sizes:
+        cfg.batch_sizes = sorted({*cfg.batch_sizes, cfg.batch_size})
+
+    say("starting fake-gcs-server")
+    gcs, gcs_host = emulators.start_fake_gcs()
+    try:
+        os.environ["STORAGE_EMULATOR_HOST"] = gcs_host
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        client = storage.Client(project="bench", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
+        with tempfile.TemporaryDirectory(prefix="embedded-tf-bench-") as tmp:
+            env = Env(gcs_host=gcs_host, client=client, tmp=Path(tmp))
+            prepare(env, cfg)
+            results: dict[str, Any] = {"tf_import_s": tensorflow_import_s(cfg.repeat)}
+            smallest = env.tmp / f"{human(min(cfg.sizes))}.jsonl"
+            floor_lines = smallest.read_bytes()[: cfg.floor_bytes].splitlines()
+            floor_lines = [line for line in floor_lines if line.endswith(b"]")]
+            for model in cfg.models:
+                say(f"model {model}: limit and floor")
+                r: dict[str, Any] = {"limit": {}, "floor": {}}
+                for b in cfg.batch_sizes:
+                    r["limit"][b] = limit(env.model_dirs[model], b, cfg.repeat)
+                    r["floor"][b] = floor(env.model_dirs[model], floor_lines, b, cfg.repeat)
+                r["download_s"] = model_download_s(env, model)
+                say(f"model {model}: the worker through events")
+                r["event"] = worker_event_runs(env, cfg, model, "tensorflow")
+                say(f"model {model}: the worker through its CLI")
+                r["cli"] = worker_cli_runs(env, cfg, model)
+                say(f"model {model}: the original approach")
+                r["original"] = original_runs(env, cfg, model)
+                results[model] = r
+            text = report(cfg, env, results)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, default=lambda o: o.__dict__, indent=2))
+    finally:
+        gcs.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
