@@ -183,6 +183,11 @@ class Handler(BaseHTTPRequestHandler):
 
 def _rows_from_columns(inputs: Any, names: list[str]) -> list[Any]:
     if isinstance(inputs, dict) and len(names) > 1:
+        if set(inputs) != set(names):
+            raise ValueError(
+                f"this model takes named inputs {names}: 'inputs' must be an object with exactly those keys, "
+                f"got {sorted(inputs)}"
+            )
         columns = [inputs[n] for n in names]
         return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
     if isinstance(inputs, dict) and set(inputs) == set(names):

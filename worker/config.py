@@ -49,6 +49,11 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
         "More flags for it, e.g. --tensorflow_intra_op_parallelism=2 or "
         "--enable_batching --batching_parameters_file=PATH.",
     ),
+    (
+        "WORKER_REQUEST_FORMAT",
+        "request_format",
+        'How batches are sent to TensorFlow Serving: row ({"instances": …}) or columnar ({"inputs": …}).',
+    ),
     ("WORKER_SERVER_START_SECONDS", "server_start_seconds", "How long a model server may take to load a model."),
     ("WORKER_PREDICT_TIMEOUT_SECONDS", "predict_timeout_seconds", "Longest a model server may take on one batch."),
     ("WORKER_MAX_MODELS", "max_models", "Models kept loaded (with their servers and local files) between jobs."),
@@ -56,6 +61,7 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
 )
 
 SERVING_CHOICES = ("auto", "tfserving", "tensorflow")
+REQUEST_FORMATS = ("row", "columnar")
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class Settings:
     serving: str = "auto"
     model_server: str = "tensorflow_model_server"
     model_server_args: str = ""
+    request_format: str = "row"
     server_start_seconds: int = 300
     predict_timeout_seconds: int = 300
     max_models: int = 2
@@ -101,6 +108,10 @@ class Settings:
             raise ValueError(f"WORKER_LOG_LEVEL={settings.log_level!r} is not a log level")
         if settings.serving not in SERVING_CHOICES:
             raise ValueError(f"WORKER_SERVING={settings.serving!r} is not one of {', '.join(SERVING_CHOICES)}")
+        if settings.request_format not in REQUEST_FORMATS:
+            raise ValueError(
+                f"WORKER_REQUEST_FORMAT={settings.request_format!r} is not one of {', '.join(REQUEST_FORMATS)}"
+            )
         return settings
 
     @property

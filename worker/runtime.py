@@ -80,6 +80,7 @@ def make_loader(settings: Settings, stats: ServingStats) -> Callable[[str, str],
     config = ServerConfig(
         command=settings.model_server,
         extra_args=settings.model_server_args,
+        request_format=settings.request_format,
         start_timeout_s=float(settings.server_start_seconds),
         predict_timeout_s=float(settings.predict_timeout_seconds),
         work_dir=settings.work_dir,

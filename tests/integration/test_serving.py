@@ -69,7 +69,7 @@ def _server_processes(marker: str) -> list[int]:
     return pids
 
 
-def test_both_backends_write_the_same_lines(make_runtime, storage_client, bucket, model_uris):
+def test_both_backends_and_both_request_formats_write_the_same_lines(make_runtime, storage_client, bucket, model_uris):
     good = models.mlp_instances(64, seed=7)
     wrong_shape = [json.dumps(i) for i in good]
     wrong_shape[10] = json.dumps(good[10][:3])
@@ -85,25 +85,33 @@ def test_both_backends_write_the_same_lines(make_runtime, storage_client, bucket
     write_lines(storage_client, f"gs://{bucket}/text.jsonl", [json.dumps("abc"), json.dumps({"b64": "/3o="})])
 
     outputs: dict[str, list[Any]] = {}
-    for serving in ("tensorflow", "tfserving"):
-        rt = make_runtime(serving)
-        out = f"gs://{bucket}/{serving}"
+    for serving, request_format in (("tensorflow", "row"), ("tfserving", "row"), ("tfserving", "columnar")):
+        rt = make_runtime(serving, request_format=request_format)
+        out = f"gs://{bucket}/{serving}-{request_format}"
         mlp = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/mlp/", f"{out}/mlp/"))
         assert mlp.status == "PARTIALLY_SUCCEEDED"
         # One bad instance inside a batch of 64 costs one error line; 63 predictions each.
         assert [(f["predictions"], f["errors"]) for f in mlp.manifest["files"]] == [(63, 1), (63, 1)]
         rt.run_job(_job(model_uris["two_io"], f"gs://{bucket}/two.jsonl", f"{out}/two/"))
         rt.run_job(_job(model_uris["strings"], f"gs://{bucket}/text.jsonl", f"{out}/text/"))
-        outputs[serving] = [
+        outputs[f"{serving}-{request_format}"] = [
             read_lines(storage_client, f"{out}/{name}")
             for name in ("mlp/dtype.jsonl", "mlp/shape.jsonl", "two/two.jsonl", "text/text.jsonl")
         ]
-    assert outputs["tfserving"] == outputs["tensorflow"]
-    dtype_lines, shape_lines, two_lines, _ = outputs["tfserving"]
+    assert outputs["tfserving-row"] == outputs["tensorflow-row"]
+    # Columnar requests: the same predictions; the bad instances are error lines too, with the
+    # server's message for a columnar request.
+    assert _without_messages(outputs["tfserving-columnar"]) == _without_messages(outputs["tensorflow-row"])
+    assert "named inputs ['a', 'b']" in outputs["tfserving-columnar"][2][2]["error"]["message"]
+    dtype_lines, shape_lines, two_lines, _ = outputs["tfserving-row"]
     assert "expects instances of shape [16], got [3]" in shape_lines[10]["error"]["message"]
     assert "expects float32 numbers" in dtype_lines[40]["error"]["message"]
     assert two_lines[1]["prediction"] == {"ratio": "NaN", "total": 0.0}  # the server's bare NaN, made strict
     assert "error" in two_lines[2]
+
+
+def _without_messages(files: list[list[Any]]) -> list[list[Any]]:
+    return [[{**line, "error": "…"} if "error" in line else line for line in lines] for lines in files]
 
 
 def test_a_server_killed_mid_job_is_restarted_and_every_line_written_once(

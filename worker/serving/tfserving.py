@@ -48,6 +48,7 @@ def _free_port() -> int:
 class ServerConfig:
     command: str = "tensorflow_model_server"  # program and leading arguments (shell-split)
     extra_args: str = ""  # more flags: batching, threads…
+    request_format: str = "row"  # or "columnar": {"inputs": …} instead of {"instances": …}
     start_timeout_s: float = 300.0
     predict_timeout_s: float = 300.0
     work_dir: str = field(default_factory=tempfile.gettempdir)
@@ -77,7 +78,7 @@ class ModelServer:
     def __init__(
         self, config: ServerConfig, model_path: str, *, description: str, on_start: Callable[[], None] | None = None
     ) -> None:
-        self._config = config
+        self.config = config
         self.description = description
         self._on_start = on_start
         self._root = tempfile.mkdtemp(prefix="tfserving-", dir=_ensure(os.path.join(config.work_dir, "servers")))
@@ -95,7 +96,7 @@ class ModelServer:
     def start(self) -> None:
         with self._lock:
             rest_port = _free_port()
-            argv = self._config.argv(grpc_port=_free_port(), rest_port=rest_port, base_path=self.base_path)
+            argv = self.config.argv(grpc_port=_free_port(), rest_port=rest_port, base_path=self.base_path)
             log.info("starting model server for %s: %s", self.description, shlex.join(argv))
             self._tail.clear()
             try:
@@ -128,7 +129,7 @@ class ModelServer:
 
     def _wait_ready(self) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + self._config.start_timeout_s
+        deadline = time.monotonic() + self.config.start_timeout_s
         while True:
             code = self.proc.poll()
             if code is not None:
@@ -154,7 +155,7 @@ class ModelServer:
             if time.monotonic() > deadline:
                 raise TransientError(
                     f"the model server did not make {self.description} available within "
-                    f"{self._config.start_timeout_s:.0f}s:\n{self.tail()}"
+                    f"{self.config.start_timeout_s:.0f}s:\n{self.tail()}"
                 )
             time.sleep(0.1)
 
@@ -208,7 +209,7 @@ class ModelServer:
                     url + suffix,
                     data=None if body is None else codec.dumps_request(body),
                     headers={"Content-Type": "application/json"},
-                    timeout=(10, self._config.predict_timeout_s + 10),
+                    timeout=(10, self.config.predict_timeout_s + 10),
                 )
                 if r.status_code < 500:
                     return r
@@ -283,28 +284,64 @@ class TFServingModel:
                 f"model {self.server.description} has no signature {signature_name!r}; it has "
                 f"{', '.join(names) or 'none'} — set options.signature_name"
             )
-        return RestPredictor(self.server, signature_name)
+        return RestPredictor(self.server, signature_name, columnar=self.server.config.request_format == "columnar")
 
     def close(self) -> None:
         self.server.close()
 
 
 class RestPredictor:
-    """`Predictor` over TF Serving's REST predict API, row format."""
+    """`Predictor` over TF Serving's REST predict API: row format (`instances` → `predictions`),
+    or with `columnar` the columnar format (`inputs` → `outputs`), answered as rows either way."""
 
-    def __init__(self, server: ModelServer, signature_name: str) -> None:
+    def __init__(self, server: ModelServer, signature_name: str, *, columnar: bool = False) -> None:
         self._server = server
         self._signature_name = signature_name
+        self._columnar = columnar
 
     def predict(self, instances: list[Any]) -> list[Any]:
-        body = {"signature_name": self._signature_name, "instances": instances}
+        columns = _columns(instances) if self._columnar else None
+        if columns is None:
+            predictions: list[Any] = self._call(
+                {"signature_name": self._signature_name, "instances": instances}, "predictions"
+            )
+            return predictions
+        outputs = self._call({"signature_name": self._signature_name, "inputs": columns}, "outputs")
+        return _rows(outputs, len(instances))
+
+    def _call(self, body: dict[str, Any], key: str) -> Any:
         r = self._server.call("POST", ":predict", body)
         if r.status_code != 200:
             raise BatchRejected(_error_message(r))
         try:
-            predictions = codec.loads(r.content)["predictions"]  # reads TF Serving's bare NaN too
+            answer = codec.loads(r.content)[key]  # reads TF Serving's bare NaN too
         except (ValueError, KeyError, TypeError) as e:
-            raise ModelError(f"the model server answered without predictions: {r.text[:300]}") from e
-        if not isinstance(predictions, list):
+            raise ModelError(f"the model server answered without {key}: {r.text[:300]}") from e
+        if key == "predictions" and not isinstance(answer, list):
             raise ModelError(f"the model server answered predictions that are not a list: {r.text[:300]}")
-        return predictions
+        return answer
+
+
+def _columns(instances: list[Any]) -> Any:
+    """Row instances as columnar `inputs`: a list when the instances are bare values, an object of
+    lists when they are objects with the same keys; None when they mix (sent as rows instead)."""
+    if all(isinstance(i, dict) for i in instances):
+        keys = instances[0].keys() if instances else ()
+        if any(i.keys() != keys for i in instances):
+            return None
+        return {k: [i[k] for i in instances] for k in keys}
+    if any(isinstance(i, dict) for i in instances):
+        return None
+    return list(instances)
+
+
+def _rows(outputs: Any, n: int) -> list[Any]:
+    """Columnar `outputs` (one list, or an object of lists) as one prediction per instance."""
+    if isinstance(outputs, dict):
+        if not all(isinstance(v, list) and len(v) == n for v in outputs.values()):
+            raise ModelError(f"the model server answered outputs without one row per instance ({n})")
+        names = list(outputs)
+        return [{name: outputs[name][k] for name in names} for k in range(n)]
+    if not isinstance(outputs, list) or len(outputs) != n:
+        raise ModelError(f"the model server answered outputs without one row per instance ({n})")
+    return outputs
