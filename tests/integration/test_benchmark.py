@@ -1,0 +1,35 @@
+"""The benchmark's --quick mode as a smoke test: it must run to the end and report every figure.
+It asserts no speed: figures are measured and printed by the benchmark, not judged by tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
+    figures = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--json", str(figures)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for heading in ("limit: signature on tensors", "worker, event (warm)", "original approach", "cold (new process)"):
+        assert heading in proc.stdout
+    mlp = json.loads(figures.read_text())["mlp"]
+    assert set(mlp["limit"]) == set(mlp["floor"]) == {"64", "256"}
+    for label in ("1MB", "4MB", "1MB in 10 files"):
+        run = mlp["event"][label]
+        assert run["instances"] > 0 and run["seconds"] > 0 and run["peak_rss"] > 0
+    assert {"1MB", "4MB"} <= set(mlp["cli"])
+    assert {"1MB", "4MB", "1MB in 10 files"} <= set(mlp["original"])
