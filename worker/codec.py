@@ -63,22 +63,22 @@ def _parse_or_error(raw: bytes) -> tuple[Any, bool] | ValueError:
 
 def dumps(obj: Any) -> bytes:
     """Compact strict JSON (UTF-8, no NaN: non-finite floats become strings)."""
-    try:
-        out = orjson.dumps(obj)
-    except TypeError:  # integers beyond 64 bits
-        return _dumps_std(obj)
-    if b"null" in out:  # a NaN or Infinity orjson turned into null, or a real null
-        return _dumps_std(obj)
-    return out
+    return _orjson_dumps(obj) or _dumps_std(obj)
 
 
 def dumps_request(obj: Any) -> bytes:
     """JSON for a TF Serving request: non-finite floats bare (`NaN`), as its REST API reads them."""
+    return _orjson_dumps(obj) or json.dumps(obj).encode()
+
+
+def _orjson_dumps(obj: Any) -> bytes | None:
+    """orjson's encoding, or None where it would differ from json's: integers beyond 64 bits, and
+    any `null` in its output (a NaN or Infinity it turned into null, or a real null)."""
     try:
         out = orjson.dumps(obj)
     except TypeError:
-        return json.dumps(obj).encode()
-    return json.dumps(obj).encode() if b"null" in out else out
+        return None
+    return None if b"null" in out else out
 
 
 def _dumps_std(obj: Any) -> bytes:

@@ -359,12 +359,11 @@ def _run_file(
 
 
 def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, options: Options) -> _Entry:
-    """The entry of a line that is not valid JSON, or of an instance under key/fields options."""
+    """The entry of a line that is not valid JSON, or of an instance under key/fields options
+    (plain valid lines are made inline, in `_run_file`)."""
     if isinstance(parsed, ValueError):
         return _Entry(raw.decode("utf-8", errors="replace"), error=f"line {lineno} is not valid JSON: {parsed}")
-    value, strict = parsed
-    if options.key_field is None and options.included_fields is None and options.excluded_fields is None:
-        return _Entry(value, feed=value, raw=raw.strip() if strict else None)
+    value, _ = parsed
     shown: Any = value
     if options.key_field is not None:
         if not isinstance(value, dict) or options.key_field not in value:
@@ -381,9 +380,7 @@ def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, optio
 
 
 def _select_fields(value: Any, options: Options) -> Any:
-    """Apply key_field / included_fields / excluded_fields / instance_type to one instance."""
-    if options.key_field is None and options.included_fields is None and options.excluded_fields is None:
-        return value
+    """Apply key_field / included_fields / excluded_fields / instance_type (one is set) to one instance."""
     if not isinstance(value, dict):
         raise ValueError("instance must be a JSON object when key_field or *_fields options are set")
     if options.included_fields is not None:
