@@ -91,9 +91,6 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
 
-    def reset(self) -> None:
-        self.peak = 0
-
     def _run(self) -> None:
         while not self._stop.is_set():
             rss = tree_rss(self.pids)

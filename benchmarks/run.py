@@ -35,7 +35,7 @@ import numpy as np
 import orjson
 import requests
 
-from benchmarks.measure import RssSampler, Stopwatch, human, median, parse_size, write_input
+from benchmarks.measure import RssSampler, Stopwatch, human, instance_block, median, parse_size, write_input
 from localdev import emulators, models
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,9 +94,7 @@ def prepare(env: Env, cfg: Config) -> None:
         env.model_dirs[name] = path
         models.upload_folder(env.client, path, "bench-models", f"{name}/1")
     data = env.client.bucket("bench-data")
-    small = env.tmp / "small.jsonl"
-    lines = write_input(small, 10 * 140, features=FEATURES)
-    small_lines = b"".join(small.read_bytes().splitlines(keepends=True)[:10])
+    small_lines = instance_block(10, FEATURES)
     data.blob("in/10lines.jsonl").upload_from_string(small_lines)
     env.inputs["10 lines"] = ("gs://bench-data/in/10lines.jsonl", 10, len(small_lines))
     for size in cfg.sizes:
