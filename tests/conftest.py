@@ -174,6 +174,20 @@ def create_topology() -> PubSubTopology:
     return PubSubTopology(PROJECT, jobs, results, results_sub)
 
 
+def worker_env(
+    gcs_host: str, pubsub_host: str, topology: PubSubTopology, work_dir: Path, **more: str
+) -> dict[str, str]:
+    """The environment of a worker on the emulators that publishes completions to `topology`."""
+    return {
+        "STORAGE_EMULATOR_HOST": gcs_host,
+        "PUBSUB_EMULATOR_HOST": pubsub_host,
+        "GOOGLE_CLOUD_PROJECT": PROJECT,
+        "WORKER_RESULTS_TOPIC": topology.results_topic,
+        "WORKER_WORK_DIR": str(work_dir),
+        **more,
+    }
+
+
 @pytest.fixture(scope="session")
 def worker_service(
     pubsub_host: str, gcs_host: str, tmp_path_factory: pytest.TempPathFactory
@@ -181,14 +195,7 @@ def worker_service(
     """The worker served over HTTP by functions-framework, fed by a push subscription."""
     # The results topic must exist before the worker starts publishing to it.
     topology = create_topology()
-    env = {
-        "STORAGE_EMULATOR_HOST": gcs_host,
-        "PUBSUB_EMULATOR_HOST": pubsub_host,
-        "GOOGLE_CLOUD_PROJECT": PROJECT,
-        "WORKER_RESULTS_TOPIC": topology.results_topic,
-        "WORKER_WORK_DIR": str(tmp_path_factory.mktemp("worker-work")),
-        "WORKER_BATCH_SIZE": "8",
-    }
+    env = worker_env(gcs_host, pubsub_host, topology, tmp_path_factory.mktemp("worker-work"), WORKER_BATCH_SIZE="8")
     service, url = emulators.start_worker(env)
     from google.cloud import pubsub_v1
 

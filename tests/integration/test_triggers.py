@@ -19,7 +19,15 @@ import pytest
 import requests
 
 from localdev import emulators, models
-from tests.conftest import PROJECT, PubSubTopology, close_to, create_topology, read_lines, write_lines
+from tests.conftest import (
+    PROJECT,
+    PubSubTopology,
+    close_to,
+    create_topology,
+    read_lines,
+    worker_env,
+    write_lines,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -77,19 +85,18 @@ def drop_world(
         client.create_bucket(bucket)
         models.upload_folder(client, model_dirs["mlp"], bucket, "models/mlp/1")
         topology = create_topology()
-        env = {
-            "STORAGE_EMULATOR_HOST": gcs_host,
-            "PUBSUB_EMULATOR_HOST": pubsub_host,
-            "GOOGLE_CLOUD_PROJECT": PROJECT,
-            "WORKER_RESULTS_TOPIC": topology.results_topic,
-            "WORKER_WORK_DIR": str(tmp_path_factory.mktemp("drop-work")),
-            "WORKER_MODEL": f"gs://{bucket}/models/mlp/",
-            "WORKER_INPUT": f"gs://{bucket}/in/",
+        env = worker_env(
+            gcs_host,
+            pubsub_host,
+            topology,
+            tmp_path_factory.mktemp("drop-work"),
+            WORKER_MODEL=f"gs://{bucket}/models/mlp/",
+            WORKER_INPUT=f"gs://{bucket}/in/",
             # Same bucket for outputs: the worker's own writes notify too and must not loop.
-            "WORKER_OUTPUT": f"gs://{bucket}/out/",
-            "WORKER_BATCH_SIZE": "8",
-            "WORKER_LEASE_SECONDS": "3",
-        }
+            WORKER_OUTPUT=f"gs://{bucket}/out/",
+            WORKER_BATCH_SIZE="8",
+            WORKER_LEASE_SECONDS="3",
+        )
         worker, url = emulators.start_worker(env)
         try:
             yield DropWorld(client, gcs_host, bucket, notify_topic, topology, url, worker, env)
