@@ -4,6 +4,7 @@ data "google_storage_project_service_account" "gcs" {}
 
 locals {
   pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+  memory_mib   = endswith(var.memory, "Gi") ? tonumber(trimsuffix(var.memory, "Gi")) * 1024 : tonumber(trimsuffix(var.memory, "Mi"))
   worker_env = merge(
     {
       GOOGLE_CLOUD_PROJECT = var.project_id
@@ -12,6 +13,8 @@ locals {
       WORKER_OUTPUT        = "gs://${var.output_bucket}/${var.output_prefix}"
       WORKER_MODEL         = var.default_model
       WORKER_WORK_DIR      = "/tmp/embedded-tf"
+      # Local files live in memory on Cloud Run: warm models' files get a quarter of it.
+      WORKER_MAX_MODEL_DISK_MB = tostring(floor(local.memory_mib / 4))
     },
     var.worker_env,
   )

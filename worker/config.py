@@ -57,6 +57,12 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ("WORKER_SERVER_START_SECONDS", "server_start_seconds", "How long a model server may take to load a model."),
     ("WORKER_PREDICT_TIMEOUT_SECONDS", "predict_timeout_seconds", "Longest a model server may take on one batch."),
     ("WORKER_MAX_MODELS", "max_models", "Models kept loaded (with their servers and local files) between jobs."),
+    (
+        "WORKER_MAX_MODEL_DISK_MB",
+        "max_model_disk_mb",
+        "Local disk the warm models' files may take; least recently used models are evicted to make "
+        "room, and a model larger than this fails its job.",
+    ),
     ("WORKER_LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
 )
 
@@ -83,6 +89,7 @@ class Settings:
     server_start_seconds: int = 300
     predict_timeout_seconds: int = 300
     max_models: int = 2
+    max_model_disk_mb: int = 2048
     log_level: str = "INFO"
 
     @classmethod

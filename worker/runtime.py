@@ -32,7 +32,8 @@ MANIFESTS_FOLDER = "_manifests/"
 
 class StoreModelProvider:
     """Fetches a model's files (skipped when an identical copy is on disk) and loads it once;
-    the files of a model evicted from the cache are deleted, so local disk stays bounded."""
+    room is made before a download and the files of a model evicted from the cache are deleted,
+    so local disk stays within `max_disk_bytes`."""
 
     def __init__(
         self,
@@ -41,10 +42,14 @@ class StoreModelProvider:
         work_dir: str,
         *,
         max_models: int = 2,
+        max_disk_bytes: int | None = None,
         stats: ServingStats | None = None,
     ) -> None:
         self._store = store
-        self._cache = ModelCache(load, max_models=max_models, stats=stats, on_evict=self._delete_files)
+        self._cache = ModelCache(
+            load, max_models=max_models, max_bytes=max_disk_bytes, stats=stats, on_evict=self._delete_files
+        )
+        self._max_disk_bytes = max_disk_bytes
         self._work_dir = work_dir
         # Held from "is it on disk?" until the cache holds it, and while evicted files are deleted.
         self._disk_lock = threading.RLock()
@@ -57,14 +62,31 @@ class StoreModelProvider:
     def load(self, model: GcsUri) -> Iterator[ModelHandle]:
         with contextlib.ExitStack() as stack:
             with self._disk_lock:
-                local = self._store.fetch_model(model, self._work_dir)
+                source = self._store.resolve_model(model)
+                limit = self._max_disk_bytes
+                if limit is not None and source.size > limit:
+                    raise errors.ModelError(
+                        f"model {source.folder} takes {source.size / 2**20:.1f} MiB, more than the "
+                        f"{limit / 2**20:.0f} MiB of local disk WORKER_MAX_MODEL_DISK_MB allows — raise it "
+                        "(on Cloud Run local files live in memory: raise the memory limit with it)"
+                    )
+                self._cache.make_room(source.fingerprint, source.size)
+                local = self._store.fetch_model(source, self._work_dir)
                 if local.downloaded:
                     self.stats.add("downloads")
-                loaded = stack.enter_context(self._cache.use(local.fingerprint, local.path, str(local.uri)))
+                loaded = stack.enter_context(
+                    self._cache.use(local.fingerprint, local.path, str(local.uri), size=source.size)
+                )
             yield ModelHandle(local.uri, local.version, loaded)
+
+    @property
+    def local_bytes(self) -> int:
+        return self._cache.local_bytes
 
     def _delete_files(self, path: str) -> None:
         with self._disk_lock:
+            if self._cache.holds(path):
+                return  # the same model was fetched again while its evicted copy was in use
             shutil.rmtree(path, ignore_errors=True)
             log.info("deleted local model files %s", path)
 
@@ -118,7 +140,12 @@ class Runtime:
         store = GcsStore.from_environment(settings.project, download_threads=settings.download_threads)
         stats = ServingStats()
         models = StoreModelProvider(
-            store, make_loader(settings, stats), settings.work_dir, max_models=settings.max_models, stats=stats
+            store,
+            make_loader(settings, stats),
+            settings.work_dir,
+            max_models=settings.max_models,
+            max_disk_bytes=settings.max_model_disk_mb * 2**20,
+            stats=stats,
         )
         topic = settings.results_topic_path
         publisher = PubSubPublisher(topic) if publish and topic else None

@@ -58,6 +58,23 @@ class StoredJson:
 
 
 @dataclass(frozen=True)
+class ModelSource:
+    """A model's version folder in Cloud Storage, as listed: what `fetch_model` downloads."""
+
+    folder: GcsUri
+    version: int | None
+    blobs: list[Any]
+    fingerprint: str  # changes when any object of the model changes
+    size: int  # bytes of its objects: what it takes on local disk
+
+    @classmethod
+    def of(cls, folder: GcsUri, version: int | None, blobs: list[Any]) -> ModelSource:
+        names = "\n".join(sorted(f"{b.name}#{b.generation}" for b in blobs))
+        fingerprint = hashlib.sha256(names.encode()).hexdigest()[:20]
+        return cls(folder, version, blobs, fingerprint, sum(int(b.size or 0) for b in blobs))
+
+
+@dataclass(frozen=True)
 class LocalModel:
     uri: GcsUri  # the version folder that was fetched
     version: int | None
@@ -250,7 +267,7 @@ class GcsStore:
 
     # -- models ------------------------------------------------------------------------------
 
-    def resolve_model(self, model: GcsUri) -> tuple[GcsUri, int | None, list[Any]]:
+    def resolve_model(self, model: GcsUri) -> ModelSource:
         """Find the version folder `model` designates and list its objects.
 
         `model` may be the version folder itself (holding saved_model.pb), or a base path of
@@ -267,7 +284,7 @@ class GcsStore:
         rel_names = {b.name[len(base.path) :]: b for b in blobs}
         if "saved_model.pb" in rel_names:
             leaf = base.path.rstrip("/").rsplit("/", 1)[-1]
-            return base, int(leaf) if leaf.isdigit() else None, blobs
+            return ModelSource.of(base, int(leaf) if leaf.isdigit() else None, blobs)
         versions = sorted(
             {
                 int(rel.split("/", 1)[0])
@@ -282,14 +299,11 @@ class GcsStore:
             )
         version = versions[-1]
         folder = base.child(f"{version}/")
-        return folder, version, [b for b in blobs if b.name.startswith(folder.path)]
+        return ModelSource.of(folder, version, [b for b in blobs if b.name.startswith(folder.path)])
 
-    def fetch_model(self, model: GcsUri, work_dir: str) -> LocalModel:
+    def fetch_model(self, source: ModelSource, work_dir: str) -> LocalModel:
         """Download the model's version folder under `work_dir`, reusing an identical earlier copy."""
-        folder, version, blobs = self.resolve_model(model)
-        fingerprint = hashlib.sha256("\n".join(sorted(f"{b.name}#{b.generation}" for b in blobs)).encode()).hexdigest()[
-            :20
-        ]
+        folder, version, blobs, fingerprint = source.folder, source.version, source.blobs, source.fingerprint
         dest = os.path.join(work_dir, "models", fingerprint)
         if os.path.isfile(os.path.join(dest, "saved_model.pb")):
             log.info("model %s already on local disk", folder)
@@ -303,8 +317,7 @@ class GcsStore:
                 if not rel or rel.endswith("/"):
                     continue
                 targets.append((b, _safe_join(staging, rel)))
-            total = sum(int(b.size or 0) for b, _ in targets)
-            log.info("downloading model %s: %d files, %d bytes", folder, len(targets), total)
+            log.info("downloading model %s: %d files, %d bytes", folder, len(targets), source.size)
 
             def fetch(item: tuple[Any, str]) -> None:
                 blob, path = item

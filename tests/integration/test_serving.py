@@ -192,3 +192,39 @@ def test_warm_jobs_reuse_the_server_and_a_reuploaded_model_is_reloaded(
     job("two_io", "two.jsonl", 4)  # max_models=1: the mlp is evicted, its server stopped, its files deleted
     assert len(_server_processes(rt.settings.work_dir)) == 1
     assert len(os.listdir(os.path.join(rt.settings.work_dir, "models"))) == 1
+
+
+def _upload_padded(storage_client: Any, model_dir: Path, bucket: str, prefix: str, pad_bytes: int) -> None:
+    """The model with an asset of `pad_bytes` beside it: as big on disk as a real model may be."""
+    models.upload_folder(storage_client, model_dir, bucket, prefix)
+    storage_client.bucket(bucket).blob(f"{prefix}/assets/padding.bin").upload_from_string(b"\0" * pad_bytes)
+
+
+def test_local_model_files_stay_within_the_disk_bound(make_runtime, storage_client, bucket, model_dirs):
+    for name in ("mlp", "two_io"):
+        _upload_padded(storage_client, model_dirs[name], bucket, f"{name}/1", 1200 * 1024)
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", [json.dumps(i) for i in models.mlp_instances(3)])
+    write_lines(storage_client, f"gs://{bucket}/two.jsonl", [json.dumps({"a": [1, 2, 3, 4], "b": 2})])
+    # Room for one of the two (each is about 1.2 MiB), though five models may stay warm.
+    rt = make_runtime("tensorflow", max_models=5, max_model_disk_mb=2)
+    models_dir = os.path.join(rt.settings.work_dir, "models")
+
+    out = rt.run_job(_job(f"gs://{bucket}/mlp/", f"gs://{bucket}/in.jsonl", f"gs://{bucket}/o1/"))
+    assert out.status == "SUCCEEDED" and len(os.listdir(models_dir)) == 1
+    out = rt.run_job(_job(f"gs://{bucket}/two_io/", f"gs://{bucket}/two.jsonl", f"gs://{bucket}/o2/"))
+    assert out.status == "SUCCEEDED"
+    assert rt.models.stats.snapshot()["evictions"] == 1
+    assert len(os.listdir(models_dir)) == 1  # the mlp's files were deleted to make room
+    assert rt.models.local_bytes < 2 * 2**20
+
+
+def test_a_model_larger_than_the_disk_bound_fails_before_any_download(make_runtime, storage_client, bucket, model_dirs):
+    _upload_padded(storage_client, model_dirs["mlp"], bucket, "big/1", 2 * 2**20)
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", ["[1]"])
+    rt = make_runtime("tensorflow", max_model_disk_mb=2)
+    outcome = rt.run_job(_job(f"gs://{bucket}/big/", f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/"))
+    assert outcome.status == "FAILED"
+    assert outcome.manifest["error"]["code"] == "FAILED_PRECONDITION"
+    assert f"model gs://{bucket}/big/1/ takes 2.0 MiB, more than the 2 MiB" in outcome.manifest["error"]["message"]
+    assert "WORKER_MAX_MODEL_DISK_MB" in outcome.manifest["error"]["message"]
+    assert rt.models.stats.snapshot()["downloads"] == 0

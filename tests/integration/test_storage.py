@@ -59,10 +59,13 @@ def test_model_versions_highest_wins(store, storage_client, bucket, model_dirs, 
     for version in ("3", "12"):
         upload_folder(storage_client, model_dirs["mlp"], bucket, f"m/{version}")
     _put(storage_client, bucket, "m/notes/readme.txt")
-    local = store.fetch_model(GcsUri(bucket, "m"), str(tmp_path))
+    source = store.resolve_model(GcsUri(bucket, "m"))
+    files = [p for p in model_dirs["mlp"].rglob("*") if p.is_file()]
+    assert source.size == sum(p.stat().st_size for p in files) and len(source.blobs) == len(files)
+    local = store.fetch_model(source, str(tmp_path))
     assert (local.version, str(local.uri)) == (12, f"gs://{bucket}/m/12/")
     assert os.path.isfile(os.path.join(local.path, "saved_model.pb"))
-    again = store.fetch_model(GcsUri(bucket, "m/12/"), str(tmp_path))
+    again = store.fetch_model(store.resolve_model(GcsUri(bucket, "m/12/")), str(tmp_path))
     assert again.path == local.path  # unchanged model: reused, not downloaded again
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +150,26 @@ def test_the_readme_deploy_commands_read_outputs_that_exist(config):
     used = set(re.findall(r"terraform output -raw (\w+)", readme))
     assert used, "the README's deploy section reads terraform outputs"
     assert used - set(config["output"]) == set()
+
+
+@pytest.mark.skipif(shutil.which("terraform") is None, reason="terraform is not installed")
+@pytest.mark.parametrize(("memory", "disk_mib"), [("4Gi", 1024), ("2048Mi", 512), ("32Gi", 8192)])
+def test_the_model_disk_bound_is_a_quarter_of_the_instance_memory(tmp_path, memory, disk_mib):
+    """The expressions of main.tf's locals, evaluated by terraform itself (no provider needed)."""
+    main_tf = (INFRA / "main.tf").read_text()
+    mib = re.search(r"^\s*memory_mib\s*=\s*(.+)$", main_tf, flags=re.M)
+    disk = re.search(r"^\s*WORKER_MAX_MODEL_DISK_MB\s*=\s*(.+)$", main_tf, flags=re.M)
+    assert mib and disk
+    (tmp_path / "main.tf").write_text(
+        f'variable "memory" {{\n  type = string\n}}\n\nlocals {{\n  memory_mib = {mib.group(1)}\n}}\n'
+    )
+    result = subprocess.run(
+        ["terraform", "console", f"-var=memory={memory}"],
+        input=disk.group(1) + "\n",
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f'"{disk_mib}"'

@@ -1,5 +1,6 @@
 """Keeps loaded models (or their running servers) between jobs: one load per model fingerprint,
-bounded in number, least recently used evicted — but only closed once no job uses it."""
+bounded in number and in local bytes, least recently used evicted — but only closed (and its
+files deleted) once no job uses it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 class _Entry:
     model: LoadedModel
     path: str
+    size: int = 0  # bytes of its local files
     users: int = 0
     evicted: bool = False
 
@@ -29,31 +31,84 @@ class ModelCache:
         load: Callable[[str, str], LoadedModel],
         *,
         max_models: int = 2,
+        max_bytes: int | None = None,
         stats: ServingStats | None = None,
         on_evict: Callable[[str], None] | None = None,
     ) -> None:
         self._load = load  # (local path, description) -> LoadedModel
         self._max = max_models
+        self._max_bytes = max_bytes
         self.stats = stats or ServingStats()
         self._on_evict = on_evict  # (local path) -> None, once the evicted model is closed
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._draining_bytes = 0  # files of evicted models that a running job still uses
         self._key_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
+    @property
+    def local_bytes(self) -> int:
+        """Bytes of local model files: the cached models' and those of evicted ones still in use."""
+        with self._lock:
+            return self._local_bytes()
+
+    def _local_bytes(self) -> int:
+        return sum(e.size for e in self._entries.values()) + self._draining_bytes
+
+    def make_room(self, fingerprint: str, size: int) -> None:
+        """Before a model that is not cached is downloaded: evict least recently used models until
+        one more model, and `size` more bytes, fit the bounds."""
+        with self._lock:
+            if fingerprint in self._entries:
+                return
+            to_close = self._evict(incoming=1, incoming_bytes=size)
+        for old in to_close:
+            self._close(old)
+
     @contextlib.contextmanager
-    def use(self, fingerprint: str, path: str, description: str) -> Iterator[LoadedModel]:
+    def use(self, fingerprint: str, path: str, description: str, *, size: int = 0) -> Iterator[LoadedModel]:
         """The loaded model for the duration of the block (it is not closed while in use)."""
-        entry = self._acquire(fingerprint, path, description)
+        entry = self._acquire(fingerprint, path, description, size)
         try:
             yield entry.model
         finally:
             with self._lock:
                 entry.users -= 1
                 close = entry.evicted and entry.users == 0
+                if close:
+                    self._draining_bytes -= entry.size
             if close:
                 self._close(entry)
 
-    def _acquire(self, fingerprint: str, path: str, description: str) -> _Entry:
+    def _evict(self, *, incoming: int, incoming_bytes: int) -> list[_Entry]:
+        """Under the lock: evict least recently used models (never the most recent, which is the
+        one being loaded) while the bounds are exceeded; the ones nobody uses are returned to close."""
+        to_close = []
+
+        def over() -> bool:
+            if len(self._entries) + incoming > self._max:
+                return True
+            return self._max_bytes is not None and self._local_bytes() + incoming_bytes > self._max_bytes
+
+        while over() and len(self._entries) > 1 - incoming:
+            key, old = self._entries.popitem(last=False)
+            self._key_locks.pop(key, None)
+            old.evicted = True
+            self.stats.add("evictions")
+            log.info("evicting model %s (least recently used, %d bytes on local disk)", key, old.size)
+            if old.users == 0:
+                to_close.append(old)
+            else:
+                self._draining_bytes += old.size
+        if over() and self._max_bytes is not None:
+            log.warning(
+                "local model files take %d bytes, over the bound of %d, until the running jobs "
+                "that use evicted models finish",
+                self._local_bytes() + incoming_bytes,
+                self._max_bytes,
+            )
+        return to_close
+
+    def _acquire(self, fingerprint: str, path: str, description: str, size: int) -> _Entry:
         with self._lock:
             entry = self._entries.get(fingerprint)
             if entry is not None:
@@ -73,20 +128,17 @@ class ModelCache:
             log.info("loading model %s", description)
             model = self._load(path, description)
             self.stats.add("loads")
-            to_close = []
             with self._lock:
-                entry = self._entries[fingerprint] = _Entry(model, path, users=1)
-                while len(self._entries) > self._max:
-                    key, old = self._entries.popitem(last=False)
-                    self._key_locks.pop(key, None)
-                    old.evicted = True
-                    self.stats.add("evictions")
-                    log.info("evicting model %s (least recently used)", key)
-                    if old.users == 0:
-                        to_close.append(old)
+                entry = self._entries[fingerprint] = _Entry(model, path, size, users=1)
+                to_close = self._evict(incoming=0, incoming_bytes=0)
             for old in to_close:
                 self._close(old)
             return entry
+
+    def holds(self, path: str) -> bool:
+        """Whether a cached model's files are at `path` (an evicted copy may share it)."""
+        with self._lock:
+            return any(e.path == path for e in self._entries.values())
 
     def _close(self, entry: _Entry) -> None:
         close = getattr(entry.model, "close", None)
