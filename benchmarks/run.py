@@ -275,35 +275,45 @@ def worker_event_runs(env: Env, cfg: Config, model: str, backend: str) -> dict[s
     return results
 
 
+ONE_AT_A_TIME = " (one file at a time)"
+
+
 def worker_cli_runs(env: Env, cfg: Config, model: str) -> dict[str, Run]:
+    """Each single-file input through the CLI; the tree too, with its files in flight together
+    (the default) and one after another, side by side."""
     results: dict[str, Run] = {}
     for label, (uri, _, size) in env.inputs.items():
-        if label == "10 lines" or " in " in label:
+        if label == "10 lines":
             continue
-        runs = []
-        for _ in range(cfg.repeat if size < 2**30 else 1):
-            out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
-            argv = [sys.executable, "-m", "worker", "run", "--model", f"gs://bench-models/{model}/"]
-            argv += ["--input", uri, "--output", out, "--no-publish", "--quiet", "--batch-size", str(cfg.batch_size)]
-            work = str(env.tmp / f"cli-{uuid.uuid4().hex}")
-            clock = Stopwatch()
-            proc = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=child_env(env, WORKER_SERVING="tensorflow", WORKER_WORK_DIR=work),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            with RssSampler([proc.pid]) as rss:
-                stdout, stderr = proc.communicate()
-            seconds = clock.elapsed
-            if proc.returncode != 0:
-                raise RuntimeError(f"worker CLI exited {proc.returncode}: {stderr.decode()[-2000:]}")
-            manifest = json.loads(stdout)
-            runs.append(Run(seconds, manifest["totals"]["predictions"], rss.peak))
-            delete_prefix(env, out)
-        results[label] = _median_run(runs)
-        say(f"  cli {model} {label}: {results[label].rate:,.0f} instances/s")
+        variants = {label: {}}
+        if " in " in label:
+            variants[label + ONE_AT_A_TIME] = {"WORKER_FILE_CONCURRENCY": "1"}
+        for name, extra in variants.items():
+            runs = []
+            for _ in range(cfg.repeat if size < 2**30 else 1):
+                out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+                argv = [sys.executable, "-m", "worker", "run", "--model", f"gs://bench-models/{model}/"]
+                argv += ["--input", uri, "--output", out, "--no-publish", "--quiet"]
+                argv += ["--batch-size", str(cfg.batch_size)]
+                work = str(env.tmp / f"cli-{uuid.uuid4().hex}")
+                clock = Stopwatch()
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=REPO,
+                    env=child_env(env, WORKER_SERVING="tensorflow", WORKER_WORK_DIR=work, **extra),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+                with RssSampler([proc.pid]) as rss:
+                    stdout, stderr = proc.communicate()
+                seconds = clock.elapsed
+                if proc.returncode != 0:
+                    raise RuntimeError(f"worker CLI exited {proc.returncode}: {stderr.decode()[-2000:]}")
+                manifest = json.loads(stdout)
+                runs.append(Run(seconds, manifest["totals"]["predictions"], rss.peak))
+                delete_prefix(env, out)
+            results[name] = _median_run(runs)
+            say(f"  cli {model} {name}: {results[name].rate:,.0f} instances/s")
     return results
 
 
@@ -442,6 +452,15 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
                 rows,
             )
         )
+        for label in env.inputs:
+            serial = r["cli"].get(label + ONE_AT_A_TIME)
+            if serial is not None:
+                together: Run = r["cli"][label]
+                out.append(
+                    f"\n{label} through the CLI: {rate(together.rate)} instances/s with the files in flight "
+                    f"together (WORKER_FILE_CONCURRENCY=4), {rate(serial.rate)} one after another: "
+                    f"{together.rate / serial.rate:.2f}×."
+                )
         labels = [lb for lb in env.inputs if lb != "10 lines" and " in " not in lb]
         if len(labels) > 1:
             growth = r["event"][labels[-1]].peak_rss - r["event"][labels[0]].peak_rss

@@ -1,6 +1,6 @@
 """Command line: `python -m worker run --model gs://… --input gs://… --output gs://…`.
 
-Runs the same pipeline as the event handler, with a progress bar per file on stderr, and prints
+Runs the same pipeline as the event handler, with a progress bar for the job on stderr, and prints
 the manifest as JSON on stdout.
 """
 
@@ -11,11 +11,14 @@ import json
 import os
 import sys
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker import __version__, errors, logs
 from worker.config import ENV_VARS, Settings
 from worker.jobs import STATUS_FAILED, Job, parse_json_object
+
+if TYPE_CHECKING:
+    from worker.pipeline import JobProgress
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -59,31 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--signature-name", help="model signature (default: serving_default)")
     run.add_argument("--options", help='job options as JSON, e.g. \'{"key_field": "id"}\'')
     run.add_argument("--no-publish", action="store_true", help="do not publish a completion message")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
-class _Bars:
-    """One tqdm bar per input file, advanced in bytes."""
+class _Bar:
+    """One tqdm bar for the job, advanced in bytes over all its files."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._bar: Any = None
-        self._file: Any = None
-        self._done = 0
 
-    def __call__(self, f: Any, lines: int, nbytes: int) -> None:
+    def __call__(self, p: JobProgress) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
+        if self._bar is None:
+            from tqdm import tqdm
 
-        if f is not self._file:
-            self.close()
-            self._file, self._done = f, 0
-            self._bar = tqdm(total=f.size, desc=f.rel, unit="B", unit_scale=True, file=sys.stderr)
-        self._bar.update(min(nbytes, f.size) - self._done)
-        self._done = min(nbytes, f.size)
-        self._bar.set_postfix(lines=lines)
+            self._bar = tqdm(total=p.bytes_total, unit="B", unit_scale=True, file=sys.stderr)
+        self._bar.update(min(p.bytes_read, p.bytes_total) - self._bar.n)
+        self._bar.set_postfix(files=f"{p.files_done}/{p.files}", lines=p.lines)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except (errors.InvalidJob, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    bars = _Bars(enabled=not args.quiet)
+    bars = _Bar(enabled=not args.quiet)
     try:
         outcome = rt.run_job(job, progress=bars)
     except errors.TransientError as e:

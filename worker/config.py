@@ -21,6 +21,11 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ),
     ("WORKER_BATCH_SIZE", "batch_size", "Instances per prediction call, unless a job sets options.batch_size."),
     ("WORKER_MAX_BATCH_BYTES", "max_batch_bytes", "Upper bound on the input bytes of one batch."),
+    (
+        "WORKER_FILE_CONCURRENCY",
+        "file_concurrency",
+        "Input files of one job predicted at the same time, each with its own download and upload.",
+    ),
     ("WORKER_WORK_DIR", "work_dir", "Local folder for downloaded models."),
     ("WORKER_DOWNLOAD_THREADS", "download_threads", "Parallel downloads when fetching a model."),
     (
@@ -76,6 +81,7 @@ class Settings:
     results_topic: str = ""
     batch_size: int = 256
     max_batch_bytes: int = 4 * 1024 * 1024
+    file_concurrency: int = 4
     work_dir: str = os.path.join(tempfile.gettempdir(), "embedded-tf")
     download_threads: int = 8
     lease_seconds: int = 120

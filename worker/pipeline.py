@@ -7,10 +7,13 @@ lines = instances + skipped, instances = predictions + errors.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -77,10 +80,22 @@ class Limits:
     batch_size: int = 256
     max_batch_bytes: int = 4 * 1024 * 1024
     lease_s: float = 120.0  # a job's lease time to live; renewed every third of it
+    file_concurrency: int = 4  # input files of one job in flight at once
 
 
-# Called after each batch with (file, lines done in the file so far, bytes read so far).
-ProgressFn = Callable[[Any, int, int], None]
+@dataclass(frozen=True)
+class JobProgress:
+    """Where a job stands, summed over its files (some may be in flight at once)."""
+
+    files_done: int
+    files: int
+    bytes_read: int
+    bytes_total: int
+    lines: int
+
+
+# Called after each batch of any file, one call at a time.
+ProgressFn = Callable[[JobProgress], None]
 
 
 @dataclass
@@ -171,11 +186,13 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
             timings["model_load_s"] = time.perf_counter() - t
 
             t = time.perf_counter()
+            tracker = _Tracker(job.job_id, inputs, progress)
             batch_size = job.options.batch_size or limits.batch_size
-            for f in inputs:
-                result = _run_file(job, f, store, predictor, batch_size, limits.max_batch_bytes, progress)
-                state.files.append(result)
-                state.totals.add(result.counts)
+
+            def one(f: Any) -> FileResult:
+                return _run_file(job, f, store, predictor, batch_size, limits.max_batch_bytes, tracker)
+
+            _run_files(one, inputs, limits.file_concurrency, state, tracker)
             timings["predict_s"] = time.perf_counter() - t
         state.error = _error_ratio_exceeded(job.options, state.totals)
     except errors.PermanentError as e:
@@ -266,6 +283,84 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# -- the files ---------------------------------------------------------------------------------
+
+
+class _Stopped(Exception):
+    """Raised in a file's thread when another file of the job failed: its output is abandoned."""
+
+
+class _Tracker:
+    """Sums progress over the job's files (called from their threads), reports it to `progress`
+    and logs it every PROGRESS_LOG_INTERVAL_S; `stop()` makes every file end at its next batch."""
+
+    def __init__(self, job_id: str, inputs: list[Any], progress: ProgressFn | None) -> None:
+        self._job_id = job_id
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._last_log = time.monotonic()
+        self.files = len(inputs)
+        self.bytes_total = sum(f.size for f in inputs)
+        self.files_done = self.bytes_read = self.lines = 0
+
+    def advance(self, lines: int, nbytes: int, *, file_done: bool = False) -> None:
+        with self._lock:
+            if self._stopped and not file_done:
+                raise _Stopped
+            self.lines += lines
+            self.bytes_read += nbytes
+            self.files_done += file_done
+            now = time.monotonic()
+            if now - self._last_log >= PROGRESS_LOG_INTERVAL_S:
+                self._last_log = now
+                log.info(
+                    "job %s: %d/%d files, %d/%d bytes (%.0f%%), %d lines",
+                    self._job_id, self.files_done, self.files, self.bytes_read, self.bytes_total,
+                    100 * min(self.bytes_read, self.bytes_total) / max(self.bytes_total, 1), self.lines,
+                )  # fmt: skip
+            if self._progress is not None:
+                self._progress(JobProgress(self.files_done, self.files, self.bytes_read, self.bytes_total, self.lines))
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+
+def _run_files(
+    one: Callable[[Any], FileResult], inputs: list[Any], concurrency: int, state: _Run, tracker: _Tracker
+) -> None:
+    """Run `one` over the inputs, up to `concurrency` files at a time, recording each result in
+    input order. The first failure stops the other files (their outputs are abandoned) and is raised."""
+    results: dict[int, FileResult] = {}
+    try:
+        if concurrency <= 1 or len(inputs) <= 1:
+            for i, f in enumerate(inputs):
+                results[i] = one(f)
+            return
+        with ThreadPoolExecutor(max_workers=min(concurrency, len(inputs)), thread_name_prefix="file") as pool:
+            # Each file runs in a copy of this context, so its logs carry the job's id.
+            futures: dict[Future[FileResult], int] = {
+                pool.submit(contextvars.copy_context().run, one, f): i for i, f in enumerate(inputs)
+            }
+            done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
+            error = next((e for e in (fut.exception() for fut in done) if e is not None), None)
+            if error is not None:
+                tracker.stop()
+                for fut in not_done:
+                    fut.cancel()
+            wait(not_done)
+            for fut, i in futures.items():
+                if not fut.cancelled() and fut.exception() is None:
+                    results[i] = fut.result()
+            if error is not None:
+                raise error
+    finally:
+        for i in sorted(results):
+            state.files.append(results[i])
+            state.totals.add(results[i].counts)
+
+
 # -- one file -----------------------------------------------------------------------------------
 
 
@@ -288,7 +383,7 @@ def _run_file(
     predictor: Predictor,
     batch_size: int,
     max_batch_bytes: int,
-    progress: ProgressFn | None,
+    tracker: _Tracker,
 ) -> FileResult:
     out_uri = job.output.child(f.rel)
     result = FileResult(input=str(f.uri), output=str(out_uri))
@@ -296,8 +391,8 @@ def _run_file(
     options = job.options
     plain = options.key_field is None and options.included_fields is None and options.excluded_fields is None
     results_format = options.output_format != "predictions"
-    bytes_read = 0
-    last_log = time.monotonic()
+    # Lines already told to the tracker, and bytes read since it was last told.
+    lines_told = bytes_read = 0
     # The batch being filled: (line number, line) of its non-blank lines, and their bytes.
     pending: list[tuple[int, bytes]] = []
     pending_bytes = 0
@@ -342,15 +437,11 @@ def _run_file(
                 flush()
                 pending.clear()
                 pending_bytes = 0
-                if progress:
-                    progress(f, counts.lines, bytes_read)
-                if time.monotonic() - last_log >= PROGRESS_LOG_INTERVAL_S:
-                    last_log = time.monotonic()
-                    log.info("%s: %d lines, %d/%d bytes", f.uri, counts.lines, bytes_read, f.size)
+                tracker.advance(counts.lines - lines_told, bytes_read)
+                lines_told, bytes_read = counts.lines, 0
         if pending:
             flush()
-        if progress:
-            progress(f, counts.lines, bytes_read)
+    tracker.advance(counts.lines - lines_told, bytes_read, file_done=True)
     log.info(
         "%s → %s: %d instances, %d predictions, %d errors, %d skipped",
         f.uri, out_uri, counts.instances, counts.predictions, counts.errors, counts.skipped,

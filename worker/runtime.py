@@ -157,6 +157,7 @@ class Runtime:
             batch_size=self.settings.batch_size,
             max_batch_bytes=self.settings.max_batch_bytes,
             lease_s=float(self.settings.lease_seconds),
+            file_concurrency=self.settings.file_concurrency,
         )
 
     def run_job(self, job: Job, *, progress: ProgressFn | None = None) -> Outcome:

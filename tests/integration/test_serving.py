@@ -20,6 +20,7 @@ from tests.conftest import read_lines, write_lines
 from worker import errors
 from worker.config import Settings
 from worker.jobs import Job
+from worker.pipeline import JobProgress
 from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -125,8 +126,8 @@ def test_a_server_killed_mid_job_is_restarted_and_every_line_written_once(
     starts = rt.models.stats.snapshot()["server_starts"]
     killed: list[int] = []
 
-    def kill_once(_f: Any, lines: int, _bytes: int) -> None:
-        if lines >= 40 and not killed:
+    def kill_once(progress: JobProgress) -> None:
+        if progress.lines >= 40 and not killed:
             pids = _server_processes(rt.settings.work_dir)
             assert len(pids) == 1
             os.kill(pids[0], signal.SIGKILL)

@@ -333,3 +333,86 @@ def test_concurrent_deliveries_run_the_job_once():
     assert sum(predictor.calls) == 50
     # The others were told to retry later, or found the job complete.
     assert all(isinstance(r, errors.Busy) or r.skipped for r in results if r is not ran[0])
+
+
+class BarrierPredictor(SumPredictor):
+    """Each thread's first batch waits until `parties` threads are predicting at once: the job
+    can only finish if that many files really are in flight together."""
+
+    def __init__(self, parties: int, fail_on: int | None = None, timeout: float = 10) -> None:
+        super().__init__()
+        self._barrier = threading.Barrier(parties, timeout=timeout)
+        self._seen = threading.local()
+        self._fail_on = fail_on
+        self._lock = threading.Lock()
+
+    def predict(self, instances: list[Any]) -> list[Any]:
+        if not getattr(self._seen, "yes", False):
+            self._seen.yes = True
+            self._barrier.wait()
+        if self._fail_on is not None and [self._fail_on] in instances:
+            raise errors.ModelError("the model returned 0 predictions for 4 instances")
+        with self._lock:
+            return super().predict(instances)
+
+
+def _tree(files: int, lines_per_file: int) -> dict[str, bytes]:
+    return {
+        f"bkt/in/d{i % 3}/part-{i:02d}.jsonl": "\n".join(json.dumps([i, k]) for k in range(lines_per_file)).encode()
+        for i in range(files)
+    }
+
+
+def test_files_run_concurrently_and_the_manifest_keeps_the_input_order():
+    store = FakeStore(_tree(12, 30))
+    seen: list[Any] = []
+    outcome = run(
+        _job(),
+        store=store,
+        models=FakeModels(BarrierPredictor(parties=4)),
+        publisher=None,
+        limits=Limits(batch_size=4, file_concurrency=4),
+        progress=seen.append,
+    )
+    assert outcome.status == "SUCCEEDED"
+    names = sorted(k for k in _tree(12, 30))
+    assert [f["input"] for f in outcome.manifest["files"]] == [f"gs://{k}" for k in names]
+    assert outcome.manifest["totals"] == {"lines": 360, "instances": 360, "predictions": 360, "errors": 0, "skipped": 0}
+    for k in names:
+        i = int(k[-8:-6])
+        assert [o["prediction"] for o in store.lines(k.replace("/in/", "/out/"))] == [i + n for n in range(30)]
+    last = seen[-1]
+    assert (last.files_done, last.files, last.lines) == (12, 12, 360)
+    assert last.bytes_read >= last.bytes_total == sum(len(v) for v in _tree(12, 30).values())
+    assert [p.lines for p in seen] == sorted(p.lines for p in seen)  # one call at a time, never backwards
+
+
+def test_with_one_file_at_a_time_no_second_file_is_in_flight():
+    store = FakeStore(_tree(3, 5))
+    predictor = BarrierPredictor(parties=2, timeout=0.5)
+    with pytest.raises(threading.BrokenBarrierError):  # two files never predict at the same time
+        run(_job(), store=store, models=FakeModels(predictor), publisher=None, limits=Limits(4, file_concurrency=1))
+
+
+def test_a_failing_file_stops_the_others_and_fails_the_job_with_its_reason():
+    objects = _tree(12, 400)
+    objects["bkt/in/d0/part-00.jsonl"] = b"[7]\n[666]\n[8]"
+    store = FakeStore(objects)
+    outcome, pub = _run_with(store, BarrierPredictor(parties=4, fail_on=666))
+    assert outcome.status == "FAILED"
+    assert outcome.manifest["error"] == {
+        "code": "FAILED_PRECONDITION",
+        "message": "the model returned 0 predictions for 4 instances",
+    }
+    listed = [f["output"] for f in outcome.manifest["files"]]
+    written = sorted(f"gs://{k}" for k in store.objects if k.startswith("bkt/out/") and not k.endswith(".json"))
+    assert listed == written  # every output written is in the manifest, in input order; no partial ones
+    assert len(listed) < 11  # the files still queued never started
+    assert outcome.manifest["totals"]["lines"] == 400 * len(listed)
+    assert pub.messages[0][1]["status"] == "FAILED"
+
+
+def _run_with(store: FakeStore, predictor: SumPredictor):
+    pub = Published()
+    outcome = run(_job(), store=store, models=FakeModels(predictor), publisher=pub, limits=Limits(batch_size=4))
+    return outcome, pub
