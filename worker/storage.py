@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any, Protocol
 
 import requests
 from google.api_core import exceptions as gexc
@@ -106,6 +106,19 @@ def translate_errors(what: str) -> Iterator[None]:
         raise TransientError(f"{what}: cannot reach Cloud Storage ({e})") from e
 
 
+@contextlib.contextmanager
+def _replaced_is_transient(f: InputFile) -> Iterator[None]:
+    """The listed generation of an input vanishing mid-read means it was replaced or deleted: a
+    retry lists the input again and reads what is there then."""
+    try:
+        yield
+    except gexc.NotFound as e:
+        raise TransientError(
+            f"input {f.uri} was replaced or deleted while it was read (generation {f.generation} is gone); "
+            "the job will be retried"
+        ) from e
+
+
 def _safe_join(root: str, rel: str) -> str:
     """`root/rel`, refusing names that would land outside `root` (`..`, absolute paths)."""
     norm = posixpath.normpath(rel)
@@ -179,9 +192,23 @@ class GcsStore:
         The generation read at listing time is pinned, so a file replaced mid-job is not mixed.
         """
         blob = self._client.bucket(f.uri.bucket).blob(f.uri.path, generation=f.generation or None)
-        with translate_errors(f"reading input {f.uri}"), blob.open("rb", chunk_size=READ_CHUNK_BYTES) as reader:
+        offset = 0
+
+        def read() -> bytes:
+            # Ranged reads up to the size listed for this generation: a small file is one request.
+            nonlocal offset
+            if offset >= f.size:
+                return b""
+            end = min(offset + READ_CHUNK_BYTES, f.size) - 1
+            chunk: bytes = blob.download_as_bytes(start=offset, end=end, checksum=None)
+            if not chunk:
+                raise TransientError(f"reading input {f.uri}: it ended at byte {offset} of {f.size}")
+            offset += len(chunk)
+            return chunk
+
+        with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
             pending = b""
-            for chunk in _prefetched(lambda: reader.read(READ_CHUNK_BYTES), name=f"download {f.uri}"):
+            for chunk in _prefetched(read, name=f"download {f.uri}"):
                 lines = (pending + chunk).split(b"\n")
                 pending = lines.pop()
                 for line in lines:
@@ -193,22 +220,22 @@ class GcsStore:
 
     @contextlib.contextmanager
     def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[BackgroundWriter]:
-        """A binary stream to `uri` over a resumable upload, visible only once the block exits
-        normally; on an exception the upload is cancelled and no object appears. Uploading runs in
-        a thread of its own, so the next batches are predicted while the last ones are sent."""
+        """A binary stream to `uri`, visible only once the block exits normally; on an exception
+        no object appears. Uploading runs in a thread of its own, so the next batches are
+        predicted while the last ones are sent."""
         blob = self._client.bucket(uri.bucket).blob(uri.path)
         blob.metadata = {WRITTEN_BY_KEY: job_id}
-        with (
-            translate_errors(f"writing output {uri}"),
-            blob.open("wb", chunk_size=WRITE_CHUNK_BYTES, ignore_flush=True, content_type=content_type) as w,
-        ):
-            writer = BackgroundWriter(w, name=f"upload {uri}")
+        with translate_errors(f"writing output {uri}"):
+            sink = _Upload(blob, content_type)
+            writer = BackgroundWriter(sink, name=f"upload {uri}")
             try:
                 yield writer
+                writer.finish()
+                sink.close()
             except BaseException:
                 writer.abandon()
+                sink.terminate()
                 raise
-            writer.finish()
 
     def write_json(self, uri: GcsUri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int:
         """Write `value` as one object (a single-request upload, so preconditions apply);
@@ -338,6 +365,46 @@ class GcsStore:
         return LocalModel(folder, version, dest, fingerprint)
 
 
+class _Upload:
+    """An object's content, written in blocks: an output smaller than one upload chunk is sent in
+    one request when it is complete; a larger one goes over a resumable upload, chunk by chunk."""
+
+    def __init__(self, blob: Any, content_type: str) -> None:
+        self._blob = blob
+        self._content_type = content_type
+        self._head: list[bytes] = []  # the blocks written while the output is still small
+        self._head_bytes = 0
+        self._resumable: Any = None
+
+    def write(self, block: bytes) -> int:
+        if self._resumable is not None:
+            self._resumable.write(block)
+            return len(block)
+        self._head.append(block)
+        self._head_bytes += len(block)
+        if self._head_bytes >= WRITE_CHUNK_BYTES:
+            self._resumable = self._blob.open(
+                "wb", chunk_size=WRITE_CHUNK_BYTES, ignore_flush=True, content_type=self._content_type
+            )
+            head, self._head = self._head, []
+            self._resumable.write(b"".join(head))
+        return len(block)
+
+    def close(self) -> None:
+        """Make the object appear with everything written."""
+        if self._resumable is not None:
+            self._resumable.close()
+        else:
+            self._blob.upload_from_string(b"".join(self._head), content_type=self._content_type)
+            self._head = []
+
+    def terminate(self) -> None:
+        """Give up: cancel a started upload; nothing appears."""
+        if self._resumable is not None:
+            self._resumable.terminate()
+        self._head = []
+
+
 def _prefetched(read: Callable[[], bytes], *, name: str, depth: int = 1) -> Iterator[bytes]:
     """The chunks `read()` returns until it returns b"", read by a thread up to `depth` ahead.
     Its errors are raised here; when the consumer stops early the thread stops after its read."""
@@ -378,11 +445,15 @@ def _prefetched(read: Callable[[], bytes], *, name: str, depth: int = 1) -> Iter
         thread.join()
 
 
+class _Writable(Protocol):
+    def write(self, block: bytes, /) -> int: ...
+
+
 class BackgroundWriter:
     """Writes blocks to `sink` in a thread, through a bounded queue. An error in the thread is
     raised by the next `write` or by `finish`, in the caller's thread."""
 
-    def __init__(self, sink: IO[bytes], *, name: str, depth: int = WRITE_QUEUE_BLOCKS) -> None:
+    def __init__(self, sink: _Writable, *, name: str, depth: int = WRITE_QUEUE_BLOCKS) -> None:
         self._sink = sink
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None

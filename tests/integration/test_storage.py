@@ -41,10 +41,46 @@ def test_lines_stream_across_chunks_and_long_lines(store, storage_client, bucket
     assert list(store.read_lines(f)) == [b"a", long_line, b"", b"last"]
 
 
+@pytest.mark.parametrize("size", [0, 1, 256 * 1024 - 1, 256 * 1024, 256 * 1024 + 1, 3 * 256 * 1024])
+def test_every_byte_is_read_at_chunk_boundaries(store, storage_client, bucket, monkeypatch, size):
+    import worker.storage as storage_mod
+
+    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    data = b"".join(b"%07d\n" % i for i in range(size // 8 + 1))[:size]
+    _put(storage_client, bucket, "edge.jsonl", data)
+    [f] = store.list_inputs(GcsUri(bucket, "edge.jsonl"))
+    assert b"\n".join(store.read_lines(f)) + (b"\n" if data.endswith(b"\n") else b"") == data
+
+
+def test_a_file_replaced_after_listing_is_never_mixed_and_retried(store, storage_client, bucket):
+    _put(storage_client, bucket, "v.jsonl", b"old\n")
+    [f] = store.list_inputs(GcsUri(bucket, "v.jsonl"))
+    _put(storage_client, bucket, "v.jsonl", b"new, and longer\n")
+    with pytest.raises(errors.TransientError, match=r"v.jsonl was replaced or deleted while it was read"):
+        list(store.read_lines(f))
+    [again] = store.list_inputs(GcsUri(bucket, "v.jsonl"))
+    assert list(store.read_lines(again)) == [b"new, and longer"]
+
+
+@pytest.mark.parametrize("blocks", [[b"small\n"], [b"x" * 1000 + b"\n"] * 5000])
+def test_outputs_small_and_past_one_upload_chunk_are_exact(store, storage_client, bucket, blocks):
+    uri = GcsUri(bucket, "out/exact.jsonl")  # the second is 5 MB in 5,000 writes: over one 4 MB chunk
+    with store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
+        for block in blocks:
+            w.write(block)
+    blob = storage_client.bucket(bucket).get_blob("out/exact.jsonl")
+    assert blob.download_as_bytes() == b"".join(blocks)
+    assert (blob.metadata, blob.content_type) == ({"embedded-tf-job": "j"}, "application/jsonl")
+
+
 def test_failed_output_never_appears(store, storage_client, bucket):
     uri = GcsUri(bucket, "out/f.jsonl")
     with pytest.raises(RuntimeError), store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
         w.write(b"x" * (5 * 1024 * 1024))  # more than one upload chunk already sent
+        raise RuntimeError("job died")
+    assert storage_client.bucket(bucket).get_blob("out/f.jsonl") is None
+    with pytest.raises(RuntimeError), store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
+        w.write(b"small\n")  # still held for a one-request upload
         raise RuntimeError("job died")
     assert storage_client.bucket(bucket).get_blob("out/f.jsonl") is None
     with store.open_output(uri, job_id="j", content_type="application/jsonl") as w:

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from worker.storage import BackgroundWriter, _prefetched
+import worker.storage as storage_mod
+from worker.storage import BackgroundWriter, _prefetched, _Upload
 
 
 def _reader(chunks: list[bytes | Exception]):
@@ -74,3 +75,62 @@ def test_abandon_stops_the_thread_and_refuses_further_writes():
     assert not writer._thread.is_alive()
     with pytest.raises(RuntimeError, match="abandoned"):
         writer.write(b"more")
+
+
+class _RecordingBlob:
+    """Records how an output reaches the blob: one request, or a resumable upload."""
+
+    def __init__(self) -> None:
+        self.single: bytes | None = None
+        self.resumable: io.BytesIO | None = None
+        self.terminated = False
+
+    def upload_from_string(self, data: bytes, content_type: str) -> None:
+        self.single = data
+
+    def open(self, mode: str, **kwargs: object) -> _RecordingBlob:
+        self.resumable = io.BytesIO()
+        return self
+
+    def write(self, block: bytes) -> int:
+        assert self.resumable is not None
+        return self.resumable.write(block)
+
+    def close(self) -> None:
+        pass
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+
+def test_a_small_output_is_one_request_and_a_large_one_holds_at_most_a_chunk(monkeypatch):
+    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
+    small = _RecordingBlob()
+    up = _Upload(small, "application/jsonl")
+    up.write(b"a" * 600)
+    up.write(b"b" * 400)
+    up.close()
+    assert small.single == b"a" * 600 + b"b" * 400 and small.resumable is None
+
+    large = _RecordingBlob()
+    up = _Upload(large, "application/jsonl")
+    for i in range(3):
+        up.write(bytes([65 + i]) * 300)
+    assert large.resumable is None  # 900 bytes: still held for one request
+    for i in range(3, 10):
+        up.write(bytes([65 + i]) * 300)
+    assert large.resumable is not None and up._head == []  # a chunk's worth started the upload
+    up.close()
+    assert large.single is None and large.resumable is not None
+    assert large.resumable.getvalue() == b"".join(bytes([65 + i]) * 300 for i in range(10))
+
+
+def test_an_abandoned_output_cancels_its_upload():
+    blob = _RecordingBlob()
+    up = _Upload(blob, "application/jsonl")
+    up.terminate()
+    assert blob.single is None and not blob.terminated  # nothing was started, nothing to cancel
+    up = _Upload(blob, "application/jsonl")
+    up.write(b"x" * storage_mod.WRITE_CHUNK_BYTES)
+    up.terminate()
+    assert blob.terminated and blob.single is None
