@@ -55,6 +55,7 @@ class Config:
     original_timeout_s: float
     original_cap: int
     floor_bytes: int
+    memory_size: int  # 0: no memory-bound measurement
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Env:
     tmp: Path
     model_dirs: dict[str, Path] = field(default_factory=dict)
     inputs: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # label → (uri, lines, bytes)
+    memory_input: str = ""  # the --memory-size input's URI
 
 
 def say(text: str) -> None:
@@ -117,6 +119,14 @@ def prepare(env: Env, cfg: Config) -> None:
             )
         if size != min(cfg.sizes):
             path.unlink()
+    if cfg.memory_size:
+        label = human(cfg.memory_size)
+        path = env.tmp / f"memory-{label}.jsonl"
+        say(f"generating and uploading {label} of JSON lines for the memory bound")
+        write_input(path, cfg.memory_size, features=FEATURES)
+        data.blob(f"memory/{label}.jsonl").upload_from_filename(str(path), content_type="application/jsonl")
+        env.memory_input = f"gs://bench-data/memory/{label}.jsonl"
+        path.unlink()
 
 
 def delete_prefix(env: Env, uri: str) -> None:
@@ -278,6 +288,32 @@ def worker_event_runs(env: Env, cfg: Config, model: str, backend: str) -> dict[s
 ONE_AT_A_TIME = " (one file at a time)"
 
 
+def cli_run(env: Env, cfg: Config, model: str, uri: str, options: str = "", **extra_env: str) -> Run:
+    """One job through `python -m worker run` in a new process, sampling its peak RSS."""
+    out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+    argv = [sys.executable, "-m", "worker", "run", "--model", f"gs://bench-models/{model}/"]
+    argv += ["--input", uri, "--output", out, "--no-publish", "--quiet", "--batch-size", str(cfg.batch_size)]
+    if options:
+        argv += ["--options", options]
+    work = str(env.tmp / f"cli-{uuid.uuid4().hex}")
+    clock = Stopwatch()
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=child_env(env, WORKER_SERVING="tensorflow", WORKER_WORK_DIR=work, **extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    with RssSampler([proc.pid]) as rss:
+        stdout, stderr = proc.communicate()
+    seconds = clock.elapsed
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker CLI exited {proc.returncode}: {stderr.decode()[-2000:]}")
+    manifest = json.loads(stdout)
+    delete_prefix(env, out)
+    return Run(seconds, manifest["totals"]["predictions"], rss.peak)
+
+
 def worker_cli_runs(env: Env, cfg: Config, model: str) -> dict[str, Run]:
     """Each single-file input through the CLI; the tree too, with its files in flight together
     (the default) and one after another, side by side."""
@@ -285,35 +321,25 @@ def worker_cli_runs(env: Env, cfg: Config, model: str) -> dict[str, Run]:
     for label, (uri, _, size) in env.inputs.items():
         if label == "10 lines":
             continue
-        variants = {label: {}}
+        variants: dict[str, dict[str, str]] = {label: {}}
         if " in " in label:
             variants[label + ONE_AT_A_TIME] = {"WORKER_FILE_CONCURRENCY": "1"}
         for name, extra in variants.items():
-            runs = []
-            for _ in range(cfg.repeat if size < 2**30 else 1):
-                out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
-                argv = [sys.executable, "-m", "worker", "run", "--model", f"gs://bench-models/{model}/"]
-                argv += ["--input", uri, "--output", out, "--no-publish", "--quiet"]
-                argv += ["--batch-size", str(cfg.batch_size)]
-                work = str(env.tmp / f"cli-{uuid.uuid4().hex}")
-                clock = Stopwatch()
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=REPO,
-                    env=child_env(env, WORKER_SERVING="tensorflow", WORKER_WORK_DIR=work, **extra),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                )
-                with RssSampler([proc.pid]) as rss:
-                    stdout, stderr = proc.communicate()
-                seconds = clock.elapsed
-                if proc.returncode != 0:
-                    raise RuntimeError(f"worker CLI exited {proc.returncode}: {stderr.decode()[-2000:]}")
-                manifest = json.loads(stdout)
-                runs.append(Run(seconds, manifest["totals"]["predictions"], rss.peak))
-                delete_prefix(env, out)
+            runs = [cli_run(env, cfg, model, uri, **extra) for _ in range(cfg.repeat if size < 2**30 else 1)]
             results[name] = _median_run(runs)
             say(f"  cli {model} {name}: {results[name].rate:,.0f} instances/s")
+    return results
+
+
+def memory_runs(env: Env, cfg: Config, model: str) -> dict[str, Run]:
+    """Peak RSS of the CLI on the smallest input and on the --memory-size one. Outputs are
+    predictions only: fake-gcs-server's resumable upload grows quadratically with an object's size
+    (300 MB takes 25 s, 1 GB many minutes), and it is the worker's memory being measured."""
+    smallest = human(min(cfg.sizes))
+    results: dict[str, Run] = {}
+    for label, uri in ((smallest, env.inputs[smallest][0]), (human(cfg.memory_size), env.memory_input)):
+        results[label] = cli_run(env, cfg, model, uri, options='{"output_format": "predictions"}')
+        say(f"  memory {model} {label}: peak RSS {mb(results[label].peak_rss)}")
     return results
 
 
@@ -465,6 +491,13 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
         if len(labels) > 1:
             growth = r["event"][labels[-1]].peak_rss - r["event"][labels[0]].peak_rss
             out.append(f"\nPeak RSS growth from {labels[0]} to {labels[-1]} (event): {mb(growth)}.")
+        if r.get("memory"):
+            (small, small_run), (big, big_run) = r["memory"].items()
+            out.append(
+                f"Memory bound (CLI, predictions-only output): peak RSS {mb(small_run.peak_rss)} at {small}, "
+                f"{mb(big_run.peak_rss)} at {big} ({big_run.rate:,.0f} instances/s): "
+                f"{mb(big_run.peak_rss - small_run.peak_rss)} more for {big_run.instances:,} instances."
+            )
         budget = results["tf_import_s"] + r["download_s"] + 1
         out.append(
             f"Event → 10-line job done: warm {r['event']['warm_s'] * 1000:.0f} ms; cold (new process) "
@@ -490,15 +523,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", help="batch curve for limit and floor (default: 16,64,256,1024)")
     parser.add_argument("--repeat", type=int, help="runs per figure; medians are reported (default: 3; --quick: 1)")
     parser.add_argument("--tree-files", type=int, help="files in the tree input (smallest size; default: 100)")
+    parser.add_argument(
+        "--memory-size",
+        help="input size for the memory bound, measured on the first model (default: 1GB; --quick: 16MB; 0: skip)",
+    )
     parser.add_argument("--original-timeout", type=float, default=30.0, help="REST timeout of the original (30 s)")
     parser.add_argument("--original-cap", default="8GB", help="kill the original approach above this RSS (8GB)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     defaults = (
-        {"models": "mlp", "sizes": "1MB,4MB", "batch_sizes": "64,256", "repeat": 1, "tree_files": 10}
+        {"models": "mlp", "sizes": "1MB,4MB", "batch_sizes": "64,256", "repeat": 1, "tree_files": 10,
+         "memory_size": "16MB"}
         if args.quick
         else {"models": "mlp,dense", "sizes": "10MB,100MB", "batch_sizes": "16,64,256,1024", "repeat": 3,
-              "tree_files": 100}
+              "tree_files": 100, "memory_size": "1GB"}
     )  # fmt: skip
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -513,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         original_timeout_s=args.original_timeout,
         original_cap=parse_size(args.original_cap),
         floor_bytes=min(parse_size("10MB"), min(parse_size(s) for s in args.sizes.split(","))),
+        memory_size=0 if args.memory_size == "0" else parse_size(args.memory_size),
     )
     unknown = [m for m in cfg.models if m not in MODELS]
     if unknown:
@@ -546,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
                 r["event"] = worker_event_runs(env, cfg, model, "tensorflow")
                 say(f"model {model}: the worker through its CLI")
                 r["cli"] = worker_cli_runs(env, cfg, model)
+                if cfg.memory_size and model == cfg.models[0]:
+                    say(f"model {model}: the memory bound at {human(cfg.memory_size)}")
+                    r["memory"] = memory_runs(env, cfg, model)
                 say(f"model {model}: the original approach")
                 r["original"] = original_runs(env, cfg, model)
                 results[model] = r

@@ -24,12 +24,15 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for heading in ("limit: signature on tensors", "worker, event (warm)", "original approach", "cold (new process)"):
+    headings = ("limit: signature on tensors", "worker, event (warm)", "original approach", "cold (new process)")
+    for heading in (*headings, "Memory bound", "with the files in flight together"):
         assert heading in proc.stdout
     mlp = json.loads(figures.read_text())["mlp"]
     assert set(mlp["limit"]) == set(mlp["floor"]) == {"64", "256"}
     for label in ("1MB", "4MB", "1MB in 10 files"):
         run = mlp["event"][label]
         assert run["instances"] > 0 and run["seconds"] > 0 and run["peak_rss"] > 0
-    assert {"1MB", "4MB"} <= set(mlp["cli"])
+    assert {"1MB", "4MB", "1MB in 10 files", "1MB in 10 files (one file at a time)"} <= set(mlp["cli"])
+    assert set(mlp["memory"]) == {"1MB", "16MB"}
+    assert mlp["memory"]["16MB"]["instances"] > mlp["memory"]["1MB"]["instances"] > 0
     assert {"1MB", "4MB", "1MB in 10 files"} <= set(mlp["original"])
