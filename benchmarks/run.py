@@ -1,7 +1,7 @@
 """Benchmarks: the worker side by side with the raw model and with the original tool's approach.
 
-    PYTHONPATH=. .venv/bin/python -m benchmarks.run            # the full run (about 15 minutes)
-    PYTHONPATH=. .venv/bin/python -m benchmarks.run --quick    # a smoke run (about 2 minutes)
+    PYTHONPATH=. .venv/bin/python -m benchmarks.run            # the full run (about 20 minutes)
+    PYTHONPATH=. .venv/bin/python -m benchmarks.run --quick    # a smoke run (about 1 minute)
 
 Against local fake-gcs-server, on generated JSON lines of 16 floats, for each model it measures:
 
@@ -10,7 +10,8 @@ Against local fake-gcs-server, on generated JSON lines of 16 floats, for each mo
 3. worker  — end to end through an event (functions-framework, model warm) and through the CLI
              (a new process: TensorFlow import and model load included): instances/s and the peak
              RSS of the whole process tree; the time from event to completed 10-line job, cold
-             (new process) and warm;
+             (new process) and warm; the peak RSS of a job on the smallest input and on
+             --memory-size (1 GB) of input, through the CLI;
 4. original — the original tool's approach (benchmarks/original.py) against the TF Serving
              stand-in: whole file in memory, one request per file; where it breaks, why.
 
