@@ -137,7 +137,12 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, publish: bool = True) -> Runtime:
-        store = GcsStore.from_environment(settings.project, download_threads=settings.download_threads)
+        store = GcsStore.from_environment(
+            settings.project,
+            download_threads=settings.download_threads,
+            # A download and an upload per file in flight, model files, leases and manifests.
+            concurrent_requests=2 * settings.file_concurrency + settings.download_threads + 4,
+        )
         stats = ServingStats()
         models = StoreModelProvider(
             store,

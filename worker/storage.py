@@ -135,14 +135,21 @@ class GcsStore:
         self._download_threads = download_threads
 
     @classmethod
-    def from_environment(cls, project: str | None, *, download_threads: int = 8) -> GcsStore:
-        """A client for real GCS, or for the emulator when STORAGE_EMULATOR_HOST is set."""
+    def from_environment(
+        cls, project: str | None, *, download_threads: int = 8, concurrent_requests: int = 10
+    ) -> GcsStore:
+        """A client for real GCS, or for the emulator when STORAGE_EMULATOR_HOST is set, keeping
+        up to `concurrent_requests` connections alive (requests' default of 10 would drop and
+        reopen connections when more files are in flight)."""
         if os.environ.get("STORAGE_EMULATOR_HOST"):
             from google.auth.credentials import AnonymousCredentials
 
             client = storage.Client(project=project or "local", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
         else:
             client = storage.Client(project=project or None)
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(10, concurrent_requests))
+        for scheme in ("https://", "http://"):
+            client._http.mount(scheme, adapter)
         return cls(client, download_threads=download_threads)
 
     # -- inputs ------------------------------------------------------------------------------

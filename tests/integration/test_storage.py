@@ -109,3 +109,29 @@ def test_model_names_cannot_escape(tmp_path):
     with pytest.raises(errors.ModelError, match="would escape"):
         _safe_join(str(tmp_path), "../../etc/passwd")
     assert _safe_join(str(tmp_path), "variables/v.index").endswith("variables/v.index")
+
+
+@pytest.mark.parametrize(("pool", "dropped"), [(10, True), (24, False)])
+def test_connections_are_kept_for_every_request_in_flight(storage_client, bucket, caplog, pool, dropped):
+    """20 downloads at once: a pool of requests' default 10 drops connections (and opens new
+    ones next time); a pool sized for the files in flight keeps them all."""
+    import threading
+
+    _put(storage_client, bucket, "big.bin", b"x" * (4 * 1024 * 1024))
+    store = GcsStore.from_environment(None, concurrent_requests=pool)
+    [f] = store.list_inputs(GcsUri(bucket, "big.bin"))
+    start = threading.Barrier(20)
+    sizes: list[int] = []
+
+    def read() -> None:
+        start.wait()
+        sizes.append(sum(len(line) for line in store.read_lines(f)))
+
+    with caplog.at_level("WARNING", logger="urllib3.connectionpool"):
+        threads = [threading.Thread(target=read) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sizes == [4 * 1024 * 1024] * 20
+    assert any("Connection pool is full" in r.getMessage() for r in caplog.records) == dropped
