@@ -44,6 +44,7 @@ def test_cli_runs_a_job_and_prints_the_manifest(gcs_host, storage_client, bucket
     assert (manifest["job_id"], manifest["status"]) == ("cli-1", "PARTIALLY_SUCCEEDED")
     assert manifest["totals"]["predictions"] == 5 and manifest["totals"]["errors"] == 1
     assert len(read_lines(storage_client, f"gs://{bucket}/o/in.jsonl")) == 6
+    assert "files=1/1, lines=6" in done.stderr  # the job's progress bar, at its end
 
     failed = _cli("--model", f"gs://{bucket}/nope/", *args[2:], gcs_host=gcs_host, work_dir=str(tmp_path))
     assert failed.returncode == 1
