@@ -391,6 +391,8 @@ def _run_file(
     options = job.options
     plain = options.key_field is None and options.included_fields is None and options.excluded_fields is None
     results_format = options.output_format != "predictions"
+    # Plain instances, results lines: whole batches go without per-line bookkeeping when they can.
+    fast = plain and results_format
     # Lines already told to the tracker, and bytes read since it was last told.
     lines_told = bytes_read = 0
     # The batch being filled: (line number, line) of its non-blank lines, and their bytes.
@@ -401,7 +403,10 @@ def _run_file(
     with store.open_output(out_uri, job_id=job.job_id, content_type="application/jsonl") as out:
 
         def flush() -> None:
-            parsed = codec.parse_many([raw for _, raw in pending])
+            raws = [raw for _, raw in pending]
+            if fast and _flush_plain(raws, predictor, counts, out):
+                return
+            parsed = codec.parse_many(raws)
             entries = [
                 _Entry(p[0], feed=p[0], raw=raw.strip() if p[1] else None)
                 if plain and not isinstance(p, ValueError)
@@ -447,6 +452,31 @@ def _run_file(
         f.uri, out_uri, counts.instances, counts.predictions, counts.errors, counts.skipped,
     )  # fmt: skip
     return result
+
+
+def _flush_plain(raws: list[bytes], predictor: Predictor, counts: Counts, out: Sink) -> bool:
+    """The common batch — every line strict JSON, the model takes them all — predicted and written
+    as whole lists. False (nothing done) otherwise: the batch then goes line by line."""
+    values = codec.parse_strict(raws)
+    if values is None:
+        return False
+    try:
+        predictions = predictor.predict(values)
+    except BatchRejected:
+        return False  # isolated instance by instance, in `_predict_isolating`
+    if len(predictions) != len(values):
+        raise errors.ModelError(f"the model returned {len(predictions)} predictions for {len(values)} instances")
+    out.write(
+        b"".join(
+            [
+                b'{"instance":' + raw.strip() + b',"prediction":' + encoded + b"}\n"
+                for raw, encoded in zip(raws, codec.dumps_each(predictions), strict=True)
+            ]
+        )
+    )
+    counts.instances += len(values)
+    counts.predictions += len(values)
+    return True
 
 
 def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, options: Options) -> _Entry:

@@ -88,3 +88,23 @@ def test_parse_many_answers_line_by_line_as_parse_does(batch):
             continue
         assert not isinstance(answer, ValueError)
         assert _finite_equal(answer[0], want[0]) and answer[1] == want[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(json_values, max_size=12))
+def test_dumps_each_encodes_each_value_as_dumps_does(values):
+    assert codec.dumps_each(values) == [codec.dumps(v) for v in values]
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines)
+def test_parse_strict_gives_every_value_only_when_every_line_is_strict(batch):
+    got = codec.parse_strict(batch)
+    answers = codec.parse_many(batch)
+    if got is None:  # only when some line is not strict JSON (or not JSON at all)
+        assert any(isinstance(a, ValueError) or not a[1] for a in answers)
+    else:
+        assert len(got) == len(batch)
+        assert all(
+            _finite_equal(v, codec.parse(raw)[0]) and codec.parse(raw)[1] for v, raw in zip(got, batch, strict=True)
+        )

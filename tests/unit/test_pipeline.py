@@ -339,11 +339,12 @@ class BarrierPredictor(SumPredictor):
     """Each thread's first batch waits until `parties` threads are predicting at once: the job
     can only finish if that many files really are in flight together."""
 
-    def __init__(self, parties: int, fail_on: int | None = None, timeout: float = 10) -> None:
+    def __init__(self, parties: int, fail_on: int | None = None, timeout: float = 10, pause_s: float = 0) -> None:
         super().__init__()
         self._barrier = threading.Barrier(parties, timeout=timeout)
         self._seen = threading.local()
         self._fail_on = fail_on
+        self._pause_s = pause_s
         self._lock = threading.Lock()
 
     def predict(self, instances: list[Any]) -> list[Any]:
@@ -352,6 +353,7 @@ class BarrierPredictor(SumPredictor):
             self._barrier.wait()
         if self._fail_on is not None and [self._fail_on] in instances:
             raise errors.ModelError("the model returned 0 predictions for 4 instances")
+        time.sleep(self._pause_s)
         with self._lock:
             return super().predict(instances)
 
@@ -398,7 +400,8 @@ def test_a_failing_file_stops_the_others_and_fails_the_job_with_its_reason():
     objects = _tree(12, 400)
     objects["bkt/in/d0/part-00.jsonl"] = b"[7]\n[666]\n[8]"
     store = FakeStore(objects)
-    outcome, pub = _run_with(store, BarrierPredictor(parties=4, fail_on=666))
+    # The other files take 5 ms a batch (0.5 s a file): far longer than the failure takes to stop them.
+    outcome, pub = _run_with(store, BarrierPredictor(parties=4, fail_on=666, pause_s=0.005))
     assert outcome.status == "FAILED"
     assert outcome.manifest["error"] == {
         "code": "FAILED_PRECONDITION",
@@ -407,7 +410,7 @@ def test_a_failing_file_stops_the_others_and_fails_the_job_with_its_reason():
     listed = [f["output"] for f in outcome.manifest["files"]]
     written = sorted(f"gs://{k}" for k in store.objects if k.startswith("bkt/out/") and not k.endswith(".json"))
     assert listed == written  # every output written is in the manifest, in input order; no partial ones
-    assert len(listed) < 11  # the files still queued never started
+    assert listed == []  # the files in flight stopped at their next batch, the queued ones never started
     assert outcome.manifest["totals"]["lines"] == 400 * len(listed)
     assert pub.messages[0][1]["status"] == "FAILED"
 
