@@ -461,15 +461,13 @@ def _flush_plain(raws: list[bytes], predictor: Predictor, counts: Counts, out: S
     if values is None:
         return False
     try:
-        predictions = predictor.predict(values)
+        predictions = _predict(predictor, values)
     except BatchRejected:
         return False  # isolated instance by instance, in `_predict_isolating`
-    if len(predictions) != len(values):
-        raise errors.ModelError(f"the model returned {len(predictions)} predictions for {len(values)} instances")
     out.write(
         b"".join(
             [
-                b'{"instance":' + raw.strip() + b',"prediction":' + encoded + b"}\n"
+                _OPEN["instance"] + raw.strip() + b',"prediction":' + encoded + b"}\n"
                 for raw, encoded in zip(raws, codec.dumps_each(predictions), strict=True)
             ]
         )
@@ -523,11 +521,19 @@ def _predict_entries(predictor: Predictor, entries: list[_Entry]) -> None:
         _predict_isolating(predictor, todo)
 
 
+def _predict(predictor: Predictor, feeds: list[Any]) -> list[Any]:
+    """One prediction per instance, or ModelError; the model's BatchRejected passes through."""
+    predictions = predictor.predict(feeds)
+    if len(predictions) != len(feeds):
+        raise errors.ModelError(f"the model returned {len(predictions)} predictions for {len(feeds)} instances")
+    return predictions
+
+
 def _predict_isolating(predictor: Predictor, entries: list[_Entry]) -> None:
     """Predict `entries`; when the model rejects the batch, split it until each bad instance is
     alone, so one bad instance costs one error line and not its batch."""
     try:
-        predictions = predictor.predict([e.feed for e in entries])
+        predictions = _predict(predictor, [e.feed for e in entries])
     except BatchRejected as rejected:
         if len(entries) == 1:
             entries[0].error = rejected.message
@@ -536,8 +542,6 @@ def _predict_isolating(predictor: Predictor, entries: list[_Entry]) -> None:
         _predict_isolating(predictor, entries[:mid])
         _predict_isolating(predictor, entries[mid:])
         return
-    if len(predictions) != len(entries):
-        raise errors.ModelError(f"the model returned {len(predictions)} predictions for {len(entries)} instances")
     for e, p in zip(entries, predictions, strict=True):
         e.prediction = p
 

@@ -419,3 +419,21 @@ def _run_with(store: FakeStore, predictor: SumPredictor):
     pub = Published()
     outcome = run(_job(), store=store, models=FakeModels(predictor), publisher=pub, limits=Limits(batch_size=4))
     return outcome, pub
+
+
+class ShortPredictor(SumPredictor):
+    """A broken model: one prediction short for every batch."""
+
+    def predict(self, instances: list[Any]) -> list[Any]:
+        return super().predict(instances)[:-1]
+
+
+def test_a_model_answering_too_few_predictions_fails_the_job_and_says_so():
+    store = FakeStore({"bkt/in/f.jsonl": b"[1]\n[2]\n[3]"})
+    outcome, _ = _run(store, _job(), ShortPredictor())
+    assert outcome.status == "FAILED"
+    assert outcome.manifest["error"] == {
+        "code": "FAILED_PRECONDITION",
+        "message": "the model returned 2 predictions for 3 instances",
+    }
+    assert "bkt/out/f.jsonl" not in store.objects
