@@ -192,9 +192,10 @@ class GcsStore:
             generation=int(blob.generation or 0),
         )
 
-    def read_lines(self, f: InputFile) -> Iterator[bytes]:
-        """Yield the object's lines without their line ending, reading it in bounded chunks, the
-        next chunk downloaded in a thread while this one is processed.
+    def read_blocks(self, f: InputFile) -> Iterator[list[bytes]]:
+        """Yield the object's lines without their line endings (`\n` or `\r\n`), a list per
+        downloaded chunk, reading it in bounded chunks, the next chunk downloaded in a thread while
+        this one is processed.
 
         The generation read at listing time is pinned, so a file replaced mid-job is not mixed.
         """
@@ -216,12 +217,13 @@ class GcsStore:
         with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
             pending = b""
             for chunk in _prefetched(read, name=f"download {f.uri}"):
-                lines = (pending + chunk).split(b"\n")
+                data = pending + chunk
+                lines = data.split(b"\n")
                 pending = lines.pop()
-                for line in lines:
-                    yield line[:-1] if line.endswith(b"\r") else line
+                if lines:
+                    yield _without_cr(lines) if b"\r" in data else lines
             if pending:
-                yield pending[:-1] if pending.endswith(b"\r") else pending
+                yield _without_cr([pending])
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -370,6 +372,11 @@ class GcsStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return LocalModel(folder, version, dest, fingerprint)
+
+
+def _without_cr(lines: list[bytes]) -> list[bytes]:
+    """The lines of a CRLF file without their CR."""
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
 class _Upload:

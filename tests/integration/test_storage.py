@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -31,14 +32,20 @@ def test_single_object_is_exact_and_prefix_skips_output(store, storage_client, b
     assert [f.rel for f in files] == ["a.json", "a.json.bak", "sub/b.json"]
 
 
+def _lines(store: GcsStore, f: Any) -> list[bytes]:
+    return [line for block in store.read_blocks(f) for line in block]
+
+
 def test_lines_stream_across_chunks_and_long_lines(store, storage_client, bucket, monkeypatch):
     import worker.storage as storage_mod
 
     monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
     long_line = b"z" * (700 * 1024)
-    _put(storage_client, bucket, "f.jsonl", b"a\r\n" + long_line + b"\n\nlast")
+    _put(storage_client, bucket, "f.jsonl", b"a\r\n" + long_line + b"\n\nmid\rdle\r\nlast")
     [f] = store.list_inputs(GcsUri(bucket, "f.jsonl"))
-    assert list(store.read_lines(f)) == [b"a", long_line, b"", b"last"]
+    blocks = list(store.read_blocks(f))
+    assert [line for block in blocks for line in block] == [b"a", long_line, b"", b"mid\rdle", b"last"]
+    assert all(blocks), "no empty block"
 
 
 @pytest.mark.parametrize("size", [0, 1, 256 * 1024 - 1, 256 * 1024, 256 * 1024 + 1, 3 * 256 * 1024])
@@ -49,7 +56,7 @@ def test_every_byte_is_read_at_chunk_boundaries(store, storage_client, bucket, m
     data = b"".join(b"%07d\n" % i for i in range(size // 8 + 1))[:size]
     _put(storage_client, bucket, "edge.jsonl", data)
     [f] = store.list_inputs(GcsUri(bucket, "edge.jsonl"))
-    assert b"\n".join(store.read_lines(f)) + (b"\n" if data.endswith(b"\n") else b"") == data
+    assert b"\n".join(_lines(store, f)) + (b"\n" if data.endswith(b"\n") else b"") == data
 
 
 def test_a_file_replaced_after_listing_is_never_mixed_and_retried(store, storage_client, bucket):
@@ -57,9 +64,9 @@ def test_a_file_replaced_after_listing_is_never_mixed_and_retried(store, storage
     [f] = store.list_inputs(GcsUri(bucket, "v.jsonl"))
     _put(storage_client, bucket, "v.jsonl", b"new, and longer\n")
     with pytest.raises(errors.TransientError, match=r"v.jsonl was replaced or deleted while it was read"):
-        list(store.read_lines(f))
+        list(_lines(store, f))
     [again] = store.list_inputs(GcsUri(bucket, "v.jsonl"))
-    assert list(store.read_lines(again)) == [b"new, and longer"]
+    assert list(_lines(store, again)) == [b"new, and longer"]
 
 
 @pytest.mark.parametrize("blocks", [[b"small\n"], [b"x" * 1000 + b"\n"] * 5000])
@@ -125,7 +132,7 @@ def test_connections_are_kept_for_every_request_in_flight(storage_client, bucket
 
     def read() -> None:
         start.wait()
-        sizes.append(sum(len(line) for line in store.read_lines(f)))
+        sizes.append(sum(len(line) for line in _lines(store, f)))
 
     with caplog.at_level("WARNING", logger="urllib3.connectionpool"):
         threads = [threading.Thread(target=read) for _ in range(20)]

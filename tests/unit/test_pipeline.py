@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker import errors
 from worker.jobs import GcsUri, Job, Options
@@ -56,8 +58,8 @@ class FakeStore:
             if k.startswith(key)
         ]
 
-    def read_lines(self, f: FakeFile) -> Iterator[bytes]:
-        yield from self.objects[f"{f.uri.bucket}/{f.uri.path}"].splitlines()
+    def read_blocks(self, f: FakeFile) -> Iterator[list[bytes]]:
+        yield self.objects[f"{f.uri.bucket}/{f.uri.path}"].splitlines()
 
     @contextlib.contextmanager
     def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[io.BytesIO]:
@@ -437,3 +439,76 @@ def test_a_model_answering_too_few_predictions_fails_the_job_and_says_so():
         "message": "the model returned 2 predictions for 3 instances",
     }
     assert "bkt/out/f.jsonl" not in store.objects
+
+
+class BlockStore(FakeStore):
+    """Hands a file's lines over in blocks cut at the given line indexes, as downloaded chunks are."""
+
+    def __init__(self, objects: dict[str, bytes], cuts: list[int]) -> None:
+        super().__init__(objects)
+        self.cuts = cuts
+
+    def read_blocks(self, f: FakeFile) -> Iterator[list[bytes]]:
+        lines = self.objects[f"{f.uri.bucket}/{f.uri.path}"].split(b"\n")
+        edges = sorted({0, len(lines), *(c for c in self.cuts if 0 < c < len(lines))})
+        for a, b in itertools.pairwise(edges):
+            yield lines[a:b]
+
+
+class RecordingPredictor(SumPredictor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[Any]] = []
+
+    def predict(self, instances: list[Any]) -> list[Any]:
+        self.batches.append(list(instances))
+        return super().predict(instances)
+
+
+_LINE = st.one_of(
+    st.tuples(st.just("ok"), st.integers(0, 40)),  # a valid instance, padded with that many spaces
+    st.sampled_from([("blank", ""), ("blank", "  \t"), ("bad", "{oops")]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kinds=st.lists(_LINE, max_size=40),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
+    batch_size=st.integers(1, 6),
+    max_batch_bytes=st.integers(1, 120),
+)
+def test_batches_are_cut_by_count_and_bytes_wherever_blocks_end(kinds, cuts, batch_size, max_batch_bytes):
+    lines = []
+    for n, (kind, arg) in enumerate(kinds, start=1):
+        lines.append(json.dumps([n, 1]) + " " * arg if kind == "ok" else arg)
+    store = BlockStore({"bkt/in/f.jsonl": "\n".join(lines).encode()}, cuts)
+    predictor = RecordingPredictor()
+    limits = Limits(batch_size=batch_size, max_batch_bytes=max_batch_bytes)
+    outcome = run(_job(), store=store, models=FakeModels(predictor), publisher=Published(), limits=limits)
+
+    # The batches a line-by-line reader makes: lines up to the count, or up to the line reaching the bytes.
+    expected: list[list[Any]] = []
+    batch: list[str] = []
+    for i, line in enumerate(lines, start=1):
+        if line.strip():
+            batch.append(line)
+        if batch and (len(batch) >= batch_size or sum(map(len, batch)) >= max_batch_bytes or i == len(lines)):
+            valid = [json.loads(x) for x in batch if x != "{oops"]
+            if valid:
+                expected.append(valid)
+            batch = []
+    assert predictor.batches == expected
+
+    shown = [n for n, line in enumerate(lines, start=1) if line.strip()]
+    blanks = len(lines) - len(shown)
+    totals = outcome.manifest["totals"] if lines else None
+    if lines:
+        assert totals["lines"] == len(lines) and totals["skipped"] == blanks
+        out = store.lines("bkt/out/f.jsonl")
+        assert len(out) == len(shown)
+        for n, o in zip(shown, out, strict=True):
+            if lines[n - 1] == "{oops":
+                assert o["error"]["message"].startswith(f"line {n} is not valid JSON")
+            else:
+                assert o == {"instance": [n, 1], "prediction": n + 1}
