@@ -393,8 +393,6 @@ def _run_file(
     options = job.options
     plain = options.key_field is None and options.included_fields is None and options.excluded_fields is None
     results_format = options.output_format != "predictions"
-    # Plain instances, results lines: whole batches go without per-line bookkeeping when they can.
-    fast = plain and results_format
     # Lines and bytes already told to the tracker.
     lines_told = bytes_told = 0
     # The batch being filled: its non-blank lines, their line numbers, and their bytes.
@@ -406,7 +404,7 @@ def _run_file(
     with store.open_output(out_uri, job_id=job.job_id, content_type="application/jsonl") as out:
 
         def flush() -> None:
-            if fast and _flush_plain(pending, predictor, counts, out):
+            if plain and _flush_plain(pending, predictor, counts, out, results_format=results_format):
                 return
             parsed = codec.parse_many(pending)
             entries = [
@@ -468,9 +466,10 @@ def _run_file(
     return result
 
 
-def _flush_plain(raws: list[bytes], predictor: Predictor, counts: Counts, out: Sink) -> bool:
-    """The common batch — every line strict JSON, the model takes them all — predicted and written
-    as whole lists. False (nothing done) otherwise: the batch then goes line by line."""
+def _flush_plain(raws: list[bytes], predictor: Predictor, counts: Counts, out: Sink, *, results_format: bool) -> bool:
+    """The common batch of plain instances — every line strict JSON, the model takes them all —
+    predicted and written as whole lists, without per-line bookkeeping. False (nothing done)
+    otherwise: the batch then goes line by line."""
     values = codec.parse_strict(raws)
     if values is None:
         return False
@@ -478,10 +477,16 @@ def _flush_plain(raws: list[bytes], predictor: Predictor, counts: Counts, out: S
         predictions = _predict(predictor, values)
     except BatchRejected:
         return False  # isolated instance by instance, in `_predict_isolating`
-    # Each line is {"instance":<the input line>,"prediction":<encoded>}, joined in one C-level pass.
     encoded = codec.dumps_each(predictions)
-    parts = zip(repeat(_OPEN["instance"]), map(bytes.strip, raws), repeat(b',"prediction":'), encoded, repeat(b"}\n"))
-    out.write(b"".join(chain.from_iterable(parts)))
+    if results_format:
+        # Each line is {"instance":<the input line>,"prediction":<encoded>}, joined in one C-level pass.
+        parts = zip(
+            repeat(_OPEN["instance"]), map(bytes.strip, raws), repeat(b',"prediction":'), encoded, repeat(b"}\n")
+        )
+        out.write(b"".join(chain.from_iterable(parts)))
+    else:
+        encoded.append(b"")
+        out.write(b"\n".join(encoded))
     counts.instances += len(values)
     counts.predictions += len(values)
     return True

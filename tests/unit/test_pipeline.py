@@ -477,15 +477,19 @@ _LINE = st.one_of(
     cuts=st.lists(st.integers(0, 40), max_size=6),
     batch_size=st.integers(1, 6),
     max_batch_bytes=st.integers(1, 120),
+    output_format=st.sampled_from(["results", "predictions"]),
 )
-def test_batches_are_cut_by_count_and_bytes_wherever_blocks_end(kinds, cuts, batch_size, max_batch_bytes):
+def test_batches_are_cut_by_count_and_bytes_wherever_blocks_end(
+    kinds, cuts, batch_size, max_batch_bytes, output_format
+):
     lines = []
     for n, (kind, arg) in enumerate(kinds, start=1):
         lines.append(json.dumps([n, 1]) + " " * arg if kind == "ok" else arg)
     store = BlockStore({"bkt/in/f.jsonl": "\n".join(lines).encode()}, cuts)
     predictor = RecordingPredictor()
     limits = Limits(batch_size=batch_size, max_batch_bytes=max_batch_bytes)
-    outcome = run(_job(), store=store, models=FakeModels(predictor), publisher=Published(), limits=limits)
+    job = _job({"output_format": output_format})
+    outcome = run(job, store=store, models=FakeModels(predictor), publisher=Published(), limits=limits)
 
     # The batches a line-by-line reader makes: lines up to the count, or up to the line reaching the bytes.
     expected: list[list[Any]] = []
@@ -510,5 +514,7 @@ def test_batches_are_cut_by_count_and_bytes_wherever_blocks_end(kinds, cuts, bat
         for n, o in zip(shown, out, strict=True):
             if lines[n - 1] == "{oops":
                 assert o["error"]["message"].startswith(f"line {n} is not valid JSON")
-            else:
+            elif output_format == "results":
                 assert o == {"instance": [n, 1], "prediction": n + 1}
+            else:
+                assert o == n + 1
