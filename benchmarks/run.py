@@ -130,6 +130,12 @@ def prepare(env: Env, cfg: Config) -> None:
         path.unlink()
 
 
+def output_bytes(env: Env, uri: str) -> int:
+    """Bytes of the output files under `uri` (the manifest left out)."""
+    bucket, _, prefix = uri.removeprefix("gs://").partition("/")
+    return sum(b.size for b in env.client.list_blobs(bucket, prefix=prefix) if not b.name.endswith(".json"))
+
+
 def delete_prefix(env: Env, uri: str) -> None:
     bucket, _, prefix = uri.removeprefix("gs://").partition("/")
     for blob in env.client.list_blobs(bucket, prefix=prefix):
@@ -219,6 +225,7 @@ class Run:
     seconds: float
     instances: int
     peak_rss: int
+    output_bytes: int = 0
 
     @property
     def rate(self) -> float:
@@ -228,7 +235,7 @@ class Run:
 def _median_run(runs: list[Run]) -> Run:
     runs = sorted(runs, key=lambda r: r.seconds)
     mid = runs[len(runs) // 2]
-    return Run(mid.seconds, mid.instances, int(median(r.peak_rss for r in runs)))
+    return Run(mid.seconds, mid.instances, int(median(r.peak_rss for r in runs)), mid.output_bytes)
 
 
 def worker_event_runs(env: Env, cfg: Config, model: str, backend: str) -> dict[str, Any]:
@@ -277,13 +284,42 @@ def worker_event_runs(env: Env, cfg: Config, model: str, backend: str) -> dict[s
                     post_job(url, {"model": model_uri, "input": uri, "output": out})
                     seconds = clock.elapsed
                 manifest = read_manifest(env, out)
-                runs.append(Run(seconds, manifest["totals"]["predictions"], rss.peak))
+                runs.append(Run(seconds, manifest["totals"]["predictions"], rss.peak, output_bytes(env, out)))
                 delete_prefix(env, out)
             results[label] = _median_run(runs)
             say(f"  event/{backend} {model} {label}: {results[label].rate:,.0f} instances/s")
     finally:
         service.stop()
     return results
+
+
+def storage_alone_s(env: Env, uri: str, out_bytes: int, repeat: int) -> float:
+    """Seconds the worker's own storage layer takes to read `uri` and write `out_bytes` of output
+    alongside, file by file as a job does (4 files in flight, each output written as its input is
+    read), with no parsing or prediction: what the I/O against this fake-gcs-server costs alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.jobs import GcsUri
+    from worker.storage import GcsStore
+
+    store = GcsStore.from_environment("bench", concurrent_requests=16)
+    inputs = store.list_inputs(GcsUri.parse(uri))
+    ratio = out_bytes / sum(f.size for f in inputs)
+
+    def one(f: Any, out: str) -> None:
+        with store.open_output(GcsUri.parse(out + f.rel), job_id="bench", content_type="application/jsonl") as sink:
+            for block in store.read_blocks(f):
+                sink.write(b"x" * int((sum(map(len, block)) + len(block)) * ratio))
+
+    times = []
+    for _ in range(repeat):
+        out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+        clock = Stopwatch()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, inputs, [out] * len(inputs)))
+        times.append(clock.elapsed)
+        delete_prefix(env, out)
+    return median(times)
 
 
 ONE_AT_A_TIME = " (one file at a time)"
@@ -455,20 +491,25 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
             ev: Run = r["event"][label]
             cli: Run | None = r["cli"].get(label)
             orig = r["original"].get(label)
-            row = [f"{label} ({lines:,} lines)", rate(ev.rate), f"{ev.rate / fl:.2f}", mb(ev.peak_rss)]
+            io_rate = ev.instances / r["storage_s"][label]
+            row = [f"{label} ({lines:,} lines)", rate(ev.rate), f"{ev.rate / fl:.2f}", rate(io_rate), mb(ev.peak_rss)]
             row += [rate(cli.rate), mb(cli.peak_rss)] if cli else ["—", "—"]
             if isinstance(orig, Run):
                 row += [rate(orig.rate), mb(orig.peak_rss), f"{ev.rate / orig.rate:.1f}×"]
             else:
                 row += [f"breaks: {orig}", "—", "—"]
             rows.append(row)
-        out.append("\nEnd to end (instances/s; the floor at this batch size is " + rate(fl) + "):\n")
+        out.append(
+            "\nEnd to end (instances/s; the floor at this batch size is " + rate(fl) + "; storage alone: "
+            "the same bytes read and written by the worker's storage code with no processing):\n"
+        )
         out.append(
             table(
                 [
                     "input",
                     "worker, event (warm)",
                     "÷ floor",
+                    "storage alone",
                     "peak RSS",
                     "worker, CLI (cold)",
                     "peak RSS",
@@ -584,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
                 r["download_s"] = model_download_s(env, model)
                 say(f"model {model}: the worker through events")
                 r["event"] = worker_event_runs(env, cfg, model, "tensorflow")
+                r["storage_s"] = {
+                    label: storage_alone_s(env, env.inputs[label][0], run.output_bytes, cfg.repeat)
+                    for label, run in r["event"].items()
+                    if isinstance(run, Run)
+                }
                 say(f"model {model}: the worker through its CLI")
                 r["cli"] = worker_cli_runs(env, cfg, model)
                 if cfg.memory_size and model == cfg.models[0]:

@@ -24,7 +24,13 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    headings = ("limit: signature on tensors", "worker, event (warm)", "original approach", "cold (new process)")
+    headings = (
+        "limit: signature on tensors",
+        "worker, event (warm)",
+        "storage alone",
+        "original approach",
+        "cold (new process)",
+    )
     for heading in (*headings, "Memory bound", "with the files in flight together"):
         assert heading in proc.stdout
     mlp = json.loads(figures.read_text())["mlp"]
@@ -32,6 +38,7 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     for label in ("1MB", "4MB", "1MB in 10 files"):
         run = mlp["event"][label]
         assert run["instances"] > 0 and run["seconds"] > 0 and run["peak_rss"] > 0
+        assert run["output_bytes"] > 0 and mlp["storage_s"][label] > 0
     assert {"1MB", "4MB", "1MB in 10 files", "1MB in 10 files (one file at a time)"} <= set(mlp["cli"])
     assert set(mlp["memory"]) == {"1MB", "16MB"}
     assert mlp["memory"]["16MB"]["instances"] > mlp["memory"]["1MB"]["instances"] > 0
