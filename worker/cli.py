@@ -114,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     except (errors.InvalidJob, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    bars = _Bar(enabled=not args.quiet)
+    bar = _Bar(enabled=not args.quiet)
     try:
-        outcome = rt.run_job(job, progress=bars)
+        outcome = rt.run_job(job, progress=bar)
     except errors.TransientError as e:
         print(f"error (transient, try again): {e}", file=sys.stderr)
         return EXIT_TRANSIENT
     finally:
-        bars.close()
+        bar.close()
         rt.close()
     print(json.dumps(outcome.manifest, indent=2))
     return EXIT_FAILED if outcome.status == STATUS_FAILED else 0
