@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+import worker.storage as storage_mod
 from worker import errors
 from worker.jobs import GcsUri
 from worker.storage import GcsStore, _safe_join
@@ -37,8 +38,6 @@ def _lines(store: GcsStore, f: Any) -> list[bytes]:
 
 
 def test_lines_stream_across_chunks_and_long_lines(store, storage_client, bucket, monkeypatch):
-    import worker.storage as storage_mod
-
     monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
     long_line = b"z" * (700 * 1024)
     _put(storage_client, bucket, "f.jsonl", b"a\r\n" + long_line + b"\n\nmid\rdle\r\nlast")
@@ -50,8 +49,6 @@ def test_lines_stream_across_chunks_and_long_lines(store, storage_client, bucket
 
 @pytest.mark.parametrize("size", [0, 1, 256 * 1024 - 1, 256 * 1024, 256 * 1024 + 1, 3 * 256 * 1024])
 def test_every_byte_is_read_at_chunk_boundaries(store, storage_client, bucket, monkeypatch, size):
-    import worker.storage as storage_mod
-
     monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
     data = b"".join(b"%07d\n" % i for i in range(size // 8 + 1))[:size]
     _put(storage_client, bucket, "edge.jsonl", data)
@@ -69,9 +66,12 @@ def test_a_file_replaced_after_listing_is_never_mixed_and_retried(store, storage
     assert list(_lines(store, again)) == [b"new, and longer"]
 
 
-@pytest.mark.parametrize("blocks", [[b"small\n"], [b"x" * 1000 + b"\n"] * 5000])
+# The second is over one upload chunk (a quarter more), in writes of about 1 kB.
+@pytest.mark.parametrize(
+    "blocks", [[b"small\n"], [b"x" * 1000 + b"\n"] * (storage_mod.WRITE_CHUNK_BYTES * 5 // 4 // 1001)]
+)
 def test_outputs_small_and_past_one_upload_chunk_are_exact(store, storage_client, bucket, blocks):
-    uri = GcsUri(bucket, "out/exact.jsonl")  # the second is 5 MB in 5,000 writes: over one 4 MB chunk
+    uri = GcsUri(bucket, "out/exact.jsonl")
     with store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
         for block in blocks:
             w.write(block)
@@ -83,7 +83,7 @@ def test_outputs_small_and_past_one_upload_chunk_are_exact(store, storage_client
 def test_failed_output_never_appears(store, storage_client, bucket):
     uri = GcsUri(bucket, "out/f.jsonl")
     with pytest.raises(RuntimeError), store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
-        w.write(b"x" * (5 * 1024 * 1024))  # more than one upload chunk already sent
+        w.write(b"x" * (storage_mod.WRITE_CHUNK_BYTES + 1024 * 1024))  # more than one upload chunk already sent
         raise RuntimeError("job died")
     assert storage_client.bucket(bucket).get_blob("out/f.jsonl") is None
     with pytest.raises(RuntimeError), store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
