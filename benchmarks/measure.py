@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
 
 
@@ -52,16 +53,36 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_rss(pids: Iterable[int]) -> int:
-    """Resident bytes of these processes and all their descendants."""
+def _descendants(pids: Iterable[int]) -> list[int]:
+    """These processes and all their descendants."""
     tree = _children()
-    todo, seen, total = list(pids), set(), 0
+    todo, seen = list(pids), set()
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
         seen.add(pid)
         todo.extend(tree.get(pid, ()))
+    return sorted(seen)
+
+
+def tree_cpu_s(pids: Iterable[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes and their live descendants."""
+    total = 0
+    for pid in _descendants(pids):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / CLOCK_TICKS
+
+
+def tree_rss(pids: Iterable[int]) -> int:
+    """Resident bytes of these processes and all their descendants."""
+    total = 0
+    for pid in _descendants(pids):
         try:
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * PAGE

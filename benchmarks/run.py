@@ -36,7 +36,16 @@ import numpy as np
 import orjson
 import requests
 
-from benchmarks.measure import RssSampler, Stopwatch, human, instance_block, median, parse_size, write_input
+from benchmarks.measure import (
+    RssSampler,
+    Stopwatch,
+    human,
+    instance_block,
+    median,
+    parse_size,
+    tree_cpu_s,
+    write_input,
+)
 from localdev import emulators, models
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +71,7 @@ class Config:
 @dataclass
 class Env:
     gcs_host: str
+    gcs_pid: int  # fake-gcs-server's process, whose CPU time the event runs report
     client: Any
     tmp: Path
     model_dirs: dict[str, Path] = field(default_factory=dict)
@@ -226,6 +236,8 @@ class Run:
     instances: int
     peak_rss: int
     output_bytes: int = 0
+    cpu_s: float = 0.0  # CPU seconds of the worker's process tree during the run
+    emulator_cpu_s: float = 0.0  # CPU seconds of fake-gcs-server during the run
 
     @property
     def rate(self) -> float:
@@ -235,7 +247,14 @@ class Run:
 def _median_run(runs: list[Run]) -> Run:
     runs = sorted(runs, key=lambda r: r.seconds)
     mid = runs[len(runs) // 2]
-    return Run(mid.seconds, mid.instances, int(median(r.peak_rss for r in runs)), mid.output_bytes)
+    return Run(
+        mid.seconds,
+        mid.instances,
+        int(median(r.peak_rss for r in runs)),
+        mid.output_bytes,
+        mid.cpu_s,
+        mid.emulator_cpu_s,
+    )
 
 
 def worker_event_runs(env: Env, cfg: Config, model: str, backend: str) -> dict[str, Any]:
@@ -279,12 +298,17 @@ def worker_event_runs(env: Env, cfg: Config, model: str, backend: str) -> dict[s
             runs = []
             for _ in range(cfg.repeat if size < 2**30 else 1):
                 out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+                cpu, emulator_cpu = tree_cpu_s([service.proc.pid]), tree_cpu_s([env.gcs_pid])
                 with RssSampler([service.proc.pid]) as rss:
                     clock = Stopwatch()
                     post_job(url, {"model": model_uri, "input": uri, "output": out})
                     seconds = clock.elapsed
+                cpu, emulator_cpu = tree_cpu_s([service.proc.pid]) - cpu, tree_cpu_s([env.gcs_pid]) - emulator_cpu
                 manifest = read_manifest(env, out)
-                runs.append(Run(seconds, manifest["totals"]["predictions"], rss.peak, output_bytes(env, out)))
+                run = Run(
+                    seconds, manifest["totals"]["predictions"], rss.peak, output_bytes(env, out), cpu, emulator_cpu
+                )
+                runs.append(run)
                 delete_prefix(env, out)
             results[label] = _median_run(runs)
             say(f"  event/{backend} {model} {label}: {results[label].rate:,.0f} instances/s")
@@ -520,6 +544,24 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
                 rows,
             )
         )
+        out.append(
+            f"\nWhere an event job's time goes (seconds per job; the worker and fake-gcs-server share "
+            f"the {os.cpu_count()} CPUs):\n"
+        )
+        out.append(
+            table(
+                ["input", "job", "floor, same lines", "storage alone", "worker CPU", "fake-gcs-server CPU"],
+                [
+                    [label]
+                    + [
+                        f"{s:.2f}"
+                        for s in (ev.seconds, ev.instances / fl, r["storage_s"][label], ev.cpu_s, ev.emulator_cpu_s)
+                    ]
+                    for label, ev in r["event"].items()
+                    if isinstance(ev, Run)
+                ],
+            )
+        )
         for label in env.inputs:
             serial = r["cli"].get(label + ONE_AT_A_TIME)
             if serial is not None:
@@ -610,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
 
         client = storage.Client(project="bench", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
         with tempfile.TemporaryDirectory(prefix="embedded-tf-bench-") as tmp:
-            env = Env(gcs_host=gcs_host, client=client, tmp=Path(tmp))
+            assert gcs.proc is not None
+            env = Env(gcs_host=gcs_host, gcs_pid=gcs.proc.pid, client=client, tmp=Path(tmp))
             prepare(env, cfg)
             results: dict[str, Any] = {"tf_import_s": tensorflow_import_s(cfg.repeat)}
             smallest = env.tmp / f"{human(min(cfg.sizes))}.jsonl"

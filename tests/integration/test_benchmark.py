@@ -30,6 +30,7 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         "storage alone",
         "original approach",
         "cold (new process)",
+        "Where an event job's time goes",
     )
     for heading in (*headings, "Memory bound", "with the files in flight together"):
         assert heading in proc.stdout
@@ -39,6 +40,7 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         run = mlp["event"][label]
         assert run["instances"] > 0 and run["seconds"] > 0 and run["peak_rss"] > 0
         assert run["output_bytes"] > 0 and mlp["storage_s"][label] > 0
+        assert run["cpu_s"] > 0 and run["emulator_cpu_s"] > 0
     assert {"1MB", "4MB", "1MB in 10 files", "1MB in 10 files (one file at a time)"} <= set(mlp["cli"])
     assert set(mlp["memory"]) == {"1MB", "16MB"}
     assert mlp["memory"]["16MB"]["instances"] > mlp["memory"]["1MB"]["instances"] > 0
