@@ -37,6 +37,7 @@ import orjson
 import requests
 
 from benchmarks.measure import (
+    CLOCK_TICKS,
     RssSampler,
     Stopwatch,
     human,
@@ -546,7 +547,7 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
         )
         out.append(
             f"\nWhere an event job's time goes (seconds per job; the worker and fake-gcs-server share "
-            f"the {os.cpu_count()} CPUs):\n"
+            f"the {os.cpu_count()} CPUs; CPU time is counted in ticks of {1000 // CLOCK_TICKS} ms):\n"
         )
         out.append(
             table(

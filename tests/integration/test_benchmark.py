@@ -40,7 +40,10 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         run = mlp["event"][label]
         assert run["instances"] > 0 and run["seconds"] > 0 and run["peak_rss"] > 0
         assert run["output_bytes"] > 0 and mlp["storage_s"][label] > 0
-        assert run["cpu_s"] > 0 and run["emulator_cpu_s"] > 0
+        # CPU seconds are read from /proc in clock ticks (10 ms): fake-gcs-server can serve a
+        # 1 MB job within one tick, so 0.0 is a true reading. The worker parses and predicts
+        # thousands of lines, many ticks' worth, on any machine.
+        assert run["cpu_s"] > 0 and run["emulator_cpu_s"] >= 0
     assert {"1MB", "4MB", "1MB in 10 files", "1MB in 10 files (one file at a time)"} <= set(mlp["cli"])
     assert set(mlp["memory"]) == {"1MB", "16MB"}
     assert mlp["memory"]["16MB"]["instances"] > mlp["memory"]["1MB"]["instances"] > 0
