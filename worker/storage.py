@@ -32,11 +32,12 @@ from worker.jobs import GcsUri
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 4 * 1024 * 1024
-# Resumable upload chunks must be multiples of 256 KiB; this bounds memory per open output. Each
-# chunk is a request: fewer of them means fewer round trips to Cloud Storage, and fake-gcs-server
-# copies the object so far on each one (a 100 MB input's output took it 5–8 s of CPU in 4 MiB
-# chunks, 2.6 s in 16 MiB ones). The client library's own default is 40 MiB.
-WRITE_CHUNK_BYTES = 16 * 1024 * 1024
+# Resumable upload chunks must be multiples of 256 KiB. Each chunk is a request: fewer of them
+# means fewer round trips to Cloud Storage, and fake-gcs-server copies the object so far on each
+# (on a 100 MB input, see the README's benchmarks). Each open output holds up to about two chunks
+# (the client library's buffer and the chunk being sent): 8 MiB keeps a 1 GB job's peak RSS within
+# 64 MB of a 10 MB job's, where 16 MiB went past it. The library's own default is 40 MiB.
+WRITE_CHUNK_BYTES = 8 * 1024 * 1024
 # Output blocks queued for the upload thread at most: bounds memory (a block is a batch's lines).
 WRITE_QUEUE_BLOCKS = 64
 # Custom metadata set on every object the worker writes, so object events never loop back.
