@@ -518,3 +518,38 @@ def test_batches_are_cut_by_count_and_bytes_wherever_blocks_end(
                 assert o == {"instance": [n, 1], "prediction": n + 1}
             else:
                 assert o == n + 1
+
+
+_ANY_LINE = st.sampled_from(["ok", "rejected", "bad", "blank"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kinds=st.lists(_ANY_LINE, max_size=40),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
+    batch_size=st.integers(1, 6),
+    output_format=st.sampled_from(["results", "predictions"]),
+)
+def test_every_line_is_answered_in_order_whichever_path_its_batch_takes(kinds, cuts, batch_size, output_format):
+    # "rejected" lines are strict JSON the model refuses, so their batch takes the whole-batch path
+    # first and is then isolated line by line; "bad" ones are not JSON and never reach the model.
+    text = {"ok": "[{n}, 1]", "rejected": '{{"n": {n}}}', "bad": "{{oops", "blank": "  "}
+    lines = [text[kind].format(n=n) for n, kind in enumerate(kinds, start=1)]
+    store = BlockStore({"bkt/in/f.jsonl": "\n".join(lines).encode()}, cuts)
+    outcome, _ = _run(store, _job({"output_format": output_format}), SumPredictor(), batch_size=batch_size)
+    if not lines:
+        return
+    shown = [(n, kind) for n, kind in enumerate(kinds, start=1) if kind != "blank"]
+    out = store.lines("bkt/out/f.jsonl")
+    assert len(out) == len(shown)
+    for (n, kind), o in zip(shown, out, strict=True):
+        if kind == "ok":
+            assert o == ({"instance": [n, 1], "prediction": n + 1} if output_format == "results" else n + 1)
+        elif kind == "rejected":
+            assert o["error"] == {"status": "INVALID_ARGUMENT", "message": "instances must be lists"}
+        else:
+            assert o["error"]["message"].startswith(f"line {n} is not valid JSON")
+    totals = outcome.manifest["totals"]
+    assert totals["lines"] == len(lines) and totals["skipped"] == kinds.count("blank")
+    assert totals["predictions"] == kinds.count("ok")
+    assert totals["errors"] == kinds.count("rejected") + kinds.count("bad")
