@@ -48,6 +48,7 @@ from benchmarks.measure import (
     write_input,
 )
 from localdev import emulators, models
+from worker.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 FEATURES = 16
@@ -604,7 +605,12 @@ def main(argv: list[str] | None = None) -> int:
         help="input sizes (default: 10MB,100MB; --quick: 1MB,4MB). 1GB works but measures fake-gcs-server's "
         "in-memory backend, which takes minutes and GBs at that size",
     )
-    parser.add_argument("--batch-size", type=int, default=256, help="the worker's batch size (default: 256)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=Settings.batch_size,
+        help=f"the worker's batch size (default: its own, {Settings.batch_size})",
+    )
     parser.add_argument("--batch-sizes", help="batch curve for limit and floor (default: 16,64,256,1024)")
     parser.add_argument("--repeat", type=int, help="runs per figure; medians are reported (default: 3; --quick: 1)")
     parser.add_argument("--tree-files", type=int, help="files in the tree input (smallest size; default: 100)")

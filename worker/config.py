@@ -79,7 +79,7 @@ REQUEST_FORMATS = ("row", "columnar")
 class Settings:
     project: str = ""
     results_topic: str = ""
-    batch_size: int = 256
+    batch_size: int = 1024
     max_batch_bytes: int = 4 * 1024 * 1024
     file_concurrency: int = 4
     work_dir: str = os.path.join(tempfile.gettempdir(), "embedded-tf")

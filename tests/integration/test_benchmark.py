@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from worker.config import Settings
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -35,7 +37,8 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     for heading in (*headings, "Memory bound", "with the files in flight together"):
         assert heading in proc.stdout
     mlp = json.loads(figures.read_text())["mlp"]
-    assert set(mlp["limit"]) == set(mlp["floor"]) == {"64", "256"}
+    # The curve of --quick, and the worker's own batch size added to it.
+    assert set(mlp["limit"]) == set(mlp["floor"]) == {"64", "256", str(Settings.batch_size)}
     for label in ("1MB", "4MB", "1MB in 10 files"):
         run = mlp["event"][label]
         assert run["instances"] > 0 and run["seconds"] > 0 and run["peak_rss"] > 0
