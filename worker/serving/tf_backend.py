@@ -66,9 +66,23 @@ class TensorFlowSignature:
         _, kwargs = fn.structured_input_signature
         self.inputs: dict[str, Any] = dict(sorted(kwargs.items()))
         self.output_names = sorted(fn.structured_outputs)
+        self._floats = (tf.float32, tf.float64)
 
     def _column(self, name: str, values: list[Any]) -> Any:
         spec = self.inputs[name]
+        if spec.dtype in self._floats:
+            try:
+                # TensorFlow reads nested lists of numbers 4-5× faster than NumPy does (0.09 against
+                # 0.45 ms for 1024 × 16). It refuses strings, nulls, objects and ragged lists (NumPy's
+                # route below then says why) and gives the values NumPy's would, except that integers
+                # beyond 64 bits become the nearest float, and float32 subnormals zero, as
+                # TensorFlow's kernels flush them anyway.
+                tensor = self._tf.constant(values, dtype=spec.dtype)
+            except (TypeError, ValueError):
+                pass
+            else:
+                self._check_shape(name, spec, list(tensor.shape))
+                return tensor
         if spec.dtype == self._tf.string:
             arr = np.asarray([decode_strings(v) for v in values], dtype=object)
         else:
@@ -79,20 +93,23 @@ class TensorFlowSignature:
             target = np.dtype(spec.dtype.as_numpy_dtype)
             if arr.dtype.kind not in "biuf":
                 raise BatchRejected(
-                    f"input {name!r} expects {spec.dtype.name} numbers, got values of JSON type {_json_type(values)}"
+                    f"input {name!r} expects {spec.dtype.name} numbers, got values of JSON type {_leaf_types(values)}"
                 )
             if target.kind in "iu" and arr.dtype.kind == "f":
                 raise BatchRejected(f"input {name!r} expects integers ({spec.dtype.name}), got fractional numbers")
-            arr = arr.astype(target, copy=False)
-        expected = spec.shape
-        if expected.rank is not None:
-            got = arr.shape[1:]
-            want = expected.as_list()[1:]
-            if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got, strict=False)):
-                raise BatchRejected(
-                    f"input {name!r} expects instances of shape {_shape(want)}, got {_shape(list(got))}"
-                )
+            with np.errstate(over="ignore"):  # beyond float32's range: infinity, as on the route above
+                arr = arr.astype(target, copy=False)
+        self._check_shape(name, spec, list(arr.shape))
         return self._tf.constant(arr, dtype=spec.dtype)
+
+    @staticmethod
+    def _check_shape(name: str, spec: Any, shape: list[int]) -> None:
+        if spec.shape.rank is None:
+            return
+        got = shape[1:]
+        want = spec.shape.as_list()[1:]
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got, strict=False)):
+            raise BatchRejected(f"input {name!r} expects instances of shape {_shape(want)}, got {_shape(got)}")
 
     def predict(self, instances: list[Any]) -> list[Any]:
         names = list(self.inputs)
@@ -124,7 +141,22 @@ def _shape(dims: list[Any]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
+_JSON_TYPES = {"str": "string", "dict": "object", "list": "array", "NoneType": "null", "bool": "boolean"}
+
+
 def _json_type(values: list[Any]) -> str:
-    kinds = {type(v).__name__ for v in values}
-    names = {"str": "string", "dict": "object", "list": "array", "NoneType": "null", "bool": "boolean"}
-    return "/".join(sorted(names.get(k, k) for k in kinds))
+    return "/".join(sorted({_JSON_TYPES.get(type(v).__name__, type(v).__name__) for v in values}))
+
+
+def _leaf_types(values: list[Any]) -> str:
+    """The JSON types inside the arrays that are not numbers: what a numeric input got instead."""
+    names, stack = set(), list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, int) and not -(2**63) <= value < 2**64:
+            names.add("integer beyond 64 bits")
+        elif not isinstance(value, (int, float)):
+            names.add(_JSON_TYPES.get(type(value).__name__, type(value).__name__))
+    return "/".join(sorted(names)) or _json_type(values)

@@ -1,0 +1,118 @@
+"""The in-process backend turns JSON instances into tensors: float inputs through TensorFlow's own
+reading of nested lists, the rest (and whatever that refuses) through NumPy. Whichever route a
+batch takes, the predictions must be those of NumPy's conversion, and what neither takes is
+rejected with a reason that names the input, the type or the shape."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from worker.serving import BatchRejected
+from worker.serving.tf_backend import TensorFlowModel, TensorFlowSignature
+
+pytestmark = pytest.mark.integration
+
+FEATURES = 16
+
+
+@pytest.fixture(scope="module")
+def mlp(model_dirs: dict[str, Path]) -> TensorFlowSignature:
+    return TensorFlowModel(str(model_dirs["mlp"]), description="mlp").predictor("serving_default")
+
+
+@pytest.fixture(scope="module")
+def two_io(model_dirs: dict[str, Path]) -> TensorFlowSignature:
+    return TensorFlowModel(str(model_dirs["two_io"]), description="two_io").predictor("serving_default")
+
+
+@pytest.fixture(scope="module")
+def numpy_reference(model_dirs: dict[str, Path]) -> Any:
+    """The MLP's scores with the batch converted by NumPy (float64, then float32), rows as JSON."""
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(model_dirs["mlp"])).signatures["serving_default"]
+
+    def predict(instances: list[Any]) -> list[Any]:
+        with np.errstate(over="ignore"):  # beyond float32's range: infinity, as in TensorFlow
+            x = np.asarray(instances).astype(np.float32)
+        rows: list[Any] = fn(x=tf.constant(x))["scores"].numpy().tolist()
+        return rows
+
+    return predict
+
+
+def same_json(a: Any, b: Any) -> bool:
+    return json.dumps(a) == json.dumps(b)  # NaN == NaN here, unlike with ==
+
+
+# Normal float32 magnitudes (TensorFlow flushes subnormals to zero, as its kernels do), beyond
+# float32's range too (both routes give infinity), and the numbers JSON has besides floats.
+number = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False).filter(lambda v: v == 0 or abs(v) >= 1.2e-38),
+    st.integers(-(2**63), 2**63 - 1),
+    st.booleans(),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.lists(number, min_size=FEATURES, max_size=FEATURES), min_size=1, max_size=12))
+def test_predictions_are_those_of_numpy_s_conversion(
+    rows: list[list[Any]], mlp: TensorFlowSignature, numpy_reference: Any
+) -> None:
+    assert same_json(mlp.predict(rows), numpy_reference(rows))
+
+
+def test_a_batch_of_plain_floats_is_predicted_exactly_as_numpy_converts_it(
+    mlp: TensorFlowSignature, numpy_reference: Any
+) -> None:
+    rng = np.random.default_rng(3)
+    rows = rng.normal(0, 3, (1024, FEATURES)).round(4).tolist()
+    rows[5] = [int(v) for v in rows[5]]  # integers are numbers too
+    assert mlp.predict(rows) == numpy_reference(rows)
+
+
+def test_an_integer_beyond_64_bits_in_a_float_input_is_read_as_the_nearest_float(
+    mlp: TensorFlowSignature, numpy_reference: Any
+) -> None:
+    big = [2**64 + 1] + [0.5] * (FEATURES - 1)
+    assert mlp.predict([big]) == numpy_reference([[float(v) for v in big]])
+
+
+@pytest.mark.parametrize(
+    ("instance", "reason"),
+    [
+        (["0.5"] * FEATURES, "input 'x' expects float32 numbers, got values of JSON type string"),
+        ([0.5] * (FEATURES - 1) + [None], "input 'x' expects float32 numbers, got values of JSON type null"),
+        ({"y": [1.0] * FEATURES}, "input 'x' expects float32 numbers, got values of JSON type object"),
+        ([1.0] * (FEATURES - 1) + [[1.0]], "input 'x': instances are not rectangular arrays"),
+        ([1.0] * 3, "input 'x' expects instances of shape [16], got [3]"),
+        ([[1.0] * FEATURES], "input 'x' expects instances of shape [16], got [1, 16]"),
+    ],
+)
+def test_what_neither_route_takes_is_rejected_with_its_reason(
+    mlp: TensorFlowSignature, instance: Any, reason: str
+) -> None:
+    good = [0.25] * FEATURES
+    with pytest.raises(BatchRejected):
+        mlp.predict([good, instance, good])
+    with pytest.raises(BatchRejected) as e:  # then the pipeline predicts it alone, for its reason
+        mlp.predict([instance])
+    assert str(e.value).startswith(reason), str(e.value)
+
+
+def test_named_float_and_integer_inputs_each_take_their_route(two_io: TensorFlowSignature) -> None:
+    got = two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2}, {"a": [1, 1, 1, True], "b": 0}])
+    assert got[0] == {"total": 12.0, "ratio": 5.0}
+    assert got[1]["total"] == 4.0 and math.isinf(got[1]["ratio"])
+    with pytest.raises(BatchRejected, match="expects integers"):
+        two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2.5}])
+    with pytest.raises(BatchRejected, match="input 'b' expects int64 numbers, got values of JSON type integer beyond"):
+        two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2**64}])
