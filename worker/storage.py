@@ -220,7 +220,7 @@ class GcsStore:
 
         with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
             pending = b""
-            for chunk in _prefetched(read, name=f"download {f.uri}"):
+            for chunk in _prefetched(read, name=f"download {f.uri}", more=lambda: offset < f.size):
                 data = pending + chunk
                 lines = data.split(b"\n")
                 pending = lines.pop()
@@ -240,7 +240,7 @@ class GcsStore:
         blob.metadata = {WRITTEN_BY_KEY: job_id}
         with translate_errors(f"writing output {uri}"):
             sink = _Upload(blob, content_type)
-            writer = BackgroundWriter(sink, name=f"upload {uri}")
+            writer = BackgroundWriter(sink, name=f"upload {uri}", inline_bytes=WRITE_CHUNK_BYTES)
             try:
                 yield writer
                 writer.finish()
@@ -425,9 +425,21 @@ class _Upload:
         self._head = []
 
 
-def _prefetched(read: Callable[[], bytes], *, name: str, depth: int = 1) -> Iterator[bytes]:
+def _prefetched(
+    read: Callable[[], bytes], *, name: str, depth: int = 1, more: Callable[[], bool] = lambda: True
+) -> Iterator[bytes]:
     """The chunks `read()` returns until it returns b"", read by a thread up to `depth` ahead.
-    Its errors are raised here; when the consumer stops early the thread stops after its read."""
+    Its errors are raised here; when the consumer stops early the thread stops after its read.
+
+    The first chunk is read in the caller's thread, and the thread starts only if `more()` says
+    there is more to read after it: a file of one chunk (most files of a tree) costs no thread,
+    whose start waits for the GIL while other files are being predicted."""
+    first = read()
+    if not first:
+        return
+    if not more():
+        yield first
+        return
     ready: queue.Queue[tuple[bytes, BaseException | None]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -453,6 +465,7 @@ def _prefetched(read: Callable[[], bytes], *, name: str, depth: int = 1) -> Iter
     thread = threading.Thread(target=pump, name=name, daemon=True)
     thread.start()
     try:
+        yield first
         while True:
             chunk, error = ready.get()
             if error is not None:
@@ -471,14 +484,19 @@ class _Writable(Protocol):
 
 class BackgroundWriter:
     """Writes blocks to `sink` in a thread, through a bounded queue. An error in the thread is
-    raised by the next `write` or by `finish`, in the caller's thread."""
+    raised by the next `write` or by `finish`, in the caller's thread.
 
-    def __init__(self, sink: _Writable, *, name: str, depth: int = WRITE_QUEUE_BLOCKS) -> None:
+    The first blocks, while fewer than `inline_bytes` in all, go to the sink in the caller's
+    thread: for a sink that only holds them until then (an output smaller than one upload
+    chunk) that is immediate, and a small output costs no thread."""
+
+    def __init__(self, sink: _Writable, *, name: str, depth: int = WRITE_QUEUE_BLOCKS, inline_bytes: int = 0) -> None:
         self._sink = sink
+        self._name = name
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name=name, daemon=True)
-        self._thread.start()
+        self._inline_left = inline_bytes
+        self._thread: threading.Thread | None = None
 
     def _drain(self) -> None:
         while True:
@@ -494,19 +512,29 @@ class BackgroundWriter:
     def write(self, block: bytes) -> int:
         if self._error is not None:
             raise self._error
-        if block:
-            self._queue.put(block)
+        if not block:
+            return 0
+        if self._thread is None:
+            if len(block) < self._inline_left:
+                self._inline_left -= len(block)
+                return self._sink.write(block)
+            self._thread = threading.Thread(target=self._drain, name=self._name, daemon=True)
+            self._thread.start()
+        self._queue.put(block)
         return len(block)
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
 
     def finish(self) -> None:
         """Wait until every block reached the sink; raise what went wrong there, if anything."""
-        self._queue.put(None)
-        self._thread.join()
+        self._stop()
         if self._error is not None:
             raise self._error
 
     def abandon(self) -> None:
         """Stop without waiting for the sink to succeed (the upload is being cancelled)."""
         self._error = self._error or RuntimeError("abandoned")
-        self._queue.put(None)
-        self._thread.join()
+        self._stop()

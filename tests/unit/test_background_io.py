@@ -44,6 +44,28 @@ def test_prefetched_stops_its_thread_when_the_consumer_stops_early():
     assert threading.active_count() == before
 
 
+def test_prefetched_reads_a_file_of_one_chunk_in_the_callers_thread_and_the_rest_ahead_in_another():
+    threads = []
+
+    def read_from(chunks: list[bytes]):
+        read = _reader(list(chunks))
+
+        def recorded() -> bytes:
+            threads.append(threading.current_thread())
+            return read()
+
+        return recorded
+
+    assert list(_prefetched(read_from([b"only"]), name="t", more=lambda: False)) == [b"only"]
+    assert threads == [threading.current_thread()]  # no thread for a file of one chunk
+
+    threads.clear()
+    chunks = [b"a", b"b", b"c"]
+    assert list(_prefetched(read_from(chunks), name="t", more=lambda: True)) == chunks
+    assert threads[0] is threading.current_thread()
+    assert all(t is not threading.current_thread() for t in threads[1:]) and len(threads) == 4
+
+
 def test_background_writer_writes_everything_in_order():
     sink = io.BytesIO()
     writer = BackgroundWriter(sink, name="t", depth=2)
@@ -68,11 +90,35 @@ def test_background_writer_raises_the_sinks_error_in_the_callers_thread():
         writer.finish()
 
 
+def test_background_writer_writes_the_first_bytes_in_the_callers_thread_and_the_rest_in_its_own():
+    sink = io.BytesIO()
+    writer = BackgroundWriter(sink, name="t", inline_bytes=10)
+    writer.write(b"abcd")
+    writer.write(b"efgh")
+    assert sink.getvalue() == b"abcdefgh" and writer._thread is None  # written at once, no thread
+    for i in range(100):
+        writer.write(b"%d," % i)  # past 10 bytes: queued for the thread
+    assert writer._thread is not None
+    writer.finish()
+    assert sink.getvalue() == b"abcdefgh" + b"".join(b"%d," % i for i in range(100))
+
+
+def test_a_small_output_is_written_without_a_thread_and_errors_reach_the_caller():
+    sink = FailingSink()
+    writer = BackgroundWriter(sink, name="t", inline_bytes=1000)
+    writer.write(b"0123456789")
+    writer.write(b"0123456789")
+    with pytest.raises(OSError, match="upload failed"):
+        writer.write(b"0123456789")
+    assert writer._thread is None
+    writer.abandon()
+
+
 def test_abandon_stops_the_thread_and_refuses_further_writes():
     writer = BackgroundWriter(io.BytesIO(), name="t")
     writer.write(b"partial")
     writer.abandon()
-    assert not writer._thread.is_alive()
+    assert writer._thread is not None and not writer._thread.is_alive()
     with pytest.raises(RuntimeError, match="abandoned"):
         writer.write(b"more")
 
