@@ -92,3 +92,43 @@ def test_files_shared_with_a_reloaded_copy_are_reported_so_they_can_be_kept(cach
         c.make_room("a", 60)  # the same model asked for again: b goes, a is loaded anew
         with c.use("a", "/m/a", "a", size=60):
             assert c.holds("/m/a")
+
+
+class CyclicModel(FakeModel):
+    """A model whose objects refer to each other, as a loaded SavedModel's do."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.me = self
+
+
+def test_loaded_models_are_out_of_the_collectors_sight_and_a_closed_one_is_still_collected():
+    import gc
+    import weakref
+
+    refs: dict[str, weakref.ref[CyclicModel]] = {}
+
+    def load(path: str, description: str) -> CyclicModel:
+        model = CyclicModel(path)
+        refs[path] = weakref.ref(model)
+        return model
+
+    c = ModelCache(load, max_models=1)
+    try:
+        _fetch(c, "a", 1)
+        assert gc.get_freeze_count() > 0  # frozen after the load: full collections skip it
+        _fetch(c, "b", 1)  # a is evicted and closed before b loads; b's load collects it
+        assert refs["a"]() is None and refs["b"]() is not None
+
+        with c.use("b", "b", "b", size=1):  # b in use when c's load evicts it: closed after the job
+            c.make_room("c", 1)
+            with c.use("c", "c", "c", size=1):
+                pass
+        model_b = refs["b"]()
+        assert model_b is not None and model_b.closed
+        del model_b
+        _fetch(c, "c", 1)  # the next job's start collects it
+        assert refs["b"]() is None and refs["c"]() is not None
+    finally:
+        c.close_all()
+        gc.unfreeze()

@@ -5,6 +5,7 @@ files deleted) once no job uses it."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 from collections import OrderedDict
@@ -14,6 +15,19 @@ from dataclasses import dataclass
 from worker.serving import LoadedModel, ServingStats
 
 log = logging.getLogger(__name__)
+
+
+def freeze_long_lived() -> None:
+    """Take everything alive now (TensorFlow, the loaded models) out of the garbage collector's
+    sight. With TensorFlow loaded a process holds about 300,000 tracked objects, and every full
+    collection, which batches of parsed instances set off every few seconds, walked all of them:
+    100–140 ms with every thread stopped, in 1 of 6 jobs of 10 MB and 2 of 3 trees of 100 files
+    (measured). Frozen, a full collection takes 1–2 ms. What is frozen is still freed by
+    reference counting; its reference cycles (a closed model's) wait for the next call, which
+    unfreezes and collects everything first."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass
@@ -44,6 +58,7 @@ class ModelCache:
         self._draining_bytes = 0  # files of evicted models that a running job still uses
         self._key_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._collect_closed = False
 
     @property
     def local_bytes(self) -> int:
@@ -109,6 +124,9 @@ class ModelCache:
         return to_close
 
     def _acquire(self, fingerprint: str, path: str, description: str, size: int) -> _Entry:
+        if self._collect_closed:
+            self._collect_closed = False
+            freeze_long_lived()
         with self._lock:
             entry = self._entries.get(fingerprint)
             if entry is not None:
@@ -127,6 +145,7 @@ class ModelCache:
                     return entry
             log.info("loading model %s", description)
             model = self._load(path, description)
+            freeze_long_lived()
             self.stats.add("loads")
             with self._lock:
                 entry = self._entries[fingerprint] = _Entry(model, path, size, users=1)
@@ -146,6 +165,7 @@ class ModelCache:
             close()
         if self._on_evict is not None:
             self._on_evict(entry.path)
+        self._collect_closed = True  # its reference cycles, at the next job's start
 
     def close_all(self) -> None:
         with self._lock:
