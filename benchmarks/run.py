@@ -50,6 +50,7 @@ from benchmarks.measure import (
 from localdev import emulators, models
 from worker.config import Settings
 from worker.serving.cache import freeze_long_lived
+from worker.serving.jsonvalues import tf_serving_floats
 
 REPO = Path(__file__).resolve().parent.parent
 FEATURES = 16
@@ -185,9 +186,10 @@ def limit(model_dir: Path, batch: int, repeat: int, min_instances: int = 50_000)
 
 def floor(model_dir: Path, lines: list[bytes], batch: int, repeat: int) -> float:
     """Instances/s of parse → predict → encode over `lines` in memory, with the fastest codec
-    here (orjson), the fastest conversions found (TensorFlow reading the lists, float32 listed
-    through float64: the worker's own) and the input line copied into the output line: the same
-    output lines the worker writes, with nothing else (no I/O, no accounting, no error handling)."""
+    here (orjson), the fastest conversions found (TensorFlow reading the lists: the worker's own),
+    float32 scores written as TF Serving writes them (the worker's conversion) and the input line
+    copied into the output line: the same output lines the worker writes, with nothing else (no
+    I/O, no accounting, no error handling)."""
     tf, fn = _signature(model_dir)
     rates = []
     for _ in range(repeat):
@@ -196,7 +198,7 @@ def floor(model_dir: Path, lines: list[bytes], batch: int, repeat: int) -> float
         for i in range(0, len(lines), batch):
             chunk = lines[i : i + batch]
             instances = [orjson.loads(line) for line in chunk]
-            scores = fn(x=tf.constant(instances, dtype=tf.float32))["scores"].numpy().astype(np.float64).tolist()
+            scores = tf_serving_floats(fn(x=tf.constant(instances, dtype=tf.float32))["scores"].numpy()).tolist()
             out.append(
                 b"".join(
                     b'{"instance":' + line + b',"prediction":' + orjson.dumps(p) + b"}\n"

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.serving import BatchRejected
+from worker.serving.jsonvalues import tf_serving_floats
 from worker.serving.tf_backend import TensorFlowModel, TensorFlowSignature
 
 pytestmark = pytest.mark.integration
@@ -35,7 +36,8 @@ def two_io(model_dirs: dict[str, Path]) -> TensorFlowSignature:
 
 @pytest.fixture(scope="module")
 def numpy_reference(model_dirs: dict[str, Path]) -> Any:
-    """The MLP's scores with the batch converted by NumPy (float64, then float32), rows as JSON."""
+    """The MLP's scores with the batch converted by NumPy (float64, then float32), rows as JSON
+    (float32 scores written as TF Serving writes them, as every backend does)."""
     import tensorflow as tf
 
     fn = tf.saved_model.load(str(model_dirs["mlp"])).signatures["serving_default"]
@@ -43,7 +45,7 @@ def numpy_reference(model_dirs: dict[str, Path]) -> Any:
     def predict(instances: list[Any]) -> list[Any]:
         with np.errstate(over="ignore"):  # beyond float32's range: infinity, as in TensorFlow
             x = np.asarray(instances).astype(np.float32)
-        rows: list[Any] = fn(x=tf.constant(x))["scores"].numpy().tolist()
+        rows: list[Any] = tf_serving_floats(fn(x=tf.constant(x))["scores"].numpy()).tolist()
         return rows
 
     return predict
