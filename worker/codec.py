@@ -19,12 +19,27 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import orjson
 
 # Digits → "0", anything else → " ": a run of 19 digits is then a substring search (3× faster
 # than a regular expression, which mattered at a million lines).
 _DIGITS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
 _19_DIGITS = b"0" * 19
+# From this many bytes on, NumPy finds the runs faster than the substring search (a batch of
+# 1024 lines of 16 floats: 57 against 179 µs); below it, NumPy's per-call cost dominates.
+_VECTOR_SCAN_BYTES = 4096
+
+
+def _has_19_digit_run(data: bytes) -> bool:
+    """Whether `data` holds 19 digits in a row, the shortest integer orjson may read wrongly."""
+    if len(data) < _VECTOR_SCAN_BYTES:
+        return _19_DIGITS in data.translate(_DIGITS)
+    run = (np.frombuffer(data, dtype=np.uint8) - 48) < 10  # ASCII digit (bytes below "0" wrap)
+    # run[i] becomes "digits at i..i+k-1" for k = 2, 4, 8, 16, then 19 (16 from i and 16 from i+3).
+    for step in (1, 2, 4, 8, 3):
+        run = run[:-step] & run[step:]
+    return bool(run.any())
 
 
 def loads(raw: bytes | str) -> Any:
@@ -35,7 +50,7 @@ def loads(raw: bytes | str) -> Any:
 def parse(raw: bytes | str) -> tuple[Any, bool]:
     """(value, strict): `strict` is True when `raw` is strict JSON (no NaN, UTF-8), which can then
     be copied into output as it is instead of being encoded again."""
-    if isinstance(raw, bytes) and _19_DIGITS not in raw.translate(_DIGITS):
+    if isinstance(raw, bytes) and not _has_19_digit_run(raw):
         try:
             return orjson.loads(raw), True
         except orjson.JSONDecodeError:
@@ -46,7 +61,7 @@ def parse(raw: bytes | str) -> tuple[Any, bool]:
 def parse_strict(raws: list[bytes]) -> list[Any] | None:
     """Every line's value when every line is strict JSON that orjson reads as json would (the
     common batch); None otherwise, for `parse_many` to take them one by one."""
-    if _19_DIGITS in b" ".join(raws).translate(_DIGITS):
+    if _has_19_digit_run(b" ".join(raws)):
         return None
     try:
         loads_ = orjson.loads

@@ -108,3 +108,28 @@ def test_parse_strict_gives_every_value_only_when_every_line_is_strict(batch):
         assert all(
             _finite_equal(v, codec.parse(raw)[0]) and codec.parse(raw)[1] for v, raw in zip(got, batch, strict=True)
         )
+
+
+# Digit runs of any length between the bytes on either side of "0"-"9", in texts below and above
+# the size where the scan changes method.
+digit_texts = st.lists(
+    st.tuples(st.integers(0, 25), st.sampled_from([b"/", b":", b".", b",", b" ", b"\x00", b"\xff", b"e"])),
+    max_size=600,
+).map(lambda parts: b"".join(b"7" * n + sep for n, sep in parts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(digit_texts, st.sampled_from([b"", b"[0.5]" * 820]))
+def test_the_digit_scan_finds_exactly_the_runs_of_19(text, prefix):
+    import re
+
+    for data in (text, prefix + text, text + prefix):
+        assert codec._has_19_digit_run(data) == (re.search(rb"[0-9]{19}", data) is not None)
+
+
+@pytest.mark.parametrize("where", [0, 500, 1023])
+def test_a_big_integer_anywhere_in_a_big_batch_is_read_exactly(where):
+    batch = [b"[0.1234, -1.5, 2]"] * 1024
+    batch[where] = b"[0.1234, 123456789012345678901, 2]"
+    assert codec.parse_strict(batch) is None  # orjson would read it as a float
+    assert codec.parse_many(batch)[where][0] == [0.1234, 123456789012345678901, 2]
