@@ -115,7 +115,9 @@ class TensorFlowSignature:
         names = list(self.inputs)
         if len(names) == 1:
             (name,) = names
-            values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
+            values = instances
+            if dict in set(map(type, instances)):  # some instances name their input: {name: value}
+                values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
             feeds = {name: self._column(name, values)}
         else:
             for i in instances:
