@@ -142,3 +142,26 @@ def test_connections_are_kept_for_every_request_in_flight(storage_client, bucket
             t.join()
     assert sizes == [4 * 1024 * 1024] * 20
     assert any("Connection pool is full" in r.getMessage() for r in caplog.records) == dropped
+
+
+def test_the_environment_is_read_once_when_it_names_no_proxy(gcs_host, storage_client, bucket, monkeypatch):
+    for key in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_host)
+    store = GcsStore.from_environment("local")
+    _put(storage_client, bucket, "once.jsonl", b"[1]\n")
+    # A proxy named afterwards (a closed port) is not consulted on each request.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    [f] = store.list_inputs(GcsUri(bucket, "once.jsonl"))
+    assert _lines(store, f) == [b"[1]"]
+
+
+def test_proxy_variables_keep_their_per_request_rules(gcs_host, monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_host)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "metadata.google.internal")
+    session = GcsStore.from_environment("local")._client._http
+    settings = session.merge_environment_settings("https://storage.googleapis.com/x", {}, None, None, None)
+    assert settings["proxies"].get("https") == "http://proxy.internal:3128"
+    bypassed = session.merge_environment_settings("https://metadata.google.internal/x", {}, None, None, None)
+    assert "https" not in bypassed["proxies"]
