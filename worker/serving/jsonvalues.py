@@ -95,7 +95,7 @@ def tf_serving_floats(arr: np.ndarray) -> np.ndarray:
     mag32 = np.abs(flat32 if all_live else flat32[live])
     mag = mag32.astype(np.float64)
     scale = _SCALE - np.floor(np.log10(mag)).astype(np.int64)  # (2, n)
-    if scale.size and scale.min() >= 0 and scale.max() <= 22:  # |values| in [1e-14, 1e5): the usual case
+    if scale.size and scale.min() >= 0 and scale.max() <= 22:  # |values| in [1e-14, 1e6): the usual case
         power = _POW10[scale]
         scaled = mag * power
         digits = np.rint(scaled)
