@@ -45,6 +45,8 @@ def test_cli_runs_a_job_and_prints_the_manifest(gcs_host, storage_client, bucket
     assert manifest["totals"]["predictions"] == 5 and manifest["totals"]["errors"] == 1
     assert len(read_lines(storage_client, f"gs://{bucket}/o/in.jsonl")) == 6
     assert "files=1/1, lines=6" in done.stderr  # the job's progress bar, at its end
+    # TensorFlow's load banners (oneDNN's notice, absl's) stay out of the terminal and the logs.
+    assert "oneDNN" not in done.stderr and "absl::InitializeLog" not in done.stderr, done.stderr
 
     failed = _cli("--model", f"gs://{bucket}/nope/", *args[2:], gcs_host=gcs_host, work_dir=str(tmp_path))
     assert failed.returncode == 1

@@ -6,9 +6,13 @@ the same whichever backend serves the model. TensorFlow is imported lazily, once
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,13 +25,45 @@ log = logging.getLogger(__name__)
 _import_lock = threading.Lock()
 
 
+# Lines TensorFlow's C++ libraries print to stderr as they load, before TF_CPP_MIN_LOG_LEVEL
+# applies (oneDNN's notice, twice, each after absl's warning that logging is not set up yet).
+_LOAD_BANNERS = (b"absl::InitializeLog()", b"oneDNN custom operations are on")
+
+
 def import_tensorflow() -> Any:
-    """TensorFlow, imported on first use (3-5 s), quietly."""
+    """TensorFlow, imported on first use (3-5 s), quietly: its load banners go to the DEBUG log,
+    not as bare lines into the worker's JSON logs."""
     with _import_lock:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
-
+        if "tensorflow" in sys.modules:
+            return sys.modules["tensorflow"]
+        with _banners_to_debug_log():
+            import tensorflow as tf
         return tf
+
+
+@contextlib.contextmanager
+def _banners_to_debug_log() -> Iterator[None]:
+    """Point file descriptor 2 at a temporary file for the block; then log the banner lines at
+    DEBUG and write everything else back to stderr as it was (other threads' logs included)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                captured.seek(0)
+                for line in captured:
+                    if any(banner in line for banner in _LOAD_BANNERS):
+                        log.debug("tensorflow: %s", line.decode("utf-8", "replace").rstrip())
+                    else:
+                        os.write(2, line)
+    finally:
+        os.close(saved)
 
 
 class TensorFlowModel:
