@@ -118,3 +118,15 @@ def test_named_float_and_integer_inputs_each_take_their_route(two_io: TensorFlow
         two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2.5}])
     with pytest.raises(BatchRejected, match="input 'b' expects int64 numbers, got values of JSON type integer beyond"):
         two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2**64}])
+
+
+@pytest.mark.parametrize("b", [2**63, 2**64 - 1])
+def test_an_integer_beyond_the_input_s_range_is_rejected_not_wrapped(two_io: TensorFlowSignature, b: int) -> None:
+    # NumPy reads 2**63 as uint64, and its cast to int64 would give -2**63 without a word.
+    with pytest.raises(BatchRejected) as e:
+        two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 1}, {"a": [1.0, 2.0, 3.0, 4.0], "b": b}])
+    assert str(e.value) == (
+        f"input 'b' takes integers from -9223372036854775808 to 9223372036854775807 (int64), got {b}"
+    )
+    edges = two_io.predict([{"a": [0.0] * 4, "b": 2**63 - 1}, {"a": [0.0] * 4, "b": -(2**63)}])
+    assert [p["total"] for p in edges] == [9.22337204e18, -9.22337204e18]  # 2**63 as a float32
