@@ -56,20 +56,36 @@ def same_json(a: Any, b: Any) -> bool:
 
 
 # Normal float32 magnitudes (TensorFlow flushes subnormals to zero, as its kernels do), beyond
-# float32's range too (both routes give infinity), and the numbers JSON has besides floats.
+# float32's range too, integers of every size, and the other JSON values that convert to numbers.
 number = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False).filter(lambda v: v == 0 or abs(v) >= 1.2e-38),
     st.integers(-(2**63), 2**63 - 1),
+    st.integers(-(2**80), 2**80),
+    st.sampled_from([0, 1, 2**24 - 1, 2**24, -(2**24), 2**64 - 1, 2**64, 3.4028234e38, 3.4028236e38, 0.0, 1.0]),
     st.booleans(),
 )
+FLOAT32_MAX = 3.4028234663852886e38
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def tf_serving_takes_as_float32(value: Any) -> bool:
+    """TF Serving's rule (IsLosslessDecimal in json_tensor.cc, numbers as rapidjson reads them)."""
+    if isinstance(value, bool):
+        return False  # not a JSON number
+    if isinstance(value, int) and -(2**63) <= value <= 2**64 - 1:
+        return abs(value) <= 2**24 - 1  # an integer to rapidjson
+    return not math.isfinite(value) or abs(value) <= FLOAT32_MAX  # a double to rapidjson
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.lists(number, min_size=FEATURES, max_size=FEATURES), min_size=1, max_size=12))
-def test_predictions_are_those_of_numpy_s_conversion(
+def test_predictions_are_those_of_numpy_s_conversion_where_tf_serving_takes_the_numbers(
     rows: list[list[Any]], mlp: TensorFlowSignature, numpy_reference: Any
 ) -> None:
-    assert same_json(mlp.predict(rows), numpy_reference(rows))
+    if all(tf_serving_takes_as_float32(v) for row in rows for v in row):
+        assert same_json(mlp.predict(rows), numpy_reference(rows))
+    else:
+        with pytest.raises(BatchRejected):
+            mlp.predict(rows)
 
 
 def test_a_batch_of_plain_floats_is_predicted_exactly_as_numpy_converts_it(
@@ -96,6 +112,9 @@ def test_an_integer_beyond_64_bits_in_a_float_input_is_read_as_the_nearest_float
         ({"y": [1.0] * FEATURES}, "input 'x' expects float32 numbers, got values of JSON type object"),
         ([1.0] * (FEATURES - 1) + [[1.0]], "input 'x': instances are not rectangular arrays"),
         ([1.0] * 3, "input 'x' expects instances of shape [16], got [3]"),
+        ([True] + [0.5] * (FEATURES - 1), "input 'x' expects float32 numbers, got values of JSON type boolean"),
+        ([0.5] * (FEATURES - 1) + [2**24], "input 'x': 16777216 cannot be converted to float32 without loss"),
+        ([1e39] + [0.5] * (FEATURES - 1), "input 'x': 1e+39 cannot be converted to float32 without loss"),
         ([[1.0] * FEATURES], "input 'x' expects instances of shape [16], got [1, 16]"),
     ],
 )
@@ -111,13 +130,29 @@ def test_what_neither_route_takes_is_rejected_with_its_reason(
 
 
 def test_named_float_and_integer_inputs_each_take_their_route(two_io: TensorFlowSignature) -> None:
-    got = two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2}, {"a": [1, 1, 1, True], "b": 0}])
+    got = two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2}, {"a": [1, 1, 1, 1], "b": 0}])
     assert got[0] == {"total": 12.0, "ratio": 5.0}
     assert got[1]["total"] == 4.0 and math.isinf(got[1]["ratio"])
     with pytest.raises(BatchRejected, match="expects integers"):
         two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2.5}])
     with pytest.raises(BatchRejected, match="input 'b' expects int64 numbers, got values of JSON type integer beyond"):
         two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2**64}])
+
+
+def test_booleans_are_not_integers(two_io: TensorFlowSignature) -> None:
+    a = [1.0, 2.0, 3.0, 4.0]
+    for batch in ([{"a": a, "b": True}], [{"a": a, "b": 0}, {"a": a, "b": False}]):  # alone, or read as 0
+        with pytest.raises(BatchRejected) as e:
+            two_io.predict(batch)
+        assert str(e.value) == "input 'b' expects integers (int64), got values of JSON type boolean"
+
+
+def test_what_tf_serving_takes_for_a_float_input_is_predicted(mlp: TensorFlowSignature, numpy_reference: Any) -> None:
+    # Integers up to 2**24 - 1, an integer beyond 64 bits (a double to TF Serving), floats within
+    # float32's range however large, and NaN and infinity written as such.
+    rows = [[2**24 - 1, -(2**24 - 1), 2**70, 3.4e38, 16777216.0, 0, 1, 0.0] + [0.5] * (FEATURES - 8)]
+    rows.append([math.nan, math.inf] + [0.5] * (FEATURES - 2))
+    assert same_json(mlp.predict(rows), numpy_reference(rows))
 
 
 @pytest.mark.parametrize("b", [2**63, 2**64 - 1])

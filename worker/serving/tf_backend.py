@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from worker.errors import ModelError
-from worker.serving import BatchRejected
+from worker.serving import BatchRejected, numbers
 from worker.serving.jsonvalues import decode_strings, rows_from_array
 
 log = logging.getLogger(__name__)
@@ -112,12 +112,14 @@ class TensorFlowSignature:
                 # 0.45 ms for 1024 × 16). It refuses strings, nulls, objects and ragged lists (NumPy's
                 # route below then says why) and gives the values NumPy's would, except that integers
                 # beyond 64 bits become the nearest float, and float32 subnormals zero, as
-                # TensorFlow's kernels flush them anyway.
+                # TensorFlow's kernels flush them anyway. What it takes that TF Serving refuses
+                # (booleans, lossy integers, overflows) is refused after, by `numbers`.
                 tensor = self._tf.constant(values, dtype=spec.dtype)
             except (TypeError, ValueError):
                 pass
             else:
                 self._check_shape(name, spec, list(tensor.shape))
+                numbers.check_floats(name, values, tensor.numpy())
                 return tensor
         if spec.dtype == self._tf.string:
             arr = np.asarray([decode_strings(v) for v in values], dtype=object)
@@ -132,9 +134,12 @@ class TensorFlowSignature:
                     f"input {name!r} expects {spec.dtype.name} numbers, got values of JSON type {_leaf_types(values)}"
                 )
             if target.kind in "iu":
-                arr = _integers(name, spec.dtype.name, values, arr, target)
-            with np.errstate(over="ignore"):  # beyond float32's range: infinity, as on the route above
+                arr = numbers.integers(name, spec.dtype.name, values, arr, target)
+            elif target.kind == "b":
+                numbers.check_booleans(name, arr)
+            with np.errstate(over="ignore"):  # beyond float32's range: infinity, refused below
                 arr = arr.astype(target, copy=False)
+            numbers.check_floats(name, values, arr)
         self._check_shape(name, spec, list(arr.shape))
         return self._tf.constant(arr, dtype=spec.dtype)
 
@@ -173,55 +178,6 @@ class TensorFlowSignature:
         if len(columns) == 1:
             return next(iter(columns.values()))
         return [{name: columns[name][k] for name in self.output_names} for k in range(n)]
-
-
-def _integers(name: str, dtype_name: str, values: list[Any], arr: np.ndarray, target: np.dtype[Any]) -> np.ndarray:
-    """`arr` (NumPy's reading of `values`) as integers of `target`, refusing what TF Serving
-    refuses: numbers written as decimals, and integers out of the input's range, which NumPy's
-    cast would wrap without a word (2**63 into int64 gives -2**63)."""
-    exact: list[Any] | None = None
-    if arr.dtype.kind == "f":
-        # NumPy also reads integers that need int64 and uint64 together (-1 and 2**63) as floats.
-        exact = _leaves(values)
-        if not all(isinstance(v, int) for v in exact):
-            raise BatchRejected(
-                f"input {name!r} expects integers ({dtype_name}), got numbers written with a "
-                "decimal point or an exponent (such as 2.5 or 1.0)"
-            )
-    if not arr.size:
-        return arr.astype(target)
-    low, high = _integer_range(target)
-    smallest, largest = (min(exact), max(exact)) if exact is not None else (int(arr.min()), int(arr.max()))
-    if smallest < low or largest > high:
-        raise BatchRejected(
-            f"input {name!r} takes integers from {low} to {high} ({dtype_name}), "
-            f"got {smallest if smallest < low else largest}"
-        )
-    return np.array(values, dtype=target) if exact is not None else arr.astype(target, copy=False)
-
-
-def _leaves(values: list[Any]) -> list[Any]:
-    """The scalars inside nested lists, in order."""
-    out: list[Any] = []
-    stack = [iter(values)]
-    while stack:
-        for value in stack[-1]:
-            if isinstance(value, list):
-                stack.append(iter(value))
-                break
-            out.append(value)
-        else:
-            stack.pop()
-    return out
-
-
-def _integer_range(target: np.dtype[Any]) -> tuple[int, int]:
-    """The JSON integers TF Serving takes for an integer input: those of its type, except that
-    int8, int16 and uint8 take any 32-bit integer (and keep its low bits, as a C cast does)."""
-    if target in (np.int8, np.int16, np.uint8):
-        target = np.dtype(np.int32)
-    info = np.iinfo(target)
-    return int(info.min), int(info.max)
 
 
 def _shape(dims: list[Any]) -> str:
