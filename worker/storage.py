@@ -17,7 +17,7 @@ import queue
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -379,7 +379,7 @@ class GcsStore:
         return LocalModel(folder, version, dest, fingerprint)
 
 
-def _read_environment_once(session: requests.Session, environ: dict[str, str] | os._Environ[str]) -> None:
+def _read_environment_once(session: requests.Session, environ: Mapping[str, str]) -> None:
     """requests looks through the environment on every request: proxy variables, ~/.netrc, CA
     bundles (on a tree of small files, 12% of the worker's CPU, measured). Without proxy variables
     there is nothing there to honour per request: take the CA bundle once and stop looking. With
