@@ -7,6 +7,7 @@ SDK exceptions are translated here into the worker's permanent/transient errors.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -17,14 +18,17 @@ import queue
 import shutil
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import google_crc32c
 import requests
 from google.api_core import exceptions as gexc
 from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
 
 from worker.errors import Conflict, ModelError, NotFound, PermanentError, TransientError
 from worker.jobs import GcsUri
@@ -34,10 +38,17 @@ log = logging.getLogger(__name__)
 READ_CHUNK_BYTES = 4 * 1024 * 1024
 # Resumable upload chunks must be multiples of 256 KiB. Each chunk is a request: fewer of them
 # means fewer round trips to Cloud Storage, and fake-gcs-server copies the object so far on each
-# (on a 100 MB input, see the README's benchmarks). Each open output holds up to about two chunks
-# (the client library's buffer and the chunk being sent): 8 MiB keeps a 1 GB job's peak RSS within
-# 64 MB of a 10 MB job's, where 16 MiB went past it. The library's own default is 40 MiB.
-WRITE_CHUNK_BYTES = 8 * 1024 * 1024
+# (on a 100 MB input, see the README's benchmarks). An open output holds at most one chunk (and
+# one block): 16 MiB holds what 8 MiB did through the client library's writer, which holds two.
+# The chunks grow to it from FIRST_CHUNK_BYTES (2, 4, 8, 16, 16 … MiB), so an output of a few MiB
+# is on its way while it is written instead of sent whole at the end; one smaller than the first
+# chunk is sent in one request when complete.
+WRITE_CHUNK_BYTES = 16 * 1024 * 1024
+FIRST_CHUNK_BYTES = 2 * 1024 * 1024
+# Each chunk's request: the client library's default retry (429, 5xx, connection errors, for up
+# to 120 s) and its connect and read timeouts.
+UPLOAD_RETRY = DEFAULT_RETRY
+UPLOAD_TIMEOUT_S = (61.0, 60.0)
 # Output blocks queued for the upload thread at most: bounds memory (a block is a batch's lines).
 WRITE_QUEUE_BLOCKS = 64
 # Custom metadata set on every object the worker writes, so object events never loop back.
@@ -241,7 +252,7 @@ class GcsStore:
         blob.metadata = {WRITTEN_BY_KEY: job_id}
         with translate_errors(f"writing output {uri}"):
             sink = _Upload(blob, content_type)
-            writer = BackgroundWriter(sink, name=f"upload {uri}", inline_bytes=WRITE_CHUNK_BYTES)
+            writer = BackgroundWriter(sink, name=f"upload {uri}", inline_bytes=FIRST_CHUNK_BYTES)
             try:
                 yield writer
                 writer.finish()
@@ -398,45 +409,167 @@ def _without_cr(lines: list[bytes]) -> list[bytes]:
 
 
 class _Upload:
-    """An object's content, written in blocks: an output smaller than one upload chunk is sent in
-    one request when it is complete; a larger one goes over a resumable upload, chunk by chunk."""
+    """An object's content, written in blocks: an output smaller than the first upload chunk is
+    sent in one request when it is complete; a larger one goes over a resumable upload, chunk by
+    chunk, the chunks growing from FIRST_CHUNK_BYTES to WRITE_CHUNK_BYTES.
+
+    The blocks are held as they were written and each chunk is sent straight from them, so an
+    open output holds at most one chunk and one block (the client library's writer holds two
+    chunks: its buffer and the copy being sent). A chunk is retried as the client library retries
+    it, with the same bytes; a 308 that keeps only part of it gets the rest sent again. The last
+    request carries the object's CRC32C, and the object Cloud Storage reports is checked against
+    it: one that does not match is deleted, and the job retried."""
 
     def __init__(self, blob: Any, content_type: str) -> None:
         self._blob = blob
         self._content_type = content_type
-        self._head: list[bytes] = []  # the blocks written while the output is still small
-        self._head_bytes = 0
-        self._resumable: Any = None
+        self._blocks: deque[bytes] = deque()  # written, not yet sent, in order
+        self._held = 0  # their bytes
+        self._session: Any = None  # the resumable upload's URL, once started
+        self._sent = 0  # bytes Cloud Storage has kept
+        self._crc = google_crc32c.Checksum()  # type: ignore[no-untyped-call]
 
     def write(self, block: bytes) -> int:
-        if self._resumable is not None:
-            self._resumable.write(block)
-            return len(block)
-        self._head.append(block)
-        self._head_bytes += len(block)
-        if self._head_bytes >= WRITE_CHUNK_BYTES:
-            self._resumable = self._blob.open(
-                "wb", chunk_size=WRITE_CHUNK_BYTES, ignore_flush=True, content_type=self._content_type
-            )
-            head, self._head = self._head, []
-            head.reverse()
-            while head:  # block by block, each let go once written: no second copy of the chunk
-                self._resumable.write(head.pop())
+        self._blocks.append(block)
+        self._held += len(block)
+        while self._held >= self._chunk_bytes():
+            self._send(self._take(self._chunk_bytes()), final=False)
         return len(block)
+
+    def _chunk_bytes(self) -> int:
+        """The size of the next chunk: doubling from FIRST_CHUNK_BYTES up to WRITE_CHUNK_BYTES."""
+        size = min(FIRST_CHUNK_BYTES, WRITE_CHUNK_BYTES)
+        while size < WRITE_CHUNK_BYTES and size <= self._sent:
+            size *= 2
+        return min(size, WRITE_CHUNK_BYTES)
 
     def close(self) -> None:
         """Make the object appear with everything written."""
-        if self._resumable is not None:
-            self._resumable.close()
+        if self._session is None:
+            self._blob.upload_from_string(b"".join(self._blocks), content_type=self._content_type)
+            self._blocks.clear()
         else:
-            self._blob.upload_from_string(b"".join(self._head), content_type=self._content_type)
-            self._head = []
+            self._send(self._take(self._held), final=True)
 
     def terminate(self) -> None:
         """Give up: cancel a started upload; nothing appears."""
-        if self._resumable is not None:
-            self._resumable.terminate()
-        self._head = []
+        self._blocks.clear()
+        if self._session is not None:
+            with contextlib.suppress(Exception):  # best effort: an abandoned session expires in a week
+                self._blob.client._http.delete(self._session, timeout=UPLOAD_TIMEOUT_S)
+
+    def _take(self, n: int) -> list[bytes]:
+        """The first `n` bytes held, as blocks (the one that crosses `n` is cut in two)."""
+        taken: list[bytes] = []
+        size = 0
+        while size < n:
+            block = self._blocks.popleft()
+            if size + len(block) > n:
+                cut = n - size
+                block, rest = block[:cut], block[cut:]
+                self._blocks.appendleft(rest)
+            taken.append(block)
+            size += len(block)
+        self._held -= size
+        return taken
+
+    def _send(self, blocks: list[bytes], *, final: bool) -> None:
+        if self._session is None:
+            self._session = self._blob.create_resumable_upload_session(content_type=self._content_type, checksum=None)
+        for block in blocks:
+            self._crc.update(block)  # type: ignore[no-untyped-call]
+        start = self._sent
+        end = start + sum(map(len, blocks))
+        while True:
+            headers = {"Content-Type": self._content_type}
+            if final:
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{end}" if end > start else f"bytes */{end}"
+                headers["X-Goog-Hash"] = "crc32c=" + self._crc32c()
+            else:
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/*"
+            response = UPLOAD_RETRY(self._put)(_Body(blocks), headers)
+            if response.status_code != 308:
+                self._sent = end
+                self._check(response.json())
+                return
+            kept = _kept_bytes(response)
+            if kept >= end and not final:
+                self._sent = end
+                return
+            if not start <= kept < end:
+                raise TransientError(
+                    f"writing output gs://{self._blob.bucket.name}/{self._blob.name}: Cloud Storage kept "
+                    f"{kept} bytes of an upload at byte {start}; the job will be retried"
+                )
+            # Cloud Storage kept part of this chunk: send it the rest.
+            blocks = _skip(blocks, kept - start)
+            start = kept
+
+    def _put(self, body: _Body, headers: dict[str, str]) -> Any:
+        response = self._blob.client._http.put(
+            self._session, data=body, headers=headers, timeout=UPLOAD_TIMEOUT_S, allow_redirects=False
+        )
+        if response.status_code in (200, 201, 308):
+            return response
+        if response.status_code in (404, 410):
+            raise TransientError(
+                f"writing output gs://{self._blob.bucket.name}/{self._blob.name}: its upload session is gone "
+                f"({response.status_code}); the job will be retried"
+            )
+        raise gexc.from_http_response(response)  # type: ignore[no-untyped-call]
+
+    def _crc32c(self) -> str:
+        """The CRC32C of the bytes sent so far, as Cloud Storage writes it (base64, big-endian)."""
+        return base64.b64encode(self._crc.digest()).decode()  # type: ignore[no-untyped-call]
+
+    def _check(self, resource: dict[str, Any]) -> None:
+        """The stored object's CRC32C against the one of the bytes sent (when it is reported)."""
+        ours = self._crc32c()
+        theirs = resource.get("crc32c")
+        if theirs is None or theirs == ours:
+            return
+        generation = resource.get("generation")
+        with contextlib.suppress(Exception):
+            self._blob.delete(if_generation_match=int(generation) if generation else None)
+        raise TransientError(
+            f"writing output gs://{self._blob.bucket.name}/{self._blob.name}: Cloud Storage stored an object "
+            f"whose CRC32C ({theirs}) is not the one of the bytes sent ({ours}); it was deleted, and the job "
+            "will be retried"
+        )
+
+
+class _Body:
+    """A request body sent block by block, without joining them: requests sends an iterable
+    with a length under that Content-Length."""
+
+    def __init__(self, blocks: list[bytes]) -> None:
+        self._blocks = blocks
+        self._size = sum(map(len, blocks))
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._blocks)
+
+
+def _kept_bytes(response: Any) -> int:
+    """The bytes a 308 says Cloud Storage has kept ("Range: bytes=0-N"; none without Range)."""
+    value = response.headers.get("Range", "")
+    _, _, last = value.partition("-")
+    return int(last) + 1 if value.startswith("bytes=0-") and last.isdigit() else 0
+
+
+def _skip(blocks: list[bytes], n: int) -> list[bytes]:
+    """`blocks` without their first `n` bytes."""
+    out = []
+    for block in blocks:
+        if n >= len(block):
+            n -= len(block)
+            continue
+        out.append(block[n:] if n else block)
+        n = 0
+    return out
 
 
 def _prefetched(

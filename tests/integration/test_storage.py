@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -77,6 +78,23 @@ def test_outputs_small_and_past_one_upload_chunk_are_exact(store, storage_client
             w.write(block)
     blob = storage_client.bucket(bucket).get_blob("out/exact.jsonl")
     assert blob.download_as_bytes() == b"".join(blocks)
+    assert (blob.metadata, blob.content_type) == ({"embedded-tf-job": "j"}, "application/jsonl")
+
+
+@pytest.mark.parametrize("size", [256 * 1024, 256 * 1024 + 1, 3 * 256 * 1024, 7 * 256 * 1024, 12 * 256 * 1024 + 12345])
+def test_outputs_at_upload_chunk_boundaries_are_exact_and_checked(store, storage_client, bucket, monkeypatch, size):
+    """Chunks of 256 KiB, 512 KiB, then 1 MiB, cut from blocks of uneven sizes (one bigger than a
+    chunk), the last one exact or empty; the object's CRC32C is the one the upload computed."""
+    monkeypatch.setattr(storage_mod, "FIRST_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024 * 1024)
+    data = os.urandom(size)
+    cuts = [c for c in (0, 1, 1000, 70_000, 70_001, 400_000) if c < size] + [size]
+    uri = GcsUri(bucket, "out/edges.jsonl")
+    with store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
+        for a, b in itertools.pairwise(cuts):
+            w.write(data[a:b])
+    blob = storage_client.bucket(bucket).get_blob("out/edges.jsonl")
+    assert blob.download_as_bytes() == data
     assert (blob.metadata, blob.content_type) == ({"embedded-tf-job": "j"}, "application/jsonl")
 
 

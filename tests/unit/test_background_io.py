@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
+import types
 
+import google_crc32c
 import pytest
+import requests
 
 import worker.storage as storage_mod
+from worker import errors
 from worker.storage import BackgroundWriter, _prefetched, _Upload
 
 
@@ -123,60 +128,162 @@ def test_abandon_stops_the_thread_and_refuses_further_writes():
         writer.write(b"more")
 
 
-class _RecordingBlob:
-    """Records how an output reaches the blob: one request, or a resumable upload."""
+class _Response:
+    def __init__(self, status_code: int, headers: dict[str, str] | None = None, body: dict | None = None) -> None:
+        self.status_code = status_code
+        self.headers = headers or {}
+        self._body = body or {}
 
-    def __init__(self) -> None:
+    def json(self) -> dict:
+        return self._body
+
+
+class _Session:
+    """A resumable upload session as Cloud Storage keeps it: bytes at their offsets, a 308 with
+    the Range kept, the object's CRC32C once complete. `keep` caps the bytes kept per request,
+    `fail` raises on the first requests, `crc` replaces the CRC32C reported."""
+
+    def __init__(self, *, keep: int | None = None, fail: int = 0, crc: str | None = None) -> None:
+        self.data = bytearray()
+        self.requests: list[tuple[dict[str, str], list[bytes]]] = []
+        self.deleted: list[str] = []
+        self._keep, self._fail, self._crc = keep, fail, crc
+
+    def put(self, url: str, *, data, headers: dict[str, str], **kwargs) -> _Response:
+        blocks = list(data)
+        assert len(data) == sum(map(len, blocks))
+        self.requests.append((dict(headers), blocks))
+        if self._fail:
+            self._fail -= 1
+            raise requests.ConnectionError("connection reset")
+        where, _, total = headers["Content-Range"].removeprefix("bytes ").partition("/")
+        body = b"".join(blocks)
+        if where != "*":
+            first = int(where.split("-")[0])
+            assert first <= len(self.data), "a gap in the upload"
+            kept = body[: self._keep] if self._keep is not None else body
+            self.data[first : first + len(kept)] = kept
+        if total != "*" and int(total) == len(self.data):
+            crc = google_crc32c.Checksum(bytes(self.data))
+            return _Response(
+                200, body={"crc32c": self._crc or base64.b64encode(crc.digest()).decode(), "generation": "7"}
+            )
+        return _Response(308, {"Range": f"bytes=0-{len(self.data) - 1}"} if self.data else {})
+
+    def delete(self, url: str, **kwargs) -> None:
+        self.deleted.append(url)
+
+
+class _RecordingBlob:
+    """Records how an output reaches the blob: one request, or a resumable upload over `session`."""
+
+    name = "out/o.jsonl"
+
+    def __init__(self, session: _Session | None = None) -> None:
         self.single: bytes | None = None
-        self.resumable: io.BytesIO | None = None
-        self.terminated = False
+        self.session = session or _Session()
+        self.client = types.SimpleNamespace(_http=self.session)
+        self.bucket = types.SimpleNamespace(name="b")
+        self.started = False
+        self.deleted: list[int | None] = []
 
     def upload_from_string(self, data: bytes, content_type: str) -> None:
         self.single = data
 
-    def open(self, mode: str, **kwargs: object) -> _RecordingBlob:
-        self.resumable = io.BytesIO()
-        return self
+    def create_resumable_upload_session(self, **kwargs: object) -> str:
+        assert not self.started
+        self.started = True
+        return "https://upload/session"
 
-    def write(self, block: bytes) -> int:
-        assert self.resumable is not None
-        return self.resumable.write(block)
-
-    def close(self) -> None:
-        pass
-
-    def terminate(self) -> None:
-        self.terminated = True
+    def delete(self, if_generation_match: int | None = None) -> None:
+        self.deleted.append(if_generation_match)
 
 
-def test_a_small_output_is_one_request_and_a_large_one_holds_at_most_a_chunk(monkeypatch):
+def _blocks(n: int, size: int = 300) -> list[bytes]:
+    return [bytes([65 + i % 26]) * size for i in range(n)]
+
+
+def test_a_small_output_is_one_request(monkeypatch):
     monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
     small = _RecordingBlob()
     up = _Upload(small, "application/jsonl")
     up.write(b"a" * 600)
     up.write(b"b" * 400)
     up.close()
-    assert small.single == b"a" * 600 + b"b" * 400 and small.resumable is None
-
-    large = _RecordingBlob()
-    up = _Upload(large, "application/jsonl")
-    for i in range(3):
-        up.write(bytes([65 + i]) * 300)
-    assert large.resumable is None  # 900 bytes: still held for one request
-    for i in range(3, 10):
-        up.write(bytes([65 + i]) * 300)
-    assert large.resumable is not None and up._head == []  # a chunk's worth started the upload
-    up.close()
-    assert large.single is None and large.resumable is not None
-    assert large.resumable.getvalue() == b"".join(bytes([65 + i]) * 300 for i in range(10))
+    assert small.single == b"a" * 600 + b"b" * 400 and not small.started
 
 
-def test_an_abandoned_output_cancels_its_upload():
+@pytest.mark.parametrize("n", [4, 10, 24, 41])  # 1,200 / 3,000 / 7,200 / 12,300 bytes
+def test_a_large_output_goes_in_growing_chunks_from_the_blocks_written(monkeypatch, n):
+    monkeypatch.setattr(storage_mod, "FIRST_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 4096)
     blob = _RecordingBlob()
     up = _Upload(blob, "application/jsonl")
-    up.terminate()
-    assert blob.single is None and not blob.terminated  # nothing was started, nothing to cancel
+    written = _blocks(n)
+    for block in written:
+        up.write(block)
+        assert up._held < 4096, "never a whole chunk held once a write returns"
+    up.close()
+    content = b"".join(written)
+    assert blob.single is None and bytes(blob.session.data) == content
+    # Chunks of 1, 2, then 4 KiB (the largest), the last one what is left.
+    expected, offset, size = [], 0, 1024
+    while offset + size <= len(content):
+        expected.append(f"bytes {offset}-{offset + size - 1}/*")
+        offset, size = offset + size, min(2 * size, 4096)
+    last = f"bytes {offset}-{len(content) - 1}/{len(content)}" if offset < len(content) else f"bytes */{len(content)}"
+    ranges = [headers["Content-Range"] for headers, _ in blob.session.requests]
+    assert ranges == [*expected, last]
+    assert ["X-Goog-Hash" in headers for headers, _ in blob.session.requests] == [False] * len(expected) + [True]
+    # Whole blocks are sent as they were written: only the one crossing a chunk's end is cut.
+    sent = [b for _, blocks in blob.session.requests for b in blocks]
+    assert sum(1 for b in sent if any(b is w for w in written)) >= len(written) - len(expected)
+
+
+def test_a_chunk_kept_in_part_gets_the_rest_sent_again(monkeypatch):
+    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
+    blob = _RecordingBlob(_Session(keep=700))
     up = _Upload(blob, "application/jsonl")
-    up.write(b"x" * storage_mod.WRITE_CHUNK_BYTES)
+    written = _blocks(10)
+    for block in written:
+        up.write(block)
+    up.close()
+    assert bytes(blob.session.data) == b"".join(written)
+
+
+def test_a_chunk_is_retried_after_a_connection_error(monkeypatch):
+    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(storage_mod, "UPLOAD_RETRY", storage_mod.UPLOAD_RETRY.with_delay(initial=0.01, maximum=0.02))
+    blob = _RecordingBlob(_Session(fail=2))
+    up = _Upload(blob, "application/jsonl")
+    written = _blocks(5)
+    for block in written:
+        up.write(block)
+    up.close()
+    assert bytes(blob.session.data) == b"".join(written)
+    first, again, third = (b"".join(blocks) for _, blocks in blob.session.requests[:3])
+    assert first == again == third == b"".join(written)[:1024]
+
+
+def test_an_object_stored_with_another_crc32c_is_deleted_and_the_job_retried(monkeypatch):
+    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
+    blob = _RecordingBlob(_Session(crc="AAAAAA=="))
+    up = _Upload(blob, "application/jsonl")
+    for block in _blocks(5):
+        up.write(block)
+    with pytest.raises(errors.TransientError, match=r"CRC32C \(AAAAAA==\) is not the one of the bytes sent"):
+        up.close()
+    assert blob.deleted == [7]
+
+
+def test_an_abandoned_output_cancels_its_upload(monkeypatch):
+    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
+    blob = _RecordingBlob()
+    up = _Upload(blob, "application/jsonl")
+    up.write(b"x" * 1000)
     up.terminate()
-    assert blob.terminated and blob.single is None
+    assert blob.single is None and not blob.started  # nothing was started, nothing to cancel
+    up = _Upload(blob, "application/jsonl")
+    up.write(b"x" * 1500)
+    up.terminate()
+    assert blob.session.deleted == ["https://upload/session"] and blob.single is None
