@@ -240,40 +240,37 @@ def test_a_large_output_goes_in_growing_chunks_from_the_blocks_written(monkeypat
     assert sum(1 for b in sent if any(b is w for w in written)) >= len(written) - len(expected)
 
 
+def _written(session: _Session, blocks: list[bytes]) -> _Upload:
+    """An upload to `session` with `blocks` written, not yet closed."""
+    up = _Upload(_RecordingBlob(session), "application/jsonl")
+    for block in blocks:
+        up.write(block)
+    return up
+
+
 def test_a_chunk_kept_in_part_gets_the_rest_sent_again(monkeypatch):
     monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
-    blob = _RecordingBlob(_Session(keep=700))
-    up = _Upload(blob, "application/jsonl")
-    written = _blocks(10)
-    for block in written:
-        up.write(block)
-    up.close()
-    assert bytes(blob.session.data) == b"".join(written)
+    session, written = _Session(keep=700), _blocks(10)
+    _written(session, written).close()
+    assert bytes(session.data) == b"".join(written)
 
 
 def test_a_chunk_is_retried_after_a_connection_error(monkeypatch):
     monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
     monkeypatch.setattr(storage_mod, "UPLOAD_RETRY", storage_mod.UPLOAD_RETRY.with_delay(initial=0.01, maximum=0.02))
-    blob = _RecordingBlob(_Session(fail=2))
-    up = _Upload(blob, "application/jsonl")
-    written = _blocks(5)
-    for block in written:
-        up.write(block)
-    up.close()
-    assert bytes(blob.session.data) == b"".join(written)
-    first, again, third = (b"".join(blocks) for _, blocks in blob.session.requests[:3])
+    session, written = _Session(fail=2), _blocks(5)
+    _written(session, written).close()
+    assert bytes(session.data) == b"".join(written)
+    first, again, third = (b"".join(blocks) for _, blocks in session.requests[:3])
     assert first == again == third == b"".join(written)[:1024]
 
 
 def test_an_object_stored_with_another_crc32c_is_deleted_and_the_job_retried(monkeypatch):
     monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
-    blob = _RecordingBlob(_Session(crc="AAAAAA=="))
-    up = _Upload(blob, "application/jsonl")
-    for block in _blocks(5):
-        up.write(block)
+    up = _written(_Session(crc="AAAAAA=="), _blocks(5))
     with pytest.raises(errors.TransientError, match=r"CRC32C \(AAAAAA==\) is not the one of the bytes sent"):
         up.close()
-    assert blob.deleted == [7]
+    assert up._blob.deleted == [7]
 
 
 def test_an_abandoned_output_cancels_its_upload(monkeypatch):
