@@ -428,6 +428,7 @@ class _Upload:
         self._session: Any = None  # the resumable upload's URL, once started
         self._sent = 0  # bytes Cloud Storage has kept
         self._crc = google_crc32c.Checksum()  # type: ignore[no-untyped-call]
+        self._what = f"writing output gs://{blob.bucket.name}/{blob.name}"  # the start of its error messages
 
     def write(self, block: bytes) -> int:
         self._blocks.append(block)
@@ -498,8 +499,8 @@ class _Upload:
                 return
             if not start <= kept < end:
                 raise TransientError(
-                    f"writing output gs://{self._blob.bucket.name}/{self._blob.name}: Cloud Storage kept "
-                    f"{kept} bytes of an upload at byte {start}; the job will be retried"
+                    f"{self._what}: Cloud Storage kept {kept} bytes of an upload at byte {start}; "
+                    "the job will be retried"
                 )
             # Cloud Storage kept part of this chunk: send it the rest.
             blocks = _skip(blocks, kept - start)
@@ -513,8 +514,7 @@ class _Upload:
             return response
         if response.status_code in (404, 410):
             raise TransientError(
-                f"writing output gs://{self._blob.bucket.name}/{self._blob.name}: its upload session is gone "
-                f"({response.status_code}); the job will be retried"
+                f"{self._what}: its upload session is gone ({response.status_code}); the job will be retried"
             )
         raise gexc.from_http_response(response)  # type: ignore[no-untyped-call]
 
@@ -532,7 +532,7 @@ class _Upload:
         with contextlib.suppress(Exception):
             self._blob.delete(if_generation_match=int(generation) if generation else None)
         raise TransientError(
-            f"writing output gs://{self._blob.bucket.name}/{self._blob.name}: Cloud Storage stored an object "
+            f"{self._what}: Cloud Storage stored an object "
             f"whose CRC32C ({theirs}) is not the one of the bytes sent ({ours}); it was deleted, and the job "
             "will be retried"
         )
