@@ -244,6 +244,10 @@ class FileResult:
     input: str
     output: str
     counts: Counts = field(default_factory=Counts)
+    # Seconds this file's lines waited for input (downloads, cut into lines) and for its output
+    # (the upload's back-pressure, then storing the rest): summed into the manifest's timings.
+    input_wait_s: float = 0.0
+    output_wait_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"input": self.input, "output": self.output, **self.counts.to_json()}

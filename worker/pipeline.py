@@ -196,6 +196,8 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
 
             _run_files(one, inputs, limits.file_concurrency, state, tracker)
             timings["predict_s"] = time.perf_counter() - t
+            timings["input_wait_s"] = sum(r.input_wait_s for r in state.files)
+            timings["output_wait_s"] = sum(r.output_wait_s for r in state.files)
         state.error = _error_ratio_exceeded(job.options, state.totals)
     except errors.PermanentError as e:
         log.error("job %s failed: %s", job.job_id, e)
@@ -401,7 +403,8 @@ def _run_file(
     pending_bytes = 0
     log.info("%s (%d bytes) → %s", f.uri, f.size, out_uri)
 
-    with store.open_output(out_uri, job_id=job.job_id, content_type="application/jsonl") as out:
+    with store.open_output(out_uri, job_id=job.job_id, content_type="application/jsonl") as output:
+        out = _Waits(output)
 
         def flush() -> None:
             if plain and _flush_plain(pending, predictor, counts, out, results_format=results_format):
@@ -432,7 +435,7 @@ def _run_file(
 
         # Lines come in blocks (a downloaded chunk's worth) and are cut into batches as lists:
         # at a few microseconds per instance, a Python step per line is a cost worth avoiding.
-        for block in store.read_blocks(f):
+        for block in out.blocks(store.read_blocks(f)):
             first = counts.lines + 1
             counts.lines += len(block)
             kept = [raw for raw in block if raw and not raw.isspace()]
@@ -458,12 +461,41 @@ def _run_file(
                     pending, numbers, pending_bytes = [], [], 0
         if pending:
             flush()
+        last_batch = time.perf_counter()
+    # After the last batch: the rest of the output sent, and stored.
+    result.input_wait_s, result.output_wait_s = out.input_s, out.output_s + time.perf_counter() - last_batch
     tracker.advance(counts.lines - lines_told, max(0, f.size - bytes_told), file_done=True)
     log.info(
         "%s → %s: %d instances, %d predictions, %d errors, %d skipped",
         f.uri, out_uri, counts.instances, counts.predictions, counts.errors, counts.skipped,
     )  # fmt: skip
     return result
+
+
+class _Waits:
+    """A file's output sink that adds up what the file waited for: its writes (the upload's
+    back-pressure) and the arrival of each input block it reads through `blocks`."""
+
+    __slots__ = ("_sink", "input_s", "output_s")
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+        self.input_s = self.output_s = 0.0
+
+    def write(self, block: bytes) -> int:
+        t = time.perf_counter()
+        n = self._sink.write(block)
+        self.output_s += time.perf_counter() - t
+        return n
+
+    def blocks(self, blocks: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
+        while True:
+            t = time.perf_counter()
+            block = next(blocks, None)
+            self.input_s += time.perf_counter() - t
+            if block is None:
+                return
+            yield block
 
 
 def _flush_plain(raws: list[bytes], predictor: Predictor, counts: Counts, out: Sink, *, results_format: bool) -> bool:

@@ -398,6 +398,41 @@ def test_with_one_file_at_a_time_no_second_file_is_in_flight():
         run(_job(), store=store, models=FakeModels(predictor), publisher=None, limits=Limits(4, file_concurrency=1))
 
 
+class SlowStore(FakeStore):
+    """Each line arrives as a block of its own `block_delay_s` after asking, and an output is
+    stored `store_delay_s` after the file is done with it."""
+
+    def __init__(self, objects: dict[str, bytes], *, block_delay_s: float, store_delay_s: float) -> None:
+        super().__init__(objects)
+        self.block_delay_s, self.store_delay_s = block_delay_s, store_delay_s
+
+    def read_blocks(self, f: FakeFile) -> Iterator[list[bytes]]:
+        for line in super().read_blocks(f).__next__():
+            time.sleep(self.block_delay_s)
+            yield [line]
+
+    @contextlib.contextmanager
+    def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[io.BytesIO]:
+        with super().open_output(uri, job_id=job_id, content_type=content_type) as buf:
+            yield buf
+            time.sleep(self.store_delay_s)
+
+
+def test_the_manifest_says_how_long_files_waited_for_input_and_for_their_outputs():
+    store = SlowStore(_tree(2, 3), block_delay_s=0.02, store_delay_s=0.1)
+    limits = Limits(4, file_concurrency=1)
+    outcome = run(_job(), store=store, models=FakeModels(SumPredictor()), publisher=None, limits=limits)
+    assert outcome.status == "SUCCEEDED"
+    timings = outcome.manifest["timings"]
+    # Two files of three blocks each, one file at a time: each wait is counted, in its own place,
+    # and once (together they fit in the files' time).
+    assert timings["input_wait_s"] >= 6 * 0.02
+    assert timings["output_wait_s"] >= 2 * 0.1
+    assert timings["input_wait_s"] + timings["output_wait_s"] <= timings["predict_s"]
+    counts = {"lines", "instances", "predictions", "errors", "skipped"}
+    assert set(outcome.manifest["files"][0]) == {"input", "output", *counts}
+
+
 def test_a_failing_file_stops_the_others_and_fails_the_job_with_its_reason():
     objects = _tree(12, 400)
     objects["bkt/in/d0/part-00.jsonl"] = b"[7]\n[666]\n[8]"
