@@ -33,6 +33,8 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         "original approach",
         "cold (new process)",
         "Where an event job's time goes",
+        "files waited for output",
+        "the import measured next to each cold start",
     )
     for heading in (*headings, "Memory bound", "with the files in flight together"):
         assert heading in proc.stdout
@@ -47,6 +49,9 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         # 1 MB job within one tick, so 0.0 is a true reading. The worker parses and predicts
         # thousands of lines, many ticks' worth, on any machine.
         assert run["cpu_s"] > 0 and run["emulator_cpu_s"] >= 0
+        # From the manifest: every output is stored after its last batch, which takes time.
+        assert run["input_wait_s"] > 0 and run["output_wait_s"] > 0
+    assert mlp["event"]["cold_s"] > 0 and mlp["event"]["cold_import_s"] > 0
     assert {"1MB", "4MB", "1MB in 10 files", "1MB in 10 files (one file at a time)"} <= set(mlp["cli"])
     assert set(mlp["memory"]) == {"1MB", "16MB"}
     assert mlp["memory"]["16MB"]["instances"] > mlp["memory"]["1MB"]["instances"] > 0
