@@ -402,6 +402,7 @@ def _run_file(
     numbers: list[int] = []
     pending_bytes = 0
     log.info("%s (%d bytes) → %s", f.uri, f.size, out_uri)
+    started = time.perf_counter()
 
     with store.open_output(out_uri, job_id=job.job_id, content_type="application/jsonl") as output:
         out = _Waits(output)
@@ -466,8 +467,10 @@ def _run_file(
     result.input_wait_s, result.output_wait_s = out.input_s, out.output_s + time.perf_counter() - last_batch
     tracker.advance(counts.lines - lines_told, max(0, f.size - bytes_told), file_done=True)
     log.info(
-        "%s → %s: %d instances, %d predictions, %d errors, %d skipped",
+        "%s → %s: %d instances, %d predictions, %d errors, %d skipped in %.2fs (of which waiting for input %.2fs, "
+        "for the output to be stored %.2fs)",
         f.uri, out_uri, counts.instances, counts.predictions, counts.errors, counts.skipped,
+        time.perf_counter() - started, result.input_wait_s, result.output_wait_s,
     )  # fmt: skip
     return result
 

@@ -6,6 +6,7 @@ import contextlib
 import io
 import itertools
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -418,10 +419,11 @@ class SlowStore(FakeStore):
             time.sleep(self.store_delay_s)
 
 
-def test_the_manifest_says_how_long_files_waited_for_input_and_for_their_outputs():
+def test_the_manifest_says_how_long_files_waited_for_input_and_for_their_outputs(caplog):
     store = SlowStore(_tree(2, 3), block_delay_s=0.02, store_delay_s=0.1)
     limits = Limits(4, file_concurrency=1)
-    outcome = run(_job(), store=store, models=FakeModels(SumPredictor()), publisher=None, limits=limits)
+    with caplog.at_level(logging.INFO, logger="worker.pipeline"):
+        outcome = run(_job(), store=store, models=FakeModels(SumPredictor()), publisher=None, limits=limits)
     assert outcome.status == "SUCCEEDED"
     timings = outcome.manifest["timings"]
     # Two files of three blocks each, one file at a time: each wait is counted, in its own place,
@@ -431,6 +433,12 @@ def test_the_manifest_says_how_long_files_waited_for_input_and_for_their_outputs
     assert timings["input_wait_s"] + timings["output_wait_s"] <= timings["predict_s"]
     counts = {"lines", "instances", "predictions", "errors", "skipped"}
     assert set(outcome.manifest["files"][0]) == {"input", "output", *counts}
+    # Each file's log line says the same of that file.
+    done = [r for r in caplog.records if "for the output to be stored" in r.getMessage()]
+    assert len(done) == 2
+    for record in done:
+        seconds, input_wait, output_wait = record.args[-3:]
+        assert input_wait >= 3 * 0.02 and output_wait >= 0.1 and input_wait + output_wait <= seconds
 
 
 def test_a_failing_file_stops_the_others_and_fails_the_job_with_its_reason():
