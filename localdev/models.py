@@ -91,6 +91,20 @@ def build_strings(path: str | Path) -> Path:
     return Path(path)
 
 
+def build_typed(path: str | Path, dtype: str) -> Path:
+    """4 numbers of type `dtype` → their sum as a float32: a model whose input type is the point."""
+    tf = _tf()
+
+    class Typed(tf.Module):  # type: ignore[misc]
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], getattr(tf, dtype), name="x")])
+        def serve(self, x: Any) -> Any:
+            return {"sum": tf.reduce_sum(tf.cast(x, tf.float32), axis=1)}
+
+    module = Typed()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return Path(path)
+
+
 BUILDERS = {"mlp": build_mlp, "two_io": build_two_io, "strings": build_strings}
 
 

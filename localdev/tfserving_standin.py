@@ -11,8 +11,9 @@ numeric version folder under `--model_base_path`, and answers like TF Serving:
   the signatures with their inputs and outputs;
 - `POST /v1/models/NAME[/versions/N]:predict` — row (`instances` → `predictions`) and columnar
   (`inputs` → `outputs`) formats, `signature_name`, `{"b64": …}`; errors as `{"error": "…"}` with
-  400 (bad request or instances) or 404 (unknown model, version or signature); bare NaN/Infinity
-  in predictions, as the real server writes them.
+  400 (bad request or instances), 404 (unknown model, version or signature) or 501 (an input
+  type TF Serving's REST API cannot fill from JSON, such as float16); bare NaN/Infinity in
+  predictions, as the real server writes them.
 
 What it does not do: gRPC (`--port` is accepted and ignored), server-side batching
 (`--enable_batching`), model config files, version policies, or hot-reloading new versions.
@@ -31,6 +32,8 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from worker.serving.tf_backend import NotFromJson
 
 _PREDICT = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
 _STATUS = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata)?$")
@@ -180,6 +183,8 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 rows = _rows_from_columns(body["inputs"], list(predictor.inputs))
                 self._send(200, {"outputs": _columns_from_rows(predictor.predict(rows), predictor.output_names)})
+        except NotFromJson as e:  # an input type TF Serving's REST API does not convert: 501
+            self._error(501, e.tf_serving_message)
         except Exception as e:  # the row converter's BatchRejected and TensorFlow's own errors
             self._error(400, getattr(e, "message", None) or str(e))
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from localdev import emulators, models
-from tests.conftest import read_lines, write_lines
+from tests.conftest import make_bucket, read_lines, write_lines
 from worker import errors
 from worker.config import Settings
 from worker.jobs import Job
@@ -155,6 +155,33 @@ def test_a_model_the_server_cannot_load_fails_the_job_and_leaves_no_process(
         f"TensorFlow Serving cannot load model gs://{bucket}/broken/1/"
     )
     assert _server_processes(rt.settings.work_dir) == []
+
+
+@pytest.fixture(scope="module")
+def half_model(storage_client: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A model whose input is float16, which TF Serving's REST API cannot fill from JSON."""
+    path = models.build_typed(tmp_path_factory.mktemp("half") / "half", "float16")
+    bucket = make_bucket(storage_client, "half")
+    models.upload_folder(storage_client, path, bucket, "half/1")
+    return f"gs://{bucket}/half/"
+
+
+@pytest.mark.parametrize("serving", ["tensorflow", "tfserving"])
+def test_an_input_type_tf_serving_cannot_fill_from_json_fails_the_job_with_what_to_do(
+    make_runtime, storage_client, bucket, half_model, serving
+):
+    # TF Serving answers every such request 501: the job fails at once, is not retried, and the
+    # in-process backend refuses the model the same way instead of working where TF Serving won't.
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", [json.dumps([0.5, 1, 2, 3])] * 5)
+    rt = make_runtime(serving)
+    outcome = rt.run_job(_job(half_model, f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/"))
+    assert outcome.status == "FAILED"
+    error = outcome.manifest["error"]
+    assert error["code"] == "FAILED_PRECONDITION"
+    assert "Conversion of JSON Value: 0.5 to type: half" in error["message"]
+    assert error["message"].endswith("export the model with one of those and cast inside it")
+    assert rt.models.stats.snapshot()["server_starts"] == (1 if serving == "tfserving" else 0)
+    assert storage_client.bucket(bucket).get_blob("out/in.jsonl") is None
 
 
 def test_a_server_that_exits_at_start_is_a_transient_failure_with_its_output(

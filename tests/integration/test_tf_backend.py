@@ -15,9 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from localdev import models
 from worker.serving import BatchRejected
 from worker.serving.jsonvalues import tf_serving_floats
-from worker.serving.tf_backend import TensorFlowModel, TensorFlowSignature
+from worker.serving.tf_backend import NotFromJson, TensorFlowModel, TensorFlowSignature
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +166,20 @@ def test_an_integer_beyond_the_input_s_range_is_rejected_not_wrapped(two_io: Ten
     )
     edges = two_io.predict([{"a": [0.0] * 4, "b": 2**63 - 1}, {"a": [0.0] * 4, "b": -(2**63)}])
     assert [p["total"] for p in edges] == [9.22337204e18, -9.22337204e18]  # 2**63 as a float32
+
+
+@pytest.mark.parametrize(("dtype", "name"), [("float16", "half"), ("uint16", "uint16")])
+def test_an_input_type_tf_serving_cannot_fill_from_json_is_refused_in_its_words(
+    tmp_path: Path, dtype: str, name: str
+) -> None:
+    typed = TensorFlowModel(str(models.build_typed(tmp_path / dtype, dtype)), description=dtype)
+    with pytest.raises(NotFromJson) as e:
+        typed.predictor("serving_default").predict([[3, 1, 2, 0]])
+    assert e.value.tf_serving_message == f"Conversion of JSON Value: 3 to type: {name}"
+    assert str(e.value).startswith(f"input 'x' is {name}, which TF Serving's REST API cannot fill from JSON")
+
+
+def test_every_input_type_tf_serving_fills_from_json_is_taken(tmp_path: Path) -> None:
+    for dtype in ("float64", "int8", "int16", "int32", "int64", "uint8", "uint32", "uint64"):
+        typed = TensorFlowModel(str(models.build_typed(tmp_path / dtype, dtype)), description=dtype)
+        assert typed.predictor("serving_default").predict([[3, 1, 2, 0]]) == [6.0]

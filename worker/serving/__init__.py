@@ -10,6 +10,12 @@ from __future__ import annotations
 import threading
 from typing import Any, Protocol
 
+# What to do about a model input TF Serving cannot fill from JSON (its REST API answers HTTP 501).
+JSON_INPUT_ADVICE = (
+    "TF Serving's REST API takes float, double, int8, int16, int32, int64, uint8, uint32, uint64, "
+    "bool and string inputs: export the model with one of those and cast inside it"
+)
+
 
 class BatchRejected(Exception):
     """The model refused this batch because of its data (TF Serving's 400 INVALID_ARGUMENT)."""

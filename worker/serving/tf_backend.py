@@ -7,6 +7,7 @@ the same whichever backend serves the model. TensorFlow is imported lazily, once
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from worker.errors import ModelError
-from worker.serving import BatchRejected, numbers
+from worker.serving import JSON_INPUT_ADVICE, BatchRejected, numbers
 from worker.serving.jsonvalues import decode_strings, rows_from_array
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,23 @@ class TensorFlowModel:
             return self._predictors[signature_name]
 
 
+class NotFromJson(ModelError):
+    """A model input of a type TF Serving's REST API cannot fill from JSON (float16, bfloat16,
+    uint16, complex…): TF Serving answers every request 501, so this backend refuses it too
+    rather than let a model work here that cannot work behind the real server."""
+
+    def __init__(self, name: str, type_name: str, values: list[Any]) -> None:
+        first = values[0] if values else None
+        while isinstance(first, list) and first:
+            first = first[0]
+        # TF Serving's own words, for the stand-in to answer with.
+        self.tf_serving_message = f"Conversion of JSON Value: {json.dumps(first)} to type: {type_name}"
+        super().__init__(
+            f"input {name!r} is {type_name}, which TF Serving's REST API cannot fill from JSON "
+            f"({self.tf_serving_message}) — {JSON_INPUT_ADVICE}"
+        )
+
+
 class TensorFlowSignature:
     """One concrete signature function, fed TF Serving row-format instances."""
 
@@ -103,6 +121,13 @@ class TensorFlowSignature:
         self.inputs: dict[str, Any] = dict(sorted(kwargs.items()))
         self.output_names = sorted(fn.structured_outputs)
         self._floats = (tf.float32, tf.float64)
+        # The types TF Serving's REST API fills from JSON (`AddValueToTensor` in its
+        # json_tensor.cc); for any other it answers 501 for every request.
+        self._from_json = {
+            *self._floats,
+            *(tf.int8, tf.int16, tf.int32, tf.int64, tf.uint8, tf.uint32, tf.uint64),
+            *(tf.bool, tf.string),
+        }
 
     def _column(self, name: str, values: list[Any]) -> Any:
         spec = self.inputs[name]
@@ -121,6 +146,8 @@ class TensorFlowSignature:
                 self._check_shape(name, spec, list(tensor.shape))
                 numbers.check_floats(name, values, tensor.numpy())
                 return tensor
+        if spec.dtype not in self._from_json:
+            raise NotFromJson(name, "half" if spec.dtype == self._tf.float16 else spec.dtype.name, values)
         if spec.dtype == self._tf.string:
             arr = np.asarray([decode_strings(v) for v in values], dtype=object)
         else:

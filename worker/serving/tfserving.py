@@ -5,8 +5,9 @@ The server runs on 127.0.0.1 with free ports, the model laid out as `<base>/<nam
 version `AVAILABLE`; a model it cannot load (`END` with an error) is a `ModelError`; a server that
 exits or never gets ready is transient. Its output is drained continuously into the logs (a full
 pipe would block it). A batch answered 4xx is `BatchRejected` with the server's message verbatim
-(the pipeline bisects it); a connection error or 5xx restarts the server and retries the batch a
-bounded number of times, then fails transiently.
+(the pipeline bisects it); a 501 (an input type its REST API cannot fill from JSON, the same for
+every request) is a `ModelError`; a connection error or any other 5xx restarts the server and
+retries the batch a bounded number of times, then fails transiently.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import requests
 
 from worker import codec
 from worker.errors import ModelError, TransientError
-from worker.serving import BatchRejected
+from worker.serving import JSON_INPUT_ADVICE, BatchRejected
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"
 MODEL_VERSION = 1
 MAX_ATTEMPTS = 3  # per batch: the first try and two more, each after a restart
+NOT_IMPLEMENTED = 501  # HTTP status of TF Serving's UNIMPLEMENTED
 
 
 def _free_port() -> int:
@@ -211,7 +213,9 @@ class ModelServer:
                     headers={"Content-Type": "application/json"},
                     timeout=(10, self.config.predict_timeout_s + 10),
                 )
-                if r.status_code < 500:
+                # 501 is TF Serving's answer for an input type its REST API cannot fill from
+                # JSON: the same for every request, so an answer, not a server failure.
+                if r.status_code < 500 or r.status_code == NOT_IMPLEMENTED:
                     return r
                 failure = f"HTTP {r.status_code}: {_error_message(r)}"
             except requests.RequestException as e:
@@ -311,6 +315,11 @@ class RestPredictor:
 
     def _call(self, body: dict[str, Any], key: str) -> Any:
         r = self._server.call("POST", ":predict", body)
+        if r.status_code == NOT_IMPLEMENTED:
+            raise ModelError(
+                f"the model server for {self._server.description} cannot take this model's inputs from JSON "
+                f"(HTTP 501: {_error_message(r)}) — {JSON_INPUT_ADVICE}"
+            )
         if r.status_code != 200:
             raise BatchRejected(_error_message(r))
         try:
