@@ -622,13 +622,13 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
                 f"{mb(big_run.peak_rss)} at {big} ({big_run.rate:,.0f} instances/s): "
                 f"{mb(big_run.peak_rss - small_run.peak_rss)} more for {big_run.instances:,} instances."
             )
-        ev_r = r["event"]
-        budget = ev_r["cold_import_s"] + r["download_s"] + 1
+        events = r["event"]
+        budget = events["cold_import_s"] + r["download_s"] + 1
         out.append(
-            f"Event → 10-line job done: warm {ev_r['warm_s'] * 1000:.0f} ms; cold (new process) "
-            f"{ev_r['cold_s']:.1f} s against TensorFlow import + model download + 1 s = {budget:.1f} s "
-            f"(the import measured next to each cold start, {ev_r['cold_import_s']:.1f} s; a cold start took "
-            f"{ev_r['cold_over_import_s']:.2f} s more than the import beside it, against a budget of "
+            f"Event → 10-line job done: warm {events['warm_s'] * 1000:.0f} ms; cold (new process) "
+            f"{events['cold_s']:.1f} s against TensorFlow import + model download + 1 s = {budget:.1f} s "
+            f"(the import measured next to each cold start, {events['cold_import_s']:.1f} s; a cold start took "
+            f"{events['cold_over_import_s']:.2f} s more than the import beside it, against a budget of "
             f"{r['download_s'] + 1:.2f} s).\n"
         )
     return "\n".join(out)
