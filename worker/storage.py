@@ -99,8 +99,9 @@ class LocalModel:
 
 
 @contextlib.contextmanager
-def translate_errors(what: str) -> Iterator[None]:
-    """Map SDK and transport failures to the worker's error tree, naming `what` was being done."""
+def translate_errors(what: str, bucket: Any = None) -> Iterator[None]:
+    """Map SDK and transport failures to the worker's error tree, naming `what` was being done.
+    With the `bucket` being worked in, a 404 says so when it is the bucket that does not exist."""
     try:
         yield
     except (NotFound, PermanentError, TransientError):
@@ -108,6 +109,8 @@ def translate_errors(what: str) -> Iterator[None]:
     except gexc.PreconditionFailed as e:
         raise Conflict(f"{what}: changed by another writer ({e.message})") from e
     except gexc.NotFound as e:
+        if bucket is not None and _bucket_missing(bucket):
+            raise NotFound(f"{what}: {_no_bucket(bucket)}") from e
         raise NotFound(f"{what}: not found ({e.message})") from e
     except gexc.Forbidden as e:
         raise PermanentError(
@@ -119,6 +122,19 @@ def translate_errors(what: str) -> Iterator[None]:
         raise TransientError(f"{what}: Cloud Storage unavailable ({e})") from e
     except (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError) as e:
         raise TransientError(f"{what}: cannot reach Cloud Storage ({e})") from e
+
+
+def _bucket_missing(bucket: Any) -> bool:
+    """Whether `bucket` does not exist; asked after a 404 only. False when that cannot be told
+    (the service account may read objects without being allowed to read the bucket)."""
+    try:
+        return not bucket.exists()
+    except (gexc.GoogleAPICallError, requests.RequestException):
+        return False
+
+
+def _no_bucket(bucket: Any) -> str:
+    return f"bucket {bucket.name} does not exist — check the bucket name in the URI"
 
 
 @contextlib.contextmanager
@@ -177,9 +193,11 @@ class GcsStore:
         prefix) are left out, so outputs written inside the input tree are never read back.
         """
         bucket = self._client.bucket(input_uri.bucket)
-        with translate_errors(f"reading input {input_uri}"):
+        with translate_errors(f"reading input {input_uri}", bucket):
             if not input_uri.is_prefix:
                 blob = bucket.get_blob(input_uri.path)
+                if blob is None and _bucket_missing(bucket):
+                    raise NotFound(f"reading input {input_uri}: {_no_bucket(bucket)}")
                 if blob is None:
                     raise NotFound(
                         f"input {input_uri} does not exist — check the object name, or end the URI "
@@ -250,7 +268,7 @@ class GcsStore:
         predicted while the last ones are sent."""
         blob = self._client.bucket(uri.bucket).blob(uri.path)
         blob.metadata = {WRITTEN_BY_KEY: job_id}
-        with translate_errors(f"writing output {uri}"):
+        with translate_errors(f"writing output {uri}", blob.bucket):
             sink = _Upload(blob, content_type)
             writer = BackgroundWriter(sink, name=f"upload {uri}", inline_bytes=FIRST_CHUNK_BYTES)
             try:
@@ -268,7 +286,7 @@ class GcsStore:
         precondition raises `Conflict`."""
         blob = self._client.bucket(uri.bucket).blob(uri.path)
         blob.metadata = {WRITTEN_BY_KEY: job_id}
-        with translate_errors(f"writing {uri}"):
+        with translate_errors(f"writing {uri}", blob.bucket):
             blob.upload_from_string(
                 json.dumps(value, indent=2) + "\n",
                 content_type="application/json",
@@ -329,7 +347,7 @@ class GcsStore:
         if base.path.endswith("saved_model.pb"):
             base = GcsUri(base.bucket, base.path[: -len("saved_model.pb")])
         base = base.as_prefix()
-        with translate_errors(f"reading model {model}"):
+        with translate_errors(f"reading model {model}", self._client.bucket(base.bucket)):
             blobs = list(self._client.list_blobs(base.bucket, prefix=base.path))
         if not blobs:
             raise NotFound(f"model {model} does not exist: no object under {base} — check the path")

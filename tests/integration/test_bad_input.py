@@ -35,6 +35,11 @@ def test_bad_jobs_fail_with_actionable_messages(worker_service, storage_client, 
         "no-input": {**good, "input": f"gs://{bucket}/nothing-here/"},
         "missing-input-object": {**good, "input": f"gs://{bucket}/in/ok.json"},
         "missing-field": {"model": good["model"], "input": good["input"]},
+        # A bucket name with a typo, in each of the three URIs (an object and a prefix for input).
+        "no-model-bucket": {**good, "model": f"gs://{bucket}-gone/mlp/"},
+        "no-input-bucket": {**good, "input": f"gs://{bucket}-gone/in/ok.jsonl"},
+        "no-input-bucket-prefix": {**good, "input": f"gs://{bucket}-gone/in/"},
+        "no-output-bucket": {**good, "output": f"gs://{bucket}-gone/out/"},
     }
     for job_id, job in cases.items():
         topo.publish_job({**job, "job_id": job_id})
@@ -76,6 +81,18 @@ def test_bad_jobs_fail_with_actionable_messages(worker_service, storage_client, 
     assert errors["missing-field"] == {
         "code": "INVALID_ARGUMENT",
         "message": "job is missing output: a job needs model, input and output gs:// URIs",
+    }
+    gone = f"bucket {bucket}-gone does not exist — check the bucket name in the URI"
+    assert errors["no-model-bucket"] == {
+        "code": "NOT_FOUND",
+        "message": f"reading model gs://{bucket}-gone/mlp/: {gone}",
+    }
+    for job_id, uri in (("no-input-bucket", "in/ok.jsonl"), ("no-input-bucket-prefix", "in/")):
+        assert errors[job_id] == {"code": "NOT_FOUND", "message": f"reading input gs://{bucket}-gone/{uri}: {gone}"}
+    assert errors["no-output-bucket"] == {
+        "code": "NOT_FOUND",
+        "message": f"cannot write to output gs://{bucket}-gone/out/: writing "
+        f"gs://{bucket}-gone/out/_manifest.json.lease: {gone}",
     }
     # Acknowledged, so nothing is redelivered and reported twice.
     assert topo.no_more_completions() == []
