@@ -11,9 +11,10 @@ numeric version folder under `--model_base_path`, and answers like TF Serving:
   the signatures with their inputs and outputs;
 - `POST /v1/models/NAME[/versions/N]:predict` — row (`instances` → `predictions`) and columnar
   (`inputs` → `outputs`) formats, `signature_name`, `{"b64": …}`; errors as `{"error": "…"}` with
-  400 (bad request or instances), 404 (unknown model, version or signature) or 501 (an input
-  type TF Serving's REST API cannot fill from JSON, such as float16); bare NaN/Infinity in
-  predictions, as the real server writes them.
+  400 (bad request or instances), 404 (unknown model, version or signature), 501 (an input
+  type TF Serving's REST API cannot fill from JSON, such as float16) or 504 (a request that took
+  longer than `--rest_api_timeout_in_ms`); bare NaN/Infinity in predictions, as the real server
+  writes them. For tests, `STANDIN_DELAY_MS_PER_INSTANCE` makes the model that slow.
 
 What it does not do: gRPC (`--port` is accepted and ignored), server-side batching
 (`--enable_batching`), model config files, version policies, or hot-reloading new versions.
@@ -30,6 +31,7 @@ import os
 import re
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -88,6 +90,8 @@ class Servable:
 
 class Handler(BaseHTTPRequestHandler):
     servable: Servable
+    timeout_s: float = 30.0  # --rest_api_timeout_in_ms
+    delay_s_per_instance: float = 0.0  # STANDIN_DELAY_MS_PER_INSTANCE: a model that slow
     protocol_version = "HTTP/1.1"
     # The headers and the body go out in two writes: with Nagle's algorithm on, the body waits
     # for the client's delayed ACK of the headers, about 40 ms on every kept-alive request.
@@ -173,20 +177,32 @@ class Handler(BaseHTTPRequestHandler):
                 400, "Missing 'inputs' or 'instances' key" if not has_rows else "Not both 'inputs' and 'instances'"
             )
             return
+        started = time.monotonic()
         try:
             if has_rows:
                 instances = body["instances"]
                 if not isinstance(instances, list) or not instances:
                     self._error(400, "'instances' must be a non-empty JSON array")
                     return
-                self._send(200, {"predictions": predictor.predict(instances)})
+                answer = {"predictions": self._predict(predictor, instances)}
             else:
                 rows = _rows_from_columns(body["inputs"], list(predictor.inputs))
-                self._send(200, {"outputs": _columns_from_rows(predictor.predict(rows), predictor.output_names)})
+                answer = {"outputs": _columns_from_rows(self._predict(predictor, rows), predictor.output_names)}
+            if time.monotonic() - started > self.timeout_s:
+                # TF Serving's answer when a request outlives --rest_api_timeout_in_ms.
+                self._error(504, "Timed out waiting for notification")
+            else:
+                self._send(200, answer)
         except NotFromJson as e:  # an input type TF Serving's REST API does not convert: 501
             self._error(501, e.tf_serving_message)
         except Exception as e:  # the row converter's BatchRejected and TensorFlow's own errors
             self._error(400, getattr(e, "message", None) or str(e))
+
+    def _predict(self, predictor: Any, instances: list[Any]) -> list[Any]:
+        if self.delay_s_per_instance:
+            time.sleep(self.delay_s_per_instance * len(instances))
+        predictions: list[Any] = predictor.predict(instances)
+        return predictions
 
 
 def _rows_from_columns(inputs: Any, names: list[str]) -> list[Any]:
@@ -217,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rest_api_host", default="127.0.0.1")
     parser.add_argument("--model_name", default="default")
     parser.add_argument("--model_base_path", required=True)
+    parser.add_argument("--rest_api_timeout_in_ms", type=int, default=30000)
     args, ignored = parser.parse_known_args(argv)
     if args.rest_api_port == 0:
         print("--rest_api_port is 0: the REST API is off (as with tensorflow_model_server)", flush=True)
@@ -224,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     if ignored:
         print(f"stand-in ignores flags: {' '.join(ignored)}", flush=True)
     servable = Servable(args.model_name, args.model_base_path)
-    handler = type("BoundHandler", (Handler,), {"servable": servable})
+    bound = {
+        "servable": servable,
+        "timeout_s": args.rest_api_timeout_in_ms / 1000,
+        "delay_s_per_instance": float(os.environ.get("STANDIN_DELAY_MS_PER_INSTANCE") or 0) / 1000,
+    }
+    handler = type("BoundHandler", (Handler,), bound)
     server = ThreadingHTTPServer((args.rest_api_host, args.rest_api_port), handler)
     server.daemon_threads = True
     threading.Thread(target=servable.load, daemon=True).start()

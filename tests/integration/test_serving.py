@@ -6,6 +6,7 @@ model that cannot load; the warm cache."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -182,6 +183,41 @@ def test_an_input_type_tf_serving_cannot_fill_from_json_fails_the_job_with_what_
     assert error["message"].endswith("export the model with one of those and cast inside it")
     assert rt.models.stats.snapshot()["server_starts"] == (1 if serving == "tfserving" else 0)
     assert storage_client.bucket(bucket).get_blob("out/in.jsonl") is None
+
+
+def test_a_batch_that_outlives_the_server_s_timeout_is_sent_in_halves_and_so_are_later_ones(
+    make_runtime, storage_client, bucket, model_uris, model_dirs, reference, monkeypatch, caplog
+):
+    # The stand-in takes 100 ms per instance and answers 504 past its 1 s timeout, as TF Serving
+    # does past --rest_api_timeout_in_ms: 12 instances time out, 6 do not.
+    monkeypatch.setenv("STANDIN_DELAY_MS_PER_INSTANCE", "100")
+    instances = models.mlp_instances(24, seed=9)
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", [json.dumps(i) for i in instances])
+    rt = make_runtime("tfserving", predict_timeout_seconds=1, batch_size=12)
+    with caplog.at_level(logging.WARNING, logger="worker.serving.tfserving"):
+        outcome = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/"))
+    assert outcome.status == "SUCCEEDED"
+    lines = read_lines(storage_client, f"gs://{bucket}/out/in.jsonl")
+    assert [line["prediction"] for line in lines] == reference(model_dirs["mlp"], instances)
+    assert rt.models.stats.snapshot()["server_starts"] == 1  # not taken for a crash
+    # Halved once, on the first batch; the second batch went as two requests of 6 from the start.
+    halved = [r.getMessage() for r in caplog.records if "per request from now on" in r.getMessage()]
+    assert len(halved) == 1 and "on 12 instances" in halved[0] and "at most 6 per request" in halved[0]
+
+
+def test_an_instance_that_outlives_the_server_s_timeout_fails_the_job_saying_to_raise_it(
+    make_runtime, storage_client, bucket, model_uris, monkeypatch
+):
+    monkeypatch.setenv("STANDIN_DELAY_MS_PER_INSTANCE", "1200")
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", [json.dumps(models.mlp_instances(1)[0])])
+    rt = make_runtime("tfserving", predict_timeout_seconds=1)
+    outcome = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/"))
+    assert outcome.status == "FAILED"
+    assert outcome.manifest["error"]["code"] == "FAILED_PRECONDITION"
+    assert outcome.manifest["error"]["message"].endswith(
+        "to predict one instance (Timed out waiting for notification) — raise WORKER_PREDICT_TIMEOUT_SECONDS"
+    )
+    assert rt.models.stats.snapshot()["server_starts"] == 1
 
 
 def test_a_server_that_exits_at_start_is_a_transient_failure_with_its_output(

@@ -6,8 +6,9 @@ version `AVAILABLE`; a model it cannot load (`END` with an error) is a `ModelErr
 exits or never gets ready is transient. Its output is drained continuously into the logs (a full
 pipe would block it). A batch answered 4xx is `BatchRejected` with the server's message verbatim
 (the pipeline bisects it); a 501 (an input type its REST API cannot fill from JSON, the same for
-every request) is a `ModelError`; a connection error or any other 5xx restarts the server and
-retries the batch a bounded number of times, then fails transiently.
+every request) is a `ModelError`; a 504 (a batch that outlived the server's timeout) is sent again
+in halves, and later batches no bigger; a connection error or any other 5xx restarts the server
+and retries the batch a bounded number of times, then fails transiently.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MODEL_NAME = "model"
 MODEL_VERSION = 1
 MAX_ATTEMPTS = 3  # per batch: the first try and two more, each after a restart
 NOT_IMPLEMENTED = 501  # HTTP status of TF Serving's UNIMPLEMENTED
+TIMED_OUT = 504  # of its DEADLINE_EXCEEDED: a request that outlived --rest_api_timeout_in_ms
 
 
 def _free_port() -> int:
@@ -213,9 +215,9 @@ class ModelServer:
                     headers={"Content-Type": "application/json"},
                     timeout=(10, self.config.predict_timeout_s + 10),
                 )
-                # 501 is TF Serving's answer for an input type its REST API cannot fill from
-                # JSON: the same for every request, so an answer, not a server failure.
-                if r.status_code < 500 or r.status_code == NOT_IMPLEMENTED:
+                # Answers, not server failures: 501 for an input type its REST API cannot fill
+                # from JSON (the same for every request), 504 for a batch too slow to finish.
+                if r.status_code < 500 or r.status_code in (NOT_IMPLEMENTED, TIMED_OUT):
                     return r
                 failure = f"HTTP {r.status_code}: {_error_message(r)}"
             except requests.RequestException as e:
@@ -259,6 +261,8 @@ class TFServingModel:
     def __init__(self, server: ModelServer) -> None:
         self.server = server
         self._signatures: list[str] | None = None
+        # One per signature, kept with the server: what it learned of request sizes lasts as long.
+        self._predictors: dict[str, RestPredictor] = {}
 
     @classmethod
     def start(
@@ -288,7 +292,10 @@ class TFServingModel:
                 f"model {self.server.description} has no signature {signature_name!r}; it has "
                 f"{', '.join(names) or 'none'} — set options.signature_name"
             )
-        return RestPredictor(self.server, signature_name, columnar=self.server.config.request_format == "columnar")
+        if signature_name not in self._predictors:
+            columnar = self.server.config.request_format == "columnar"
+            self._predictors[signature_name] = RestPredictor(self.server, signature_name, columnar=columnar)
+        return self._predictors[signature_name]
 
     def close(self) -> None:
         self.server.close()
@@ -302,8 +309,37 @@ class RestPredictor:
         self._server = server
         self._signature_name = signature_name
         self._columnar = columnar
+        # Instances per request at most, once a request of more outlived the server's timeout.
+        self._cap: int | None = None
 
     def predict(self, instances: list[Any]) -> list[Any]:
+        """Predictions for `instances`, in requests of at most the size that has not timed out: a
+        request the server answers 504 is sent again in halves, and so are later ones."""
+        predictions: list[Any] = []
+        start = 0
+        while start < len(instances):
+            cap = self._cap
+            n = len(instances) - start if cap is None else min(cap, len(instances) - start)
+            try:
+                predictions += self._predict_once(instances[start : start + n])
+            except _TimedOut as e:
+                timeout = f"WORKER_PREDICT_TIMEOUT_SECONDS ({self._server.config.predict_timeout_s:g} s)"
+                if n == 1:
+                    raise ModelError(
+                        f"the model server for {self._server.description} took longer than {timeout} to "
+                        f"predict one instance ({e}) — raise WORKER_PREDICT_TIMEOUT_SECONDS"
+                    ) from None
+                self._cap = n // 2 if self._cap is None else min(self._cap, n // 2)
+                log.warning(
+                    "the model server for %s took longer than %s on %d instances (%s): sending at most %d "
+                    "per request from now on",
+                    self._server.description, timeout, n, e, self._cap,
+                )  # fmt: skip
+                continue
+            start += n
+        return predictions
+
+    def _predict_once(self, instances: list[Any]) -> list[Any]:
         columns = _columns(instances) if self._columnar else None
         if columns is None:
             predictions: list[Any] = self._call(
@@ -320,6 +356,8 @@ class RestPredictor:
                 f"the model server for {self._server.description} cannot take this model's inputs from JSON "
                 f"(HTTP 501: {_error_message(r)}) — {JSON_INPUT_ADVICE}"
             )
+        if r.status_code == TIMED_OUT:
+            raise _TimedOut(_error_message(r))
         if r.status_code != 200:
             raise BatchRejected(_error_message(r))
         try:
@@ -329,6 +367,10 @@ class RestPredictor:
         if key == "predictions" and not isinstance(answer, list):
             raise ModelError(f"the model server answered predictions that are not a list: {r.text[:300]}")
         return answer
+
+
+class _TimedOut(Exception):
+    """The server answered 504: the request outlived its --rest_api_timeout_in_ms."""
 
 
 def _columns(instances: list[Any]) -> Any:
