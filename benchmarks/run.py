@@ -338,8 +338,9 @@ def worker_event_runs(env: Env, cfg: Config, model: str, backend: str) -> dict[s
 
 def storage_alone_s(env: Env, uri: str, out_bytes: int, repeat: int) -> float:
     """Seconds the worker's own storage layer takes to read `uri` and write `out_bytes` of output
-    alongside, file by file as a job does (4 files in flight, each output written as its input is
-    read), with no parsing or prediction: what the I/O against this fake-gcs-server costs alone."""
+    alongside, file by file as a job does (the worker's default number of files in flight, each
+    output written as its input is read), with no parsing or prediction: what the I/O against this
+    fake-gcs-server costs alone."""
     from concurrent.futures import ThreadPoolExecutor
 
     from worker.jobs import GcsUri
@@ -358,7 +359,7 @@ def storage_alone_s(env: Env, uri: str, out_bytes: int, repeat: int) -> float:
     for _ in range(repeat):
         out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
         clock = Stopwatch()
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(Settings.file_concurrency) as pool:
             list(pool.map(one, inputs, [out] * len(inputs)))
         times.append(clock.elapsed)
         delete_prefix(env, out)
@@ -569,7 +570,7 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
         out.append(
             f"\nWhere an event job's time goes (seconds per job; the worker and fake-gcs-server share "
             f"the {os.cpu_count()} CPUs; CPU time is counted in ticks of {1000 // CLOCK_TICKS} ms; the waits "
-            "are the manifest's, summed over the files, up to 4 at a time):\n"
+            f"are the manifest's, summed over the files, up to {Settings.file_concurrency} at a time):\n"
         )
         out.append(
             table(
@@ -608,7 +609,8 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
                 together: Run = r["cli"][label]
                 out.append(
                     f"\n{label} through the CLI: {rate(together.rate)} instances/s with the files in flight "
-                    f"together (WORKER_FILE_CONCURRENCY=4), {rate(serial.rate)} one after another: "
+                    f"together (WORKER_FILE_CONCURRENCY={Settings.file_concurrency}), {rate(serial.rate)} one "
+                    "after another: "
                     f"{together.rate / serial.rate:.2f}×."
                 )
         labels = [lb for lb in env.inputs if lb != "10 lines" and " in " not in lb]

@@ -81,7 +81,7 @@ class Settings:
     results_topic: str = ""
     batch_size: int = 1024
     max_batch_bytes: int = 4 * 1024 * 1024
-    file_concurrency: int = 4
+    file_concurrency: int = 8
     work_dir: str = os.path.join(tempfile.gettempdir(), "embedded-tf")
     download_threads: int = 8
     lease_seconds: int = 120

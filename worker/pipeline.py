@@ -82,7 +82,7 @@ class Limits:
     batch_size: int = 1024
     max_batch_bytes: int = 4 * 1024 * 1024
     lease_s: float = 120.0  # a job's lease time to live; renewed every third of it
-    file_concurrency: int = 4  # input files of one job in flight at once
+    file_concurrency: int = 8  # input files of one job in flight at once
 
 
 @dataclass(frozen=True)

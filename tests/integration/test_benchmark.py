@@ -56,3 +56,21 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     assert set(mlp["memory"]) == {"1MB", "16MB"}
     assert mlp["memory"]["16MB"]["instances"] > mlp["memory"]["1MB"]["instances"] > 0
     assert {"1MB", "4MB", "1MB in 10 files"} <= set(mlp["original"])
+
+
+def test_quick_files_in_flight_benchmark_runs_and_reports_every_figure(tmp_path):
+    figures = tmp_path / "flight.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.files_in_flight", "--quick", "--json", str(figures)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| added latency | 1 in flight | 8 in flight |" in proc.stdout
+    rates = json.loads(figures.read_text())["rates"]
+    assert set(rates) == {"0.0", "20.0"}
+    assert all(set(r) == {"1", "8"} and min(r.values()) > 0 for r in rates.values())
