@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import Stopwatch, median, parse_size, write_input
+from benchmarks.measure import Stopwatch, command_line, median, parse_size, parse_with_defaults, table, write_input
 from localdev import emulators, models
 from worker.config import Settings
 
@@ -106,41 +106,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, results: dict[str, Any]) -> str:
-    default = Settings.file_concurrency
-    head = [f"{c} in flight" for c in args.concurrency]
-    out = [
+    intro = (
         f"{results['lines']:,} lines of {FEATURES} floats in {results['files']} files ({args.size} in all), the small "
-        f"MLP; instances/s by added latency per storage request and files in flight (the default is {default}):\n",
-        "| added latency | " + " | ".join(head) + " |",
-        "|---|" + "---|" * len(head),
+        f"MLP; instances/s by added latency per storage request and files in flight (the default is "
+        f"{Settings.file_concurrency}):\n"
+    )
+    rows = [
+        [f"{float(latency):g} ms", *(f"{rates[str(c)]:,.0f}" for c in args.concurrency)]
+        for latency, rates in results["rates"].items()
     ]
-    for latency, rates in results["rates"].items():
-        out.append(f"| {float(latency):g} ms | " + " | ".join(f"{rates[str(c)]:,.0f}" for c in args.concurrency) + " |")
-    return "\n".join(out)
+    return intro + "\n" + table(["added latency", *(f"{c} in flight" for c in args.concurrency)], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true", help="10 files of 1MB in all, 0 and 20 ms, 1 and 8 in flight")
+    parser = command_line(__doc__, "10 files of 1MB in all, 0 and 20 ms, 1 and 8 in flight")
     parser.add_argument("--latencies", help="milliseconds added to each storage request (default: 0,20,50)")
     parser.add_argument("--concurrency", help="files in flight to compare (default: 1,4,8,16)")
     parser.add_argument("--files", type=int, help="files in the tree (default: 100)")
     parser.add_argument("--size", help="input size in all (default: 10MB)")
     parser.add_argument("--repeat", type=int, help="jobs per figure; medians are reported (default: 3)")
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args(argv)
-    defaults = (
-        {"latencies": "0,20", "concurrency": "1,8", "files": 10, "size": "1MB", "repeat": 1}
-        if args.quick
-        else {"latencies": "0,20,50", "concurrency": "1,4,8,16", "files": 100, "size": "10MB", "repeat": 3}
+    args = parse_with_defaults(
+        parser,
+        argv,
+        quick={"latencies": "0,20", "concurrency": "1,8", "files": 10, "size": "1MB", "repeat": 1},
+        full={"latencies": "0,20,50", "concurrency": "1,4,8,16", "files": 100, "size": "10MB", "repeat": 3},
     )
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     args.latencies = [float(x) for x in str(args.latencies).split(",")]
     args.concurrency = [int(x) for x in str(args.concurrency).split(",")]
     results = measure(args)

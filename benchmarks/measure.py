@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
 import statistics
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -155,3 +157,32 @@ class Stopwatch:
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+def command_line(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first paragraph says what it does, the rest (the
+    commands) goes after the options, and --quick selects the smoke run."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return parser
+
+
+def parse_with_defaults(
+    parser: argparse.ArgumentParser, argv: list[str] | None, quick: Mapping[str, Any], full: Mapping[str, Any]
+) -> argparse.Namespace:
+    """The arguments, each one not given taken from `quick` or `full` as --quick says."""
+    args = parser.parse_args(argv)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -20,7 +20,6 @@ Every figure is a median over --repeat runs; ratios are taken between figures of
 
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import json
@@ -41,10 +40,13 @@ from benchmarks.measure import (
     CLOCK_TICKS,
     RssSampler,
     Stopwatch,
+    command_line,
     human,
     instance_block,
     median,
     parse_size,
+    parse_with_defaults,
+    table,
     tree_cpu_s,
     write_input,
 )
@@ -500,12 +502,6 @@ def model_download_s(env: Env, model: str) -> float:
     return clock.elapsed
 
 
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def rate(x: float) -> str:
     return f"{x:,.0f}"
 
@@ -637,12 +633,7 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true", help="mlp, 1MB and 4MB, one run each: a smoke test")
+    parser = command_line(__doc__, "mlp, 1MB and 4MB, one run each: a smoke test")
     parser.add_argument("--models", help="comma-separated: mlp, dense (default: both; --quick: mlp)")
     parser.add_argument(
         "--sizes",
@@ -665,17 +656,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--original-timeout", type=float, default=30.0, help="REST timeout of the original (30 s)")
     parser.add_argument("--original-cap", default="8GB", help="kill the original approach above this RSS (8GB)")
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args(argv)
-    defaults = (
-        {"models": "mlp", "sizes": "1MB,4MB", "batch_sizes": "64,256", "repeat": 1, "tree_files": 10,
-         "memory_size": "16MB"}
-        if args.quick
-        else {"models": "mlp,dense", "sizes": "10MB,100MB", "batch_sizes": "16,64,256,1024", "repeat": 3,
-              "tree_files": 100, "memory_size": "1GB"}
+    args = parse_with_defaults(
+        parser,
+        argv,
+        quick={"models": "mlp", "sizes": "1MB,4MB", "batch_sizes": "64,256", "repeat": 1, "tree_files": 10,
+               "memory_size": "16MB"},
+        full={"models": "mlp,dense", "sizes": "10MB,100MB", "batch_sizes": "16,64,256,1024", "repeat": 3,
+              "tree_files": 100, "memory_size": "1GB"},
     )  # fmt: skip
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     cfg = Config(
         models=[m for m in args.models.split(",") if m],
         sizes=sorted(parse_size(s) for s in args.sizes.split(",")),

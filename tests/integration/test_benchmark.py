@@ -14,10 +14,10 @@ from worker.config import Settings
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
-    figures = tmp_path / "bench.json"
+def _run_quick(module: str, figures: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> --quick`, which must run to the end."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--json", str(figures)],
+        [sys.executable, "-m", module, "--quick", "--json", str(figures)],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -26,6 +26,12 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
+    figures = tmp_path / "bench.json"
+    proc = _run_quick("benchmarks.run", figures)
     headings = (
         "limit: signature on tensors",
         "worker, event (warm)",
@@ -60,16 +66,7 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
 
 def test_quick_files_in_flight_benchmark_runs_and_reports_every_figure(tmp_path):
     figures = tmp_path / "flight.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.files_in_flight", "--quick", "--json", str(figures)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_quick("benchmarks.files_in_flight", figures)
     assert "| added latency | 1 in flight | 8 in flight |" in proc.stdout
     rates = json.loads(figures.read_text())["rates"]
     assert set(rates) == {"0.0", "20.0"}
