@@ -45,64 +45,70 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
-        from worker.jobs import Job
-        from worker.runtime import Runtime
-
         client = storage.Client(project="bench", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
-        tmp = Path(tempfile.mkdtemp(prefix="embedded-tf-bench-"))
-        for name in ("bench-models", "bench-data"):
-            client.create_bucket(name)
-        models.upload_folder(client, models.build_mlp(tmp / "mlp"), "bench-models", "mlp/1")
-        write_input(tmp / "in.jsonl", parse_size(args.size), features=FEATURES)
-        lines = (tmp / "in.jsonl").read_bytes().splitlines(keepends=True)
-        per = -(-len(lines) // args.files)
-        for i in range(args.files):
-            part = b"".join(lines[i * per : (i + 1) * per])
-            client.bucket("bench-data").blob(f"tree/part-{i:04d}.jsonl").upload_from_string(part)
-
-        results: dict[str, Any] = {"lines": len(lines), "files": args.files, "rates": {}}
-        for latency in args.latencies:
-            proxy, host = _proxy(gcs_host.removeprefix("http://"), latency)
-            proxies.append(proxy)
-            os.environ["STORAGE_EMULATOR_HOST"] = host
-            base = Settings.from_env(os.environ)
-            runtimes = {
-                c: Runtime.from_settings(
-                    dataclasses.replace(base, file_concurrency=c, work_dir=str(tmp / "work")), publish=False
-                )
-                for c in args.concurrency
-            }
-            times: dict[int, list[float]] = {c: [] for c in args.concurrency}
-            try:
-                for repeat in range(args.repeat + 1):  # the first round warms each runtime's model
-                    for c, rt in runtimes.items():
-                        out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
-                        job = Job.from_mapping(
-                            {"model": "gs://bench-models/mlp/", "input": "gs://bench-data/tree/", "output": out},
-                            default_job_id=uuid.uuid4().hex,
-                        )
-                        clock = Stopwatch()
-                        outcome = rt.run_job(job)
-                        if outcome.status != "SUCCEEDED":
-                            raise RuntimeError(f"job failed: {outcome.manifest.get('error')}")
-                        if repeat:
-                            times[c].append(clock.elapsed)
-            finally:
-                for rt in runtimes.values():
-                    rt.close()
-            results["rates"][str(latency)] = {str(c): len(lines) / median(t) for c, t in times.items()}
-            print(
-                f"[bench] {latency:g} ms: "
-                + ", ".join(f"{c} → {r:,.0f}/s" for c, r in results["rates"][str(latency)].items()),
-                file=sys.stderr,
-                flush=True,
-            )
-        return results
+        with tempfile.TemporaryDirectory(prefix="embedded-tf-bench-") as tmp_dir:
+            return _measure_in(args, client, Path(tmp_dir), gcs_host, proxies)
     finally:
         for proxy in proxies:
             proxy.kill()
             proxy.wait()
         gcs.stop()
+
+
+def _measure_in(
+    args: argparse.Namespace, client: Any, tmp: Path, gcs_host: str, proxies: list[subprocess.Popen[str]]
+) -> dict[str, Any]:
+    from worker.jobs import Job
+    from worker.runtime import Runtime
+
+    for name in ("bench-models", "bench-data"):
+        client.create_bucket(name)
+    models.upload_folder(client, models.build_mlp(tmp / "mlp"), "bench-models", "mlp/1")
+    write_input(tmp / "in.jsonl", parse_size(args.size), features=FEATURES)
+    lines = (tmp / "in.jsonl").read_bytes().splitlines(keepends=True)
+    per = -(-len(lines) // args.files)
+    for i in range(args.files):
+        part = b"".join(lines[i * per : (i + 1) * per])
+        client.bucket("bench-data").blob(f"tree/part-{i:04d}.jsonl").upload_from_string(part)
+
+    results: dict[str, Any] = {"lines": len(lines), "files": args.files, "rates": {}}
+    for latency in args.latencies:
+        proxy, host = _proxy(gcs_host.removeprefix("http://"), latency)
+        proxies.append(proxy)
+        os.environ["STORAGE_EMULATOR_HOST"] = host
+        base = Settings.from_env(os.environ)
+        runtimes = {
+            c: Runtime.from_settings(
+                dataclasses.replace(base, file_concurrency=c, work_dir=str(tmp / "work")), publish=False
+            )
+            for c in args.concurrency
+        }
+        times: dict[int, list[float]] = {c: [] for c in args.concurrency}
+        try:
+            for repeat in range(args.repeat + 1):  # the first round warms each runtime's model
+                for c, rt in runtimes.items():
+                    out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+                    job = Job.from_mapping(
+                        {"model": "gs://bench-models/mlp/", "input": "gs://bench-data/tree/", "output": out},
+                        default_job_id=uuid.uuid4().hex,
+                    )
+                    clock = Stopwatch()
+                    outcome = rt.run_job(job)
+                    if outcome.status != "SUCCEEDED":
+                        raise RuntimeError(f"job failed: {outcome.manifest.get('error')}")
+                    if repeat:
+                        times[c].append(clock.elapsed)
+        finally:
+            for rt in runtimes.values():
+                rt.close()
+        results["rates"][str(latency)] = {str(c): len(lines) / median(t) for c, t in times.items()}
+        print(
+            f"[bench] {latency:g} ms: "
+            + ", ".join(f"{c} → {r:,.0f}/s" for c, r in results["rates"][str(latency)].items()),
+            file=sys.stderr,
+            flush=True,
+        )
+    return results
 
 
 def report(args: argparse.Namespace, results: dict[str, Any]) -> str:
