@@ -26,12 +26,14 @@ from typing import Any, Protocol
 
 import google_crc32c
 import requests
+import urllib3
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from worker.errors import Conflict, ModelError, NotFound, PermanentError, TransientError
 from worker.jobs import GcsUri
+from worker.media import TIMEOUTS_S, MediaTransport
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ FIRST_CHUNK_BYTES = 2 * 1024 * 1024
 # Each chunk's request: the client library's default retry (429, 5xx, connection errors, for up
 # to 120 s) and its connect and read timeouts.
 UPLOAD_RETRY = DEFAULT_RETRY
-UPLOAD_TIMEOUT_S = (61.0, 60.0)
+UPLOAD_TIMEOUT_S = TIMEOUTS_S
 # Output blocks queued for the upload thread at most: bounds memory (a block is a batch's lines).
 WRITE_QUEUE_BLOCKS = 64
 # Custom metadata set on every object the worker writes, so object events never loop back.
@@ -98,6 +100,10 @@ class LocalModel:
     downloaded: bool = True  # False when an identical local copy was reused
 
 
+# Failures to talk to Cloud Storage at all (from requests, or urllib3 under the media transport).
+_UNREACHABLE = (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+
+
 @contextlib.contextmanager
 def translate_errors(what: str, bucket: Any = None) -> Iterator[None]:
     """Map SDK and transport failures to the worker's error tree, naming `what` was being done.
@@ -120,7 +126,7 @@ def translate_errors(what: str, bucket: Any = None) -> Iterator[None]:
         raise PermanentError(f"{what}: unauthorized ({e.message})") from e
     except (gexc.ServerError, gexc.TooManyRequests, gexc.RetryError) as e:
         raise TransientError(f"{what}: Cloud Storage unavailable ({e})") from e
-    except (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError) as e:
+    except _UNREACHABLE as e:
         raise TransientError(f"{what}: cannot reach Cloud Storage ({e})") from e
 
 
@@ -164,6 +170,8 @@ class GcsStore:
     def __init__(self, client: storage.Client, *, download_threads: int = 8) -> None:
         self._client = client
         self._download_threads = download_threads
+        # Input reads and small outputs: the requests made per file.
+        self._media = MediaTransport(client._http, client._connection.API_BASE_URL)
 
     @classmethod
     def from_environment(
@@ -233,31 +241,49 @@ class GcsStore:
 
         The generation read at listing time is pinned, so a file replaced mid-job is not mixed.
         """
-        blob = self._client.bucket(f.uri.bucket).blob(f.uri.path, generation=f.generation or None)
+        url = self._media.download_url(f.uri.bucket, f.uri.path, f.generation or None)
         offset = 0
+        whole: Any = None  # the object as one stream, when Cloud Storage serves it so
 
         def read() -> bytes:
             # Ranged reads up to the size listed for this generation: a small file is one request.
-            nonlocal offset
+            nonlocal offset, whole
+            if whole is not None:
+                chunk: bytes = whole.read(READ_CHUNK_BYTES)
+                return chunk
             if offset >= f.size:
                 return b""
-            end = min(offset + READ_CHUNK_BYTES, f.size) - 1
-            chunk: bytes = blob.download_as_bytes(start=offset, end=end, checksum=None)
-            if not chunk:
+            reply = self._media.read(url, offset, min(offset + READ_CHUNK_BYTES, f.size) - 1)
+            if reply.stream is not None:
+                # The whole object, decompressed as served (it is stored gzip-encoded, and longer
+                # than listed): read on from it, past what was read already.
+                whole = reply.stream
+                while offset > 0 and (skipped := len(whole.read(min(offset, READ_CHUNK_BYTES)))):
+                    offset -= skipped
+                return read()
+            if not reply.data:
                 raise TransientError(f"reading input {f.uri}: it ended at byte {offset} of {f.size}")
-            offset += len(chunk)
-            return chunk
+            offset += len(reply.data)
+            return reply.data
 
         with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
-            pending = b""
-            for chunk in _prefetched(read, name=f"download {f.uri}", more=lambda: offset < f.size):
-                data = pending + chunk
-                lines = data.split(b"\n")
-                pending = lines.pop()
-                if lines:
-                    yield _without_cr(lines) if b"\r" in data else lines
-            if pending:
-                yield _without_cr([pending])
+            try:
+                pending = b""
+
+                def more() -> bool:
+                    return whole is not None or offset < f.size
+
+                for chunk in _prefetched(read, name=f"download {f.uri}", more=more):
+                    data = pending + chunk
+                    lines = data.split(b"\n")
+                    pending = lines.pop()
+                    if lines:
+                        yield _without_cr(lines) if b"\r" in data else lines
+                if pending:
+                    yield _without_cr([pending])
+            finally:
+                if whole is not None:
+                    whole.close()
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -269,7 +295,7 @@ class GcsStore:
         blob = self._client.bucket(uri.bucket).blob(uri.path)
         blob.metadata = {WRITTEN_BY_KEY: job_id}
         with translate_errors(f"writing output {uri}", blob.bucket):
-            sink = _Upload(blob, content_type)
+            sink = _Upload(blob, content_type, self._media)
             writer = BackgroundWriter(sink, name=f"upload {uri}", inline_bytes=FIRST_CHUNK_BYTES)
             try:
                 yield writer
@@ -438,9 +464,10 @@ class _Upload:
     request carries the object's CRC32C, and the object Cloud Storage reports is checked against
     it: one that does not match is deleted, and the job retried."""
 
-    def __init__(self, blob: Any, content_type: str) -> None:
+    def __init__(self, blob: Any, content_type: str, media: MediaTransport) -> None:
         self._blob = blob
         self._content_type = content_type
+        self._media = media
         self._blocks: deque[bytes] = deque()  # written, not yet sent, in order
         self._held = 0  # their bytes
         self._session: Any = None  # the resumable upload's URL, once started
@@ -465,8 +492,14 @@ class _Upload:
     def close(self) -> None:
         """Make the object appear with everything written."""
         if self._session is None:
-            self._blob.upload_from_string(b"".join(self._blocks), content_type=self._content_type)
+            data = b"".join(self._blocks)
             self._blocks.clear()
+            self._crc.update(data)  # type: ignore[no-untyped-call]
+            blob = self._blob
+            resource = self._media.upload(
+                blob.bucket.name, blob.name, data, content_type=self._content_type, metadata=dict(blob.metadata or {})
+            )
+            self._check(resource)
         else:
             self._send(self._take(self._held), final=True)
 

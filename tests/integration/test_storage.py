@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import os
 from typing import Any
@@ -19,6 +20,21 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def store(storage_client):
     return GcsStore(storage_client)
+
+
+@pytest.fixture(params=["pooled", "requests"])
+def either_store(request, gcs_host, monkeypatch):
+    """A store whose reads and small uploads go straight to the connection pools (no proxy
+    variables), and one where requests sends them (proxy variables set, and bypassed here)."""
+    for key in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_host)
+    if request.param == "requests":
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    store = GcsStore.from_environment("local")
+    assert store._client._http.trust_env == (request.param == "requests")
+    return store
 
 
 def _put(client, bucket, name, data=b"x\n"):
@@ -65,6 +81,40 @@ def test_a_file_replaced_after_listing_is_never_mixed_and_retried(store, storage
         list(_lines(store, f))
     [again] = store.list_inputs(GcsUri(bucket, "v.jsonl"))
     assert list(_lines(store, again)) == [b"new, and longer"]
+
+
+# Characters that must be escaped in a URL path or would end it (#, ?), and non-ASCII ones.
+ODD_NAMES = ["in/a b+c%20d.jsonl", "in/q?x=1#frag.jsonl", "in/données/é ü.jsonl", "in/semi;colon&amp.jsonl"]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_objects_with_any_name_are_read_and_written_exactly(either_store, storage_client, bucket, name):
+    store = either_store
+    _put(storage_client, bucket, name, b"[1]\n[2]\n")
+    [f] = store.list_inputs(GcsUri(bucket, name))
+    assert _lines(store, f) == [b"[1]", b"[2]"]
+    out = "out/" + name
+    with store.open_output(GcsUri(bucket, out), job_id="j", content_type="application/jsonl") as w:
+        w.write(b"answer\n")
+    blob = storage_client.bucket(bucket).get_blob(out)
+    assert blob.download_as_bytes() == b"answer\n"
+    assert (blob.metadata, blob.content_type) == ({"embedded-tf-job": "j"}, "application/jsonl")
+
+
+@pytest.mark.parametrize("lines", [10, 200_000])  # one read, and several read chunks once decompressed
+def test_a_gzip_encoded_input_is_read_decompressed(either_store, storage_client, bucket, monkeypatch, lines):
+    """An object stored with Content-Encoding gzip (`gcloud storage cp --gzip-local`, `gsutil cp -Z`)
+    is served decompressed, whole, longer than its listed size: every line is read, once."""
+    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    data = b"".join(b"[%d, 0.5]\n" % i for i in range(lines))
+    blob = storage_client.bucket(bucket).blob("in/z.jsonl")
+    blob.content_encoding = "gzip"
+    blob.upload_from_string(gzip.compress(data), content_type="application/jsonl")
+    [f] = either_store.list_inputs(GcsUri(bucket, "in/z.jsonl"))
+    assert f.size < len(data)
+    blocks = list(either_store.read_blocks(f))
+    assert b"\n".join(line for block in blocks for line in block) + b"\n" == data
+    assert len(blocks) == (1 if lines == 10 else -(-len(data) // (256 * 1024)))
 
 
 # The second is over one upload chunk (a quarter more), in writes of about 1 kB.

@@ -179,16 +179,22 @@ class _RecordingBlob:
 
     name = "out/o.jsonl"
 
-    def __init__(self, session: _Session | None = None) -> None:
+    def __init__(self, session: _Session | None = None, *, crc: str | None = None) -> None:
         self.single: bytes | None = None
+        self._crc = crc  # the CRC32C a single-request upload reports, when not the data's
         self.session = session or _Session()
         self.client = types.SimpleNamespace(_http=self.session)
         self.bucket = types.SimpleNamespace(name="b")
         self.started = False
         self.deleted: list[int | None] = []
 
-    def upload_from_string(self, data: bytes, content_type: str) -> None:
+    metadata = None
+
+    def upload(self, bucket: str, name: str, data: bytes, *, content_type: str, metadata: dict) -> dict:
+        """The media transport's single-request upload (`_Upload` is given the blob as its transport)."""
         self.single = data
+        crc = self._crc or base64.b64encode(google_crc32c.Checksum(data).digest()).decode()
+        return {"crc32c": crc, "generation": "3"}
 
     def create_resumable_upload_session(self, **kwargs: object) -> str:
         assert not self.started
@@ -206,7 +212,7 @@ def _blocks(n: int, size: int = 300) -> list[bytes]:
 def test_a_small_output_is_one_request(monkeypatch):
     monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
     small = _RecordingBlob()
-    up = _Upload(small, "application/jsonl")
+    up = _Upload(small, "application/jsonl", small)
     up.write(b"a" * 600)
     up.write(b"b" * 400)
     up.close()
@@ -218,7 +224,7 @@ def test_a_large_output_goes_in_growing_chunks_from_the_blocks_written(monkeypat
     monkeypatch.setattr(storage_mod, "FIRST_CHUNK_BYTES", 1024)
     monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 4096)
     blob = _RecordingBlob()
-    up = _Upload(blob, "application/jsonl")
+    up = _Upload(blob, "application/jsonl", blob)
     written = _blocks(n)
     for block in written:
         up.write(block)
@@ -242,7 +248,8 @@ def test_a_large_output_goes_in_growing_chunks_from_the_blocks_written(monkeypat
 
 def _written(session: _Session, blocks: list[bytes]) -> _Upload:
     """An upload to `session` with `blocks` written, not yet closed."""
-    up = _Upload(_RecordingBlob(session), "application/jsonl")
+    blob = _RecordingBlob(session)
+    up = _Upload(blob, "application/jsonl", blob)
     for block in blocks:
         up.write(block)
     return up
@@ -273,14 +280,23 @@ def test_an_object_stored_with_another_crc32c_is_deleted_and_the_job_retried(mon
     assert up._blob.deleted == [7]
 
 
+def test_a_small_output_stored_with_another_crc32c_is_deleted_and_the_job_retried():
+    blob = _RecordingBlob(crc="AAAAAA==")
+    up = _Upload(blob, "application/jsonl", blob)
+    up.write(b"small\n")
+    with pytest.raises(errors.TransientError, match=r"CRC32C \(AAAAAA==\) is not the one of the bytes sent"):
+        up.close()
+    assert blob.single == b"small\n" and blob.deleted == [3]
+
+
 def test_an_abandoned_output_cancels_its_upload(monkeypatch):
     monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
     blob = _RecordingBlob()
-    up = _Upload(blob, "application/jsonl")
+    up = _Upload(blob, "application/jsonl", blob)
     up.write(b"x" * 1000)
     up.terminate()
     assert blob.single is None and not blob.started  # nothing was started, nothing to cancel
-    up = _Upload(blob, "application/jsonl")
+    up = _Upload(blob, "application/jsonl", blob)
     up.write(b"x" * 1500)
     up.terminate()
     assert blob.session.deleted == ["https://upload/session"] and blob.single is None

@@ -1,0 +1,139 @@
+"""The media transport against a local HTTP server answering as told: retries, token refresh,
+errors, and what it sends."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.auth import credentials as ga_credentials
+from google.auth.transport.requests import AuthorizedSession
+
+import worker.media as media_mod
+from worker.media import MediaTransport
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """Answers each request with the next of `answers` (status, headers, body); records them."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.answers: list[tuple[int, dict[str, str], bytes]] = []
+        self.seen: list[tuple[str, str, Any, bytes]] = []
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _Server
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.seen.append((self.command, self.path, self.headers, body))  # headers: case-insensitive
+        status, headers, data = self.server.answers.pop(0)
+        self.send_response(status)
+        for k, v in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _Token(ga_credentials.Credentials):
+    """A bearer token that a refresh replaces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = "old"
+        self.refreshed = 0
+
+    def refresh(self, request: Any) -> None:
+        self.refreshed += 1
+        self.token = "new"
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    srv = _Server()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture(params=["pooled", "requests"])
+def transport(request, server: _Server, monkeypatch) -> tuple[MediaTransport, _Token]:
+    monkeypatch.setattr(media_mod, "RETRY", media_mod.RETRY.with_delay(initial=0.01, maximum=0.02))
+    creds = _Token()
+    session = AuthorizedSession(creds)
+    session.trust_env = request.param == "requests"
+    return MediaTransport(session, f"http://127.0.0.1:{server.server_port}"), creds
+
+
+def test_a_read_asks_for_its_range_uncompressed_and_is_retried_after_a_503(transport, server):
+    media, _ = transport
+    server.answers = [(503, {}, b"busy"), (206, {}, b"bytes 10-19")]
+    url = media.download_url("bkt", "in/a b#c.jsonl", 7)
+    reply = media.read(url, 10, 19)
+    assert (reply.status, reply.data, reply.stream) == (206, b"bytes 10-19", None)
+    assert len(server.seen) == 2
+    method, path, headers, _ = server.seen[-1]
+    assert (method, path) == ("GET", "/download/storage/v1/b/bkt/o/in%2Fa%20b%23c.jsonl?alt=media&generation=7")
+    assert (headers["Range"], headers["Accept-Encoding"], headers["Authorization"]) == (
+        "bytes=10-19",
+        "identity",
+        "Bearer old",
+    )
+
+
+def test_a_whole_object_answer_comes_as_a_stream(transport, server):
+    media, _ = transport
+    server.answers = [(200, {}, b"0123456789" * 1000)]
+    reply = media.read(media.download_url("bkt", "o", None), 0, 9)
+    assert reply.status == 200 and reply.stream is not None
+    assert reply.stream.read(4) + reply.stream.read() == b"0123456789" * 1000
+    reply.stream.close()
+
+
+def test_an_expired_token_is_refreshed_once_and_the_request_sent_again(transport, server):
+    media, creds = transport
+    server.answers = [(401, {}, b'{"error": {"message": "expired"}}'), (206, {}, b"ok")]
+    assert media.read(media.download_url("bkt", "o", None), 0, 1).data == b"ok"
+    assert creds.refreshed == 1
+    assert [seen[2]["Authorization"] for seen in server.seen] == ["Bearer old", "Bearer new"]
+
+
+@pytest.mark.parametrize(("status", "error"), [(404, gexc.NotFound), (403, gexc.Forbidden), (400, gexc.BadRequest)])
+def test_other_answers_raise_the_matching_error_with_cloud_storages_message_and_are_not_retried(
+    transport, server, status, error
+):
+    media, _ = transport
+    server.answers = [(status, {}, b'{"error": {"message": "No such object: bkt/o"}}')]
+    with pytest.raises(error, match="No such object: bkt/o"):
+        media.read(media.download_url("bkt", "o", None), 0, 1)
+    assert len(server.seen) == 1
+
+
+def test_an_upload_is_one_multipart_request_with_the_objects_resource_and_bytes(transport, server):
+    media, _ = transport
+    server.answers = [(200, {}, b'{"name": "out/x.jsonl", "generation": "5"}')]
+    data = b'{"instance": 1}\r\n--not-a-boundary\r\n'
+    resource = media.upload("bkt", "out/x.jsonl", data, content_type="application/jsonl", metadata={"k": "v"})
+    assert resource == {"name": "out/x.jsonl", "generation": "5"}
+    [(method, path, headers, body)] = server.seen
+    assert (method, path) == ("POST", "/upload/storage/v1/b/bkt/o?uploadType=multipart")
+    boundary = headers["Content-Type"].split('boundary="')[1].rstrip('"')
+    meta, content = body.split(b"--" + boundary.encode())[1:3]
+    assert meta.endswith(
+        b'\r\n\r\n{"name": "out/x.jsonl", "contentType": "application/jsonl", "metadata": {"k": "v"}}\r\n'
+    )
+    assert content == b"\r\ncontent-type: application/jsonl\r\n\r\n" + data + b"\r\n"

@@ -1,0 +1,156 @@
+"""Object bytes over HTTP for the two requests a job makes per input file: the ranged reads of
+the input and the single-request upload of a small output.
+
+They go through the storage client's own connection pools, credentials and retry policy, but
+not through requests and the client library's media classes, which cost about 1 ms of CPU per
+request (measured on 100 kB objects: 1.85 against 0.67 ms for a read) and read a response 8 kB
+at a time (9 against 2.2 ms for 4 MiB): on a tree of small files, a fifth of the job's time.
+With proxy variables in the environment requests sends them, keeping its per-URL proxy rules.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+import urllib3
+from google.api_core import exceptions as gexc
+from google.auth.transport.requests import Request as AuthRequest
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+# The client library's own timeouts (seconds): to connect, then for each read.
+TIMEOUTS_S = (61.0, 60.0)
+TIMEOUT = urllib3.Timeout(connect=TIMEOUTS_S[0], read=TIMEOUTS_S[1])
+# The client library's default retry: 429, 408 and 5xx answers and connection errors, for 120 s.
+RETRY = DEFAULT_RETRY
+USER_AGENT = "embedded-tf"
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: Any  # case-insensitive
+    data: bytes
+    stream: Any = None  # instead of `data`, for a read answered with the whole object: .read(n), .close()
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+class MediaTransport:
+    """Sends object reads and uploads for one storage client (`session` is its authorized
+    requests session, `api_base` its endpoint: Cloud Storage's, or the emulator's)."""
+
+    def __init__(self, session: Any, api_base: str) -> None:
+        self._session = session
+        self._api_base = api_base.rstrip("/")
+        self._auth_request: AuthRequest | None = None  # made when first needed: for fetching tokens
+        self._send_retried = RETRY(self._once)
+
+    def download_url(self, bucket: str, name: str, generation: int | None) -> str:
+        url = f"{self._api_base}/download/storage/v1/b/{_quote(bucket)}/o/{_quote(name)}?alt=media"
+        return url + (f"&generation={generation}" if generation else "")
+
+    def read(self, url: str, start: int, end: int) -> Reply:
+        """Bytes `start`..`end` (inclusive) of the object at `url`: a 206 with them as `data`, or a
+        200 with the whole object as a `stream` to read on, when Cloud Storage serves it whole (it
+        decompresses a gzip-encoded object as it serves it, and then ignores the range)."""
+        # Not Accept-Encoding gzip (requests' default): a gzip-encoded object's range would then be
+        # stored bytes, a piece of a gzip stream that cannot be decompressed alone.
+        headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
+        return self._send("GET", url, headers=headers, stream_whole=True)
+
+    def upload(self, bucket: str, name: str, data: bytes, *, content_type: str, metadata: dict[str, str]) -> Any:
+        """Store `data` as one object in one multipart request; the object resource stored."""
+        boundary = "embedded-tf-" + uuid.uuid4().hex
+        resource = json.dumps({"name": name, "contentType": content_type, "metadata": metadata})
+        body = b"".join(
+            (
+                f"--{boundary}\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n{resource}\r\n".encode(),
+                f"--{boundary}\r\ncontent-type: {content_type}\r\n\r\n".encode(),
+                data,
+                f"\r\n--{boundary}--".encode(),
+            )
+        )
+        url = f"{self._api_base}/upload/storage/v1/b/{_quote(bucket)}/o?uploadType=multipart"
+        headers = {"Content-Type": f'multipart/related; boundary="{boundary}"'}
+        return self._send("POST", url, headers=headers, body=body).json()
+
+    def _send(
+        self, method: str, url: str, *, headers: dict[str, str], body: bytes | None = None, stream_whole: bool = False
+    ) -> Reply:
+        """One request, retried as the client library retries (429, 408, 5xx, connection errors,
+        for up to 120 s); any other non-2xx status raises the matching google.api_core error."""
+        reply: Reply = self._send_retried(method, url, headers, body, stream_whole)
+        return reply
+
+    def _once(self, method: str, url: str, headers: dict[str, str], body: bytes | None, stream_whole: bool) -> Reply:
+        credentials = self._session.credentials
+        for attempt in (1, 2):
+            sent = {"User-Agent": USER_AGENT, **headers}
+            credentials.before_request(self._auth(), method, url, sent)
+            reply = self._transmit(method, url, sent, body, stream_whole)
+            if reply.status == 401 and attempt == 1 and getattr(credentials, "token", None):
+                credentials.refresh(self._auth())  # the access token expired in flight
+                continue
+            break
+        if 200 <= reply.status < 300:
+            return reply
+        raise gexc.from_http_status(reply.status, f"{method} {url}: {_error_message(reply)}")  # type: ignore[no-untyped-call]
+
+    def _transmit(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None, stream_whole: bool
+    ) -> Reply:
+        session = self._session
+        if session.trust_env:
+            # Proxy variables: requests applies them (and NO_PROXY) per URL. Plain Session.request:
+            # the credentials were applied above.
+            r = requests.Session.request(
+                session, method, url, headers=headers, data=body, timeout=TIMEOUTS_S, allow_redirects=False, stream=True
+            )
+            response = r.raw
+            response.decode_content = True
+        else:
+            probe = requests.PreparedRequest()
+            probe.url = url
+            pool = session.get_adapter(url).get_connection_with_tls_context(probe, session.verify, cert=session.cert)
+            parts = urllib.parse.urlsplit(url)
+            target = parts.path + ("?" + parts.query if parts.query else "")
+            response = pool.urlopen(
+                method,
+                target,
+                body=body,
+                headers=headers,
+                retries=False,
+                redirect=False,
+                timeout=TIMEOUT,
+                preload_content=False,
+            )
+        if stream_whole and response.status == 200:
+            return Reply(response.status, response.headers, b"", stream=response)
+        try:
+            return Reply(response.status, response.headers, response.read())
+        finally:
+            response.release_conn()
+
+    def _auth(self) -> AuthRequest:
+        if self._auth_request is None:
+            self._auth_request = AuthRequest()
+        return self._auth_request
+
+
+def _quote(segment: str) -> str:
+    return urllib.parse.quote(segment, safe="")
+
+
+def _error_message(reply: Reply) -> str:
+    """Cloud Storage's `{"error": {"message": …}}`, else the body's start."""
+    try:
+        message = reply.json()["error"]["message"]
+        return str(message)
+    except (ValueError, KeyError, TypeError):
+        return reply.data[:200].decode("utf-8", "replace") or f"HTTP {reply.status}"
