@@ -1,21 +1,24 @@
-"""Object bytes over HTTP for the two requests a job makes per input file: the ranged reads of
-the input and the single-request upload of a small output.
+"""Object bytes over HTTP for the requests a job makes per input file — the ranged reads of the
+input and the single-request upload of a small output — and for downloading model files.
 
 They go through the storage client's own connection pools, credentials and retry policy, but
 not through requests and the client library's media classes, which cost about 1 ms of CPU per
 request (measured on 100 kB objects: 1.85 against 0.67 ms for a read) and read a response 8 kB
-at a time (9 against 2.2 ms for 4 MiB): on a tree of small files, a fifth of the job's time.
-With proxy variables in the environment requests sends them, keeping its per-URL proxy rules.
+at a time (4 MiB: 9 against 2.2 ms; a 64 MB model file: 0.16 against 0.03 s): on a tree of small
+files, a fifth of the job's time. With proxy variables in the environment requests sends them,
+keeping its per-URL proxy rules.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
 import requests
 import urllib3
 from google.api_core import exceptions as gexc
@@ -27,6 +30,13 @@ TIMEOUTS_S = (61.0, 60.0)
 TIMEOUT = urllib3.Timeout(connect=TIMEOUTS_S[0], read=TIMEOUTS_S[1])
 # The client library's default retry: 429, 408 and 5xx answers and connection errors, for 120 s.
 RETRY = DEFAULT_RETRY
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+
+
+class DataCorrupted(Exception):
+    """An object's bytes arrived other than Cloud Storage stores them."""
+
+
 USER_AGENT = "embedded-tf"
 
 
@@ -50,6 +60,7 @@ class MediaTransport:
         self._api_base = api_base.rstrip("/")
         self._auth_request: AuthRequest | None = None  # made when first needed: for fetching tokens
         self._send_retried = RETRY(self._once)
+        self._download_retried = RETRY(self._download_once)
 
     def download_url(self, bucket: str, name: str, generation: int | None) -> str:
         url = f"{self._api_base}/download/storage/v1/b/{_quote(bucket)}/o/{_quote(name)}?alt=media"
@@ -63,6 +74,27 @@ class MediaTransport:
         # stored bytes, a piece of a gzip stream that cannot be decompressed alone.
         headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
         return self._send("GET", url, headers=headers, stream_whole=True)
+
+    def download(self, url: str, path: str, *, crc32c: str | None) -> None:
+        """Write the object at `url` to the file `path`, 1 MiB at a time, checked against the
+        CRC32C listed for it (base64) when it is served as stored; retried whole as a read is."""
+        self._download_retried(url, path, crc32c)
+
+    def _download_once(self, url: str, path: str, crc32c: str | None) -> None:
+        reply = self._once("GET", url, {"Accept-Encoding": "identity"}, None, True)
+        checksum = google_crc32c.Checksum()  # type: ignore[no-untyped-call]
+        try:
+            with open(path, "wb") as f:
+                while chunk := reply.stream.read(DOWNLOAD_CHUNK_BYTES):
+                    f.write(chunk)
+                    checksum.update(chunk)  # type: ignore[no-untyped-call]
+        finally:
+            reply.stream.close()
+        # A gzip-encoded object is served decompressed: its CRC32C is that of the stored bytes.
+        as_stored = reply.headers.get("x-goog-stored-content-encoding", "identity") == "identity"
+        got = base64.b64encode(checksum.digest()).decode()  # type: ignore[no-untyped-call]
+        if crc32c and as_stored and got != crc32c:
+            raise DataCorrupted(f"{url} arrived with CRC32C {got}, not the {crc32c} Cloud Storage lists for it")
 
     def upload(self, bucket: str, name: str, data: bytes, *, content_type: str, metadata: dict[str, str]) -> Any:
         """Store `data` as one object in one multipart request; the object resource stored."""

@@ -33,7 +33,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from worker.errors import Conflict, ModelError, NotFound, PermanentError, TransientError
 from worker.jobs import GcsUri
-from worker.media import TIMEOUTS_S, MediaTransport
+from worker.media import TIMEOUTS_S, DataCorrupted, MediaTransport
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,8 @@ def translate_errors(what: str, bucket: Any = None) -> Iterator[None]:
         raise PermanentError(f"{what}: unauthorized ({e.message})") from e
     except (gexc.ServerError, gexc.TooManyRequests, gexc.RetryError) as e:
         raise TransientError(f"{what}: Cloud Storage unavailable ({e})") from e
+    except DataCorrupted as e:
+        raise TransientError(f"{what}: {e}; the job will be retried") from e
     except _UNREACHABLE as e:
         raise TransientError(f"{what}: cannot reach Cloud Storage ({e})") from e
 
@@ -419,7 +421,8 @@ class GcsStore:
                 blob, path = item
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with translate_errors(f"downloading model file gs://{blob.bucket.name}/{blob.name}"):
-                    blob.download_to_filename(path)
+                    url = self._media.download_url(blob.bucket.name, blob.name, blob.generation)
+                    self._media.download(url, path, crc32c=blob.crc32c)
 
             with ThreadPoolExecutor(max_workers=self._download_threads) as pool:
                 list(pool.map(fetch, targets))

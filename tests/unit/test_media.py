@@ -3,11 +3,13 @@ errors, and what it sends."""
 
 from __future__ import annotations
 
+import base64
 import http.server
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+import google_crc32c
 import pytest
 from google.api_core import exceptions as gexc
 from google.auth import credentials as ga_credentials
@@ -137,3 +139,30 @@ def test_an_upload_is_one_multipart_request_with_the_objects_resource_and_bytes(
         b'\r\n\r\n{"name": "out/x.jsonl", "contentType": "application/jsonl", "metadata": {"k": "v"}}\r\n'
     )
     assert content == b"\r\ncontent-type: application/jsonl\r\n\r\n" + data + b"\r\n"
+
+
+def _crc(data: bytes) -> str:
+    return base64.b64encode(google_crc32c.Checksum(data).digest()).decode()
+
+
+def test_a_download_is_written_whole_checked_and_retried_from_the_start(transport, server, tmp_path, monkeypatch):
+    media, _ = transport
+    monkeypatch.setattr(media_mod, "DOWNLOAD_CHUNK_BYTES", 1000)
+    data = bytes(range(256)) * 40
+    server.answers = [(502, {}, b"bad gateway"), (200, {}, data)]
+    media.download(media.download_url("bkt", "m/saved_model.pb", 3), str(tmp_path / "f"), crc32c=_crc(data))
+    assert (tmp_path / "f").read_bytes() == data
+    assert [seen[2]["Accept-Encoding"] for seen in server.seen] == ["identity", "identity"]
+
+
+def test_a_download_that_differs_from_its_listed_crc32c_is_refused_unless_it_was_decompressed(
+    transport, server, tmp_path
+):
+    media, _ = transport
+    url = media.download_url("bkt", "m/variables/variables.index", None)
+    server.answers = [(200, {}, b"corrupted")]
+    with pytest.raises(media_mod.DataCorrupted, match="not the AAAAAA== Cloud Storage lists for it"):
+        media.download(url, str(tmp_path / "f"), crc32c="AAAAAA==")
+    server.answers = [(200, {"X-Goog-Stored-Content-Encoding": "gzip"}, b"decompressed")]
+    media.download(url, str(tmp_path / "f"), crc32c="AAAAAA==")  # the CRC32C is of the stored, gzip bytes
+    assert (tmp_path / "f").read_bytes() == b"decompressed"
