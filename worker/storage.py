@@ -173,7 +173,7 @@ class GcsStore:
         self._client = client
         self._download_threads = download_threads
         # Input reads and small outputs: the requests made per file.
-        self._media = MediaTransport(client._http, client._connection.API_BASE_URL)
+        self._media = MediaTransport(client._http, client._connection.API_BASE_URL, retry=DEFAULT_RETRY)
 
     @classmethod
     def from_environment(
