@@ -64,6 +64,26 @@ def from_cloud_event(attributes: Mapping[str, Any], data: Any) -> Trigger:
     return Ignored(f"event type {ce_type!r} is not handled")
 
 
+def from_push_body(body: Any) -> tuple[dict[str, str], dict[str, Any]] | None:
+    """A Pub/Sub push subscription's request body, `{"message": {…}, "subscription": "…"}`, as
+    the CloudEvent attributes and data Eventarc delivers for the same message (its data is that
+    body); None for any other body. A message may have no `data`: a job sent as attributes, a
+    bucket notification with payload format NONE."""
+    if not isinstance(body, Mapping) or "context" in body or not isinstance(body.get("message"), Mapping):
+        return None
+    if not isinstance(body.get("subscription"), str):
+        return None
+    message = body["message"]
+    message_id = message.get("messageId") or message.get("message_id") or ""
+    attributes = {
+        "specversion": "1.0",
+        "type": PUBSUB_PUBLISHED,
+        "source": f"//pubsub.googleapis.com/{body['subscription']}",
+        "id": str(message_id),
+    }
+    return attributes, dict(body)
+
+
 def from_pubsub_message(message: Mapping[str, Any], *, fallback_id: str = "") -> Trigger:
     """A Pub/Sub message: a bucket notification (eventType attribute) or a job message."""
     attrs = message.get("attributes") or {}
@@ -175,4 +195,13 @@ def describe(trigger: Trigger) -> str:
     return f"ignored ({trigger.reason})"
 
 
-__all__ = ["Ignored", "JobTrigger", "ObjectTrigger", "Trigger", "from_cloud_event", "from_pubsub_message", "from_query"]
+__all__ = [
+    "Ignored",
+    "JobTrigger",
+    "ObjectTrigger",
+    "Trigger",
+    "from_cloud_event",
+    "from_pubsub_message",
+    "from_push_body",
+    "from_query",
+]

@@ -1,6 +1,6 @@
-"""functions-framework entry points: `handle_event` (CloudEvents) and `handle_http` (the original
-tool's `GET /?model=…&input=…&output=…`). Maps outcomes to delivery: permanent errors are
-reported and acknowledged (2xx), transient ones raised so the platform retries.
+"""functions-framework entry points: `handle_event` (events: CloudEvents, Pub/Sub pushes) and
+`handle_http` (the original tool's `GET /?model=…&input=…&output=…`). Maps outcomes to delivery:
+permanent errors are reported and acknowledged (2xx), transient ones raised so the platform retries.
 
 Serve with: PYTHONPATH=. functions-framework --source worker/main.py --target handle_event
 """
@@ -15,9 +15,13 @@ import threading
 import uuid
 from typing import Any
 
+import cloudevents.http
 import flask
 import functions_framework
-from cloudevents.http import CloudEvent
+from cloudevents import exceptions as ce_exceptions
+from functions_framework import event_conversion
+from functions_framework.exceptions import EventConversionException
+from werkzeug.exceptions import HTTPException
 
 from worker import errors, events, logs
 from worker.config import Settings
@@ -43,11 +47,55 @@ def runtime() -> Runtime:
         return _runtime
 
 
-@functions_framework.cloud_event
-def handle_event(cloud_event: CloudEvent) -> None:
+class NotAnEvent(Exception):
+    """A request to the event door that no sender of events would make."""
+
+
+@functions_framework.http
+def handle_event(request: flask.Request) -> flask.Response:
+    """An event, as each of its senders sends it: a CloudEvent (Eventarc, in binary or structured
+    mode), the body of a Pub/Sub push subscription (with or without message data), or a legacy
+    background event. functions-framework's own conversion refuses a push whose message has no
+    data (a job sent as attributes, a bucket notification with payload format NONE), so this door
+    reads requests itself. 200 when handled (a failure reported), 500 to be retried, 400 when the
+    request is not an event."""
+    try:
+        attributes, data = _event_of(request)
+    except NotAnEvent as e:
+        return _json_response({"error": {"code": "INVALID_ARGUMENT", "message": str(e)}}, 400)
+    _handle(attributes, data)
+    return flask.Response("OK", status=200, mimetype="text/plain")
+
+
+def _event_of(request: flask.Request) -> tuple[dict[str, Any], Any]:
+    """The CloudEvent attributes and data of a request to the event door."""
+    body = request.get_data()
+    try:
+        event = cloudevents.http.from_http(dict(request.headers), body)
+    except (ce_exceptions.MissingRequiredFields, ce_exceptions.InvalidRequiredFields):
+        pass  # not a CloudEvent: a push body, or a background event
+    except ce_exceptions.GenericException as e:
+        raise NotAnEvent(f"a CloudEvent that cannot be read: {e}") from e
+    else:
+        return dict(event.get_attributes()), event.get_data()
+    parsed = request.get_json(force=True, silent=True)
+    push = events.from_push_body(parsed)
+    if push is not None:
+        return push
+    try:
+        if not isinstance(parsed, dict):
+            raise ValueError("the body is not a JSON object")
+        event = event_conversion.background_event_to_cloud_event(request)
+    except (EventConversionException, HTTPException, TypeError, KeyError, ValueError, AttributeError) as e:
+        raise NotAnEvent(
+            "not an event: expected a CloudEvent (ce-* headers, or application/cloudevents+json), a Pub/Sub "
+            f'push body {{"message": …, "subscription": …}} or a background event ({type(e).__name__}: {e})'
+        ) from e
+    return dict(event.get_attributes()), event.get_data()
+
+
+def _handle(attributes: dict[str, Any], data: Any) -> None:
     rt = runtime()
-    attributes = dict(cloud_event.get_attributes())
-    data = cloud_event.get_data()
     context = {"event": {k: attributes.get(k) for k in ("id", "type", "source", "subject") if attributes.get(k)}}
     trigger: events.Trigger | None = None
     try:

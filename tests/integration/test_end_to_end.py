@@ -7,6 +7,7 @@ import base64
 import json
 
 import pytest
+import requests
 
 from localdev import models
 from tests.conftest import close_to, read_lines, write_lines
@@ -83,3 +84,38 @@ def test_named_inputs_and_b64_strings(worker_service, storage_client, bucket, mo
         {"length": 3, "upper_bytes": {"b64": base64.b64encode(b"ABC").decode()}},
         {"length": 2, "upper_bytes": {"b64": base64.b64encode(b"\xffZ").decode()}},
     ]
+
+
+def test_a_job_sent_as_attributes_alone_is_pushed_and_run(worker_service, storage_client, bucket, model_uris):
+    """A message with no data, pushed by the emulator (which writes an empty `data` field)."""
+    _, _, topo = worker_service
+    write_lines(storage_client, f"gs://{bucket}/attrs.jsonl", [json.dumps(i) for i in models.mlp_instances(3)])
+    job = {"model": model_uris["mlp"], "input": f"gs://{bucket}/attrs.jsonl", "output": f"gs://{bucket}/o/"}
+    message_id = topo.publish_job(b"", **job, options=json.dumps({"batch_size": 2}))
+    [(manifest, attrs)] = topo.completions(1)
+    assert attrs == {"job_id": message_id, "status": "SUCCEEDED"}
+    assert manifest["totals"]["predictions"] == 3 and manifest["options"] == {"batch_size": 2}
+    assert len(read_lines(storage_client, f"gs://{bucket}/o/attrs.jsonl")) == 3
+
+
+def test_a_push_without_data_as_cloud_pubsub_sends_it_runs_the_job(worker_service, storage_client, bucket, model_uris):
+    """Cloud Pub/Sub leaves empty fields out of a push: a message of attributes alone has no
+    `data`, which functions-framework's conversion of push bodies requires (it answered 400, so
+    the message was redelivered until it was dead-lettered, and the job never ran)."""
+    _, url, topo = worker_service
+    write_lines(storage_client, f"gs://{bucket}/push.jsonl", [json.dumps(i) for i in models.mlp_instances(2)])
+    job = {"model": model_uris["mlp"], "input": f"gs://{bucket}/push.jsonl", "output": f"gs://{bucket}/p/"}
+    body = {
+        "message": {
+            "attributes": job,
+            "messageId": "9876543210",
+            "message_id": "9876543210",
+            "publishTime": "2026-12-02T18:00:00.000Z",
+            "publish_time": "2026-12-02T18:00:00.000Z",
+        },
+        "subscription": "projects/p/subscriptions/jobs-push",
+    }
+    assert requests.post(url + "/", json=body, timeout=120).status_code == 200
+    [(manifest, attrs)] = topo.completions(1)
+    assert attrs == {"job_id": "9876543210", "status": "SUCCEEDED"}
+    assert manifest["totals"]["predictions"] == 2

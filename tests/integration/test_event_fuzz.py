@@ -140,6 +140,29 @@ def test_failure_reports_say_what_went_wrong(fuzz_worker: tuple[str, PubSubTopol
     assert "job is missing output" in report["error"]["message"]
 
 
+def test_background_events_are_read_and_other_requests_refused(fuzz_worker: tuple[str, PubSubTopology]) -> None:
+    # Also before the property test. A legacy (1st gen) storage event, as functions-framework
+    # converts it: an input file with neither model metadata nor WORKER_MODEL.
+    url, topology = fuzz_worker
+    legacy = {
+        "context": {
+            "eventId": "evt-1",
+            "timestamp": "2026-12-02T00:00:00.000Z",
+            "eventType": "google.storage.object.finalize",
+            "resource": {"service": "storage.googleapis.com", "name": "projects/_/buckets/fuzz-b/objects/in/x.jsonl"},
+        },
+        "data": {"bucket": "fuzz-b", "name": "in/x.jsonl", "generation": "9", "metageneration": "1"},
+    }
+    assert requests.post(url + "/", json=legacy, timeout=60).status_code == 200
+    [(report, attrs)] = topology.completions(1)
+    assert attrs == {"job_id": "fuzz-b/in/x.jsonl#9", "status": "FAILED"}
+    assert "has no `model`/`output` custom metadata" in report["error"]["message"]
+    for body in ({"hello": "world"}, [1, 2], "not json"):
+        r = requests.post(url + "/", data=json.dumps(body) if body != "not json" else body, timeout=60)
+        assert r.status_code == 400 and "not an event" in r.json()["error"]["message"]
+    assert requests.get(url + "/", timeout=60).status_code == 400
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ce=events, binary=st.booleans())
 def test_no_event_gets_a_5xx(fuzz_worker: tuple[str, PubSubTopology], ce: tuple[str, Any], binary: bool) -> None:

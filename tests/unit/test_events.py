@@ -80,3 +80,34 @@ def test_http_query():
     assert job.job_id == "http-1"
     with pytest.raises(errors.InvalidJob, match="unknown query parameter"):
         events.from_query({**JOB, "modle": "x"}, default_job_id="h")
+
+
+def test_a_push_body_is_the_event_eventarc_would_deliver_with_or_without_data():
+    for data in (json.dumps(JOB).encode(), None):
+        body = _pubsub(data, dict(JOB) if data is None else None, message_id="77")
+        attributes, event_data = events.from_push_body(body)
+        assert (attributes["type"], attributes["id"]) == (events.PUBSUB_PUBLISHED, "77")
+        assert attributes["source"] == "//pubsub.googleapis.com/projects/p/subscriptions/s"
+        trigger = events.from_cloud_event(attributes, event_data)
+        assert isinstance(trigger, events.JobTrigger) and trigger.job.job_id == "77"
+        assert str(trigger.job.input) == JOB["input"]
+    # A bucket notification with payload format NONE: attributes only.
+    notification = _pubsub(None, {"eventType": "OBJECT_FINALIZE", "bucketId": "bkt", "objectId": "in/a.jsonl",
+                                  "objectGeneration": "5", "payloadFormat": "NONE"})  # fmt: skip
+    trigger = events.from_cloud_event(*events.from_push_body(notification))
+    assert isinstance(trigger, events.ObjectTrigger) and trigger.job_id == "bkt/in/a.jsonl#5"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        [],
+        "x",
+        {"message": "m", "subscription": "s"},
+        {"message": {}},
+        {"context": {}, "message": {}, "subscription": "s"},
+    ],
+)
+def test_other_bodies_are_not_push_bodies(body):
+    assert events.from_push_body(body) is None
