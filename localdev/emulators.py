@@ -84,7 +84,9 @@ class Service:
                     return self
             except (requests.RequestException, OSError):
                 pass
-            time.sleep(0.1)
+            # Often: a worker's cold start is timed from its spawn to its first answer, and Cloud
+            # Run sends an event as soon as the port answers, not up to a tenth of a second after.
+            time.sleep(0.02)
         self.stop()
         raise ServiceError(f"{self.name} was not ready after {self._ready_timeout_s:.0f}s:\n{self.log_tail()}")
 
