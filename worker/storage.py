@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -172,7 +172,7 @@ class GcsStore:
     def __init__(self, client: storage.Client, *, download_threads: int = 8) -> None:
         self._client = client
         self._download_threads = download_threads
-        # Input reads and small outputs: the requests made per file.
+        # Input reads, small outputs (the requests made per file) and model files.
         self._media = MediaTransport(client._http, client._connection.API_BASE_URL, retry=DEFAULT_RETRY)
 
     @classmethod
@@ -268,14 +268,14 @@ class GcsStore:
             offset += len(reply.data)
             return reply.data
 
+        def more() -> bool:
+            return whole is not None or offset < f.size
+
         with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
+            chunks = _prefetched(read, name=f"download {f.uri}", more=more)
             try:
                 pending = b""
-
-                def more() -> bool:
-                    return whole is not None or offset < f.size
-
-                for chunk in _prefetched(read, name=f"download {f.uri}", more=more):
+                for chunk in chunks:
                     data = pending + chunk
                     lines = data.split(b"\n")
                     pending = lines.pop()
@@ -284,6 +284,7 @@ class GcsStore:
                 if pending:
                     yield _without_cr([pending])
             finally:
+                chunks.close()  # its reading thread stopped first, then the stream it reads
                 if whole is not None:
                     whole.close()
 
@@ -628,7 +629,7 @@ def _skip(blocks: list[bytes], n: int) -> list[bytes]:
 
 def _prefetched(
     read: Callable[[], bytes], *, name: str, depth: int = 1, more: Callable[[], bool] = lambda: True
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """The chunks `read()` returns until it returns b"", read by a thread up to `depth` ahead.
     Its errors are raised here; when the consumer stops early the thread stops after its read.
 

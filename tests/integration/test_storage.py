@@ -115,6 +115,9 @@ def test_a_gzip_encoded_input_is_read_decompressed(either_store, storage_client,
     blocks = list(either_store.read_blocks(f))
     assert b"\n".join(line for block in blocks for line in block) + b"\n" == data
     assert len(blocks) == (1 if lines == 10 else -(-len(data) // (256 * 1024)))
+    early = either_store.read_blocks(f)  # a reader that stops after its first block
+    assert next(early) == blocks[0]
+    early.close()  # stops the reading thread, then the stream: nothing hangs or raises
 
 
 # The second is over one upload chunk (a quarter more), in writes of about 1 kB.
