@@ -31,7 +31,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from worker.errors import Conflict, ModelError, NotFound, PermanentError, TransientError
+from worker.errors import Conflict, InvalidJob, ModelError, NotFound, PermanentError, TransientError
 from worker.jobs import GcsUri
 from worker.media import TIMEOUTS_S, DataCorrupted, MediaTransport
 
@@ -53,6 +53,8 @@ UPLOAD_RETRY = DEFAULT_RETRY
 UPLOAD_TIMEOUT_S = TIMEOUTS_S
 # Output blocks queued for the upload thread at most: bounds memory (a block is a batch's lines).
 WRITE_QUEUE_BLOCKS = 64
+# How a gzip file begins; no JSON text does (0x1f is a control character).
+GZIP_MAGIC = b"\x1f\x8b"
 # Custom metadata set on every object the worker writes, so object events never loop back.
 WRITTEN_BY_KEY = "embedded-tf-job"
 
@@ -265,6 +267,12 @@ class GcsStore:
                 return read()
             if not reply.data:
                 raise TransientError(f"reading input {f.uri}: it ended at byte {offset} of {f.size}")
+            if offset == 0 and reply.data.startswith(GZIP_MAGIC):
+                raise InvalidJob(
+                    f"input {f.uri} is a gzip-compressed file, not JSON lines — upload it uncompressed, or "
+                    "compressed with Content-Encoding: gzip (gcloud storage cp --gzip-local-all, gsutil cp -Z), "
+                    "which Cloud Storage decompresses as it serves it"
+                )
             offset += len(reply.data)
             return reply.data
 

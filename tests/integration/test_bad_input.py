@@ -4,6 +4,7 @@ redelivered); a bad line becomes one error line while its neighbours are predict
 
 from __future__ import annotations
 
+import gzip
 import json
 from typing import Any
 
@@ -25,6 +26,9 @@ def test_bad_jobs_fail_with_actionable_messages(worker_service, storage_client, 
     # A model folder without saved_model.pb (only variables).
     storage_client.bucket(bucket).blob("nomodel/variables/variables.index").upload_from_string(b"x")
     good = {"model": model_uris["mlp"], "input": f"gs://{bucket}/in/ok.jsonl", "output": f"gs://{bucket}/out/"}
+    # A gzip file stored as it is (no Content-Encoding), beside a good file.
+    storage_client.bucket(bucket).blob("gz/a.jsonl").upload_from_string(b"[1]\n")
+    storage_client.bucket(bucket).blob("gz/b.jsonl.gz").upload_from_string(gzip.compress(b"[1]\n"))
 
     malformed_id = topo.publish_job(b'{"model": "gs://b/m", "input": ')
     cases = {
@@ -40,6 +44,7 @@ def test_bad_jobs_fail_with_actionable_messages(worker_service, storage_client, 
         "no-input-bucket": {**good, "input": f"gs://{bucket}-gone/in/ok.jsonl"},
         "no-input-bucket-prefix": {**good, "input": f"gs://{bucket}-gone/in/"},
         "no-output-bucket": {**good, "output": f"gs://{bucket}-gone/out/"},
+        "gzip-file": {**good, "input": f"gs://{bucket}/gz/", "output": f"gs://{bucket}/gz-out/"},
     }
     for job_id, job in cases.items():
         topo.publish_job({**job, "job_id": job_id})
@@ -76,6 +81,13 @@ def test_bad_jobs_fail_with_actionable_messages(worker_service, storage_client, 
         "message": f"input gs://{bucket}/nothing-here/ matches no object — check the prefix and that files "
         "were uploaded",
     }
+    assert errors["gzip-file"] == {
+        "code": "INVALID_ARGUMENT",
+        "message": f"input gs://{bucket}/gz/b.jsonl.gz is a gzip-compressed file, not JSON lines — upload it "
+        "uncompressed, or compressed with Content-Encoding: gzip (gcloud storage cp --gzip-local-all, gsutil cp "
+        "-Z), which Cloud Storage decompresses as it serves it",
+    }
+    assert storage_client.bucket(bucket).get_blob("gz-out/b.jsonl.gz") is None
     assert errors["missing-input-object"]["code"] == "NOT_FOUND"
     assert errors["missing-input-object"]["message"].startswith(f"input gs://{bucket}/in/ok.json does not exist")
     assert errors["missing-field"] == {
