@@ -48,9 +48,8 @@ READ_CHUNK_BYTES = 4 * 1024 * 1024
 WRITE_CHUNK_BYTES = 16 * 1024 * 1024
 FIRST_CHUNK_BYTES = 2 * 1024 * 1024
 # Each chunk's request: the client library's default retry (429, 5xx, connection errors, for up
-# to 120 s) and its connect and read timeouts.
+# to 120 s) and its connect and read timeouts (media.TIMEOUTS_S).
 UPLOAD_RETRY = DEFAULT_RETRY
-UPLOAD_TIMEOUT_S = TIMEOUTS_S
 # Output blocks queued for the upload thread at most: bounds memory (a block is a batch's lines).
 WRITE_QUEUE_BLOCKS = 64
 # How a gzip file begins; no JSON text does (0x1f is a control character).
@@ -520,7 +519,7 @@ class _Upload:
         self._blocks.clear()
         if self._session is not None:
             with contextlib.suppress(Exception):  # best effort: an abandoned session expires in a week
-                self._blob.client._http.delete(self._session, timeout=UPLOAD_TIMEOUT_S)
+                self._blob.client._http.delete(self._session, timeout=TIMEOUTS_S)
 
     def _take(self, n: int) -> list[bytes]:
         """The first `n` bytes held, as blocks (the one that crosses `n` is cut in two)."""
@@ -571,7 +570,7 @@ class _Upload:
 
     def _put(self, body: _Body, headers: dict[str, str]) -> Any:
         response = self._blob.client._http.put(
-            self._session, data=body, headers=headers, timeout=UPLOAD_TIMEOUT_S, allow_redirects=False
+            self._session, data=body, headers=headers, timeout=TIMEOUTS_S, allow_redirects=False
         )
         if response.status_code in (200, 201, 308):
             return response
