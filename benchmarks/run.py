@@ -52,7 +52,7 @@ from benchmarks.measure import (
 )
 from localdev import emulators, models
 from worker.config import Settings
-from worker.serving.cache import freeze_long_lived
+from worker.serving.cache import settle_collector
 from worker.serving.jsonvalues import tf_serving_floats
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,12 +163,12 @@ def delete_prefix(env: Env, uri: str) -> None:
 
 
 def _signature(model_dir: Path) -> Any:
-    """TensorFlow and the model's signature, loaded; then, as the worker does after a load,
-    everything alive is frozen out of the garbage collector's full collections."""
+    """TensorFlow and the model's signature, loaded; then the garbage collector set as the worker
+    sets it after a load (`settle_collector`)."""
     import tensorflow as tf
 
     fn = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
-    freeze_long_lived()
+    settle_collector()
     return tf, fn
 
 

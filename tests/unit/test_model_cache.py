@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from worker.serving.cache import ModelCache
+from worker.serving.cache import YOUNG_COLLECTION_THRESHOLD, ModelCache
 
 
 class FakeModel:
@@ -114,9 +114,11 @@ def test_loaded_models_are_out_of_the_collectors_sight_and_a_closed_one_is_still
         return model
 
     c = ModelCache(load, max_models=1)
+    threshold = gc.get_threshold()
     try:
         _fetch(c, "a", 1)
         assert gc.get_freeze_count() > 0  # frozen after the load: full collections skip it
+        assert gc.get_threshold()[0] == YOUNG_COLLECTION_THRESHOLD  # young collections spaced out
         _fetch(c, "b", 1)  # a is evicted and closed before b loads; b's load collects it
         assert refs["a"]() is None and refs["b"]() is not None
 
@@ -132,3 +134,4 @@ def test_loaded_models_are_out_of_the_collectors_sight_and_a_closed_one_is_still
     finally:
         c.close_all()
         gc.unfreeze()
+        gc.set_threshold(*threshold)
