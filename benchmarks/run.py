@@ -15,19 +15,22 @@ Against local fake-gcs-server, on generated JSON lines of 16 floats, for each mo
 4. original — the original tool's approach (benchmarks/original.py) against the TF Serving
              stand-in: whole file in memory, one request per file; where it breaks, why.
 
-Every figure is a median over --repeat runs; ratios are taken between figures of the same run.
+Every figure is a median over --repeat runs; ratios are taken between figures of the same run,
+and the worker's ratio to the floor between each event job and a pass of the floor just before it.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,28 +191,31 @@ def limit(model_dir: Path, batch: int, repeat: int, min_instances: int = 50_000)
 
 
 def floor(model_dir: Path, lines: list[bytes], batch: int, repeat: int) -> float:
-    """Instances/s of parse → predict → encode over `lines` in memory, with the fastest codec
-    here (orjson), the fastest conversions found (TensorFlow reading the lists: the worker's own),
-    float32 scores written as TF Serving writes them (the worker's conversion) and the input line
-    copied into the output line: the same output lines the worker writes, with nothing else (no
-    I/O, no accounting, no error handling)."""
+    """Instances/s of parse → predict → encode over `lines` in memory (median of `repeat` passes
+    of `floor_pass`)."""
     tf, fn = _signature(model_dir)
-    rates = []
-    for _ in range(repeat):
-        clock = Stopwatch()
-        out = []
-        for i in range(0, len(lines), batch):
-            chunk = lines[i : i + batch]
-            instances = [orjson.loads(line) for line in chunk]
-            scores = tf_serving_floats(fn(x=tf.constant(instances, dtype=tf.float32))["scores"].numpy()).tolist()
-            out.append(
-                b"".join(
-                    b'{"instance":' + line + b',"prediction":' + orjson.dumps(p) + b"}\n"
-                    for line, p in zip(chunk, scores, strict=True)
-                )
+    return median(floor_pass(tf, fn, lines, batch) for _ in range(repeat))
+
+
+def floor_pass(tf: Any, fn: Any, lines: list[bytes], batch: int) -> float:
+    """Instances/s of one pass of parse → predict → encode over `lines` in memory, with the fastest
+    codec here (orjson), the fastest conversions found (TensorFlow reading the lists: the worker's
+    own), float32 scores written as TF Serving writes them (the worker's conversion) and the input
+    line copied into the output line: the same output lines the worker writes, with nothing else
+    (no I/O, no accounting, no error handling)."""
+    clock = Stopwatch()
+    out = []
+    for i in range(0, len(lines), batch):
+        chunk = lines[i : i + batch]
+        instances = [orjson.loads(line) for line in chunk]
+        scores = tf_serving_floats(fn(x=tf.constant(instances, dtype=tf.float32))["scores"].numpy()).tolist()
+        out.append(
+            b"".join(
+                b'{"instance":' + line + b',"prediction":' + orjson.dumps(p) + b"}\n"
+                for line, p in zip(chunk, scores, strict=True)
             )
-        rates.append(len(lines) / clock.elapsed)
-    return median(rates)
+        )
+    return len(lines) / clock.elapsed
 
 
 # -- 3: the worker ------------------------------------------------------------------------------------
@@ -254,6 +260,11 @@ class Run:
     # From the job's manifest: what its files waited for, summed over the files.
     input_wait_s: float = 0.0
     output_wait_s: float = 0.0
+    # The floor's instances/s measured just before this run, and the median over the runs of
+    # this run's rate ÷ that floor (set by `_median_run`): this machine's speed moves by up to 2×
+    # between minutes, so a ratio is taken between figures measured side by side.
+    floor_rate: float = 0.0
+    paired_ratio: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -263,11 +274,20 @@ class Run:
 def _median_run(runs: list[Run]) -> Run:
     runs = sorted(runs, key=lambda r: r.seconds)
     mid = runs[len(runs) // 2]
-    return dataclasses.replace(mid, peak_rss=int(median(r.peak_rss for r in runs)))
+    paired = [r.rate / r.floor_rate for r in runs if r.floor_rate]
+    return dataclasses.replace(
+        mid,
+        peak_rss=int(median(r.peak_rss for r in runs)),
+        floor_rate=median(r.floor_rate for r in runs) if paired else 0.0,
+        paired_ratio=median(paired) if paired else 0.0,
+    )
 
 
-def worker_event_runs(env: Env, cfg: Config, model: str, backend: str) -> dict[str, Any]:
-    """Cold and warm latency on 10 lines, then every input through events to one warm worker."""
+def worker_event_runs(
+    env: Env, cfg: Config, model: str, backend: str, floor_now: Callable[[], float]
+) -> dict[str, Any]:
+    """Cold and warm latency on 10 lines, then every input through events to one warm worker,
+    each job just after a pass of the floor (`floor_now`, in this process) to pair it with."""
     results: dict[str, Any] = {}
     worker_env = child_env(
         env,
@@ -311,6 +331,7 @@ def worker_event_runs(env: Env, cfg: Config, model: str, backend: str) -> dict[s
             runs = []
             for _ in range(cfg.repeat if size < 2**30 else 1):
                 out = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+                floor_rate = floor_now()
                 cpu, emulator_cpu = tree_cpu_s([service.proc.pid]), tree_cpu_s([env.gcs_pid])
                 with RssSampler([service.proc.pid]) as rss:
                     clock = Stopwatch()
@@ -328,6 +349,7 @@ def worker_event_runs(env: Env, cfg: Config, model: str, backend: str) -> dict[s
                     emulator_cpu,
                     timings["input_wait_s"],
                     timings["output_wait_s"],
+                    floor_rate,
                 )
                 runs.append(run)
                 delete_prefix(env, out)
@@ -535,7 +557,8 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
             cli: Run | None = r["cli"].get(label)
             orig = r["original"].get(label)
             io_rate = ev.instances / r["storage_s"][label]
-            row = [f"{label} ({lines:,} lines)", rate(ev.rate), f"{ev.rate / fl:.2f}", rate(io_rate), mb(ev.peak_rss)]
+            row = [f"{label} ({lines:,} lines)", rate(ev.rate), rate(ev.floor_rate), f"{ev.paired_ratio:.2f}"]
+            row += [rate(io_rate), mb(ev.peak_rss)]
             row += [rate(cli.rate), mb(cli.peak_rss)] if cli else ["—", "—"]
             if isinstance(orig, Run):
                 row += [rate(orig.rate), mb(orig.peak_rss), f"{ev.rate / orig.rate:.1f}×"]
@@ -543,14 +566,17 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
                 row += [f"breaks: {orig}", "—", "—"]
             rows.append(row)
         out.append(
-            "\nEnd to end (instances/s; the floor at this batch size is " + rate(fl) + "; storage alone: "
-            "the same bytes read and written by the worker's storage code with no processing):\n"
+            "\nEnd to end (instances/s; each event job ran just after a pass of the floor, and ÷ floor "
+            "is the median over the jobs of each job's rate ÷ the floor's just before it — the floor "
+            f"was {rate(fl)} in the curve above; storage alone: the same bytes read and written by the "
+            "worker's storage code with no processing):\n"
         )
         out.append(
             table(
                 [
                     "input",
                     "worker, event (warm)",
+                    "floor beside it",
                     "÷ floor",
                     "storage alone",
                     "peak RSS",
@@ -586,7 +612,7 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
                         f"{s:.2f}"
                         for s in (
                             ev.seconds,
-                            ev.instances / fl,
+                            ev.instances / ev.floor_rate,
                             r["storage_s"][label],
                             ev.input_wait_s,
                             ev.output_wait_s,
@@ -706,7 +732,10 @@ def main(argv: list[str] | None = None) -> int:
                     r["floor"][b] = floor(env.model_dirs[model], floor_lines, b, cfg.repeat)
                 r["download_s"] = model_download_s(env, model)
                 say(f"model {model}: the worker through events")
-                r["event"] = worker_event_runs(env, cfg, model, "tensorflow")
+                tf, fn = _signature(env.model_dirs[model])
+                r["event"] = worker_event_runs(
+                    env, cfg, model, "tensorflow", functools.partial(floor_pass, tf, fn, floor_lines, cfg.batch_size)
+                )
                 r["storage_s"] = {
                     label: storage_alone_s(env, env.inputs[label][0], run.output_bytes, cfg.repeat)
                     for label, run in r["event"].items()

@@ -35,6 +35,7 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     headings = (
         "limit: signature on tensors",
         "worker, event (warm)",
+        "floor beside it",
         "storage alone",
         "original approach",
         "cold (new process)",
@@ -51,6 +52,8 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         run = mlp["event"][label]
         assert run["instances"] > 0 and run["seconds"] > 0 and run["peak_rss"] > 0
         assert run["output_bytes"] > 0 and mlp["storage_s"][label] > 0
+        # Each job is paired with a pass of the floor run just before it.
+        assert run["floor_rate"] > 0 and run["paired_ratio"] > 0
         # CPU seconds are read from /proc in clock ticks (10 ms): fake-gcs-server can serve a
         # 1 MB job within one tick, so 0.0 is a true reading. The worker parses and predicts
         # thousands of lines, many ticks' worth, on any machine.
