@@ -5,6 +5,9 @@
 - `two_io`: inputs a float32[?,4] and b int64[?] → outputs total float32[?], ratio float32[?]
   (ratio = sum(a)/b: Infinity when b is 0, NaN when both are 0).
 - `strings`: text string[?] → length int32[?] and upper_bytes string[?] (base64 in TF Serving JSON).
+- Keras models exported as Keras users export them (tests only, not in BUILDERS): a Sequential
+  model, whose input is named `keras_tensor` and output `output_0`, and a functional model of two
+  inputs `a` and `b` and two outputs (`output_0`, `output_1`).
 """
 
 from __future__ import annotations
@@ -102,6 +105,33 @@ def build_typed(path: str | Path, dtype: str) -> Path:
 
     module = Typed()
     tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return Path(path)
+
+
+def build_keras_sequential(path: str | Path) -> Path:
+    """A Keras Sequential model, 4 floats → 8 relu units → 2 softmax scores, by `model.export`."""
+    _tf()
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [keras.Input(shape=(4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2, activation="softmax")]
+    )
+    model.export(str(path), verbose=False)
+    return Path(path)
+
+
+def build_keras_two_inputs(path: str | Path) -> Path:
+    """A Keras functional model: inputs a float32[?,3] and b float32[?,2] → a score [?,1] and 2
+    softmax scores [?,2], by `model.export`."""
+    _tf()
+    import keras
+
+    keras.utils.set_random_seed(5)
+    a, b = keras.Input(shape=(3,), name="a"), keras.Input(shape=(2,), name="b")
+    joined = keras.layers.Concatenate()([a, b])
+    outputs = [keras.layers.Dense(1, name="score")(joined), keras.layers.Dense(2, activation="softmax")(joined)]
+    keras.Model(inputs=[a, b], outputs=outputs).export(str(path), verbose=False)
     return Path(path)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from localdev import emulators, models
-from tests.conftest import make_bucket, read_lines, write_lines
+from tests.conftest import close_to, make_bucket, read_lines, write_lines
 from worker import errors
 from worker.config import Settings
 from worker.jobs import Job
@@ -110,6 +110,51 @@ def test_both_backends_and_both_request_formats_write_the_same_lines(make_runtim
     assert "expects float32 numbers" in dtype_lines[40]["error"]["message"]
     assert two_lines[1]["prediction"] == {"ratio": "NaN", "total": 0.0}  # the server's bare NaN, made strict
     assert "error" in two_lines[2]
+
+
+def test_keras_models_exported_by_model_export_run_through_both_backends(
+    make_runtime, storage_client, bucket, tmp_path
+):
+    """Keras names what it exports itself (input `keras_tensor`, outputs `output_0`, `output_1`);
+    the predictions must be those of the exported signature called on tensors directly."""
+    import numpy as np
+    import tensorflow as tf
+
+    built = {
+        "seq": models.build_keras_sequential(tmp_path / "seq"),
+        "two": models.build_keras_two_inputs(tmp_path / "two"),
+    }
+    for name, path in built.items():
+        models.upload_folder(storage_client, path, bucket, f"keras/{name}/1")
+    rng = np.random.default_rng(11)
+    seq_x = rng.normal(0, 1, (20, 4)).round(3)
+    two_a, two_b = rng.normal(0, 1, (20, 3)).round(3), rng.normal(0, 1, (20, 2)).round(3)
+    write_lines(storage_client, f"gs://{bucket}/kin/seq.jsonl", [json.dumps(row) for row in seq_x.tolist()])
+    write_lines(
+        storage_client,
+        f"gs://{bucket}/kin/two.jsonl",
+        [json.dumps({"a": a, "b": b}) for a, b in zip(two_a.tolist(), two_b.tolist(), strict=True)],
+    )
+    seq_fn = tf.saved_model.load(str(built["seq"])).signatures["serving_default"]
+    two_fn = tf.saved_model.load(str(built["two"])).signatures["serving_default"]
+    seq_want = seq_fn(keras_tensor=tf.constant(seq_x, tf.float32))["output_0"].numpy().tolist()
+    two_out = two_fn(a=tf.constant(two_a, tf.float32), b=tf.constant(two_b, tf.float32))
+    two_want = [
+        {"output_0": s, "output_1": p}
+        for s, p in zip(two_out["output_0"].numpy().tolist(), two_out["output_1"].numpy().tolist(), strict=True)
+    ]
+
+    for serving in ("tensorflow", "tfserving"):
+        rt = make_runtime(serving)
+        out = f"gs://{bucket}/kout-{serving}"
+        for name, want in (("seq", seq_want), ("two", two_want)):
+            outcome = rt.run_job(
+                _job(f"gs://{bucket}/keras/{name}/", f"gs://{bucket}/kin/{name}.jsonl", f"{out}/{name}/")
+            )
+            assert outcome.status == "SUCCEEDED", (serving, name, outcome.manifest)
+            lines = read_lines(storage_client, f"{out}/{name}/{name}.jsonl")
+            assert len(lines) == 20
+            assert all(close_to(line["prediction"], w) for line, w in zip(lines, want, strict=True)), (serving, name)
 
 
 def _without_messages(files: list[list[Any]]) -> list[list[Any]]:
