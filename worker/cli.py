@@ -26,9 +26,11 @@ EXIT_TRANSIENT = 75  # EX_TEMPFAIL: try again later
 
 
 def _env_help() -> str:
-    lines = ["environment:"]
-    for var, _, text in ENV_VARS:
-        lines.append(f"  {var:<24} {text}")
+    defaults = Settings()
+    lines = ["environment (default in brackets):"]
+    for var, name, text in ENV_VARS:
+        default = getattr(defaults, name)
+        lines.append(f"  {var:<24} {text}" + (f" [{default}]" if default != "" else ""))
     lines.append("  STORAGE_EMULATOR_HOST    Cloud Storage emulator, e.g. http://127.0.0.1:4443")
     lines.append("  PUBSUB_EMULATOR_HOST     Pub/Sub emulator, e.g. 127.0.0.1:8085")
     return "\n".join(lines)
@@ -58,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", required=True, help="gs:// object, or a prefix ending in / for every object under it")
     run.add_argument("--output", required=True, help="gs:// prefix where outputs and _manifest.json are written")
     run.add_argument("--job-id", help="job id (default: a new random id); a completed job id is not run again")
-    run.add_argument("--batch-size", type=int, help="instances per prediction call (default: WORKER_BATCH_SIZE or 256)")
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"instances per prediction call (default: WORKER_BATCH_SIZE or {Settings.batch_size})",
+    )
     run.add_argument("--signature-name", help="model signature (default: serving_default)")
     run.add_argument("--options", help='job options as JSON, e.g. \'{"key_field": "id"}\'')
     run.add_argument("--no-publish", action="store_true", help="do not publish a completion message")

@@ -1,10 +1,13 @@
-"""The README documents every setting the worker reads."""
+"""The README and `--help` document every setting the worker reads, with its default."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from worker.config import ENV_VARS
+import pytest
+
+from worker.cli import build_parser
+from worker.config import ENV_VARS, Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -13,3 +16,39 @@ def test_every_setting_is_in_the_readme_configuration_table():
     table = [line for line in README.read_text().splitlines() if line.startswith("| `")]
     missing = [var for var, _, _ in ENV_VARS if not any(f"`{var}`" in row for row in table)]
     assert missing == []
+
+
+def _default_cells() -> dict[str, str]:
+    """The configuration table's default cell of each variable."""
+    cells = {}
+    for line in README.read_text().splitlines():
+        if line.startswith("| `"):
+            variables, default = line.split("|")[1:3]
+            for var in variables.replace("`", "").split(","):
+                cells[var.strip()] = default.strip().strip("`")
+    return cells
+
+
+def test_the_readme_s_defaults_are_the_worker_s():
+    cells, defaults = _default_cells(), Settings()
+    for var, name, _ in ENV_VARS:
+        default = getattr(defaults, name)
+        if var == "WORKER_WORK_DIR":
+            assert cells[var] == "$TMPDIR/embedded-tf" and default.endswith("/embedded-tf")
+        elif default == "":
+            assert cells[var].startswith("—"), var
+        else:
+            assert cells[var] == str(default), var
+
+
+def test_help_gives_every_setting_with_its_default(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    defaults = Settings()
+    environment = text.split("environment (default in brackets):")[1].splitlines()
+    for var, name, _ in ENV_VARS:
+        line = next(line for line in environment if line.strip().startswith(var + " "))
+        default = getattr(defaults, name)
+        assert (f"[{default}]" in line) == (default != ""), line
+    assert f"WORKER_BATCH_SIZE or {defaults.batch_size})" in " ".join(text.split())
