@@ -1,4 +1,5 @@
-"""TensorFlow's load banners go to the DEBUG log; anything else written to stderr meanwhile stays."""
+"""What TensorFlow writes, as the worker passes it on: load banners go to the DEBUG log (anything else
+written to stderr meanwhile stays); a refused batch is told by its cause, without the framing."""
 
 from __future__ import annotations
 
@@ -20,3 +21,15 @@ def test_load_banners_are_logged_at_debug_and_other_stderr_output_is_kept(capfd,
     assert len(banners) == 2 and "oneDNN custom operations are on" in banners[1]
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "after\n"  # stderr is itself again
+
+
+def test_a_refused_batch_is_told_by_its_cause_not_by_the_graphs_framing():
+    """TensorFlow frames a graph's errors (heading, where the node was defined, the node); the
+    error line gives the cause, as TF Serving's does."""
+    with_trace = (
+        "Graph execution error:\n\nDetected at node 'embed/Gather' defined at (most recent call last):\n"
+        "    File \"train.py\", line 12, in <module>\n      model = build()\nNode: 'embed/Gather'\n"
+        "indices[0,1] = 100 is not in [0, 100)\n\t [[{{node embed/Gather}}]] [Op:__inference_serve_94]"
+    )
+    assert tf_backend._cause(with_trace) == "indices[0,1] = 100 is not in [0, 100)"
+    assert tf_backend._cause("Incompatible shapes: [2,3] vs. [2,4]") == "Incompatible shapes: [2,3] vs. [2,4]"

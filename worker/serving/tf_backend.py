@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -199,12 +200,27 @@ class TensorFlowSignature:
         try:
             outputs = self._fn(**feeds)
         except self._tf.errors.InvalidArgumentError as e:
-            raise BatchRejected(e.message.strip().splitlines()[0]) from None
+            raise BatchRejected(_cause(e.message)) from None
         n = len(instances)
         columns = {name: rows_from_array(name, outputs[name].numpy(), n) for name in self.output_names}
         if len(columns) == 1:
             return next(iter(columns.values()))
         return [{name: columns[name][k] for name in self.output_names} for k in range(n)]
+
+
+# Lines of a TensorFlow error around its cause: its heading, where the node was defined, the node.
+_ERROR_FRAMING = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "Node:")
+
+
+def _cause(message: str) -> str:
+    """The line of a TensorFlow error that says what is wrong, as TF Serving's first line does
+    ("indices[0,1] = 100 is not in [0, 100)"), without the framing of a graph's errors: its
+    heading, the node's stack trace, `[[{{node …}}]]` and `[Op:…]`."""
+    for line in message.splitlines():
+        text = line.strip()
+        if text and not line[0].isspace() and not text.startswith(_ERROR_FRAMING):
+            return re.sub(r"\s*\[Op:[^\]]*\]$", "", text)
+    return message.strip() or "the model refused the instances"
 
 
 def _shape(dims: list[Any]) -> str:
