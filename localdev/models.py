@@ -5,6 +5,8 @@
 - `two_io`: inputs a float32[?,4] and b int64[?] → outputs total float32[?], ratio float32[?]
   (ratio = sum(a)/b: Infinity when b is 0, NaN when both are 0).
 - `strings`: text string[?] → length int32[?] and upper_bytes string[?] (base64 in TF Serving JSON).
+- `tokens` (tests only, not in BUILDERS): token ids int64[?,?], of any length → the mean of
+  their 4-float embeddings `mean` float32[?,4] (a table of 100: an id beyond it is refused).
 - Keras models exported as Keras users export them (tests only, not in BUILDERS): a Sequential
   model, whose input is named `keras_tensor` and output `output_0`, and a functional model of two
   inputs `a` and `b` and two outputs (`output_0`, `output_1`).
@@ -104,6 +106,25 @@ def build_typed(path: str | Path, dtype: str) -> Path:
             return {"sum": tf.reduce_sum(tf.cast(x, tf.float32), axis=1)}
 
     module = Typed()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return Path(path)
+
+
+def build_tokens(path: str | Path) -> Path:
+    """A model of variable-length inputs, as text models take token ids: batches must be rectangular."""
+    tf = _tf()
+    table = np.random.default_rng(13).normal(0, 1, (100, 4)).astype("float32")
+
+    class Tokens(tf.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.embeddings = tf.Variable(table)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int64, name="tokens")])
+        def serve(self, tokens: Any) -> Any:
+            return {"mean": tf.reduce_mean(tf.gather(self.embeddings, tokens), axis=1)}
+
+    module = Tokens()
     tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
     return Path(path)
 

@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import accumulate, chain, repeat
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from worker import codec, errors
 from worker.jobs import (
@@ -408,7 +408,10 @@ def _run_file(
         out = _Waits(output)
 
         def flush() -> None:
-            if plain and _flush_plain(pending, predictor, counts, out, results_format=results_format):
+            plain_outcome = None
+            if plain:
+                plain_outcome = _flush_plain(pending, predictor, counts, out, results_format=results_format)
+            if plain_outcome == "done":
                 return
             parsed = codec.parse_many(pending)
             entries = [
@@ -417,7 +420,8 @@ def _run_file(
                 else _entry(p, raw, lineno, options)
                 for lineno, raw, p in zip(numbers, pending, parsed, strict=True)
             ]
-            _predict_entries(predictor, entries)
+            # A batch the model just rejected whole is not sent whole again.
+            _predict_entries(predictor, entries, rejected=plain_outcome == "rejected")
             failed = sum(1 for e in entries if e.error is not None)
             counts.instances += len(entries)
             counts.errors += failed
@@ -501,17 +505,19 @@ class _Waits:
             yield block
 
 
-def _flush_plain(raws: list[bytes], predictor: Predictor, counts: Counts, out: Sink, *, results_format: bool) -> bool:
+def _flush_plain(
+    raws: list[bytes], predictor: Predictor, counts: Counts, out: Sink, *, results_format: bool
+) -> Literal["done", "not strict JSON", "rejected"]:
     """The common batch of plain instances — every line strict JSON, the model takes them all —
-    predicted and written as whole lists, without per-line bookkeeping. False (nothing done)
-    otherwise: the batch then goes line by line."""
+    predicted and written as whole lists, without per-line bookkeeping ("done"). Otherwise nothing
+    is done, and the batch then goes line by line."""
     values = codec.parse_strict(raws)
     if values is None:
-        return False
+        return "not strict JSON"
     try:
         predictions = _predict(predictor, values)
     except BatchRejected:
-        return False  # isolated instance by instance, in `_predict_isolating`
+        return "rejected"  # isolated instance by instance, in `_predict_isolating`
     encoded = codec.dumps_each(predictions)
     if results_format:
         # Each line is {"instance":<the input line>,"prediction":<encoded>}, joined in one C-level pass.
@@ -524,7 +530,7 @@ def _flush_plain(raws: list[bytes], predictor: Predictor, counts: Counts, out: S
         out.write(b"\n".join(encoded))
     counts.instances += len(values)
     counts.predictions += len(values)
-    return True
+    return "done"
 
 
 def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, options: Options) -> _Entry:
@@ -565,9 +571,13 @@ def _select_fields(value: Any, options: Options) -> Any:
     return {k: v for k, v in value.items() if k not in dropped}
 
 
-def _predict_entries(predictor: Predictor, entries: list[_Entry]) -> None:
+def _predict_entries(predictor: Predictor, entries: list[_Entry], *, rejected: bool = False) -> None:
+    """Predict every entry without an error yet; `rejected`: the model has just refused them all
+    as one batch."""
     todo = [e for e in entries if e.error is None]
-    if todo:
+    if rejected and len(todo) == len(entries) > 1:
+        _isolate(predictor, todo, grouped=False)
+    elif todo:
         _predict_isolating(predictor, todo)
 
 
@@ -579,21 +589,56 @@ def _predict(predictor: Predictor, feeds: list[Any]) -> list[Any]:
     return predictions
 
 
-def _predict_isolating(predictor: Predictor, entries: list[_Entry]) -> None:
-    """Predict `entries`; when the model rejects the batch, split it until each bad instance is
-    alone, so one bad instance costs one error line and not its batch."""
+def _predict_isolating(predictor: Predictor, entries: list[_Entry], *, grouped: bool = False) -> None:
+    """Predict `entries`; when the model rejects the batch, isolate what it refuses."""
     try:
         predictions = _predict(predictor, [e.feed for e in entries])
     except BatchRejected as rejected:
         if len(entries) == 1:
             entries[0].error = rejected.message
             return
-        mid = len(entries) // 2
-        _predict_isolating(predictor, entries[:mid])
-        _predict_isolating(predictor, entries[mid:])
+        _isolate(predictor, entries, grouped=grouped)
         return
     for e, p in zip(entries, predictions, strict=True):
         e.prediction = p
+
+
+def _isolate(predictor: Predictor, entries: list[_Entry], *, grouped: bool) -> None:
+    """Predict a batch the model refused, in parts. First instances of one shape together: a model
+    of variable-length inputs (token ids, say) takes only rectangular batches, as TF Serving does,
+    so each length makes a batch of its own. Then halves, until each bad instance is alone: one
+    bad instance costs one error line and not its batch."""
+    if not grouped:
+        groups: dict[Any, list[_Entry]] = {}
+        for k, e in enumerate(entries):
+            groups.setdefault(_shape_of(e.feed, k), []).append(e)
+        if len(groups) > 1:
+            for group in groups.values():
+                _predict_isolating(predictor, group, grouped=True)
+            return
+    mid = len(entries) // 2
+    _predict_isolating(predictor, entries[:mid], grouped=True)
+    _predict_isolating(predictor, entries[mid:], grouped=True)
+
+
+def _shape_of(value: Any, k: int) -> Any:
+    """The nesting of arrays in a JSON value (in objects, per key): values of one shape can make a
+    rectangular batch. Numbers, strings and `{"b64": …}` have the same, empty shape; a value too
+    deep to walk gets one of its own (`k`: its place in the batch)."""
+    try:
+        return _shape(value)
+    except RecursionError:
+        return ("too deep", k)
+
+
+def _shape(value: Any) -> Any:
+    if isinstance(value, list):
+        if value and isinstance(value[0], (list, dict)):
+            return (len(value), tuple(map(_shape, value)))
+        return (len(value),)
+    if isinstance(value, dict) and not (len(value) == 1 and "b64" in value):
+        return tuple((key, _shape(v)) for key, v in sorted(value.items()))
+    return ()
 
 
 def _format(e: _Entry, options: Options) -> bytes:

@@ -157,6 +157,45 @@ def test_keras_models_exported_by_model_export_run_through_both_backends(
             assert all(close_to(line["prediction"], w) for line, w in zip(lines, want, strict=True)), (serving, name)
 
 
+def test_a_model_of_variable_length_inputs_takes_every_length_through_both_backends(
+    make_runtime, storage_client, bucket, tmp_path
+):
+    """Token ids of any length (a [?, ?] input): a batch of several lengths is refused whole by the
+    model, yet every instance is predicted as the signature predicts it alone; ids beyond the
+    model's table and ragged instances are error lines."""
+    import random
+
+    import tensorflow as tf
+
+    path = models.build_tokens(tmp_path / "tokens")
+    models.upload_folder(storage_client, path, bucket, "tokens/1")
+    rng = random.Random(5)
+    instances: list[Any] = [[rng.randrange(100) for _ in range(rng.randint(1, 6))] for _ in range(60)]
+    instances[10] = [3, 100]  # beyond the table of 100
+    instances[20] = [[1], [2, 3]]  # ragged
+    write_lines(storage_client, f"gs://{bucket}/tin/t.jsonl", [json.dumps(i) for i in instances])
+    fn = tf.saved_model.load(str(path)).signatures["serving_default"]
+    want = [None if n in (10, 20) else fn(tokens=tf.constant([i], tf.int64))["mean"].numpy()[0].tolist()
+            for n, i in enumerate(instances)]  # fmt: skip
+
+    for serving in ("tensorflow", "tfserving"):
+        rt = make_runtime(serving)
+        out = f"gs://{bucket}/tout-{serving}/"
+        outcome = rt.run_job(_job(f"gs://{bucket}/tokens/", f"gs://{bucket}/tin/t.jsonl", out))
+        assert outcome.status == "PARTIALLY_SUCCEEDED", (serving, outcome.manifest)
+        assert outcome.manifest["totals"]["predictions"] == 58 and outcome.manifest["totals"]["errors"] == 2
+        lines = read_lines(storage_client, f"{out}t.jsonl")
+        assert [line["instance"] for line in lines] == instances
+        # TensorFlow's cause, as TF Serving's first line gives it: not "Graph execution error:".
+        assert lines[10]["error"]["message"].startswith("indices[0,1] = 100 is not in [0, 100)"), (serving, lines[10])
+        assert "rectangular" in lines[20]["error"]["message"], (serving, lines[20])
+        for n, (line, w) in enumerate(zip(lines, want, strict=True)):
+            if w is None:
+                assert line["error"]["status"] == "INVALID_ARGUMENT", (serving, n, line)
+            else:
+                assert close_to(line["prediction"], w), (serving, n, line)
+
+
 def _without_messages(files: list[list[Any]]) -> list[list[Any]]:
     return [[{**line, "error": "…"} if "error" in line else line for line in lines] for lines in files]
 

@@ -241,6 +241,50 @@ def test_batches_are_bounded_and_bisection_isolates():
     assert predictor.calls[:2] == [4, 4]
 
 
+class RectangularPredictor(SumPredictor):
+    """Like a model of variable-length inputs behind TF Serving: a batch must be lists of integers,
+    all of one length."""
+
+    def predict(self, instances: list[Any]) -> list[Any]:
+        self.calls.append(len(instances))
+        if any(not isinstance(i, list) or not all(type(v) is int for v in i) for i in instances):
+            raise BatchRejected("instances must be lists of integers")
+        if len({len(i) for i in instances}) > 1:
+            raise BatchRejected("Expecting tensor size: 1 but got: 2")
+        return [sum(i) for i in instances]
+
+
+@pytest.mark.parametrize("output_format", ["results", "predictions"])
+@pytest.mark.parametrize("not_json", [False, True])
+def test_a_batch_refused_for_its_shapes_is_sent_again_one_shape_at_a_time(output_format, not_json):
+    """Instances of several lengths make no rectangular batch: one request per length, not one per
+    instance (halving a batch of mixed lengths ends one instance at a time)."""
+    instances: list[Any] = [list(range(1 + k % 3)) for k in range(12)]  # lengths 1, 2, 3, 1, 2, 3 …
+    instances[4] = [1, "two"]  # of length 2, refused for its values
+    instances[9] = "nine"  # a string: a shape of its own
+    lines = [json.dumps(i) for i in instances]
+    if not_json:  # a batch with a line that is not JSON goes line by line
+        lines.append("{oops")
+    store = FakeStore({"bkt/in/f.jsonl": "\n".join(lines).encode()})
+    predictor = RectangularPredictor()
+    outcome, _ = _run(store, _job({"output_format": output_format}), predictor, batch_size=100)
+
+    errors_ = 3 if not_json else 2
+    assert outcome.manifest["totals"] == {
+        "lines": len(lines), "instances": len(lines), "predictions": 10, "errors": errors_, "skipped": 0
+    }  # fmt: skip
+    out = store.lines("bkt/out/f.jsonl")
+    got = [o.get("prediction") if output_format == "results" else o for o in out[:12]]
+    assert [None if isinstance(g, dict) else g for g in got] == [
+        None if n in (4, 9) else sum(i) for n, i in enumerate(instances)
+    ]
+    assert "error" in out[4] and "error" in out[9]
+    # The whole batch, once; then each shape in the order it first appears: length 1 (3 of them);
+    # length 2 (4, refused for [1, "two"]; its first half of 2 refused and sent one by one, its
+    # second half taken); length 3 (4); the string alone (refused).
+    assert predictor.calls == [12, 3, 4, 2, 1, 1, 2, 4, 1]
+
+
 def test_non_finite_numbers_are_written_as_strict_json():
     line = dumps_line({"instance": [float("nan")], "prediction": [float("inf"), -float("inf"), 1.5]})
     assert line == b'{"instance":["NaN"],"prediction":["Infinity","-Infinity",1.5]}'
