@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from localdev import models
+from worker.errors import ModelError
 from worker.serving import BatchRejected
 from worker.serving.jsonvalues import tf_serving_floats
 from worker.serving.tf_backend import NotFromJson, TensorFlowModel, TensorFlowSignature
@@ -183,3 +184,20 @@ def test_every_input_type_tf_serving_fills_from_json_is_taken(tmp_path: Path) ->
     for dtype in ("float64", "int8", "int16", "int32", "int64", "uint8", "uint32", "uint64"):
         typed = TensorFlowModel(str(models.build_typed(tmp_path / dtype, dtype)), description=dtype)
         assert typed.predictor("serving_default").predict([[3, 1, 2, 0]]) == [6.0]
+
+
+def test_an_output_without_a_row_per_instance_is_the_model_s_fault(tmp_path: Path) -> None:
+    """An output reduced over the batch (a scalar): the job fails saying what to export, instead
+    of every line failing or the job ending in an internal error."""
+    import tensorflow as tf
+
+    class Unbatched(tf.Module):  # type: ignore[misc]
+        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+        def serve(self, x: Any) -> Any:
+            return {"total": tf.reduce_sum(x), "rows": x}
+
+    module = Unbatched()
+    tf.saved_model.save(module, str(tmp_path / "m"), signatures={"serving_default": module.serve})
+    predictor = TensorFlowModel(str(tmp_path / "m"), description="m").predictor("serving_default")
+    with pytest.raises(ModelError, match=r"output 'total' has shape \[\], not one row per instance \(2\)"):
+        predictor.predict([[1, 2], [3, 4]])

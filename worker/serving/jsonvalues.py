@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.errors import ModelError
 from worker.serving import BatchRejected
 
 
@@ -44,9 +45,10 @@ def _bytes_to_json(value: Any, *, as_b64: bool) -> Any:
 
 
 def rows_from_array(name: str, arr: np.ndarray, n: int) -> list[Any]:
-    """Split a batched output tensor into `n` JSON-ready per-instance values."""
+    """Split a batched output tensor into `n` JSON-ready per-instance values; an output without
+    one row per instance is the model's fault (`ModelError`), as with TF Serving."""
     if arr.ndim == 0 or arr.shape[0] != n:
-        raise ValueError(
+        raise ModelError(
             f"output {name!r} has shape {list(arr.shape)}, not one row per instance ({n}); "
             "export the model with a batch dimension first on every output"
         )
