@@ -201,3 +201,29 @@ def test_an_output_without_a_row_per_instance_is_the_model_s_fault(tmp_path: Pat
     predictor = TensorFlowModel(str(tmp_path / "m"), description="m").predictor("serving_default")
     with pytest.raises(ModelError, match=r"output 'total' has shape \[\], not one row per instance \(2\)"):
         predictor.predict([[1, 2], [3, 4]])
+
+
+def test_a_batch_the_model_cannot_allocate_for_is_refused_and_its_instances_go_alone(tmp_path: Path) -> None:
+    """TensorFlow's out-of-memory error is a refusal of that batch, like TF Serving's error answer:
+    halving it may help; the instance that cannot fit alone becomes an error line."""
+    import tensorflow as tf
+
+    from worker.pipeline import _Entry, _predict_isolating
+
+    class Greedy(tf.Module):  # type: ignore[misc]
+        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+        def serve(self, x: Any) -> Any:
+            # An instance [n, …] asks for n × 2**64 bytes: refused at once (a size that might fit
+            # is retried by TensorFlow's allocator for 10 s first).
+            n = tf.cast(tf.reduce_max(x[:, 0]), tf.int64)
+            return {"y": tf.reduce_sum(x, axis=1) + tf.reduce_sum(tf.ones(tf.stack([n, 2**62])))}
+
+    module = Greedy()
+    tf.saved_model.save(module, str(tmp_path / "m"), signatures={"serving_default": module.serve})
+    predictor = TensorFlowModel(str(tmp_path / "m"), description="m").predictor("serving_default")
+    with pytest.raises(BatchRejected, match=r"^OOM when allocating tensor with shape\[1,4611686018427387904\]"):
+        predictor.predict([[1, 2], [0, 5]])
+    entries = [_Entry(i, feed=i) for i in ([0, 5], [1, 2], [0, 1])]
+    _predict_isolating(predictor, entries)
+    assert [e.prediction for e in entries] == [5.0, None, 1.0]
+    assert entries[1].error is not None and entries[1].error.startswith("OOM when allocating")

@@ -32,4 +32,6 @@ def test_a_refused_batch_is_told_by_its_cause_not_by_the_graphs_framing():
         "indices[0,1] = 100 is not in [0, 100)\n\t [[{{node embed/Gather}}]] [Op:__inference_serve_94]"
     )
     assert tf_backend._cause(with_trace) == "indices[0,1] = 100 is not in [0, 100)"
+    nested = "Graph execution error:\n\n{{function_node __inference_embed_7}} indices[0] = 5 is not in [0, 3)"
+    assert tf_backend._cause(nested) == "indices[0] = 5 is not in [0, 3)"
     assert tf_backend._cause("Incompatible shapes: [2,3] vs. [2,4]") == "Incompatible shapes: [2,3] vs. [2,4]"

@@ -18,7 +18,9 @@ JSON_INPUT_ADVICE = (
 
 
 class BatchRejected(Exception):
-    """The model refused this batch because of its data (TF Serving's 400 INVALID_ARGUMENT)."""
+    """The model refused this batch: because of its data (TF Serving's 400 INVALID_ARGUMENT), or
+    running it failed (TF Serving's other 4xx answers; TensorFlow's errors in-process, out of memory
+    included). The pipeline sends it again in parts."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

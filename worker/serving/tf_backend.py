@@ -199,7 +199,10 @@ class TensorFlowSignature:
             feeds = {name: self._column(name, [i[name] for i in instances]) for name in names}
         try:
             outputs = self._fn(**feeds)
-        except self._tf.errors.InvalidArgumentError as e:
+        except self._tf.errors.OpError as e:
+            # Refused instances (InvalidArgumentError), and whatever else running them raised: out of
+            # memory for the batch (halving it may help), a model that fails on every instance (each
+            # line then says why). TF Serving answers all of these with an error, never predictions.
             raise BatchRejected(_cause(e.message)) from None
         n = len(instances)
         columns = {name: rows_from_array(name, outputs[name].numpy(), n) for name in self.output_names}
@@ -215,11 +218,11 @@ _ERROR_FRAMING = ("Graph execution error", "Detected at node", "<stack traces un
 def _cause(message: str) -> str:
     """The line of a TensorFlow error that says what is wrong, as TF Serving's first line does
     ("indices[0,1] = 100 is not in [0, 100)"), without the framing of a graph's errors: its
-    heading, the node's stack trace, `[[{{node …}}]]` and `[Op:…]`."""
+    heading, the node's stack trace, `{{function_node …}}`, `[[{{node …}}]]` and `[Op:…]`."""
     for line in message.splitlines():
         text = line.strip()
         if text and not line[0].isspace() and not text.startswith(_ERROR_FRAMING):
-            return re.sub(r"\s*\[Op:[^\]]*\]$", "", text)
+            return re.sub(r"\s*\[Op:[^\]]*\]$", "", re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text))
     return message.strip() or "the model refused the instances"
 
 
