@@ -285,8 +285,8 @@ def test_a_batch_that_outlives_the_server_s_timeout_is_sent_in_halves_and_so_are
     assert [line["prediction"] for line in lines] == reference(model_dirs["mlp"], instances)
     assert rt.models.stats.snapshot()["server_starts"] == 1  # not taken for a crash
     # Halved once, on the first batch; the second batch went as two requests of 6 from the start.
-    halved = [r.getMessage() for r in caplog.records if "per request from now on" in r.getMessage()]
-    assert len(halved) == 1 and "on 12 instances" in halved[0] and "at most 6 per request" in halved[0]
+    halved = [r.getMessage() for r in caplog.records if "per call from now on" in r.getMessage()]
+    assert len(halved) == 1 and "on 12 instances" in halved[0] and "at most 6 per call" in halved[0]
 
 
 def test_an_instance_that_outlives_the_server_s_timeout_fails_the_job_saying_to_raise_it(

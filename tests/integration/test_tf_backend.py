@@ -6,6 +6,7 @@ rejected with a reason that names the input, the type or the shape."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -203,27 +204,32 @@ def test_an_output_without_a_row_per_instance_is_the_model_s_fault(tmp_path: Pat
         predictor.predict([[1, 2], [3, 4]])
 
 
-def test_a_batch_the_model_cannot_allocate_for_is_refused_and_its_instances_go_alone(tmp_path: Path) -> None:
-    """TensorFlow's out-of-memory error is a refusal of that batch, like TF Serving's error answer:
-    halving it may help; the instance that cannot fit alone becomes an error line."""
+def test_a_batch_too_big_for_memory_goes_in_halves_and_one_instance_too_big_fails_the_job(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TensorFlow's out-of-memory error: the batch is predicted again in halves, and later ones no
+    bigger; an instance that cannot be predicted alone fails the job saying so."""
     import tensorflow as tf
-
-    from worker.pipeline import _Entry, _predict_isolating
 
     class Greedy(tf.Module):  # type: ignore[misc]
         @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
         def serve(self, x: Any) -> Any:
-            # An instance [n, …] asks for n × 2**64 bytes: refused at once (a size that might fit
-            # is retried by TensorFlow's allocator for 10 s first).
-            n = tf.cast(tf.reduce_max(x[:, 0]), tf.int64)
-            return {"y": tf.reduce_sum(x, axis=1) + tf.reduce_sum(tf.ones(tf.stack([n, 2**62])))}
+            # 2**64 bytes (refused at once: a size that might fit is retried by TensorFlow's allocator
+            # for 10 s first) for a batch of more than one, or an instance [1, …]; none otherwise.
+            n = tf.shape(x, out_type=tf.int64)[0] - 1 + tf.cast(tf.reduce_max(x[:, 0]), tf.int64)
+            wanted = tf.ones(tf.stack([tf.minimum(n, 1) * 2**62]))
+            return {"y": tf.reduce_sum(x, axis=1) + tf.reduce_sum(wanted)}
 
     module = Greedy()
     tf.saved_model.save(module, str(tmp_path / "m"), signatures={"serving_default": module.serve})
-    predictor = TensorFlowModel(str(tmp_path / "m"), description="m").predictor("serving_default")
-    with pytest.raises(BatchRejected, match=r"^OOM when allocating tensor with shape\[1,4611686018427387904\]"):
-        predictor.predict([[1, 2], [0, 5]])
-    entries = [_Entry(i, feed=i) for i in ([0, 5], [1, 2], [0, 1])]
-    _predict_isolating(predictor, entries)
-    assert [e.prediction for e in entries] == [5.0, None, 1.0]
-    assert entries[1].error is not None and entries[1].error.startswith("OOM when allocating")
+    model = TensorFlowModel(str(tmp_path / "m"), description="gs://b/greedy/1/")
+    predictor = model.predictor("serving_default")
+    with caplog.at_level(logging.WARNING, logger="worker.serving.tf_backend"):
+        assert predictor.predict([[0, 5], [0, 1], [0, 2]]) == [5.0, 1.0, 2.0]
+        assert predictor.predict([[0, 3], [0, 4]]) == [3.0, 4.0]  # one at a time from the start
+    warned = [r.getMessage() for r in caplog.records if "from now on" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("model gs://b/greedy/1/: ran out of memory (OOM when allocating tensor")
+    assert warned[0].endswith("on 3 instances: at most 1 per call from now on")
+    with pytest.raises(ModelError, match=r"ran out of memory predicting one instance \(OOM when allocating"):
+        predictor.predict([[1, 2]])

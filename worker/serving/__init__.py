@@ -7,7 +7,9 @@ anything else means the model or server failed.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 # What to do about a model input TF Serving cannot fill from JSON (its REST API answers HTTP 501).
@@ -25,6 +27,51 @@ class BatchRejected(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class TooBig(Exception):
+    """One call's batch was too big for the model: it outlived the server's timeout, or ran out of
+    memory. `what` says which ("took longer than …"), `detail` is the model's own message."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        super().__init__(f"{what} ({detail})")
+        self.what = what
+        self.detail = detail
+
+
+class SizeLimit:
+    """The most instances a model has taken in one call since it found a batch too big: the batch
+    refused as `TooBig` is sent again in halves, and every later one in parts no bigger. A single
+    instance still too big is the model's fault: `one_too_big` makes the error raised for it."""
+
+    def __init__(self, model: str, log: logging.Logger) -> None:
+        self._model = model
+        self._log = log
+        self.cap: int | None = None
+
+    def predict(
+        self,
+        instances: list[Any],
+        once: Callable[[list[Any]], list[Any]],
+        one_too_big: Callable[[TooBig], Exception],
+    ) -> list[Any]:
+        predictions: list[Any] = []
+        start = 0
+        while start < len(instances):
+            cap = self.cap
+            n = len(instances) - start if cap is None else min(cap, len(instances) - start)
+            try:
+                predictions += once(instances[start : start + n])
+            except TooBig as e:
+                if n == 1:
+                    raise one_too_big(e) from None
+                self.cap = n // 2 if self.cap is None else min(self.cap, n // 2)
+                self._log.warning(
+                    "%s: %s on %d instances: at most %d per call from now on", self._model, e, n, self.cap
+                )
+                continue
+            start += n
+        return predictions
 
 
 class Predictor(Protocol):

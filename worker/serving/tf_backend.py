@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from worker.errors import ModelError
-from worker.serving import JSON_INPUT_ADVICE, BatchRejected, numbers
+from worker.serving import JSON_INPUT_ADVICE, BatchRejected, SizeLimit, TooBig, numbers
 from worker.serving.jsonvalues import decode_strings, rows_from_array
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,9 @@ class TensorFlowModel:
                         f"model {self.description} has no signature {signature_name!r}; it has "
                         f"{', '.join(sorted(signatures)) or 'none'} — set options.signature_name"
                     )
-                self._predictors[signature_name] = TensorFlowSignature(self._tf, signatures[signature_name])
+                self._predictors[signature_name] = TensorFlowSignature(
+                    self._tf, signatures[signature_name], description=self.description
+                )
             return self._predictors[signature_name]
 
 
@@ -115,9 +117,12 @@ class NotFromJson(ModelError):
 class TensorFlowSignature:
     """One concrete signature function, fed TF Serving row-format instances."""
 
-    def __init__(self, tf: Any, fn: Any) -> None:
+    def __init__(self, tf: Any, fn: Any, *, description: str = "in-process") -> None:
         self._tf = tf
         self._fn = fn
+        self._description = description
+        # Instances per call at most, once a call of more ran out of memory.
+        self._limit = SizeLimit(f"model {description}", log)
         _, kwargs = fn.structured_input_signature
         self.inputs: dict[str, Any] = dict(sorted(kwargs.items()))
         self.output_names = sorted(fn.structured_outputs)
@@ -181,6 +186,17 @@ class TensorFlowSignature:
             raise BatchRejected(f"input {name!r} expects instances of shape {_shape(want)}, got {_shape(got)}")
 
     def predict(self, instances: list[Any]) -> list[Any]:
+        """Predictions for `instances`, in calls of at most the size that has not run out of memory:
+        a batch TensorFlow cannot allocate for is predicted again in halves, and so are later ones."""
+
+        def one_too_big(e: TooBig) -> ModelError:
+            return ModelError(
+                f"model {self._description} {e.what} predicting one instance ({e.detail}) — give the worker more memory"
+            )
+
+        return self._limit.predict(instances, self._predict_once, one_too_big)
+
+    def _predict_once(self, instances: list[Any]) -> list[Any]:
         names = list(self.inputs)
         if len(names) == 1:
             (name,) = names
@@ -199,10 +215,12 @@ class TensorFlowSignature:
             feeds = {name: self._column(name, [i[name] for i in instances]) for name in names}
         try:
             outputs = self._fn(**feeds)
+        except self._tf.errors.ResourceExhaustedError as e:
+            raise TooBig("ran out of memory", _cause(e.message)) from None
         except self._tf.errors.OpError as e:
-            # Refused instances (InvalidArgumentError), and whatever else running them raised: out of
-            # memory for the batch (halving it may help), a model that fails on every instance (each
-            # line then says why). TF Serving answers all of these with an error, never predictions.
+            # Refused instances (InvalidArgumentError), and whatever else running them raised (a
+            # model that fails on every instance: each line then says why). TF Serving answers
+            # these with an error, never predictions.
             raise BatchRejected(_cause(e.message)) from None
         n = len(instances)
         columns = {name: rows_from_array(name, outputs[name].numpy(), n) for name in self.output_names}

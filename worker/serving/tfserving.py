@@ -31,7 +31,7 @@ import requests
 
 from worker import codec
 from worker.errors import ModelError, TransientError
-from worker.serving import JSON_INPUT_ADVICE, BatchRejected
+from worker.serving import JSON_INPUT_ADVICE, BatchRejected, SizeLimit, TooBig
 
 log = logging.getLogger(__name__)
 
@@ -310,34 +310,19 @@ class RestPredictor:
         self._signature_name = signature_name
         self._columnar = columnar
         # Instances per request at most, once a request of more outlived the server's timeout.
-        self._cap: int | None = None
+        self._limit = SizeLimit(f"the model server for {server.description}", log)
 
     def predict(self, instances: list[Any]) -> list[Any]:
         """Predictions for `instances`, in requests of at most the size that has not timed out: a
         request the server answers 504 is sent again in halves, and so are later ones."""
-        predictions: list[Any] = []
-        start = 0
-        while start < len(instances):
-            cap = self._cap
-            n = len(instances) - start if cap is None else min(cap, len(instances) - start)
-            try:
-                predictions += self._predict_once(instances[start : start + n])
-            except _TimedOut as e:
-                timeout = f"WORKER_PREDICT_TIMEOUT_SECONDS ({self._server.config.predict_timeout_s:g} s)"
-                if n == 1:
-                    raise ModelError(
-                        f"the model server for {self._server.description} took longer than {timeout} to "
-                        f"predict one instance ({e}) — raise WORKER_PREDICT_TIMEOUT_SECONDS"
-                    ) from None
-                self._cap = n // 2 if self._cap is None else min(self._cap, n // 2)
-                log.warning(
-                    "the model server for %s took longer than %s on %d instances (%s): sending at most %d "
-                    "per request from now on",
-                    self._server.description, timeout, n, e, self._cap,
-                )  # fmt: skip
-                continue
-            start += n
-        return predictions
+
+        def one_too_big(e: TooBig) -> ModelError:
+            return ModelError(
+                f"the model server for {self._server.description} {e.what} to predict one instance "
+                f"({e.detail}) — raise WORKER_PREDICT_TIMEOUT_SECONDS"
+            )
+
+        return self._limit.predict(instances, self._predict_once, one_too_big)
 
     def _predict_once(self, instances: list[Any]) -> list[Any]:
         columns = _columns(instances) if self._columnar else None
@@ -357,7 +342,8 @@ class RestPredictor:
                 f"(HTTP 501: {_error_message(r)}) — {JSON_INPUT_ADVICE}"
             )
         if r.status_code == TIMED_OUT:
-            raise _TimedOut(_error_message(r))
+            timeout = f"WORKER_PREDICT_TIMEOUT_SECONDS ({self._server.config.predict_timeout_s:g} s)"
+            raise TooBig(f"took longer than {timeout}", _error_message(r))
         if r.status_code != 200:
             raise BatchRejected(_error_message(r))
         try:
@@ -367,10 +353,6 @@ class RestPredictor:
         if key == "predictions" and not isinstance(answer, list):
             raise ModelError(f"the model server answered predictions that are not a list: {r.text[:300]}")
         return answer
-
-
-class _TimedOut(Exception):
-    """The server answered 504: the request outlived its --rest_api_timeout_in_ms."""
 
 
 def _columns(instances: list[Any]) -> Any:
