@@ -7,6 +7,8 @@
 - `strings`: text string[?] → length int32[?] and upper_bytes string[?] (base64 in TF Serving JSON).
 - `tokens` (tests only, not in BUILDERS): token ids int64[?,?], of any length → the mean of
   their 4-float embeddings `mean` float32[?,4] (a table of 100: an id beyond it is refused).
+- `greedy` (tests only): x float32[?,2] → y = x[0] + x[1], asking TensorFlow for 2**64 bytes (out
+  of memory, refused at once) for a batch of more than one, or for an instance whose x[0] is 1.
 - Keras models exported as Keras users export them (tests only, not in BUILDERS): a Sequential
   model, whose input is named `keras_tensor` and output `output_0`, and a functional model of two
   inputs `a` and `b` and two outputs (`output_0`, `output_1`).
@@ -125,6 +127,23 @@ def build_tokens(path: str | Path) -> Path:
             return {"mean": tf.reduce_mean(tf.gather(self.embeddings, tokens), axis=1)}
 
     module = Tokens()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return Path(path)
+
+
+def build_greedy(path: str | Path) -> Path:
+    """A model that runs out of memory for batches of more than one instance, and for [1, …] alone."""
+    tf = _tf()
+
+    class Greedy(tf.Module):  # type: ignore[misc]
+        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+        def serve(self, x: Any) -> Any:
+            # 2**64 bytes: refused at once (TensorFlow's allocator waits 10 s for a size that may fit).
+            n = tf.shape(x, out_type=tf.int64)[0] - 1 + tf.cast(tf.reduce_max(x[:, 0]), tf.int64)
+            wanted = tf.ones(tf.stack([tf.minimum(n, 1) * 2**62]))
+            return {"y": tf.reduce_sum(x, axis=1) + tf.reduce_sum(wanted)}
+
+    module = Greedy()
     tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
     return Path(path)
 

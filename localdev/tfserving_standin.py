@@ -11,10 +11,11 @@ numeric version folder under `--model_base_path`, and answers like TF Serving:
   the signatures with their inputs and outputs;
 - `POST /v1/models/NAME[/versions/N]:predict` — row (`instances` → `predictions`) and columnar
   (`inputs` → `outputs`) formats, `signature_name`, `{"b64": …}`; errors as `{"error": "…"}` with
-  400 (bad request or instances), 404 (unknown model, version or signature), 501 (an input
-  type TF Serving's REST API cannot fill from JSON, such as float16) or 504 (a request that took
-  longer than `--rest_api_timeout_in_ms`); bare NaN/Infinity in predictions, as the real server
-  writes them. For tests, `STANDIN_DELAY_MS_PER_INSTANCE` makes the model that slow.
+  400 (bad request or instances), 404 (unknown model, version or signature), 429 (TensorFlow ran
+  out of memory for the batch), 501 (an input type TF Serving's REST API cannot fill from JSON,
+  such as float16) or 504 (a request that took longer than `--rest_api_timeout_in_ms`); bare
+  NaN/Infinity in predictions, as the real server writes them. For tests,
+  `STANDIN_DELAY_MS_PER_INSTANCE` makes the model that slow.
 
 What it does not do: gRPC (`--port` is accepted and ignored), server-side batching
 (`--enable_batching`), model config files, version policies, or hot-reloading new versions.
@@ -35,6 +36,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from worker.serving import TooBig
 from worker.serving.tf_backend import NotFromJson
 
 _PREDICT = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
@@ -195,13 +197,15 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, answer)
         except NotFromJson as e:  # an input type TF Serving's REST API does not convert: 501
             self._error(501, e.tf_serving_message)
+        except TooBig as e:  # TensorFlow's RESOURCE_EXHAUSTED: 429
+            self._error(429, e.detail)
         except Exception as e:  # the row converter's BatchRejected and TensorFlow's own errors
             self._error(400, getattr(e, "message", None) or str(e))
 
     def _predict(self, predictor: Any, instances: list[Any]) -> list[Any]:
         if self.delay_s_per_instance:
             time.sleep(self.delay_s_per_instance * len(instances))
-        predictions: list[Any] = predictor.predict(instances)
+        predictions: list[Any] = predictor.predict_once(instances)  # as TF Serving does: no halving
         return predictions
 
 

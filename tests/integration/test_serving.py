@@ -196,6 +196,40 @@ def test_a_model_of_variable_length_inputs_takes_every_length_through_both_backe
                 assert close_to(line["prediction"], w), (serving, n, line)
 
 
+def test_a_batch_out_of_memory_goes_in_halves_and_one_instance_out_of_memory_fails_the_job_in_both_backends(
+    make_runtime, storage_client, bucket, tmp_path, caplog
+):
+    """TensorFlow's out-of-memory error (TF Serving's 429): the batch is predicted again in halves,
+    and later ones no bigger; an instance too big alone fails the job saying what to do."""
+    models.upload_folder(storage_client, models.build_greedy(tmp_path / "greedy"), bucket, "greedy/1")
+    fit = [[0, k] for k in range(6)]
+    write_lines(storage_client, f"gs://{bucket}/gin/fit.jsonl", [json.dumps(i) for i in fit])
+    write_lines(storage_client, f"gs://{bucket}/gin/big.jsonl", [json.dumps(i) for i in [[0, 1], [1, 2]]])
+
+    for serving, logger in (("tensorflow", "worker.serving.tf_backend"), ("tfserving", "worker.serving.tfserving")):
+        rt = make_runtime(serving, batch_size=4)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=logger):
+            outcome = rt.run_job(
+                _job(f"gs://{bucket}/greedy/", f"gs://{bucket}/gin/fit.jsonl", f"gs://{bucket}/g-{serving}/")
+            )
+        assert outcome.status == "SUCCEEDED", (serving, outcome.manifest)
+        lines = read_lines(storage_client, f"gs://{bucket}/g-{serving}/fit.jsonl")
+        assert [line["prediction"] for line in lines] == [float(k) for k in range(6)]
+        halved = [r.getMessage() for r in caplog.records if "from now on" in r.getMessage()]
+        # 4 instances ran out of memory, then 2: one at a time from then on, the second batch too.
+        assert len(halved) == 2 and "ran out of memory (OOM when allocating tensor" in halved[0], (serving, halved)
+        assert halved[1].endswith("on 2 instances: at most 1 per call from now on"), (serving, halved)
+
+        outcome = rt.run_job(
+            _job(f"gs://{bucket}/greedy/", f"gs://{bucket}/gin/big.jsonl", f"gs://{bucket}/gb-{serving}/")
+        )
+        assert outcome.status == "FAILED" and outcome.manifest["error"]["code"] == "FAILED_PRECONDITION"
+        message = outcome.manifest["error"]["message"]
+        assert "ran out of memory on one instance (OOM when allocating tensor" in message, (serving, message)
+        assert message.endswith("give the worker more memory (Cloud Run: --memory), or use a smaller model")
+
+
 def _without_messages(files: list[list[Any]]) -> list[list[Any]]:
     return [[{**line, "error": "…"} if "error" in line else line for line in lines] for lines in files]
 
@@ -299,7 +333,7 @@ def test_an_instance_that_outlives_the_server_s_timeout_fails_the_job_saying_to_
     assert outcome.status == "FAILED"
     assert outcome.manifest["error"]["code"] == "FAILED_PRECONDITION"
     assert outcome.manifest["error"]["message"].endswith(
-        "to predict one instance (Timed out waiting for notification) — raise WORKER_PREDICT_TIMEOUT_SECONDS"
+        "on one instance (Timed out waiting for notification) — raise WORKER_PREDICT_TIMEOUT_SECONDS"
     )
     assert rt.models.stats.snapshot()["server_starts"] == 1
 

@@ -209,20 +209,7 @@ def test_a_batch_too_big_for_memory_goes_in_halves_and_one_instance_too_big_fail
 ) -> None:
     """TensorFlow's out-of-memory error: the batch is predicted again in halves, and later ones no
     bigger; an instance that cannot be predicted alone fails the job saying so."""
-    import tensorflow as tf
-
-    class Greedy(tf.Module):  # type: ignore[misc]
-        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
-        def serve(self, x: Any) -> Any:
-            # 2**64 bytes (refused at once: a size that might fit is retried by TensorFlow's allocator
-            # for 10 s first) for a batch of more than one, or an instance [1, …]; none otherwise.
-            n = tf.shape(x, out_type=tf.int64)[0] - 1 + tf.cast(tf.reduce_max(x[:, 0]), tf.int64)
-            wanted = tf.ones(tf.stack([tf.minimum(n, 1) * 2**62]))
-            return {"y": tf.reduce_sum(x, axis=1) + tf.reduce_sum(wanted)}
-
-    module = Greedy()
-    tf.saved_model.save(module, str(tmp_path / "m"), signatures={"serving_default": module.serve})
-    model = TensorFlowModel(str(tmp_path / "m"), description="gs://b/greedy/1/")
+    model = TensorFlowModel(str(models.build_greedy(tmp_path / "m")), description="gs://b/greedy/1/")
     predictor = model.predictor("serving_default")
     with caplog.at_level(logging.WARNING, logger="worker.serving.tf_backend"):
         assert predictor.predict([[0, 5], [0, 1], [0, 2]]) == [5.0, 1.0, 2.0]
@@ -231,5 +218,5 @@ def test_a_batch_too_big_for_memory_goes_in_halves_and_one_instance_too_big_fail
     assert len(warned) == 1, warned
     assert warned[0].startswith("model gs://b/greedy/1/: ran out of memory (OOM when allocating tensor")
     assert warned[0].endswith("on 3 instances: at most 1 per call from now on")
-    with pytest.raises(ModelError, match=r"ran out of memory predicting one instance \(OOM when allocating"):
+    with pytest.raises(ModelError, match=r"ran out of memory on one instance \(OOM when allocating"):
         predictor.predict([[1, 2]])

@@ -12,11 +12,17 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from worker.errors import ModelError
+
 # What to do about a model input TF Serving cannot fill from JSON (its REST API answers HTTP 501).
 JSON_INPUT_ADVICE = (
     "TF Serving's REST API takes float, double, int8, int16, int32, int64, uint8, uint32, uint64, "
     "bool and string inputs: export the model with one of those and cast inside it"
 )
+
+
+# What to do about a model that runs out of memory on one instance.
+MEMORY_ADVICE = "give the worker more memory (Cloud Run: --memory), or use a smaller model"
 
 
 class BatchRejected(Exception):
@@ -31,30 +37,27 @@ class BatchRejected(Exception):
 
 class TooBig(Exception):
     """One call's batch was too big for the model: it outlived the server's timeout, or ran out of
-    memory. `what` says which ("took longer than …"), `detail` is the model's own message."""
+    memory. `what` says which ("took longer than …"), `detail` is the model's own message, `advice`
+    what to do when even one instance is too big."""
 
-    def __init__(self, what: str, detail: str) -> None:
+    def __init__(self, what: str, detail: str, advice: str) -> None:
         super().__init__(f"{what} ({detail})")
         self.what = what
         self.detail = detail
+        self.advice = advice
 
 
 class SizeLimit:
     """The most instances a model has taken in one call since it found a batch too big: the batch
     refused as `TooBig` is sent again in halves, and every later one in parts no bigger. A single
-    instance still too big is the model's fault: `one_too_big` makes the error raised for it."""
+    instance still too big is the model's fault: a `ModelError` that says what to do."""
 
     def __init__(self, model: str, log: logging.Logger) -> None:
         self._model = model
         self._log = log
         self.cap: int | None = None
 
-    def predict(
-        self,
-        instances: list[Any],
-        once: Callable[[list[Any]], list[Any]],
-        one_too_big: Callable[[TooBig], Exception],
-    ) -> list[Any]:
+    def predict(self, instances: list[Any], once: Callable[[list[Any]], list[Any]]) -> list[Any]:
         predictions: list[Any] = []
         start = 0
         while start < len(instances):
@@ -64,7 +67,7 @@ class SizeLimit:
                 predictions += once(instances[start : start + n])
             except TooBig as e:
                 if n == 1:
-                    raise one_too_big(e) from None
+                    raise ModelError(f"{self._model} {e.what} on one instance ({e.detail}) — {e.advice}") from None
                 self.cap = n // 2 if self.cap is None else min(self.cap, n // 2)
                 self._log.warning(
                     "%s: %s on %d instances: at most %d per call from now on", self._model, e, n, self.cap

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from worker.errors import ModelError
-from worker.serving import JSON_INPUT_ADVICE, BatchRejected, SizeLimit, TooBig, numbers
+from worker.serving import JSON_INPUT_ADVICE, MEMORY_ADVICE, BatchRejected, SizeLimit, TooBig, numbers
 from worker.serving.jsonvalues import decode_strings, rows_from_array
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,6 @@ class TensorFlowSignature:
     def __init__(self, tf: Any, fn: Any, *, description: str = "in-process") -> None:
         self._tf = tf
         self._fn = fn
-        self._description = description
         # Instances per call at most, once a call of more ran out of memory.
         self._limit = SizeLimit(f"model {description}", log)
         _, kwargs = fn.structured_input_signature
@@ -188,15 +187,10 @@ class TensorFlowSignature:
     def predict(self, instances: list[Any]) -> list[Any]:
         """Predictions for `instances`, in calls of at most the size that has not run out of memory:
         a batch TensorFlow cannot allocate for is predicted again in halves, and so are later ones."""
+        return self._limit.predict(instances, self.predict_once)
 
-        def one_too_big(e: TooBig) -> ModelError:
-            return ModelError(
-                f"model {self._description} {e.what} predicting one instance ({e.detail}) — give the worker more memory"
-            )
-
-        return self._limit.predict(instances, self._predict_once, one_too_big)
-
-    def _predict_once(self, instances: list[Any]) -> list[Any]:
+    def predict_once(self, instances: list[Any]) -> list[Any]:
+        """Predictions for `instances` in one call; `TooBig` when TensorFlow runs out of memory."""
         names = list(self.inputs)
         if len(names) == 1:
             (name,) = names
@@ -216,7 +210,7 @@ class TensorFlowSignature:
         try:
             outputs = self._fn(**feeds)
         except self._tf.errors.ResourceExhaustedError as e:
-            raise TooBig("ran out of memory", _cause(e.message)) from None
+            raise TooBig("ran out of memory", _cause(e.message), MEMORY_ADVICE) from None
         except self._tf.errors.OpError as e:
             # Refused instances (InvalidArgumentError), and whatever else running them raised (a
             # model that fails on every instance: each line then says why). TF Serving answers

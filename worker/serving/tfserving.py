@@ -31,7 +31,7 @@ import requests
 
 from worker import codec
 from worker.errors import ModelError, TransientError
-from worker.serving import JSON_INPUT_ADVICE, BatchRejected, SizeLimit, TooBig
+from worker.serving import JSON_INPUT_ADVICE, MEMORY_ADVICE, BatchRejected, SizeLimit, TooBig
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ MODEL_VERSION = 1
 MAX_ATTEMPTS = 3  # per batch: the first try and two more, each after a restart
 NOT_IMPLEMENTED = 501  # HTTP status of TF Serving's UNIMPLEMENTED
 TIMED_OUT = 504  # of its DEADLINE_EXCEEDED: a request that outlived --rest_api_timeout_in_ms
+OUT_OF_MEMORY = 429  # of its RESOURCE_EXHAUSTED: TensorFlow could not allocate for the batch
 
 
 def _free_port() -> int:
@@ -309,20 +310,14 @@ class RestPredictor:
         self._server = server
         self._signature_name = signature_name
         self._columnar = columnar
-        # Instances per request at most, once a request of more outlived the server's timeout.
+        # Instances per request at most, once a request of more timed out or ran out of memory.
         self._limit = SizeLimit(f"the model server for {server.description}", log)
 
     def predict(self, instances: list[Any]) -> list[Any]:
-        """Predictions for `instances`, in requests of at most the size that has not timed out: a
-        request the server answers 504 is sent again in halves, and so are later ones."""
-
-        def one_too_big(e: TooBig) -> ModelError:
-            return ModelError(
-                f"the model server for {self._server.description} {e.what} to predict one instance "
-                f"({e.detail}) — raise WORKER_PREDICT_TIMEOUT_SECONDS"
-            )
-
-        return self._limit.predict(instances, self._predict_once, one_too_big)
+        """Predictions for `instances`, in requests of at most the size that has not timed out or
+        run out of memory: a request the server answers 504 or 429 is sent again in halves, and so
+        are later ones."""
+        return self._limit.predict(instances, self._predict_once)
 
     def _predict_once(self, instances: list[Any]) -> list[Any]:
         columns = _columns(instances) if self._columnar else None
@@ -343,7 +338,9 @@ class RestPredictor:
             )
         if r.status_code == TIMED_OUT:
             timeout = f"WORKER_PREDICT_TIMEOUT_SECONDS ({self._server.config.predict_timeout_s:g} s)"
-            raise TooBig(f"took longer than {timeout}", _error_message(r))
+            raise TooBig(f"took longer than {timeout}", _error_message(r), "raise WORKER_PREDICT_TIMEOUT_SECONDS")
+        if r.status_code == OUT_OF_MEMORY:
+            raise TooBig("ran out of memory", _error_message(r), MEMORY_ADVICE)
         if r.status_code != 200:
             raise BatchRejected(_error_message(r))
         try:
