@@ -42,6 +42,11 @@ PROGRESS_LOG_INTERVAL_S = 10.0
 # Manifest metadata set once its completion message is published: a redelivery of a completed
 # job re-publishes only when this is missing (the publish failed after the manifest was written).
 PUBLISHED_KEY = "embedded-tf-completion-published"
+# A completion message lists a job's files up to this size (some 4,000 files of 250 bytes each).
+# Pub/Sub refuses messages over 10 MB, and gRPC clients at their default settings refuse to
+# receive one over 4 MiB (the Python subscriber on the emulator does): subscribers of any kind
+# should be able to read a completion.
+COMPLETION_MAX_BYTES = 1024 * 1024
 
 
 class Sink(Protocol):
@@ -229,9 +234,29 @@ def _finish(job: Job, store: Store, publisher: Publisher | None, state: _Run) ->
 
 
 def _publish(job: Job, store: Store, publisher: Publisher, manifest: dict[str, Any], *, manifest_written: bool) -> None:
-    publisher.publish(json.dumps(manifest).encode(), {"job_id": job.job_id, "status": str(manifest.get("status"))})
+    data = _completion(manifest, COMPLETION_MAX_BYTES)
+    publisher.publish(data, {"job_id": job.job_id, "status": str(manifest.get("status"))})
     if manifest_written:
         store.mark(job.manifest_uri, PUBLISHED_KEY, _iso(time.time()))
+
+
+def _completion(manifest: dict[str, Any], max_bytes: int) -> bytes:
+    """The manifest as a completion message's data. One beyond `max_bytes` (a job of tens of
+    thousands of files) lists the files that fit, in order, and in `files_omitted` how many it
+    leaves out: the manifest (at `manifest`) lists them all."""
+    data = json.dumps(manifest).encode()
+    if len(data) <= max_bytes:
+        return data
+    files = manifest.get("files") or []
+    # Room for the files: what the rest takes, with the largest count of omitted files it can say.
+    room = max_bytes - len(json.dumps({**manifest, "files": [], "files_omitted": len(files)}).encode())
+    kept = 0
+    for f in files:
+        room -= len(json.dumps(f).encode()) + 2  # and its separator
+        if room < 0:
+            break
+        kept += 1
+    return json.dumps({**manifest, "files": files[:kept], "files_omitted": len(files) - kept}).encode()
 
 
 def _check_no_overwrite(job: Job, inputs: list[Any]) -> None:
@@ -271,6 +296,7 @@ def _manifest(job: Job, status: str, state: _Run) -> dict[str, Any]:
         },
         "input": str(job.input),
         "output": str(job.output),
+        "manifest": str(job.manifest_uri),
         "options": job.options.to_json(),
         "files": [f.to_json() for f in state.files],
         "totals": state.totals.to_json(),

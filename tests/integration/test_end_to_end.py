@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from localdev import models
-from tests.conftest import close_to, read_lines, write_lines
+from tests.conftest import close_to, create_topology, read_lines, write_lines
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +119,23 @@ def test_a_push_without_data_as_cloud_pubsub_sends_it_runs_the_job(worker_servic
     [(manifest, attrs)] = topo.completions(1)
     assert attrs == {"job_id": "9876543210", "status": "SUCCEEDED"}
     assert manifest["totals"]["predictions"] == 2
+
+
+def test_the_largest_completion_message_is_one_pubsub_takes(pubsub_host):
+    """A completion message is cut to COMPLETION_MAX_BYTES of data (a job of many files): a
+    message of that size, with its attributes, must be one Pub/Sub publishes and a subscriber at
+    its client's default settings receives whole (over 4 MiB, the pull below is refused)."""
+    from worker.notify import PubSubPublisher
+    from worker.pipeline import COMPLETION_MAX_BYTES, _completion
+
+    topology = create_topology()
+    files = [
+        {"input": f"gs://b/in/part-{k:06d}.jsonl", "output": f"gs://b/out/part-{k:06d}.jsonl"} for k in range(150_000)
+    ]
+    manifest = {"job_id": "many-files", "status": "SUCCEEDED", "files": files, "totals": {"instances": 150_000}}
+    data = _completion(manifest, COMPLETION_MAX_BYTES)
+    assert COMPLETION_MAX_BYTES - 100 < len(data) <= COMPLETION_MAX_BYTES
+    PubSubPublisher(topology.results_topic).publish(data, {"job_id": "many-files", "status": "SUCCEEDED"})
+    ((got, attributes),) = topology.completions(1)
+    assert attributes == {"job_id": "many-files", "status": "SUCCEEDED"}
+    assert got["files"] == files[: len(got["files"])] and got["files_omitted"] == 150_000 - len(got["files"])

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import errors
+from worker import errors, pipeline
 from worker.jobs import GcsUri, Job, Options
 from worker.pipeline import Limits, ModelHandle, dumps_line, run
 from worker.serving import BatchRejected
@@ -331,6 +331,45 @@ def test_completion_lost_to_a_failed_publish_is_sent_on_redelivery_once():
 
     again = run(_job(), store=store, models=models, publisher=flaky, limits=Limits())
     assert again.skipped and len(flaky.messages) == 1
+
+
+class RawPublished(Published):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def publish(self, data: bytes, attributes: dict[str, str]) -> None:
+        self.sizes.append(len(data))
+        super().publish(data, attributes)
+
+
+def test_a_completion_too_big_for_pubsub_lists_the_files_that_fit_and_how_many_it_leaves_out(monkeypatch):
+    """Pub/Sub refuses messages over 10 MB, which a manifest reaches at some 40,000 files (the client
+    library raised MessageTooLargeError, and the job that had succeeded was reported FAILED as an
+    internal error); subscribers' clients refuse over 4 MiB by default. The message is kept under
+    COMPLETION_MAX_BYTES."""
+    store = FakeStore({f"bkt/in/part-{k:04d}.jsonl": b"[1]\n" for k in range(300)})
+    small = RawPublished()
+    run(_job(), store=store, models=FakeModels(SumPredictor()), publisher=small, limits=Limits())
+    manifest = json.loads(store.objects["bkt/out/_manifest.json"])
+    assert small.messages[0][0] == manifest and "files_omitted" not in manifest  # under the bound: all of it
+    assert manifest["manifest"] == "gs://bkt/out/_manifest.json" and len(manifest["files"]) == 300
+
+    bound = small.sizes[0] // 3
+    monkeypatch.setattr(pipeline, "COMPLETION_MAX_BYTES", bound)
+    store = FakeStore({f"bkt/in/part-{k:04d}.jsonl": b"[1]\n" for k in range(300)})
+    big = RawPublished()
+    run(_job(), store=store, models=FakeModels(SumPredictor()), publisher=big, limits=Limits())
+    message, attributes = big.messages[0]
+    assert attributes == {"job_id": "j1", "status": "SUCCEEDED"}
+    assert bound - 300 < big.sizes[0] <= bound  # as many files as fit
+    kept = len(message["files"])
+    assert 0 < kept < 300 and message["files_omitted"] == 300 - kept
+    assert message["files"] == manifest["files"][:kept]
+    assert {
+        k: v for k, v in message.items() if k not in ("files", "files_omitted", "timings", "started_at", "finished_at")
+    } == {k: v for k, v in manifest.items() if k not in ("files", "timings", "started_at", "finished_at")}
+    assert len(json.loads(store.objects["bkt/out/_manifest.json"])["files"]) == 300  # the manifest has them all
 
 
 def _held_lease(store: FakeStore, job: Job, *, expires_in_s: float) -> None:
