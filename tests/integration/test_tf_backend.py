@@ -112,7 +112,7 @@ def test_an_integer_beyond_64_bits_in_a_float_input_is_read_as_the_nearest_float
     [
         (["0.5"] * FEATURES, "input 'x' expects float32 numbers, got values of JSON type string"),
         ([0.5] * (FEATURES - 1) + [None], "input 'x' expects float32 numbers, got values of JSON type null"),
-        ({"y": [1.0] * FEATURES}, "input 'x' expects float32 numbers, got values of JSON type object"),
+        ({"y": [1.0] * FEATURES}, "this model takes one input, 'x': an instance that is an object must be {\"x\": …}"),
         ([1.0] * (FEATURES - 1) + [[1.0]], "input 'x': instances are not rectangular arrays"),
         ([1.0] * 3, "input 'x' expects instances of shape [16], got [3]"),
         ([True] + [0.5] * (FEATURES - 1), "input 'x' expects float32 numbers, got values of JSON type boolean"),

@@ -197,6 +197,12 @@ class TensorFlowSignature:
             values = instances
             if dict in set(map(type, instances)):  # some instances name their input: {name: value}
                 values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
+                named = next((v for v in values if isinstance(v, dict) and set(v) != {"b64"}), None)
+                if named is not None:  # not the input's name, nor bytes
+                    raise BatchRejected(
+                        f'this model takes one input, {name!r}: an instance that is an object must be {{"{name}": …}} '
+                        f'(or {{"b64": …}} for bytes), got one with keys {sorted(named)}'
+                    )
             feeds = {name: self._column(name, values)}
         else:
             for i in instances:
