@@ -84,6 +84,30 @@ def from_push_body(body: Any) -> tuple[dict[str, str], dict[str, Any]] | None:
     return attributes, dict(body)
 
 
+# Attributes the worker reads, as an unwrapped push brings them: one header each.
+_MESSAGE_ATTRIBUTES = (
+    *_JOB_ATTRIBUTE_KEYS,
+    *("eventType", "bucketId", "objectId", "objectGeneration", "payloadFormat", "notificationConfig"),
+)
+
+
+def from_unwrapped_push(headers: Mapping[str, str], body: bytes) -> tuple[dict[str, str], dict[str, Any]] | None:
+    """A push from a subscription with payload unwrapping and "write metadata": the message data
+    is the body, its id and subscription come as `x-goog-pubsub-*` headers and its attributes as
+    headers of their own names. As `from_push_body`; None without those headers (without "write
+    metadata" a message has no id to make its job idempotent)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    message_id = lowered.get("x-goog-pubsub-message-id")
+    if not message_id:
+        return None
+    attributes = {name: lowered[name.lower()] for name in _MESSAGE_ATTRIBUTES if name.lower() in lowered}
+    message = {"data": base64.b64encode(body).decode(), "messageId": message_id, "attributes": attributes}
+    if "x-goog-pubsub-publish-time" in lowered:
+        message["publishTime"] = lowered["x-goog-pubsub-publish-time"]
+    subscription = lowered.get("x-goog-pubsub-subscription-name", "")
+    return from_push_body({"message": message, "subscription": subscription})
+
+
 def from_pubsub_message(message: Mapping[str, Any], *, fallback_id: str = "") -> Trigger:
     """A Pub/Sub message: a bucket notification (eventType attribute) or a job message."""
     attrs = message.get("attributes") or {}
@@ -204,4 +228,5 @@ __all__ = [
     "from_pubsub_message",
     "from_push_body",
     "from_query",
+    "from_unwrapped_push",
 ]

@@ -54,11 +54,11 @@ class NotAnEvent(Exception):
 @functions_framework.http
 def handle_event(request: flask.Request) -> flask.Response:
     """An event, as each of its senders sends it: a CloudEvent (Eventarc, in binary or structured
-    mode), the body of a Pub/Sub push subscription (with or without message data), or a legacy
-    background event. functions-framework's own conversion refuses a push whose message has no
-    data (a job sent as attributes, a bucket notification with payload format NONE), so this door
-    reads requests itself. 200 when handled (a failure reported), 500 to be retried, 400 when the
-    request is not an event."""
+    mode), the body of a Pub/Sub push subscription (with or without message data, or unwrapped
+    with its metadata as headers), or a legacy background event. functions-framework's own
+    conversion refuses a push whose message has no data (a job sent as attributes, a bucket
+    notification with payload format NONE), so this door reads requests itself. 200 when handled
+    (a failure reported), 500 to be retried, 400 when the request is not an event."""
     try:
         attributes, data = _event_of(request)
     except NotAnEvent as e:
@@ -79,7 +79,7 @@ def _event_of(request: flask.Request) -> tuple[dict[str, Any], Any]:
     else:
         return dict(event.get_attributes()), event.get_data()
     parsed = request.get_json(force=True, silent=True)
-    push = events.from_push_body(parsed)
+    push = events.from_push_body(parsed) or events.from_unwrapped_push(dict(request.headers), body)
     if push is not None:
         return push
     try:
@@ -89,7 +89,8 @@ def _event_of(request: flask.Request) -> tuple[dict[str, Any], Any]:
     except (EventConversionException, HTTPException, TypeError, KeyError, ValueError, AttributeError) as e:
         raise NotAnEvent(
             "not an event: expected a CloudEvent (ce-* headers, or application/cloudevents+json), a Pub/Sub "
-            f'push body {{"message": …, "subscription": …}} or a background event ({type(e).__name__}: {e})'
+            'push body {"message": …, "subscription": …} (or unwrapped, with "write metadata" on) or a '
+            f"background event ({type(e).__name__}: {e})"
         ) from e
     return dict(event.get_attributes()), event.get_data()
 

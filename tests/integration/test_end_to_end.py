@@ -139,3 +139,28 @@ def test_the_largest_completion_message_is_one_pubsub_takes(pubsub_host):
     ((got, attributes),) = topology.completions(1)
     assert attributes == {"job_id": "many-files", "status": "SUCCEEDED"}
     assert got["files"] == files[: len(got["files"])] and got["files_omitted"] == 150_000 - len(got["files"])
+
+
+def test_a_push_unwrapped_with_its_metadata_as_headers_runs_the_job(worker_service, storage_client, bucket, model_uris):
+    """A push subscription with payload unwrapping and "write metadata": the body is the job itself,
+    the message id and the attributes come as headers (here from the emulator's own push)."""
+    from google.cloud import pubsub_v1
+
+    _, url, topo = worker_service
+    subscriber = pubsub_v1.SubscriberClient()
+    topic = pubsub_v1.PublisherClient().create_topic(name=topo.jobs_topic + "-unwrapped").name
+    subscriber.create_subscription(
+        request={
+            "name": subscriber.subscription_path(topo.project, "unwrapped-" + topo.jobs_topic.rsplit("-", 1)[1]),
+            "topic": topic,
+            "push_config": {"push_endpoint": url + "/", "no_wrapper": {"write_metadata": True}},
+            "ack_deadline_seconds": 600,
+        }
+    )
+    write_lines(storage_client, f"gs://{bucket}/unwrapped.jsonl", [json.dumps(i) for i in models.mlp_instances(3)])
+    job = {"model": model_uris["mlp"], "input": f"gs://{bucket}/unwrapped.jsonl", "output": f"gs://{bucket}/u/"}
+    message_id = pubsub_v1.PublisherClient().publish(topic, json.dumps(job).encode(), origin="test").result(timeout=30)
+    [(manifest, attrs)] = topo.completions(1)
+    assert attrs == {"job_id": message_id, "status": "SUCCEEDED"}
+    assert manifest["totals"]["predictions"] == 3
+    assert len(read_lines(storage_client, f"gs://{bucket}/u/unwrapped.jsonl")) == 3

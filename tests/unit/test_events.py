@@ -111,3 +111,27 @@ def test_a_push_body_is_the_event_eventarc_would_deliver_with_or_without_data():
 )
 def test_other_bodies_are_not_push_bodies(body):
     assert events.from_push_body(body) is None
+
+
+def test_an_unwrapped_push_with_its_metadata_is_the_same_event():
+    """Payload unwrapping with "write metadata": the body is the data; the message id, the
+    subscription and each attribute are headers (any case, as proxies may change it)."""
+    meta = {"X-Goog-Pubsub-Message-Id": "88", "x-goog-pubsub-subscription-name": "projects/p/subscriptions/s",
+            "x-goog-pubsub-publish-time": "2026-11-23T00:00:00Z", "Content-Type": "application/json"}  # fmt: skip
+    attributes, data = events.from_unwrapped_push(meta, json.dumps(JOB).encode())
+    assert (attributes, data) == events.from_push_body(_pubsub(json.dumps(JOB).encode(), message_id="88"))
+    trigger = events.from_cloud_event(attributes, data)
+    assert isinstance(trigger, events.JobTrigger) and trigger.job.job_id == "88"
+    # A job as attributes alone, and a bucket notification (payload format NONE): headers only.
+    trigger = events.from_cloud_event(*events.from_unwrapped_push({**meta, **JOB, "Options": '{"batch_size": 2}'}, b""))
+    assert isinstance(trigger, events.JobTrigger) and trigger.job.options.batch_size == 2
+    notification = {
+        "eventtype": "OBJECT_FINALIZE",
+        "bucketid": "bkt",
+        "objectid": "in/a.jsonl",
+        "objectgeneration": "5",
+    }
+    trigger = events.from_cloud_event(*events.from_unwrapped_push({**meta, **notification}, b""))
+    assert isinstance(trigger, events.ObjectTrigger) and trigger.job_id == "bkt/in/a.jsonl#5"
+    # Without "write metadata" there is no message id: not taken for a push.
+    assert events.from_unwrapped_push({"Content-Type": "application/json"}, json.dumps(JOB).encode()) is None
