@@ -58,23 +58,29 @@ class SizeLimit:
         self.cap: int | None = None
 
     def predict(self, instances: list[Any], once: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        if self.cap is None or len(instances) <= self.cap:  # the common case: one call, no copies
+            try:
+                return once(instances)
+            except TooBig as e:
+                self._shrink(e, len(instances))
         predictions: list[Any] = []
         start = 0
         while start < len(instances):
-            cap = self.cap
-            n = len(instances) - start if cap is None else min(cap, len(instances) - start)
+            n = min(self.cap or len(instances), len(instances) - start)
             try:
                 predictions += once(instances[start : start + n])
             except TooBig as e:
-                if n == 1:
-                    raise ModelError(f"{self._model} {e.what} on one instance ({e.detail}) — {e.advice}") from None
-                self.cap = n // 2 if self.cap is None else min(self.cap, n // 2)
-                self._log.warning(
-                    "%s: %s on %d instances: at most %d per call from now on", self._model, e, n, self.cap
-                )
+                self._shrink(e, n)
                 continue
             start += n
         return predictions
+
+    def _shrink(self, e: TooBig, n: int) -> None:
+        """After `n` instances were too big: at most half as many from now on."""
+        if n == 1:
+            raise ModelError(f"{self._model} {e.what} on one instance ({e.detail}) — {e.advice}") from None
+        self.cap = n // 2 if self.cap is None else min(self.cap, n // 2)
+        self._log.warning("%s: %s on %d instances: at most %d per call from now on", self._model, e, n, self.cap)
 
 
 class Predictor(Protocol):
