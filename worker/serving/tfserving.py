@@ -5,10 +5,11 @@ The server runs on 127.0.0.1 with free ports, the model laid out as `<base>/<nam
 version `AVAILABLE`; a model it cannot load (`END` with an error) is a `ModelError`; a server that
 exits or never gets ready is transient. Its output is drained continuously into the logs (a full
 pipe would block it). A batch answered 4xx is `BatchRejected` with the server's message verbatim
-(the pipeline bisects it); a 501 (an input type its REST API cannot fill from JSON, the same for
-every request) is a `ModelError`; a 504 (a batch that outlived the server's timeout) is sent again
-in halves, and later batches no bigger; a connection error or any other 5xx restarts the server
-and retries the batch a bounded number of times, then fails transiently.
+(the pipeline isolates what it refuses); a 501 (an input type its REST API cannot fill from JSON,
+the same for every request) is a `ModelError`; a 504 (a batch that outlived the server's timeout)
+or a 429 (out of memory for it) is sent again in halves, and later batches no bigger; a connection
+error or any other 5xx restarts the server and retries the batch a bounded number of times, then
+fails transiently.
 """
 
 from __future__ import annotations
