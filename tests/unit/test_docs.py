@@ -1,4 +1,5 @@
-"""The README and `--help` document every setting the worker reads, with its default."""
+"""The README and `--help` document every setting the worker reads, with its default; the README
+holds the latest benchmark tables."""
 
 from __future__ import annotations
 
@@ -52,3 +53,20 @@ def test_help_gives_every_setting_with_its_default(capsys: pytest.CaptureFixture
         default = getattr(defaults, name)
         assert (f"[{default}]" in line) == (default != ""), line
     assert f"WORKER_BATCH_SIZE or {defaults.batch_size})" in " ".join(text.split())
+
+
+def test_the_readme_holds_the_benchmark_tables_of_every_model():
+    """The README's benchmark section is the latest run's tables, under the benchmark's own
+    headings, with the columns it prints now (an update once left the prose without them)."""
+    from benchmarks.run import MODEL_TEXT
+
+    text = README.read_text()
+    section = text[text.index("## Benchmarks") : text.index("\n## ", text.index("## Benchmarks") + 1)]
+    for model, description in MODEL_TEXT.items():
+        heading = f"#### {model} ({description})"
+        assert heading in section, heading
+        part = section[section.index(heading) :]
+        assert "| batch | limit: signature on tensors | floor: parse → predict → encode |" in part
+        assert "| input | worker, event (warm) | floor beside it | ÷ floor | storage alone |" in part
+        rows = [line for line in part.splitlines()[:40] if line.startswith(("| 10MB", "| 100MB"))]
+        assert len(rows) >= 3 * 2, (model, rows)  # 10 MB, its tree and 100 MB, in both tables
