@@ -33,6 +33,12 @@ def _tf() -> Any:
     return tf
 
 
+def _save(tf: Any, module: Any, path: str | Path) -> Path:
+    """`module` saved at `path` with its `serve` function as the serving_default signature."""
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return Path(path)
+
+
 def build_mlp(
     path: str | Path, *, hidden: tuple[int, ...] = (32,), features: int = 16, outputs: int = 3, seed: int = 7
 ) -> Path:
@@ -56,9 +62,7 @@ def build_mlp(
                 x = tf.nn.relu(tf.matmul(x, w) + b)
             return {"scores": tf.nn.softmax(tf.matmul(x, self.weights[-1]) + self.biases[-1])}
 
-    module = Mlp()
-    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
-    return Path(path)
+    return _save(tf, Mlp(), path)
 
 
 def build_dense(path: str | Path) -> Path:
@@ -80,9 +84,7 @@ def build_two_io(path: str | Path) -> Path:
             s = tf.reduce_sum(a, axis=1)
             return {"total": s + tf.cast(b, tf.float32), "ratio": s / tf.cast(b, tf.float32)}
 
-    module = TwoIO()
-    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
-    return Path(path)
+    return _save(tf, TwoIO(), path)
 
 
 def build_strings(path: str | Path) -> Path:
@@ -93,9 +95,7 @@ def build_strings(path: str | Path) -> Path:
         def serve(self, text: Any) -> Any:
             return {"length": tf.strings.length(text), "upper_bytes": tf.strings.upper(text)}
 
-    module = Strings()
-    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
-    return Path(path)
+    return _save(tf, Strings(), path)
 
 
 def build_typed(path: str | Path, dtype: str) -> Path:
@@ -107,9 +107,7 @@ def build_typed(path: str | Path, dtype: str) -> Path:
         def serve(self, x: Any) -> Any:
             return {"sum": tf.reduce_sum(tf.cast(x, tf.float32), axis=1)}
 
-    module = Typed()
-    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
-    return Path(path)
+    return _save(tf, Typed(), path)
 
 
 def build_tokens(path: str | Path) -> Path:
@@ -126,9 +124,7 @@ def build_tokens(path: str | Path) -> Path:
         def serve(self, tokens: Any) -> Any:
             return {"mean": tf.reduce_mean(tf.gather(self.embeddings, tokens), axis=1)}
 
-    module = Tokens()
-    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
-    return Path(path)
+    return _save(tf, Tokens(), path)
 
 
 def build_greedy(path: str | Path) -> Path:
@@ -143,9 +139,7 @@ def build_greedy(path: str | Path) -> Path:
             wanted = tf.ones(tf.stack([tf.minimum(n, 1) * 2**62]))
             return {"y": tf.reduce_sum(x, axis=1) + tf.reduce_sum(wanted)}
 
-    module = Greedy()
-    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
-    return Path(path)
+    return _save(tf, Greedy(), path)
 
 
 def build_keras_sequential(path: str | Path) -> Path:
