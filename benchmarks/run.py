@@ -175,9 +175,8 @@ def _signature(model_dir: Path) -> Any:
     return tf, fn
 
 
-def limit(model_dir: Path, batch: int, repeat: int, min_instances: int = 50_000) -> float:
-    """Instances/s of the signature on pre-built float32 tensors of `batch` rows."""
-    tf, fn = _signature(model_dir)
+def limit(tf: Any, fn: Any, batch: int, repeat: int, min_instances: int = 50_000) -> float:
+    """Instances/s of the signature `fn` on pre-built float32 tensors of `batch` rows."""
     x = tf.constant(np.random.default_rng(1).normal(0, 1, (batch, FEATURES)).astype(np.float32))
     fn(x=x)
     calls = max(1, min_instances // batch)
@@ -190,10 +189,9 @@ def limit(model_dir: Path, batch: int, repeat: int, min_instances: int = 50_000)
     return median(rates)
 
 
-def floor(model_dir: Path, lines: list[bytes], batch: int, repeat: int) -> float:
+def floor(tf: Any, fn: Any, lines: list[bytes], batch: int, repeat: int) -> float:
     """Instances/s of parse → predict → encode over `lines` in memory (median of `repeat` passes
     of `floor_pass`)."""
-    tf, fn = _signature(model_dir)
     return median(floor_pass(tf, fn, lines, batch) for _ in range(repeat))
 
 
@@ -727,12 +725,12 @@ def main(argv: list[str] | None = None) -> int:
             for model in cfg.models:
                 say(f"model {model}: limit and floor")
                 r: dict[str, Any] = {"limit": {}, "floor": {}}
+                tf, fn = _signature(env.model_dirs[model])  # for the limit, the floor and the floor beside each job
                 for b in cfg.batch_sizes:
-                    r["limit"][b] = limit(env.model_dirs[model], b, cfg.repeat)
-                    r["floor"][b] = floor(env.model_dirs[model], floor_lines, b, cfg.repeat)
+                    r["limit"][b] = limit(tf, fn, b, cfg.repeat)
+                    r["floor"][b] = floor(tf, fn, floor_lines, b, cfg.repeat)
                 r["download_s"] = model_download_s(env, model)
                 say(f"model {model}: the worker through events")
-                tf, fn = _signature(env.model_dirs[model])
                 r["event"] = worker_event_runs(
                     env, cfg, model, "tensorflow", functools.partial(floor_pass, tf, fn, floor_lines, cfg.batch_size)
                 )
