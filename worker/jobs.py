@@ -248,9 +248,14 @@ class FileResult:
     # (the upload's back-pressure, then storing the rest): summed into the manifest's timings.
     input_wait_s: float = 0.0
     output_wait_s: float = 0.0
+    # The file's first error line: its line number and message (what to fix, without opening the output).
+    first_error: tuple[int, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"input": self.input, "output": self.output, **self.counts.to_json()}
+        out: dict[str, Any] = {"input": self.input, "output": self.output, **self.counts.to_json()}
+        if self.first_error is not None:
+            out["first_error"] = {"line": self.first_error[0], "message": self.first_error[1]}
+        return out
 
 
 def failure(code: str, message: str) -> dict[str, str]:

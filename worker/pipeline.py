@@ -203,7 +203,7 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
             timings["predict_s"] = time.perf_counter() - t
             timings["input_wait_s"] = sum(r.input_wait_s for r in state.files)
             timings["output_wait_s"] = sum(r.output_wait_s for r in state.files)
-        state.error = _error_ratio_exceeded(job.options, state.totals)
+        state.error = _error_ratio_exceeded(job.options, state.totals, _first_error(state.files))
     except errors.PermanentError as e:
         log.error("job %s failed: %s", job.job_id, e)
         state.error = failure(e.code, str(e))
@@ -269,17 +269,26 @@ def _check_no_overwrite(job: Job, inputs: list[Any]) -> None:
             )
 
 
-def _error_ratio_exceeded(options: Options, totals: Counts) -> dict[str, str] | None:
+def _error_ratio_exceeded(options: Options, totals: Counts, first: dict[str, Any] | None) -> dict[str, str] | None:
     if options.max_error_ratio is None or not totals.instances:
         return None
     ratio = totals.errors / totals.instances
     if ratio <= options.max_error_ratio:
         return None
+    where = f"; the first, line {first['line']} of {first['input']}: {first['message']}" if first else ""
     return failure(
         "INVALID_ARGUMENT",
         f"{totals.errors} of {totals.instances} instances ({ratio:.1%}) could not be predicted, more "
-        f"than max_error_ratio {options.max_error_ratio} allows — see the error lines in the output files",
+        f"than max_error_ratio {options.max_error_ratio} allows{where} — see the error lines in the output files",
     )
+
+
+def _first_error(files: list[FileResult]) -> dict[str, Any] | None:
+    """The job's first error line, in input order: which file, which line, and why."""
+    for f in files:
+        if f.first_error is not None:
+            return {"input": f.input, "line": f.first_error[0], "message": f.first_error[1]}
+    return None
 
 
 def _manifest(job: Job, status: str, state: _Run) -> dict[str, Any]:
@@ -300,6 +309,7 @@ def _manifest(job: Job, status: str, state: _Run) -> dict[str, Any]:
         "options": job.options.to_json(),
         "files": [f.to_json() for f in state.files],
         "totals": state.totals.to_json(),
+        **({"first_error": first} if (first := _first_error(state.files)) else {}),
         "started_at": _iso(started),
         "finished_at": _iso(finished),
         "timings": {"total_s": round(finished - started, 3), **{k: round(v, 3) for k, v in state.timings.items()}},
@@ -449,6 +459,8 @@ def _run_file(
             # A batch the model just rejected whole is not sent whole again.
             _predict_entries(predictor, entries, rejected=plain_outcome == "rejected")
             failed = sum(1 for e in entries if e.error is not None)
+            if failed and result.first_error is None:
+                result.first_error = next((n, e.error) for n, e in zip(numbers, entries, strict=True) if e.error)
             counts.instances += len(entries)
             counts.errors += failed
             counts.predictions += len(entries) - failed
@@ -496,6 +508,11 @@ def _run_file(
     # After the last batch: the rest of the output sent, and stored.
     result.input_wait_s, result.output_wait_s = out.input_s, out.output_s + time.perf_counter() - last_batch
     tracker.advance(counts.lines - lines_told, max(0, f.size - bytes_told), file_done=True)
+    if result.first_error is not None:
+        log.warning(
+            "%s: %d of %d instances could not be predicted (error lines in %s); the first, line %d: %s",
+            f.uri, counts.errors, counts.instances, out_uri, *result.first_error,
+        )  # fmt: skip
     log.info(
         "%s → %s: %d instances, %d predictions, %d errors, %d skipped in %.2fs (of which waiting for input %.2fs, "
         "for the output to be stored %.2fs)",

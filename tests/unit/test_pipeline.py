@@ -152,7 +152,7 @@ def _run(store: FakeStore, job: Job, predictor: SumPredictor | None = None, batc
     return outcome, pub
 
 
-def test_one_bad_instance_costs_one_line_and_counts_add_up():
+def test_one_bad_instance_costs_one_line_and_counts_add_up(caplog):
     lines = [json.dumps([k, 1]) for k in range(10)]
     lines[5] = json.dumps({"bad": True})
     lines.insert(2, "   ")
@@ -171,9 +171,40 @@ def test_one_bad_instance_costs_one_line_and_counts_add_up():
     assert [o.get("prediction") for o in out] == [1, 2, 3, 4, 5, None, None, 7, 8, 9, 10]
     assert out[5]["error"] == {"status": "INVALID_ARGUMENT", "message": "instances must be lists"}
     assert out[6]["error"]["message"].startswith("line 8 is not valid JSON")
+    # What to fix, without opening the output: the first error line, in the file and in the job.
+    assert outcome.manifest["files"][0]["first_error"] == {"line": 7, "message": "instances must be lists"}
+    assert outcome.manifest["first_error"] == {
+        "input": "gs://bkt/in/f.jsonl",
+        "line": 7,
+        "message": "instances must be lists",
+    }
+    assert (
+        "gs://bkt/in/f.jsonl: 2 of 11 instances could not be predicted (error lines in gs://bkt/out/f.jsonl); "
+        "the first, line 7: instances must be lists"
+    ) in caplog.text
     assert pub.messages == [(outcome.manifest, {"job_id": "j1", "status": "PARTIALLY_SUCCEEDED"})]
     # The manifest is written, and last.
     assert list(store.objects)[-1] == "bkt/out/_manifest.json"
+
+
+def test_the_jobs_first_error_is_the_first_in_input_order_and_a_clean_job_has_none():
+    store = FakeStore({"bkt/in/a.jsonl": b"[1]\n[2]\n", "bkt/in/b.jsonl": b"[1]\n{}\n", "bkt/in/c.jsonl": b"{}\n"})
+    outcome, _ = _run(store, _job())
+    files = outcome.manifest["files"]
+    assert "first_error" not in files[0]
+    assert [f.get("first_error") for f in files[1:]] == [
+        {"line": 2, "message": "instances must be lists"},
+        {"line": 1, "message": "instances must be lists"},
+    ]
+    assert outcome.manifest["first_error"] == {
+        "input": "gs://bkt/in/b.jsonl",
+        "line": 2,
+        "message": "instances must be lists",
+    }
+    clean, _ = _run(FakeStore({"bkt/in/a.jsonl": b"[1]\n"}), _job(job_id="j2"))
+    assert clean.status == "SUCCEEDED"
+    assert "first_error" not in clean.manifest
+    assert "first_error" not in clean.manifest["files"][0]
 
 
 def test_key_field_and_predictions_format():
@@ -196,6 +227,9 @@ def test_max_error_ratio_fails_the_job():
     outcome, pub = _run(store, _job({"max_error_ratio": 0.5}))
     assert outcome.status == "FAILED"
     assert outcome.manifest["error"]["message"].startswith("2 of 3 instances (66.7%) could not be predicted")
+    assert (
+        "; the first, line 2 of gs://bkt/in/f.jsonl: instances must be lists — " in outcome.manifest["error"]["message"]
+    )
     assert pub.messages[0][1]["status"] == "FAILED"
 
 
