@@ -457,7 +457,9 @@ def _run_file(
                 for lineno, raw, p in zip(numbers, pending, parsed, strict=True)
             ]
             # A batch the model just rejected whole is not sent whole again.
-            _predict_entries(predictor, entries, rejected=plain_outcome == "rejected")
+            _predict_entries(
+                predictor, entries, rejected=plain_outcome if isinstance(plain_outcome, BatchRejected) else None
+            )
             failed = sum(1 for e in entries if e.error is not None)
             if failed and result.first_error is None:
                 result.first_error = next((n, e.error) for n, e in zip(numbers, entries, strict=True) if e.error)
@@ -550,17 +552,17 @@ class _Waits:
 
 def _flush_plain(
     raws: list[bytes], predictor: Predictor, counts: Counts, out: Sink, *, results_format: bool
-) -> Literal["done", "not strict JSON", "rejected"]:
+) -> Literal["done", "not strict JSON"] | BatchRejected:
     """The common batch of plain instances — every line strict JSON, the model takes them all —
     predicted and written as whole lists, without per-line bookkeeping ("done"). Otherwise nothing
-    is done, and the batch then goes line by line."""
+    is written, and the batch then goes line by line (told how the model refused it, if it did)."""
     values = codec.parse_strict(raws)
     if values is None:
         return "not strict JSON"
     try:
         predictions = _predict(predictor, values)
-    except BatchRejected:
-        return "rejected"  # isolated instance by instance, in `_predict_isolating`
+    except BatchRejected as rejected:
+        return rejected  # isolated instance by instance, in `_predict_entries`
     encoded = codec.dumps_each(predictions)
     if results_format:
         # Each line is {"instance":<the input line>,"prediction":<encoded>}, joined in one C-level pass.
@@ -614,12 +616,12 @@ def _select_fields(value: Any, options: Options) -> Any:
     return {k: v for k, v in value.items() if k not in dropped}
 
 
-def _predict_entries(predictor: Predictor, entries: list[_Entry], *, rejected: bool = False) -> None:
-    """Predict every entry without an error yet; `rejected`: the model has just refused them all
-    as one batch."""
+def _predict_entries(predictor: Predictor, entries: list[_Entry], *, rejected: BatchRejected | None = None) -> None:
+    """Predict every entry without an error yet; `rejected`: how the model has just refused them
+    all as one batch."""
     todo = [e for e in entries if e.error is None]
-    if rejected and len(todo) == len(entries) > 1:
-        _isolate(predictor, todo, grouped=False)
+    if rejected is not None and len(todo) == len(entries):
+        _refused(predictor, todo, rejected, grouped=False)
     elif todo:
         _predict_isolating(predictor, todo)
 
@@ -637,13 +639,20 @@ def _predict_isolating(predictor: Predictor, entries: list[_Entry], *, grouped: 
     try:
         predictions = _predict(predictor, [e.feed for e in entries])
     except BatchRejected as rejected:
-        if len(entries) == 1:
-            entries[0].error = rejected.message
-            return
-        _isolate(predictor, entries, grouped=grouped)
+        _refused(predictor, entries, rejected, grouped=grouped)
         return
     for e, p in zip(entries, predictions, strict=True):
         e.prediction = p
+
+
+def _refused(predictor: Predictor, entries: list[_Entry], rejected: BatchRejected, *, grouped: bool) -> None:
+    """After the model refused `entries` as one batch: a lone instance, or instances each refused
+    for the same reason, are error lines; the others are isolated."""
+    if len(entries) == 1 or rejected.each:
+        for e in entries:
+            e.error = rejected.message
+    else:
+        _isolate(predictor, entries, grouped=grouped)
 
 
 def _isolate(predictor: Predictor, entries: list[_Entry], *, grouped: bool) -> None:

@@ -129,6 +129,9 @@ def test_bad_lines_become_error_lines(worker_service, storage_client, bucket, mo
     [(manifest, attrs)] = topo.completions(1)
     assert attrs == {"job_id": "bad-lines", "status": "PARTIALLY_SUCCEEDED"}
     assert manifest["totals"] == {"lines": 13, "instances": 12, "predictions": 10, "errors": 2, "skipped": 1}
+    first = {"line": 4, "message": "line 4 is not valid JSON: Expecting ':' delimiter: line 1 column 12 (char 11)"}
+    assert manifest["files"][0]["first_error"] == first
+    assert manifest["first_error"] == {"input": f"gs://{bucket}/in.jsonl", **first}
 
     out = read_lines(storage_client, f"gs://{bucket}/out/in.jsonl")
     assert len(out) == 12

@@ -132,6 +132,17 @@ def test_what_neither_route_takes_is_rejected_with_its_reason(
     assert str(e.value).startswith(reason), str(e.value)
 
 
+def test_a_batch_all_of_a_wrong_shape_is_refused_for_each_instance(mlp: TensorFlowSignature) -> None:
+    """Every instance of a rectangular batch has its shape: each alone would be refused the same,
+    so the pipeline writes their error lines without predicting them one by one."""
+    with pytest.raises(BatchRejected) as all_wrong:
+        mlp.predict([[0.5] * 3] * 5)
+    assert all_wrong.value.each and all_wrong.value.message == "input 'x' expects instances of shape [16], got [3]"
+    with pytest.raises(BatchRejected) as mixed:  # some of them would be predicted
+        mlp.predict([[0.5] * FEATURES, [0.5] * 3])
+    assert not mixed.value.each
+
+
 def test_named_float_and_integer_inputs_each_take_their_route(two_io: TensorFlowSignature) -> None:
     got = two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2}, {"a": [1, 1, 1, 1], "b": 0}])
     assert got[0] == {"total": 12.0, "ratio": 5.0}

@@ -319,6 +319,50 @@ def test_a_batch_refused_for_its_shapes_is_sent_again_one_shape_at_a_time(output
     assert predictor.calls == [12, 3, 4, 2, 1, 1, 2, 4, 1]
 
 
+class PairPredictor(SumPredictor):
+    """Like the in-process backend on a model of pairs: a batch of one shape that is not a pair is
+    refused for that shape, which each of its instances has (`each`)."""
+
+    def predict(self, instances: list[Any]) -> list[Any]:
+        self.calls.append(len(instances))
+        lengths = {len(i) for i in instances}
+        if len(lengths) > 1:
+            raise BatchRejected("instances are not rectangular arrays")
+        if lengths != {2}:
+            raise BatchRejected(f"expects instances of shape [2], got [{lengths.pop()}]", each=True)
+        return [sum(i) for i in instances]
+
+
+@pytest.mark.parametrize("output_format", ["results", "predictions"])
+def test_instances_each_refused_for_the_same_reason_are_error_lines_without_more_calls(output_format):
+    """A file of instances all of the wrong shape costs one call per batch, not one per instance
+    and as many again for halving; in a batch of mixed shapes, one call per shape."""
+    wrong = [[k, k, k] for k in range(10)]
+    mixed = [[1, 2], [1, 2, 3], [3, 4], [4, 5, 6]]
+    store = FakeStore(
+        {
+            "bkt/in/a.jsonl": "\n".join(map(json.dumps, wrong)).encode(),
+            "bkt/in/b.jsonl": "\n".join(map(json.dumps, mixed)).encode(),
+        }
+    )
+    predictor = PairPredictor()
+    job = _job({"output_format": output_format})
+    outcome = run(
+        job, store=store, models=FakeModels(predictor), publisher=None, limits=Limits(100, file_concurrency=1)
+    )
+
+    assert predictor.calls == [10, 4, 2, 2]  # the wrong file once; the mixed one whole, then by shape
+    assert [f["errors"] for f in outcome.manifest["files"]] == [10, 2]
+    error = {"status": "INVALID_ARGUMENT", "message": "expects instances of shape [2], got [3]"}
+    a, b = store.lines("bkt/out/a.jsonl"), store.lines("bkt/out/b.jsonl")
+    if output_format == "results":
+        assert a == [{"instance": i, "error": error} for i in wrong]
+        assert [o.get("prediction", o.get("error")) for o in b] == [3, error, 7, error]
+    else:
+        assert a == [{"error": error}] * 10
+        assert b == [3, {"error": error}, 7, {"error": error}]
+
+
 def test_non_finite_numbers_are_written_as_strict_json():
     line = dumps_line({"instance": [float("nan")], "prediction": [float("inf"), -float("inf"), 1.5]})
     assert line == b'{"instance":["NaN"],"prediction":["Infinity","-Infinity",1.5]}'

@@ -28,11 +28,14 @@ MEMORY_ADVICE = "give the worker more memory (Cloud Run: --memory), or use a sma
 class BatchRejected(Exception):
     """The model refused this batch: because of its data (TF Serving's 400 INVALID_ARGUMENT), or
     running it failed (TF Serving's other 4xx answers; TensorFlow's errors in-process, out of memory
-    included). The pipeline sends it again in parts."""
+    included). The pipeline sends it again in parts, unless `each`: every instance of the batch
+    would be refused alone, for this same reason (one they all share, such as their shape), so
+    each is an error line at once."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, each: bool = False) -> None:
         super().__init__(message)
         self.message = message
+        self.each = each
 
 
 class TooBig(Exception):

@@ -182,7 +182,9 @@ class TensorFlowSignature:
         got = shape[1:]
         want = spec.shape.as_list()[1:]
         if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got, strict=False)):
-            raise BatchRejected(f"input {name!r} expects instances of shape {_shape(want)}, got {_shape(got)}")
+            # Every instance has that shape: each alone is refused just the same.
+            message = f"input {name!r} expects instances of shape {_shape(want)}, got {_shape(got)}"
+            raise BatchRejected(message, each=True)
 
     def predict(self, instances: list[Any]) -> list[Any]:
         """Predictions for `instances`, in calls of at most the size that has not run out of memory:
