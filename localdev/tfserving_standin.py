@@ -145,7 +145,10 @@ class Handler(BaseHTTPRequestHandler):
         for sig in self.servable.signature_names():
             p = self.servable.signature(sig)
             defs[sig] = {
-                "inputs": {k: {"dtype": "DT_" + spec.dtype.name.upper(), "name": k} for k, spec in p.inputs.items()},
+                "inputs": {
+                    k: {"dtype": "DT_" + spec.dtype.name.upper(), "tensor_shape": _tensor_shape(spec.shape), "name": k}
+                    for k, spec in p.inputs.items()
+                },
                 "outputs": {k: {"name": k} for k in p.output_names},
                 "method_name": "tensorflow/serving/predict",
             }
@@ -207,6 +210,14 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(self.delay_s_per_instance * len(instances))
         predictions: list[Any] = predictor.predict_once(instances)  # as TF Serving does: no halving
         return predictions
+
+
+def _tensor_shape(shape: Any) -> dict[str, Any]:
+    """A TensorShapeProto as TF Serving's metadata writes it: sizes as strings, -1 for any size."""
+    if shape.rank is None:
+        return {"dim": [], "unknown_rank": True}
+    dims = [{"size": str(-1 if d is None else d), "name": ""} for d in shape.as_list()]
+    return {"dim": dims, "unknown_rank": False}
 
 
 def _rows_from_columns(inputs: Any, names: list[str]) -> list[Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worker.errors import ModelError
-from worker.serving.tfserving import _columns, _rows
+from worker.serving.tfserving import _columns, _dims, _input_shapes, _rows
 
 
 def test_bare_instances_become_one_list_and_objects_one_list_per_input():
@@ -31,3 +31,44 @@ def test_outputs_without_one_row_per_instance_are_a_model_error():
         _rows([[1], [2]], 3)
     with pytest.raises(ModelError, match="one row per instance"):
         _rows({"a": [1, 2], "b": [1]}, 2)
+
+
+def test_declared_input_shapes_are_read_from_the_servers_metadata():
+    """As TF Serving's GET /v1/models/NAME/metadata gives a signature: sizes as strings, -1 for
+    any size, the batch dimension first."""
+    signature = {
+        "inputs": {
+            "x": {
+                "dtype": "DT_FLOAT",
+                "tensor_shape": {
+                    "dim": [{"size": "-1", "name": ""}, {"size": "16", "name": ""}],
+                    "unknown_rank": False,
+                },
+                "name": "serving_default_x:0",
+            },
+            "tokens": {
+                "dtype": "DT_INT64",
+                "tensor_shape": {
+                    "dim": [{"size": "-1", "name": ""}, {"size": "-1", "name": ""}],
+                    "unknown_rank": False,
+                },
+                "name": "serving_default_tokens:0",
+            },
+            "any": {"dtype": "DT_STRING", "tensor_shape": {"dim": [], "unknown_rank": True}, "name": "a:0"},
+            "scalar": {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [], "unknown_rank": False}, "name": "s:0"},
+            "undeclared": {"dtype": "DT_FLOAT", "name": "u:0"},
+        },
+        "outputs": {},
+        "method_name": "tensorflow/serving/predict",
+    }
+    assert _input_shapes(signature) == {"x": [16], "tokens": [None], "any": None, "scalar": None, "undeclared": None}
+
+
+def test_the_shape_of_a_json_value_as_a_tensor():
+    assert _dims(0.5) == () and _dims("text") == () and _dims({"b64": "AA=="}) == ()
+    assert _dims([0.5] * 15) == (15,)
+    assert _dims([[1, 2, 3], [4, 5, 6]]) == (2, 3)
+    assert _dims([{"b64": "AA=="}, "a"]) == (2,)
+    assert _dims([[1], [2, 3]]) is None  # ragged
+    assert _dims([1, [2]]) is None
+    assert _dims({"x": [1]}) is None  # an object: the server judges it

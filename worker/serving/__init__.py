@@ -38,6 +38,18 @@ class BatchRejected(Exception):
         self.each = each
 
 
+def shape_refusal(name: str, want: list[int | None] | None, got: list[int]) -> str | None:
+    """Why input `name`, declared `want` per instance (None: a dimension of any size; `want` None:
+    any shape), does not take instances of shape `got`; None when it does."""
+    if want is None or (len(got) == len(want) and all(w is None or w == g for w, g in zip(want, got, strict=True))):
+        return None
+    return f"input {name!r} expects instances of shape {_shape_text(want)}, got {_shape_text(got)}"
+
+
+def _shape_text(dims: list[int | None] | list[int]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
 class TooBig(Exception):
     """One call's batch was too big for the model: it outlived the server's timeout, or ran out of
     memory. `what` says which ("took longer than …"), `detail` is the model's own message, `advice`

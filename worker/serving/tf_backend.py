@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 
 from worker.errors import ModelError
-from worker.serving import JSON_INPUT_ADVICE, MEMORY_ADVICE, BatchRejected, SizeLimit, TooBig, numbers
+from worker.serving import (
+    JSON_INPUT_ADVICE,
+    MEMORY_ADVICE,
+    BatchRejected,
+    SizeLimit,
+    TooBig,
+    numbers,
+    shape_refusal,
+)
 from worker.serving.jsonvalues import decode_strings, rows_from_array
 
 log = logging.getLogger(__name__)
@@ -177,14 +185,9 @@ class TensorFlowSignature:
 
     @staticmethod
     def _check_shape(name: str, spec: Any, shape: list[int]) -> None:
-        if spec.shape.rank is None:
-            return
-        got = shape[1:]
-        want = spec.shape.as_list()[1:]
-        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got, strict=False)):
-            # Every instance has that shape: each alone is refused just the same.
-            message = f"input {name!r} expects instances of shape {_shape(want)}, got {_shape(got)}"
-            raise BatchRejected(message, each=True)
+        refusal = shape_refusal(name, None if spec.shape.rank is None else spec.shape.as_list()[1:], shape[1:])
+        if refusal is not None:
+            raise BatchRejected(refusal, each=True)  # every instance has that shape: each alone is refused
 
     def predict(self, instances: list[Any]) -> list[Any]:
         """Predictions for `instances`, in calls of at most the size that has not run out of memory:
@@ -244,10 +247,6 @@ def _cause(message: str) -> str:
         if text and not line[0].isspace() and not text.startswith(_ERROR_FRAMING):
             return re.sub(r"\s*\[Op:[^\]]*\]$", "", re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text))
     return message.strip() or "the model refused the instances"
-
-
-def _shape(dims: list[Any]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 _JSON_TYPES = {"str": "string", "dict": "object", "list": "array", "NoneType": "null", "bool": "boolean"}

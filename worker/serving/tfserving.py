@@ -32,7 +32,7 @@ import requests
 
 from worker import codec
 from worker.errors import ModelError, TransientError
-from worker.serving import JSON_INPUT_ADVICE, MEMORY_ADVICE, BatchRejected, SizeLimit, TooBig
+from worker.serving import JSON_INPUT_ADVICE, MEMORY_ADVICE, BatchRejected, SizeLimit, TooBig, shape_refusal
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class TFServingModel:
 
     def __init__(self, server: ModelServer) -> None:
         self.server = server
-        self._signatures: list[str] | None = None
+        self._signatures: dict[str, Any] | None = None  # the server's signature_def, by name
         # One per signature, kept with the server: what it learned of request sizes lasts as long.
         self._predictors: dict[str, RestPredictor] = {}
 
@@ -279,12 +279,15 @@ class TFServingModel:
         return cls(server)
 
     def signature_names(self) -> list[str]:
+        return sorted(self._signature_defs())
+
+    def _signature_defs(self) -> dict[str, Any]:
         if self._signatures is None:
             r = self.server.call("GET", "/metadata")
             if r.status_code != 200:
                 raise ModelError(f"model server metadata for {self.server.description}: {_error_message(r)}")
             defs = r.json().get("metadata", {}).get("signature_def", {}).get("signature_def", {})
-            self._signatures = sorted(k for k in defs if not k.startswith("__"))
+            self._signatures = {k: v for k, v in defs.items() if not k.startswith("__")}
         return self._signatures
 
     def predictor(self, signature_name: str) -> RestPredictor:
@@ -296,7 +299,10 @@ class TFServingModel:
             )
         if signature_name not in self._predictors:
             columnar = self.server.config.request_format == "columnar"
-            self._predictors[signature_name] = RestPredictor(self.server, signature_name, columnar=columnar)
+            shapes = _input_shapes(self._signature_defs()[signature_name])
+            self._predictors[signature_name] = RestPredictor(
+                self.server, signature_name, columnar=columnar, input_shapes=shapes
+            )
         return self._predictors[signature_name]
 
     def close(self) -> None:
@@ -307,10 +313,19 @@ class RestPredictor:
     """`Predictor` over TF Serving's REST predict API: row format (`instances` → `predictions`),
     or with `columnar` the columnar format (`inputs` → `outputs`), answered as rows either way."""
 
-    def __init__(self, server: ModelServer, signature_name: str, *, columnar: bool = False) -> None:
+    def __init__(
+        self,
+        server: ModelServer,
+        signature_name: str,
+        *,
+        columnar: bool = False,
+        input_shapes: dict[str, list[int | None] | None] | None = None,
+    ) -> None:
         self._server = server
         self._signature_name = signature_name
         self._columnar = columnar
+        # Each input's shape per instance as the signature declares it (None: not declared).
+        self._input_shapes = input_shapes or {}
         # Instances per request at most, once a request of more timed out or ran out of memory.
         self._limit = SizeLimit(f"the model server for {server.description}", log)
 
@@ -322,13 +337,39 @@ class RestPredictor:
 
     def _predict_once(self, instances: list[Any]) -> list[Any]:
         columns = _columns(instances) if self._columnar else None
-        if columns is None:
-            predictions: list[Any] = self._call(
-                {"signature_name": self._signature_name, "instances": instances}, "predictions"
-            )
-            return predictions
-        outputs = self._call({"signature_name": self._signature_name, "inputs": columns}, "outputs")
+        try:
+            if columns is None:
+                predictions: list[Any] = self._call(
+                    {"signature_name": self._signature_name, "instances": instances}, "predictions"
+                )
+                return predictions
+            outputs = self._call({"signature_name": self._signature_name, "inputs": columns}, "outputs")
+        except BatchRejected as e:
+            refusal = self._shared_refusal(instances)
+            if refusal is None:
+                raise
+            # Each instance alone would be refused just the same: the pipeline need not try them.
+            raise BatchRejected(refusal, each=True) from e
         return _rows(outputs, len(instances))
+
+    def _shared_refusal(self, instances: list[Any]) -> str | None:
+        """After the server refused `instances`: when they all have one shape that an input's
+        declared shape does not take, that (the server's own message may name the batch's size,
+        "In[0]: [1024,15]", and so differ from one instance's)."""
+        names = list(self._input_shapes)
+        if len(names) > 1 and not all(isinstance(i, dict) and i.keys() == self._input_shapes.keys() for i in instances):
+            return None  # instances that do not name the inputs: the server's message says so
+        for name in names:
+            if len(names) == 1:
+                values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
+            else:
+                values = [i[name] for i in instances]
+            shapes = {_dims(v) for v in values}
+            if len(shapes) == 1 and (shape := shapes.pop()) is not None:
+                refusal = shape_refusal(name, self._input_shapes[name], list(shape))
+                if refusal is not None:
+                    return refusal
+        return None
 
     def _call(self, body: dict[str, Any], key: str) -> Any:
         r = self._server.call("POST", ":predict", body)
@@ -351,6 +392,40 @@ class RestPredictor:
         if key == "predictions" and not isinstance(answer, list):
             raise ModelError(f"the model server answered predictions that are not a list: {r.text[:300]}")
         return answer
+
+
+def _input_shapes(signature_def: Any) -> dict[str, list[int | None] | None]:
+    """Each input's declared shape per instance, from the server's metadata (`tensor_shape`: the
+    batch dimension first, -1 for any size); None where it declares none, or none per instance."""
+    shapes: dict[str, list[int | None] | None] = {}
+    inputs = signature_def.get("inputs") if isinstance(signature_def, dict) else None
+    for name, info in (inputs or {}).items():
+        shape = info.get("tensor_shape") if isinstance(info, dict) else None
+        dims = shape.get("dim") if isinstance(shape, dict) and not shape.get("unknown_rank") else None
+        try:
+            sizes = [int(d.get("size", -1)) for d in dims] if isinstance(dims, list) and dims else None
+        except (AttributeError, TypeError, ValueError):
+            sizes = None
+        shapes[name] = None if sizes is None else [None if n < 0 else n for n in sizes[1:]]
+    return shapes
+
+
+def _dims(value: Any) -> tuple[int, ...] | None:
+    """The shape of a JSON value as a tensor: () for a number, a string or `{"b64": …}`; the sizes
+    of nested arrays; None when they are ragged, hold other objects, or nest too deep to walk."""
+    if isinstance(value, dict):
+        return () if set(value) == {"b64"} else None
+    if not isinstance(value, list):
+        return ()
+    if not any(isinstance(v, (list, dict)) for v in value):
+        return (len(value),)
+    try:
+        inner = {_dims(v) for v in value}
+    except RecursionError:
+        return None
+    if len(inner) != 1 or (sub := inner.pop()) is None:
+        return None
+    return (len(value), *sub)
 
 
 def _columns(instances: list[Any]) -> Any:
