@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -47,6 +48,12 @@ PUBLISHED_KEY = "embedded-tf-completion-published"
 # receive one over 4 MiB (the Python subscriber on the emulator does): subscribers of any kind
 # should be able to read a completion.
 COMPLETION_MAX_BYTES = 1024 * 1024
+
+
+# Predictors that took a batch they refused whole one shape at a time, every shape without a
+# refusal: a model of variable-length inputs. Their batches go one shape at a time from then on,
+# without the whole-batch call each would refuse (in this job and in later ones on the warm model).
+_ONE_SHAPE_PER_CALL: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class Sink(Protocol):
@@ -552,10 +559,12 @@ class _Waits:
 
 def _flush_plain(
     raws: list[bytes], predictor: Predictor, counts: Counts, out: Sink, *, results_format: bool
-) -> Literal["done", "not strict JSON"] | BatchRejected:
+) -> Literal["done", "not strict JSON", "one shape per call"] | BatchRejected:
     """The common batch of plain instances — every line strict JSON, the model takes them all —
     predicted and written as whole lists, without per-line bookkeeping ("done"). Otherwise nothing
     is written, and the batch then goes line by line (told how the model refused it, if it did)."""
+    if predictor in _ONE_SHAPE_PER_CALL:
+        return "one shape per call"
     values = codec.parse_strict(raws)
     if values is None:
         return "not strict JSON"
@@ -622,7 +631,7 @@ def _predict_entries(predictor: Predictor, entries: list[_Entry], *, rejected: B
     todo = [e for e in entries if e.error is None]
     if rejected is not None and len(todo) == len(entries):
         _refused(predictor, todo, rejected, grouped=False)
-    elif todo:
+    elif todo and not (predictor in _ONE_SHAPE_PER_CALL and _by_shape(predictor, todo)):
         _predict_isolating(predictor, todo)
 
 
@@ -658,19 +667,28 @@ def _refused(predictor: Predictor, entries: list[_Entry], rejected: BatchRejecte
 def _isolate(predictor: Predictor, entries: list[_Entry], *, grouped: bool) -> None:
     """Predict a batch the model refused, in parts. First instances of one shape together: a model
     of variable-length inputs (token ids, say) takes only rectangular batches, as TF Serving does,
-    so each length makes a batch of its own. Then halves, until each bad instance is alone: one
+    so each length makes a batch of its own (and when every length goes through, the predictor is
+    remembered as taking one shape per call). Then halves, until each bad instance is alone: one
     bad instance costs one error line and not its batch."""
-    if not grouped:
-        groups: dict[Any, list[_Entry]] = {}
-        for k, e in enumerate(entries):
-            groups.setdefault(_shape_of(e.feed, k), []).append(e)
-        if len(groups) > 1:
-            for group in groups.values():
-                _predict_isolating(predictor, group, grouped=True)
-            return
+    if not grouped and _by_shape(predictor, entries):
+        if all(e.error is None for e in entries):
+            _ONE_SHAPE_PER_CALL.add(predictor)
+        return
     mid = len(entries) // 2
     _predict_isolating(predictor, entries[:mid], grouped=True)
     _predict_isolating(predictor, entries[mid:], grouped=True)
+
+
+def _by_shape(predictor: Predictor, entries: list[_Entry]) -> bool:
+    """Predict `entries` one batch per shape, when they have several (True); else do nothing."""
+    groups: dict[Any, list[_Entry]] = {}
+    for k, e in enumerate(entries):
+        groups.setdefault(_shape_of(e.feed, k), []).append(e)
+    if len(groups) == 1:
+        return False
+    for group in groups.values():
+        _predict_isolating(predictor, group, grouped=True)
+    return True
 
 
 def _shape_of(value: Any, k: int) -> Any:

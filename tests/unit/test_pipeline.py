@@ -319,6 +319,26 @@ def test_a_batch_refused_for_its_shapes_is_sent_again_one_shape_at_a_time(output
     assert predictor.calls == [12, 3, 4, 2, 1, 1, 2, 4, 1]
 
 
+def test_a_model_that_took_a_batch_one_shape_at_a_time_gets_later_batches_so_without_the_whole_call():
+    """A variable-length model refuses every batch of mixed lengths whole: once one went through
+    one shape at a time with no refusal, later batches (and later jobs on the same predictor) go
+    so straight away. A fixed-shape model that refused one bad instance is not taken for one."""
+    instances = [list(range(1 + k % 3)) for k in range(18)]  # lengths 1, 2, 3, 1, 2, 3 …
+    store = FakeStore({"bkt/in/f.jsonl": "\n".join(map(json.dumps, instances)).encode()})
+    predictor = RectangularPredictor()
+    outcome, _ = _run(store, _job(), predictor, batch_size=6)
+    assert outcome.status == "SUCCEEDED"
+    assert [o["prediction"] for o in store.lines("bkt/out/f.jsonl")] == [sum(i) for i in instances]
+    # The first batch whole (refused), then each length; then each length of each later batch.
+    assert predictor.calls == [6, 2, 2, 2] + [2, 2, 2] * 2
+    predictor.calls.clear()
+    _run(FakeStore({"bkt/in/f.jsonl": b"[1]\n[1, 2]\n[3]\n"}), _job(job_id="j2"), predictor, batch_size=6)
+    assert predictor.calls == [2, 1]  # a later job: no whole-batch call
+    fixed = SumPredictor()  # refuses the object, takes the lists
+    _run(FakeStore({"bkt/in/f.jsonl": b"[1]\n{}\n[2]\n[3]\n[4]\n[5]\n"}), _job(job_id="j3"), fixed, batch_size=3)
+    assert fixed.calls == [3, 2, 1, 3]  # the second batch whole, as the first
+
+
 class PairPredictor(SumPredictor):
     """Like the in-process backend on a model of pairs: a batch of one shape that is not a pair is
     refused for that shape, which each of its instances has (`each`)."""
