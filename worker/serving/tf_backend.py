@@ -20,15 +20,7 @@ from typing import Any
 import numpy as np
 
 from worker.errors import ModelError
-from worker.serving import (
-    JSON_INPUT_ADVICE,
-    MEMORY_ADVICE,
-    BatchRejected,
-    SizeLimit,
-    TooBig,
-    numbers,
-    shape_refusal,
-)
+from worker.serving import JSON_INPUT_ADVICE, MEMORY_ADVICE, BatchRejected, SizeLimit, TooBig, numbers, shape_refusal
 from worker.serving.jsonvalues import decode_strings, rows_from_array
 
 log = logging.getLogger(__name__)
