@@ -54,6 +54,9 @@ UPLOAD_RETRY = DEFAULT_RETRY
 WRITE_QUEUE_BLOCKS = 64
 # How a gzip file begins; no JSON text does (0x1f is a control character).
 GZIP_MAGIC = b"\x1f\x8b"
+# The file that makes a folder a SavedModel: binary, or text (as TF 1's builders could write it
+# with as_text=True); TensorFlow and TF Serving load either.
+SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 # Custom metadata set on every object the worker writes, so object events never loop back.
 WRITTEN_BY_KEY = "embedded-tf-job"
 
@@ -96,7 +99,7 @@ class ModelSource:
 class LocalModel:
     uri: GcsUri  # the version folder that was fetched
     version: int | None
-    path: str  # local folder holding saved_model.pb
+    path: str  # local folder holding saved_model.pb (or .pbtxt)
     fingerprint: str  # changes when any object of the model changes
     downloaded: bool = True  # False when an identical local copy was reused
 
@@ -376,26 +379,27 @@ class GcsStore:
     def resolve_model(self, model: GcsUri) -> ModelSource:
         """Find the version folder `model` designates and list its objects.
 
-        `model` may be the version folder itself (holding saved_model.pb), or a base path of
-        numeric version folders, where the highest version wins as in TF Serving.
+        `model` may be the version folder itself (holding saved_model.pb, or saved_model.pbtxt), or
+        a base path of numeric version folders, where the highest version wins as in TF Serving.
         """
         base = model
-        if base.path.endswith("saved_model.pb"):
-            base = GcsUri(base.bucket, base.path[: -len("saved_model.pb")])
+        leaf = posixpath.basename(base.path)
+        if leaf in SAVED_MODEL_FILES:
+            base = GcsUri(base.bucket, base.path[: -len(leaf)])
         base = base.as_prefix()
         with translate_errors(f"reading model {model}", self._client.bucket(base.bucket)):
             blobs = list(self._client.list_blobs(base.bucket, prefix=base.path))
         if not blobs:
             raise NotFound(f"model {model} does not exist: no object under {base} — check the path")
         rel_names = {b.name[len(base.path) :]: b for b in blobs}
-        if "saved_model.pb" in rel_names:
+        if any(name in rel_names for name in SAVED_MODEL_FILES):
             leaf = base.path.rstrip("/").rsplit("/", 1)[-1]
             return ModelSource.of(base, int(leaf) if leaf.isdigit() else None, blobs)
         versions = sorted(
             {
-                int(rel.split("/", 1)[0])
-                for rel in rel_names
-                if rel.count("/") == 1 and rel.endswith("/saved_model.pb") and rel.split("/", 1)[0].isdigit()
+                int(folder)
+                for folder, _, name in (rel.partition("/") for rel in rel_names)
+                if folder.isdigit() and name in SAVED_MODEL_FILES
             }
         )
         if not versions:
@@ -411,7 +415,7 @@ class GcsStore:
         """Download the model's version folder under `work_dir`, reusing an identical earlier copy."""
         folder, version, blobs, fingerprint = source.folder, source.version, source.blobs, source.fingerprint
         dest = os.path.join(work_dir, "models", fingerprint)
-        if os.path.isfile(os.path.join(dest, "saved_model.pb")):
+        if any(os.path.isfile(os.path.join(dest, name)) for name in SAVED_MODEL_FILES):
             log.info("model %s already on local disk", folder)
             return LocalModel(folder, version, dest, fingerprint, downloaded=False)
         os.makedirs(os.path.dirname(dest), exist_ok=True)

@@ -112,6 +112,38 @@ def test_both_backends_and_both_request_formats_write_the_same_lines(make_runtim
     assert "error" in two_lines[2]
 
 
+def test_a_saved_model_in_text_format_runs_through_both_backends(
+    make_runtime, storage_client, bucket, model_dirs, reference, tmp_path
+):
+    """saved_model.pbtxt (TF 1's builders wrote it with as_text=True) instead of saved_model.pb:
+    TensorFlow and TF Serving load either, and so does the worker, from a base path or the file."""
+    import shutil
+
+    from google.protobuf import text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    text = tmp_path / "text"
+    shutil.copytree(model_dirs["mlp"], text)
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((text / "saved_model.pb").read_bytes())
+    (text / "saved_model.pbtxt").write_text(text_format.MessageToString(proto))
+    (text / "saved_model.pb").unlink()
+    models.upload_folder(storage_client, text, bucket, "textmodel/3")
+    instances = models.mlp_instances(5, seed=2)
+    write_lines(storage_client, f"gs://{bucket}/textin.jsonl", [json.dumps(i) for i in instances])
+    want = reference(model_dirs["mlp"], instances)
+    for serving, model in (
+        ("tensorflow", f"gs://{bucket}/textmodel/"),
+        ("tfserving", f"gs://{bucket}/textmodel/3/saved_model.pbtxt"),
+    ):
+        out = f"gs://{bucket}/textout-{serving}/"
+        outcome = make_runtime(serving).run_job(_job(model, f"gs://{bucket}/textin.jsonl", out))
+        assert outcome.status == "SUCCEEDED", (serving, outcome.manifest)
+        assert outcome.manifest["model"]["version"] == 3
+        lines = read_lines(storage_client, f"{out}textin.jsonl")
+        assert all(close_to(line["prediction"], w) for line, w in zip(lines, want, strict=True)), serving
+
+
 def test_keras_models_exported_by_model_export_run_through_both_backends(
     make_runtime, storage_client, bucket, tmp_path
 ):
