@@ -143,6 +143,17 @@ def test_a_batch_all_of_a_wrong_shape_is_refused_for_each_instance(mlp: TensorFl
     assert not mixed.value.each
 
 
+def test_a_batch_all_of_numbers_written_as_strings_is_refused_for_each_instance(mlp: TensorFlowSignature) -> None:
+    message = "input 'x' expects float32 numbers, got values of JSON type string"
+    with pytest.raises(BatchRejected) as quoted:
+        mlp.predict([["0.5"] * FEATURES, ["1"] + [0.5] * (FEATURES - 1)])
+    assert quoted.value.each and quoted.value.message == message
+    for some_good in ([[0.5] * FEATURES, ["0.5"] * FEATURES], [["0.5"] * FEATURES, [None] * FEATURES]):
+        with pytest.raises(BatchRejected) as mixed:  # not each: alone, one is taken or says "null"
+            mlp.predict(some_good)
+        assert not mixed.value.each
+
+
 def test_named_float_and_integer_inputs_each_take_their_route(two_io: TensorFlowSignature) -> None:
     got = two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2}, {"a": [1, 1, 1, 1], "b": 0}])
     assert got[0] == {"total": 12.0, "ratio": 5.0}

@@ -162,8 +162,12 @@ class TensorFlowSignature:
                 raise BatchRejected(f"input {name!r}: instances are not rectangular arrays ({e})") from None
             target = np.dtype(spec.dtype.as_numpy_dtype)
             if arr.dtype.kind not in "biuf":
+                types = _leaf_types(values)
+                # The batch made an array: its instances have one shape. When each holds these same
+                # types (numbers written as strings, say), each alone is refused just the same.
+                each = all(_leaf_types([v]) == types for v in values)
                 raise BatchRejected(
-                    f"input {name!r} expects {spec.dtype.name} numbers, got values of JSON type {_leaf_types(values)}"
+                    f"input {name!r} expects {spec.dtype.name} numbers, got values of JSON type {types}", each=each
                 )
             if target.kind in "iu":
                 arr = numbers.integers(name, spec.dtype.name, values, arr, target)
