@@ -146,7 +146,7 @@ class Handler(BaseHTTPRequestHandler):
             p = self.servable.signature(sig)
             defs[sig] = {
                 "inputs": {
-                    k: {"dtype": "DT_" + spec.dtype.name.upper(), "tensor_shape": _tensor_shape(spec.shape), "name": k}
+                    k: {"dtype": _data_type(spec.dtype), "tensor_shape": _tensor_shape(spec.shape), "name": k}
                     for k, spec in p.inputs.items()
                 },
                 "outputs": {k: {"name": k} for k in p.output_names},
@@ -210,6 +210,13 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(self.delay_s_per_instance * len(instances))
         predictions: list[Any] = predictor.predict_once(instances)  # as TF Serving does: no halving
         return predictions
+
+
+def _data_type(dtype: Any) -> str:
+    """A DataType as TF Serving's metadata names it: DT_FLOAT, DT_INT64, DT_STRING …"""
+    from tensorflow.core.framework import types_pb2
+
+    return str(types_pb2.DataType.Name(dtype.as_datatype_enum))
 
 
 def _tensor_shape(shape: Any) -> dict[str, Any]:

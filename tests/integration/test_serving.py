@@ -228,13 +228,14 @@ def test_a_model_of_variable_length_inputs_takes_every_length_through_both_backe
                 assert close_to(line["prediction"], w), (serving, n, line)
 
 
-def test_a_file_all_of_a_shape_the_model_does_not_take_costs_one_call_per_batch_in_both_backends(
+def test_a_file_all_of_a_shape_or_type_the_model_does_not_take_costs_one_call_per_batch_in_both_backends(
     make_runtime, storage_client, bucket, model_uris, monkeypatch
 ):
-    """15 numbers on every line for a 16-float input (a common slip): every line is an error line
-    saying so, and the model is asked once per batch, not once per instance after halving each
-    batch down (2 × 300 − 1 calls here). Behind TF Serving, the declared shape comes from the
-    server's metadata, and the server still refuses the batch first."""
+    """15 numbers on every line for a 16-float input, or 16 numbers written as strings (common
+    slips): every line is an error line saying so, and the model is asked once per batch, not once
+    per instance after halving each batch down (2 × 300 − 1 calls here). Behind TF Serving, the
+    declared shape and type come from the server's metadata, and the server still refuses the
+    batch first."""
     from worker.serving.tf_backend import TensorFlowSignature
     from worker.serving.tfserving import RestPredictor
 
@@ -242,25 +243,34 @@ def test_a_file_all_of_a_shape_the_model_does_not_take_costs_one_call_per_batch_
     for cls, name in ((TensorFlowSignature, "predict_once"), (RestPredictor, "_call")):
         real = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, *a, _real=real, **k: calls.append(1) or _real(self, *a, **k))
-    wrong = [instance[:15] for instance in models.mlp_instances(300, seed=11)]
-    write_lines(storage_client, f"gs://{bucket}/short/in.jsonl", [json.dumps(i) for i in wrong])
-    message = "input 'x' expects instances of shape [16], got [15]"
-    for serving in ("tensorflow", "tfserving"):
-        rt = make_runtime(serving)
-        calls.clear()
-        out = f"gs://{bucket}/short-{serving}/"
-        outcome = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/short/in.jsonl", out, batch_size=100))
-        assert len(calls) == 3, serving  # 3 batches of 100
-        assert outcome.manifest["totals"] == {
-            "lines": 300, "instances": 300, "predictions": 0, "errors": 300, "skipped": 0
-        }, serving  # fmt: skip
-        assert outcome.manifest["first_error"] == {
-            "input": f"gs://{bucket}/short/in.jsonl",
-            "line": 1,
-            "message": message,
-        }
-        error = {"status": "INVALID_ARGUMENT", "message": message}
-        assert read_lines(storage_client, f"{out}in.jsonl") == [{"instance": i, "error": error} for i in wrong], serving
+    instances = models.mlp_instances(300, seed=11)
+    cases = {
+        "short": ([i[:15] for i in instances], "input 'x' expects instances of shape [16], got [15]"),
+        # Numbers written as strings, as a CSV export may leave them.
+        "quoted": (
+            [[str(v) for v in i] for i in instances],
+            "input 'x' expects float32 numbers, got values of JSON type string",
+        ),
+    }
+    for case, (wrong, message) in cases.items():
+        write_lines(storage_client, f"gs://{bucket}/{case}/in.jsonl", [json.dumps(i) for i in wrong])
+        for serving in ("tensorflow", "tfserving"):
+            rt = make_runtime(serving)
+            calls.clear()
+            out = f"gs://{bucket}/{case}-{serving}/"
+            outcome = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/{case}/in.jsonl", out, batch_size=100))
+            assert len(calls) == 3, (case, serving)  # 3 batches of 100
+            assert outcome.manifest["totals"] == {
+                "lines": 300, "instances": 300, "predictions": 0, "errors": 300, "skipped": 0
+            }, (case, serving)  # fmt: skip
+            assert outcome.manifest["first_error"] == {
+                "input": f"gs://{bucket}/{case}/in.jsonl",
+                "line": 1,
+                "message": message,
+            }, (case, serving)
+            error = {"status": "INVALID_ARGUMENT", "message": message}
+            lines = read_lines(storage_client, f"{out}in.jsonl")
+            assert lines == [{"instance": i, "error": error} for i in wrong], (case, serving)
 
 
 def test_a_batch_out_of_memory_goes_in_halves_and_one_instance_out_of_memory_fails_the_job_in_both_backends(

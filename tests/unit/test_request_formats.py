@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worker.errors import ModelError
-from worker.serving.tfserving import _columns, _dims, _input_shapes, _rows
+from worker.serving.tfserving import _columns, _dims, _input_numbers, _input_shapes, _rows
 
 
 def test_bare_instances_become_one_list_and_objects_one_list_per_input():
@@ -62,6 +62,12 @@ def test_declared_input_shapes_are_read_from_the_servers_metadata():
         "method_name": "tensorflow/serving/predict",
     }
     assert _input_shapes(signature) == {"x": [16], "tokens": [None], "any": None, "scalar": None, "undeclared": None}
+    assert _input_numbers(signature) == {
+        "x": "float32",
+        "tokens": "int64",
+        "scalar": "float32",
+        "undeclared": "float32",
+    }
 
 
 def test_the_shape_of_a_json_value_as_a_tensor():

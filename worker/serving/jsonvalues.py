@@ -151,3 +151,31 @@ def tf_serving_float(value: float) -> float:
     d = abs(Fraction(six))
     inside = (d > low or (d == low and even)) and (high is None or d < high or (d == high and even))
     return float(six if inside else f"{value:.9g}")
+
+
+_JSON_TYPES = {"str": "string", "dict": "object", "list": "array", "NoneType": "null", "bool": "boolean"}
+
+
+def json_type(values: list[Any]) -> str:
+    """The JSON types of `values`, as a message names them ("array", "object/string")."""
+    return "/".join(sorted({_JSON_TYPES.get(type(v).__name__, type(v).__name__) for v in values}))
+
+
+def not_numbers(values: list[Any]) -> set[str]:
+    """The JSON types inside the arrays that are not numbers (booleans count as numbers here, as
+    NumPy reads them; an integer beyond 64 bits is named for what it is)."""
+    names, stack = set(), list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, int) and not -(2**63) <= value < 2**64:
+            names.add("integer beyond 64 bits")
+        elif not isinstance(value, (int, float)):
+            names.add(_JSON_TYPES.get(type(value).__name__, type(value).__name__))
+    return names
+
+
+def leaf_types(values: list[Any]) -> str:
+    """What a numeric input got instead of numbers: the JSON types inside the arrays that are not."""
+    return "/".join(sorted(not_numbers(values))) or json_type(values)

@@ -21,7 +21,7 @@ import numpy as np
 
 from worker.errors import ModelError
 from worker.serving import JSON_INPUT_ADVICE, MEMORY_ADVICE, BatchRejected, SizeLimit, TooBig, numbers, shape_refusal
-from worker.serving.jsonvalues import decode_strings, rows_from_array
+from worker.serving.jsonvalues import decode_strings, json_type, leaf_types, rows_from_array
 
 log = logging.getLogger(__name__)
 _import_lock = threading.Lock()
@@ -162,10 +162,10 @@ class TensorFlowSignature:
                 raise BatchRejected(f"input {name!r}: instances are not rectangular arrays ({e})") from None
             target = np.dtype(spec.dtype.as_numpy_dtype)
             if arr.dtype.kind not in "biuf":
-                types = _leaf_types(values)
+                types = leaf_types(values)
                 # The batch made an array: its instances have one shape. When each holds these same
                 # types (numbers written as strings, say), each alone is refused just the same.
-                each = all(_leaf_types([v]) == types for v in values)
+                each = all(leaf_types([v]) == types for v in values)
                 raise BatchRejected(
                     f"input {name!r} expects {spec.dtype.name} numbers, got values of JSON type {types}", each=each
                 )
@@ -208,7 +208,7 @@ class TensorFlowSignature:
         else:
             for i in instances:
                 if not isinstance(i, dict) or set(i) != set(names):
-                    got = sorted(i) if isinstance(i, dict) else _json_type([i])
+                    got = sorted(i) if isinstance(i, dict) else json_type([i])
                     raise BatchRejected(
                         f"this model takes named inputs {names}: each instance must be an object "
                         f"with exactly those keys, got {got}"
@@ -243,24 +243,3 @@ def _cause(message: str) -> str:
         if text and not line[0].isspace() and not text.startswith(_ERROR_FRAMING):
             return re.sub(r"\s*\[Op:[^\]]*\]$", "", re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text))
     return message.strip() or "the model refused the instances"
-
-
-_JSON_TYPES = {"str": "string", "dict": "object", "list": "array", "NoneType": "null", "bool": "boolean"}
-
-
-def _json_type(values: list[Any]) -> str:
-    return "/".join(sorted({_JSON_TYPES.get(type(v).__name__, type(v).__name__) for v in values}))
-
-
-def _leaf_types(values: list[Any]) -> str:
-    """The JSON types inside the arrays that are not numbers: what a numeric input got instead."""
-    names, stack = set(), list(values)
-    while stack:
-        value = stack.pop()
-        if isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, int) and not -(2**63) <= value < 2**64:
-            names.add("integer beyond 64 bits")
-        elif not isinstance(value, (int, float)):
-            names.add(_JSON_TYPES.get(type(value).__name__, type(value).__name__))
-    return "/".join(sorted(names)) or _json_type(values)

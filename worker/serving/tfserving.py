@@ -33,6 +33,7 @@ import requests
 from worker import codec
 from worker.errors import ModelError, TransientError
 from worker.serving import JSON_INPUT_ADVICE, MEMORY_ADVICE, BatchRejected, SizeLimit, TooBig, shape_refusal
+from worker.serving.jsonvalues import not_numbers
 
 log = logging.getLogger(__name__)
 
@@ -299,9 +300,13 @@ class TFServingModel:
             )
         if signature_name not in self._predictors:
             columnar = self.server.config.request_format == "columnar"
-            shapes = _input_shapes(self._signature_defs()[signature_name])
+            signature = self._signature_defs()[signature_name]
             self._predictors[signature_name] = RestPredictor(
-                self.server, signature_name, columnar=columnar, input_shapes=shapes
+                self.server,
+                signature_name,
+                columnar=columnar,
+                input_shapes=_input_shapes(signature),
+                input_numbers=_input_numbers(signature),
             )
         return self._predictors[signature_name]
 
@@ -320,12 +325,15 @@ class RestPredictor:
         *,
         columnar: bool = False,
         input_shapes: dict[str, list[int | None] | None] | None = None,
+        input_numbers: dict[str, str] | None = None,
     ) -> None:
         self._server = server
         self._signature_name = signature_name
         self._columnar = columnar
-        # Each input's shape per instance as the signature declares it (None: not declared).
+        # Each input's shape per instance as the signature declares it (None: not declared), and
+        # the numeric inputs' types ("float32").
         self._input_shapes = input_shapes or {}
+        self._input_numbers = input_numbers or {}
         # Instances per request at most, once a request of more timed out or ran out of memory.
         self._limit = SizeLimit(f"the model server for {server.description}", log)
 
@@ -355,7 +363,8 @@ class RestPredictor:
     def _shared_refusal(self, instances: list[Any]) -> str | None:
         """After the server refused `instances`: when they all have one shape that an input's
         declared shape does not take, that (the server's own message may name the batch's size,
-        "In[0]: [1024,15]", and so differ from one instance's)."""
+        "In[0]: [1024,15]", and so differ from one instance's); or when they all hold the same
+        JSON types other than numbers for a numeric input (numbers written as strings, say)."""
         names = list(self._input_shapes)
         if len(names) > 1 and not all(isinstance(i, dict) and i.keys() == self._input_shapes.keys() for i in instances):
             return None  # instances that do not name the inputs: the server's message says so
@@ -369,6 +378,11 @@ class RestPredictor:
                 refusal = shape_refusal(name, self._input_shapes[name], list(shape))
                 if refusal is not None:
                     return refusal
+            if name in self._input_numbers:
+                kinds = {frozenset(not_numbers([v])) for v in values}
+                if len(kinds) == 1 and (kind := kinds.pop()):
+                    got = "/".join(sorted(kind))
+                    return f"input {name!r} expects {self._input_numbers[name]} numbers, got values of JSON type {got}"
         return None
 
     def _call(self, body: dict[str, Any], key: str) -> Any:
@@ -408,6 +422,24 @@ def _input_shapes(signature_def: Any) -> dict[str, list[int | None] | None]:
             sizes = None
         shapes[name] = None if sizes is None else [None if n < 0 else n for n in sizes[1:]]
     return shapes
+
+
+# TF Serving's numeric types, by the names the in-process backend's messages give them.
+_NUMBERS = {
+    "DT_FLOAT": "float32",
+    "DT_DOUBLE": "float64",
+    **{f"DT_{t.upper()}": t for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},
+}
+
+
+def _input_numbers(signature_def: Any) -> dict[str, str]:
+    """The signature's numeric inputs and their types, from the server's metadata."""
+    inputs = signature_def.get("inputs") if isinstance(signature_def, dict) else None
+    return {
+        name: _NUMBERS[info["dtype"]]
+        for name, info in (inputs or {}).items()
+        if isinstance(info, dict) and info.get("dtype") in _NUMBERS
+    }
 
 
 def _dims(value: Any) -> tuple[int, ...] | None:
