@@ -46,6 +46,11 @@ def shape_refusal(name: str, want: list[int | None] | None, got: list[int]) -> s
     return f"input {name!r} expects instances of shape {_shape_text(want)}, got {_shape_text(got)}"
 
 
+def numbers_refusal(name: str, dtype: str, types: str) -> str:
+    """Why numeric input `name` (of `dtype`, "float32") does not take values of these JSON types."""
+    return f"input {name!r} expects {dtype} numbers, got values of JSON type {types}"
+
+
 def _shape_text(dims: list[int | None] | list[int]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.serving import BatchRejected
+from worker.serving import BatchRejected, numbers_refusal
 
 _FLOAT_LIMITS = {  # (largest integer taken, largest magnitude taken)
     np.dtype(np.float32): (2**24 - 1, float(np.finfo(np.float32).max)),
@@ -40,7 +40,7 @@ def check_floats(name: str, values: list[Any], arr: np.ndarray) -> None:
     if largest_int is None or not arr.size:
         return
     if _any_boolean(values, arr):
-        raise BatchRejected(f"input {name!r} expects {arr.dtype.name} numbers, got values of JSON type boolean")
+        raise BatchRejected(numbers_refusal(name, arr.dtype.name, "boolean"))
     with np.errstate(invalid="ignore"):
         large = ~(np.abs(arr) <= largest_int)  # NaN and the infinities too
     for value in _values_at(values, large):

@@ -20,7 +20,16 @@ from typing import Any
 import numpy as np
 
 from worker.errors import ModelError
-from worker.serving import JSON_INPUT_ADVICE, MEMORY_ADVICE, BatchRejected, SizeLimit, TooBig, numbers, shape_refusal
+from worker.serving import (
+    JSON_INPUT_ADVICE,
+    MEMORY_ADVICE,
+    BatchRejected,
+    SizeLimit,
+    TooBig,
+    numbers,
+    numbers_refusal,
+    shape_refusal,
+)
 from worker.serving.jsonvalues import decode_strings, json_type, leaf_types, rows_from_array
 
 log = logging.getLogger(__name__)
@@ -166,9 +175,7 @@ class TensorFlowSignature:
                 # The batch made an array: its instances have one shape. When each holds these same
                 # types (numbers written as strings, say), each alone is refused just the same.
                 each = all(leaf_types([v]) == types for v in values)
-                raise BatchRejected(
-                    f"input {name!r} expects {spec.dtype.name} numbers, got values of JSON type {types}", each=each
-                )
+                raise BatchRejected(numbers_refusal(name, spec.dtype.name, types), each=each)
             if target.kind in "iu":
                 arr = numbers.integers(name, spec.dtype.name, values, arr, target)
             elif target.kind == "b":

@@ -32,7 +32,15 @@ import requests
 
 from worker import codec
 from worker.errors import ModelError, TransientError
-from worker.serving import JSON_INPUT_ADVICE, MEMORY_ADVICE, BatchRejected, SizeLimit, TooBig, shape_refusal
+from worker.serving import (
+    JSON_INPUT_ADVICE,
+    MEMORY_ADVICE,
+    BatchRejected,
+    SizeLimit,
+    TooBig,
+    numbers_refusal,
+    shape_refusal,
+)
 from worker.serving.jsonvalues import not_numbers
 
 log = logging.getLogger(__name__)
@@ -381,8 +389,7 @@ class RestPredictor:
             if name in self._input_numbers:
                 kinds = {frozenset(not_numbers([v])) for v in values}
                 if len(kinds) == 1 and (kind := kinds.pop()):
-                    got = "/".join(sorted(kind))
-                    return f"input {name!r} expects {self._input_numbers[name]} numbers, got values of JSON type {got}"
+                    return numbers_refusal(name, self._input_numbers[name], "/".join(sorted(kind)))
         return None
 
     def _call(self, body: dict[str, Any], key: str) -> Any:
