@@ -6,8 +6,9 @@ version `AVAILABLE`; a model it cannot load (`END` with an error) is a `ModelErr
 exits or never gets ready is transient. Its output is drained continuously into the logs (a full
 pipe would block it). A batch answered 4xx is `BatchRejected` with the server's message verbatim
 (the pipeline isolates what it refuses), or, when its instances all have a shape or JSON types the
-signature's metadata says the input does not take, refused for each instance with that reason; a 501 (an input type its REST API cannot fill from JSON,
-the same for every request) is a `ModelError`; a 504 (a batch that outlived the server's timeout)
+signature's metadata says the input does not take, refused for each instance with that reason; a
+501 (an input type its REST API cannot fill from JSON, the same for every request) is a
+`ModelError`; a 504 (a batch that outlived the server's timeout)
 or a 429 (out of memory for it) is sent again in halves, and later batches no bigger; a connection
 error or any other 5xx restarts the server and retries the batch a bounded number of times, then
 fails transiently.
