@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import types
+from typing import Any
+
 import pytest
 
 from worker.errors import ModelError
-from worker.serving.tfserving import _columns, _dims, _input_numbers, _input_shapes, _rows
+from worker.serving.tfserving import RestPredictor, _columns, _dims, _input_numbers, _input_shapes, _rows
 
 
 def test_bare_instances_become_one_list_and_objects_one_list_per_input():
@@ -78,3 +81,20 @@ def test_the_shape_of_a_json_value_as_a_tensor():
     assert _dims([[1], [2, 3]]) is None  # ragged
     assert _dims([1, [2]]) is None
     assert _dims({"x": [1]}) is None  # an object: the server judges it
+
+
+def test_a_refused_batch_is_refused_for_each_instance_only_for_a_reason_they_all_share():
+    """What the worker concludes from the server's metadata once the server has refused a batch."""
+    server: Any = types.SimpleNamespace(description="m")
+    one = RestPredictor(server, "serving_default", input_shapes={"x": [4]}, input_numbers={"x": "float32"})
+    assert one._shared_refusal([[1.0, 2.0, 3.0]] * 3) == "input 'x' expects instances of shape [4], got [3]"
+    assert one._shared_refusal([{"x": [1.0] * 5}, [2.0] * 5]) == "input 'x' expects instances of shape [4], got [5]"
+    quoted = [["1", "2", "3", "4"], ["5", "6", "7", "8"]]
+    assert one._shared_refusal(quoted) == "input 'x' expects float32 numbers, got values of JSON type string"
+    assert one._shared_refusal([[1.0] * 4, [1.0] * 3]) is None  # shapes differ: some may be taken
+    assert one._shared_refusal([["1"] * 4, [1.0] * 4]) is None  # one holds numbers only
+    assert one._shared_refusal([[2**70] + [1.0] * 3] * 2) is None  # read by a float input; the server says why
+    assert one._shared_refusal([[1.0] * 4] * 2) is None  # refused for its values: the server says why
+    two = RestPredictor(server, "serving_default", input_shapes={"a": [2], "b": None}, input_numbers={"a": "int64"})
+    assert two._shared_refusal([{"a": [1, 2, 3], "b": "x"}] * 2) == "input 'a' expects instances of shape [2], got [3]"
+    assert two._shared_refusal([{"a": [1, 2, 3]}] * 2) is None  # not keyed by both inputs

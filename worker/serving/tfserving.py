@@ -390,7 +390,9 @@ class RestPredictor:
                     return refusal
             if name in self._input_numbers:
                 kinds = {frozenset(not_numbers([v])) for v in values}
-                if len(kinds) == 1 and (kind := kinds.pop()):
+                # Not for integers beyond 64 bits: a float input reads them (and refuses them only
+                # as inexact), which the server's own message says.
+                if len(kinds) == 1 and (kind := kinds.pop()) and "integer beyond 64 bits" not in kind:
                     return numbers_refusal(name, self._input_numbers[name], "/".join(sorted(kind)))
         return None
 
