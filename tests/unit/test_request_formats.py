@@ -1,4 +1,5 @@
-"""Row instances to TF Serving's columnar `inputs`, and columnar `outputs` back to rows."""
+"""Row instances to TF Serving's columnar `inputs`, columnar `outputs` back to rows, and what the worker
+reads from the server's metadata."""
 
 from __future__ import annotations
 
