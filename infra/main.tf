@@ -13,6 +13,8 @@ locals {
       WORKER_OUTPUT        = "gs://${var.output_bucket}/${var.output_prefix}"
       WORKER_MODEL         = var.default_model
       WORKER_WORK_DIR      = "/tmp/embedded-tf"
+      # The job subscription's last delivery publishes FAILED for a job still failing transiently.
+      WORKER_MAX_DELIVERY_ATTEMPTS = tostring(var.max_delivery_attempts)
       # Local files live in memory on Cloud Run: warm models' files get a quarter of it.
       WORKER_MAX_MODEL_DISK_MB = tostring(floor(local.memory_mib / 4))
     },

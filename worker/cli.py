@@ -30,7 +30,8 @@ def _env_help() -> str:
     lines = ["environment (default in brackets):"]
     for var, name, text in ENV_VARS:
         default = getattr(defaults, name)
-        lines.append(f"  {var:<24} {text}" + (f" [{default}]" if default != "" else ""))
+        # "" and 0 are "not set" (a number set in the environment is at least 1).
+        lines.append(f"  {var:<24} {text}" + (f" [{default}]" if default not in ("", 0) else ""))
     lines.append("  STORAGE_EMULATOR_HOST    Cloud Storage emulator, e.g. http://127.0.0.1:4443")
     lines.append("  PUBSUB_EMULATOR_HOST     Pub/Sub emulator, e.g. 127.0.0.1:8085")
     return "\n".join(lines)

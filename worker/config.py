@@ -34,6 +34,12 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
         "A running job's lease: a redelivered event waits (retryable answer) while the lease is renewed; "
         "a retry takes over this long after its holder died.",
     ),
+    (
+        "WORKER_MAX_DELIVERY_ATTEMPTS",
+        "max_delivery_attempts",
+        "The job subscription's dead-letter max_delivery_attempts: a job that fails transiently on that "
+        "delivery publishes FAILED before its message is dead-lettered. Empty: never.",
+    ),
     ("WORKER_MODEL", "default_model", "Model for input files dropped into a bucket without `model` metadata."),
     (
         "WORKER_INPUT",
@@ -85,6 +91,7 @@ class Settings:
     work_dir: str = os.path.join(tempfile.gettempdir(), "embedded-tf")
     download_threads: int = 8
     lease_seconds: int = 120
+    max_delivery_attempts: int = 0  # 0: unknown (the subscription does not dead-letter, or is not ours)
     default_model: str = ""
     input_prefix: str = ""
     default_output: str = ""

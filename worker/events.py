@@ -189,6 +189,20 @@ def _message_data(data: Any) -> bytes:
         raise InvalidJob(f"Pub/Sub message data is not valid base64: {e}") from e
 
 
+def delivery_attempt(data: Any) -> int | None:
+    """Which delivery of its message an event is, when the subscription counts them: Pub/Sub
+    writes `deliveryAttempt` into the push body of a subscription with a dead-letter topic (the
+    data of the event). None when it is not there."""
+    if not isinstance(data, Mapping):
+        return None
+    attempt = data.get("deliveryAttempt")
+    if isinstance(attempt, str) and attempt.isdigit():
+        attempt = int(attempt)
+    if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0:
+        return attempt
+    return None
+
+
 def job_id_hint(attributes: Mapping[str, Any], data: Any) -> str:
     """The job id to report for an event that may never become a job: an explicit job_id in
     the message if it can be read, else the message id, the object's id, or the event id."""

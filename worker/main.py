@@ -104,7 +104,11 @@ def _handle(attributes: dict[str, Any], data: Any) -> None:
         log.info("event %s: %s", attributes.get("id"), events.describe(trigger))
         rt.handle(trigger)
     except errors.TransientError as e:
-        log.error("transient failure, the event will be redelivered: %s", e)
+        last = _last_delivery(rt, data)
+        if last is not None and not isinstance(e, errors.Busy):
+            _give_up(rt, _report_job_id(trigger, attributes, data), e, last, context)
+        else:
+            log.error("transient failure, the event will be redelivered: %s", e)
         raise
     except errors.PermanentError as e:
         rt.report_failure(_report_job_id(trigger, attributes, data), e, context)
@@ -113,6 +117,27 @@ def _handle(attributes: dict[str, Any], data: Any) -> None:
         log.exception("unexpected error handling event %s", attributes.get("id"))
         internal = errors.WorkerError(f"internal error: {type(e).__name__}: {e}")
         rt.report_failure(_report_job_id(trigger, attributes, data), internal, context)
+
+
+def _last_delivery(rt: Runtime, data: Any) -> int | None:
+    """The delivery attempt of this event's message when Pub/Sub dead-letters the message unless
+    it is acknowledged now; else None."""
+    attempt = events.delivery_attempt(data)
+    limit = rt.settings.max_delivery_attempts
+    return attempt if attempt is not None and limit > 0 and attempt >= limit else None
+
+
+def _give_up(rt: Runtime, job_id: str, e: errors.TransientError, attempt: int, context: dict[str, Any]) -> None:
+    """A transient failure on the message's last delivery: no retry follows, so the job fails
+    where its completion is awaited. (A Busy job is running elsewhere and reports itself.)"""
+    error = errors.TransientError(
+        f"{e} — gave up after {attempt} deliveries (max_delivery_attempts): the message goes to the "
+        "dead-letter topic; republish it from there once the cause is fixed"
+    )
+    try:
+        rt.report_failure(job_id, error, {**context, "delivery_attempt": attempt})
+    except errors.WorkerError as publish_error:
+        log.error("could not publish the FAILED completion of job %s: %s", job_id, publish_error)
 
 
 def _report_job_id(trigger: events.Trigger | None, attributes: dict[str, Any], data: Any) -> str:

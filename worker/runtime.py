@@ -244,10 +244,11 @@ class Runtime:
         return dataclasses.replace(job, manifest=out.child(f"{MANIFESTS_FOLDER}{rel}.json"))
 
     def report_failure(self, job_id: str, error: errors.WorkerError, context: dict[str, Any]) -> dict[str, Any]:
-        """Publish FAILED for an event that never became a runnable job (malformed message)."""
+        """Publish FAILED for an event that never became a runnable job (malformed message), or
+        whose job failed transiently on its message's last delivery."""
         report = {"job_id": job_id, "status": STATUS_FAILED, "error": failure(error.code, str(error)), **context}
         with logs.bound(job_id=job_id):
-            log.error("rejected event: %s", error)
+            log.error("job failed: %s", error)
             if self.publisher is not None:
                 self.publisher.publish(json.dumps(report).encode(), {"job_id": job_id, "status": STATUS_FAILED})
         return report

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from localdev import emulators, models
-from tests.conftest import read_lines, write_lines
+from tests.conftest import create_topology, read_lines, worker_env, write_lines
 
 pytestmark = pytest.mark.integration
 
@@ -107,6 +107,47 @@ def test_unavailable_storage_is_retried_not_acknowledged(tmp_path):
         r = requests.post(url + "/", json=body, headers=headers, timeout=180)
         assert r.status_code >= 500
         assert "Cloud Storage" in service.log_tail(200)
+    finally:
+        service.stop()
+
+
+def test_a_transient_failure_on_the_last_delivery_publishes_failed(
+    pubsub_host, gcs_host, storage_client, bucket, model_uris, tmp_path
+):
+    """A push subscription with a dead-letter topic writes `deliveryAttempt` into each push body (the
+    emulator does not, so the bodies are written here as Pub/Sub sends them). A model server that
+    cannot start fails every delivery transiently; the last one (WORKER_MAX_DELIVERY_ATTEMPTS)
+    publishes FAILED with the cause, and still answers 5xx so the message is dead-lettered."""
+    topology = create_topology()
+    crash = f"{sys.executable} -c \"import sys; print('unknown flag --frobnicate'); sys.exit(3)\""
+    env = worker_env(
+        gcs_host, pubsub_host, topology, tmp_path,
+        WORKER_SERVING="tfserving", WORKER_MODEL_SERVER=crash, WORKER_MAX_DELIVERY_ATTEMPTS="5",
+    )  # fmt: skip
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", ["[1]"])
+    job = {"model": model_uris["mlp"], "input": f"gs://{bucket}/in.jsonl", "output": f"gs://{bucket}/o/"}
+    service, url = emulators.start_worker(env)
+    try:
+        for attempt in (4, 5):
+            body = {
+                "message": {"data": base64.b64encode(json.dumps(job).encode()).decode(), "messageId": "4242"},
+                "subscription": "projects/p/subscriptions/jobs",
+                "deliveryAttempt": attempt,
+            }
+            r = requests.post(url + "/", json=body, timeout=180)
+            assert r.status_code >= 500, (attempt, r.status_code)
+        [(report, attrs)] = topology.completions(1)
+        assert attrs == {"job_id": "4242", "status": "FAILED"}
+        assert report["error"]["code"] == "UNAVAILABLE"
+        message = report["error"]["message"]
+        assert "exited with code 3" in message and "unknown flag --frobnicate" in message, message
+        assert message.endswith(
+            "gave up after 5 deliveries (max_delivery_attempts): the message goes to the dead-letter topic; "
+            "republish it from there once the cause is fixed"
+        )
+        assert report["delivery_attempt"] == 5
+        assert topology.no_more_completions() == []  # delivery 4 published nothing
+        assert storage_client.bucket(bucket).get_blob("o/_manifest.json") is None  # a republished job runs
     finally:
         service.stop()
 

@@ -81,6 +81,10 @@ def test_job_messages_have_the_long_ack_deadline_retries_and_a_dead_letter_topic
     dead = push["dead_letter_policy"][0]
     assert dead["dead_letter_topic"] == "${google_pubsub_topic.dead_letter.id}"
     assert dead["max_delivery_attempts"] == "${var.max_delivery_attempts}"
+    # The worker knows which delivery is the last, to publish FAILED on it.
+    main_tf = (INFRA / "main.tf").read_text()
+    told = re.search(r"^\s*WORKER_MAX_DELIVERY_ATTEMPTS\s*=\s*(.+)$", main_tf, flags=re.M)
+    assert told and told.group(1).strip() == "tostring(var.max_delivery_attempts)"
     assert set(_resources(config, "google_pubsub_topic")) == {"jobs", "results", "dead_letter"}
     # Pub/Sub's agent may move messages there.
     grants = _resources(config, "google_pubsub_topic_iam_member")

@@ -1,0 +1,118 @@
+"""The last delivery of a job message: Pub/Sub counts deliveries (`deliveryAttempt` in the push
+body) when the subscription dead-letters; a transient failure on the last one publishes FAILED
+before the message is dead-lettered, so whoever waits for the completion hears of it."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from worker import errors, events, main
+from worker.config import Settings
+
+JOB = {"model": "gs://mdl/m/", "input": "gs://bkt/in/", "output": "gs://bkt/out/", "job_id": "j-1"}
+ATTRIBUTES = {"type": events.PUBSUB_PUBLISHED, "id": "42", "source": "//pubsub.googleapis.com/projects/p/topics/t"}
+
+
+def _push(attempt: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "message": {"data": base64.b64encode(json.dumps(JOB).encode()).decode(), "messageId": "42"},
+        "subscription": "projects/p/subscriptions/jobs",
+    }
+    if attempt is not None:
+        body["deliveryAttempt"] = attempt
+    return body
+
+
+class FakeRuntime:
+    """Our Runtime's surface that `main` uses: it fails every job with `error`."""
+
+    def __init__(self, error: Exception, max_delivery_attempts: int) -> None:
+        self.settings = Settings(max_delivery_attempts=max_delivery_attempts)
+        self.error = error
+        self.reports: list[tuple[str, errors.WorkerError, dict[str, Any]]] = []
+
+    def handle(self, trigger: events.Trigger) -> None:
+        raise self.error
+
+    def report_failure(self, job_id: str, error: errors.WorkerError, context: dict[str, Any]) -> dict[str, Any]:
+        self.reports.append((job_id, error, context))
+        return {}
+
+
+@pytest.fixture
+def runtime_of(monkeypatch: pytest.MonkeyPatch):
+    def make(error: Exception, max_delivery_attempts: int = 5) -> FakeRuntime:
+        fake = FakeRuntime(error, max_delivery_attempts)
+        monkeypatch.setattr(main, "_runtime", fake)
+        return fake
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (_push(5), 5),
+        (_push("7"), 7),  # tolerated as a string of digits
+        (_push(None), None),  # a subscription without a dead-letter topic does not count
+        (_push(0), None),
+        (_push(True), None),
+        (_push("x"), None),
+        ({"bucket": "b", "name": "n"}, None),  # a storage event's data
+        (b"raw", None),
+    ],
+)
+def test_delivery_attempt_is_read_from_the_push_body(body: Any, expected: int | None):
+    assert events.delivery_attempt(body) == expected
+
+
+def test_a_transient_failure_on_the_last_delivery_publishes_failed_and_is_still_retried(runtime_of):
+    rt = runtime_of(errors.TransientError("model server exited with code 3"))
+    with pytest.raises(errors.TransientError):  # not acknowledged: Pub/Sub dead-letters the message
+        main._handle(dict(ATTRIBUTES), _push(5))
+    [(job_id, error, context)] = rt.reports
+    assert job_id == "j-1"
+    assert error.code == "UNAVAILABLE"
+    assert str(error) == (
+        "model server exited with code 3 — gave up after 5 deliveries (max_delivery_attempts): the message "
+        "goes to the dead-letter topic; republish it from there once the cause is fixed"
+    )
+    assert context["delivery_attempt"] == 5 and context["event"]["id"] == "42"
+
+
+def test_a_redelivery_past_the_last_one_reports_too(runtime_of):
+    rt = runtime_of(errors.TransientError("storage unavailable"))
+    with pytest.raises(errors.TransientError):
+        main._handle(dict(ATTRIBUTES), _push(6))  # dead-lettering is best effort
+    assert len(rt.reports) == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "attempt", "max_attempts"),
+    [
+        (errors.TransientError("storage unavailable"), 4, 5),  # deliveries remain
+        (errors.TransientError("storage unavailable"), None, 5),  # the subscription does not count them
+        (errors.TransientError("storage unavailable"), 5, 0),  # the worker does not know the limit
+        (errors.Busy("lease held by another run"), 5, 5),  # still running elsewhere: it reports itself
+    ],
+)
+def test_no_failed_completion_while_the_job_may_still_complete(runtime_of, error, attempt, max_attempts):
+    rt = runtime_of(error, max_attempts)
+    with pytest.raises(type(error)):
+        main._handle(dict(ATTRIBUTES), _push(attempt))
+    assert rt.reports == []
+
+
+def test_a_failed_publish_on_the_last_delivery_leaves_the_cause_to_be_raised(runtime_of):
+    rt = runtime_of(errors.TransientError("storage unavailable"))
+
+    def cannot_publish(job_id: str, error: errors.WorkerError, context: dict[str, Any]) -> dict[str, Any]:
+        raise errors.TransientError("publishing failed")
+
+    rt.report_failure = cannot_publish  # type: ignore[method-assign]
+    with pytest.raises(errors.TransientError, match="storage unavailable"):
+        main._handle(dict(ATTRIBUTES), _push(5))
