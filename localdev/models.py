@@ -9,6 +9,8 @@
   their 4-float embeddings `mean` float32[?,4] (a table of 100: an id beyond it is refused).
 - `greedy` (tests only): x float32[?,2] → y = x[0] + x[1], asking TensorFlow for 2**64 bytes (out
   of memory, refused at once) for a batch of more than one, or for an instance whose x[0] is 1.
+- `unbatched` (tests only): x float32[?,2] → `total`, a scalar, or `first`, the first row alone:
+  outputs without one row per instance.
 - Keras models exported as Keras users export them (tests only, not in BUILDERS): a Sequential
   model, whose input is named `keras_tensor` and output `output_0`, and a functional model of two
   inputs `a` and `b` and two outputs (`output_0`, `output_1`).
@@ -167,6 +169,19 @@ def build_keras_two_inputs(path: str | Path) -> Path:
     outputs = [keras.layers.Dense(1, name="score")(joined), keras.layers.Dense(2, activation="softmax")(joined)]
     keras.Model(inputs=[a, b], outputs=outputs).export(str(path), verbose=False)
     return Path(path)
+
+
+def build_unbatched(path: str | Path, output: str) -> Path:
+    """x float32[?,2] → an output without one row per instance, as a model exported by mistake
+    has: `total`, the sum over the whole batch (a scalar), or `first`, the batch's first row alone."""
+    tf = _tf()
+
+    class Unbatched(tf.Module):  # type: ignore[misc]
+        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+        def serve(self, x: Any) -> Any:
+            return {"total": tf.reduce_sum(x)} if output == "total" else {"first": x[:1]}
+
+    return _save(tf, Unbatched(), path)
 
 
 BUILDERS = {"mlp": build_mlp, "two_io": build_two_io, "strings": build_strings}

@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from worker.serving import TooBig
+from worker.serving.jsonvalues import rows_from_array
 from worker.serving.tf_backend import NotFromJson
 
 _PREDICT = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
@@ -83,7 +84,7 @@ class Servable:
     def signature(self, name: str) -> Any:
         with self._lock:
             if name not in self._predictors:
-                self._predictors[name] = self.model.predictor(name)
+                self._predictors[name] = self.model.signature(name)
             return self._predictors[name]
 
     def signature_names(self) -> list[str]:
@@ -149,7 +150,10 @@ class Handler(BaseHTTPRequestHandler):
                     k: {"dtype": _data_type(spec.dtype), "tensor_shape": _tensor_shape(spec.shape), "name": k}
                     for k, spec in p.inputs.items()
                 },
-                "outputs": {k: {"name": k} for k in p.output_names},
+                "outputs": {
+                    k: {"dtype": _data_type(spec.dtype), "tensor_shape": _tensor_shape(spec.shape), "name": k}
+                    for k, spec in p.output_specs.items()
+                },
                 "method_name": "tensorflow/serving/predict",
             }
         return {"signature_def": {"signature_def": defs}}
@@ -189,10 +193,10 @@ class Handler(BaseHTTPRequestHandler):
                 if not isinstance(instances, list) or not instances:
                     self._error(400, "'instances' must be a non-empty JSON array")
                     return
-                answer = {"predictions": self._predict(predictor, instances)}
+                answer = {"predictions": _row_format(self._predict(predictor, instances))}
             else:
                 rows = _rows_from_columns(body["inputs"], list(predictor.inputs))
-                answer = {"outputs": _columns_from_rows(self._predict(predictor, rows), predictor.output_names)}
+                answer = {"outputs": _columnar_format(self._predict(predictor, rows))}
             if time.monotonic() - started > self.timeout_s:
                 # TF Serving's answer when a request outlives --rest_api_timeout_in_ms.
                 self._error(504, "Timed out waiting for notification")
@@ -205,11 +209,11 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # the row converter's BatchRejected and TensorFlow's own errors
             self._error(400, getattr(e, "message", None) or str(e))
 
-    def _predict(self, predictor: Any, instances: list[Any]) -> list[Any]:
+    def _predict(self, predictor: Any, instances: list[Any]) -> dict[str, Any]:
         if self.delay_s_per_instance:
             time.sleep(self.delay_s_per_instance * len(instances))
-        predictions: list[Any] = predictor.predict_once(instances)  # as TF Serving does: no halving
-        return predictions
+        outputs: dict[str, Any] = predictor.outputs_once(instances)  # as TF Serving does: no halving
+        return outputs
 
 
 def _data_type(dtype: Any) -> str:
@@ -243,10 +247,30 @@ def _rows_from_columns(inputs: Any, names: list[str]) -> list[Any]:
     return inputs
 
 
-def _columns_from_rows(predictions: list[Any], output_names: list[str]) -> Any:
-    if len(output_names) == 1:
-        return predictions
-    return {n: [p[n] for p in predictions] for n in output_names}
+def _row_format(outputs: dict[str, Any]) -> list[Any]:
+    """Output arrays as TF Serving's row format writes them (`MakeRowFormatJsonFromTensors` in its
+    json_tensor.cc): one row per index of the outputs' first dimension, whatever the instances."""
+    batch = 0
+    for name, arr in outputs.items():
+        if arr.ndim == 0:
+            raise ValueError(f"Tensor name: {name} has no shape information ")
+        if arr.shape[0] < 1:
+            raise ValueError(f"Tensor name: {name} has invalid batch size: {arr.shape[0]}")
+        if batch and arr.shape[0] != batch:
+            raise ValueError(f"Tensor name: {name} has inconsistent batch size: {arr.shape[0]} expecting: {batch}")
+        batch = arr.shape[0]
+    columns = {name: rows_from_array(name, arr, batch) for name, arr in outputs.items()}
+    if len(columns) == 1:
+        return next(iter(columns.values()))
+    return [{name: column[k] for name, column in columns.items()} for k in range(batch)]
+
+
+def _columnar_format(outputs: dict[str, Any]) -> Any:
+    """Output arrays as TF Serving's columnar format writes them: each whole, by name when several."""
+    columns = {
+        name: rows_from_array(name, arr, len(arr)) if arr.ndim else arr.tolist() for name, arr in outputs.items()
+    }
+    return next(iter(columns.values())) if len(columns) == 1 else columns
 
 
 def main(argv: list[str] | None = None) -> int:

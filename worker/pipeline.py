@@ -35,7 +35,7 @@ from worker.jobs import (
     failure,
 )
 from worker.lease import Lease
-from worker.serving import BatchRejected, LoadedModel, Predictor
+from worker.serving import BATCH_ADVICE, BatchRejected, LoadedModel, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -639,7 +639,9 @@ def _predict(predictor: Predictor, feeds: list[Any]) -> list[Any]:
     """One prediction per instance, or ModelError; the model's BatchRejected passes through."""
     predictions = predictor.predict(feeds)
     if len(predictions) != len(feeds):
-        raise errors.ModelError(f"the model returned {len(predictions)} predictions for {len(feeds)} instances")
+        raise errors.ModelError(
+            f"the model returned {len(predictions)} predictions for {len(feeds)} instances; {BATCH_ADVICE}"
+        )
     return predictions
 
 

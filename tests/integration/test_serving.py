@@ -380,6 +380,46 @@ def test_an_input_type_tf_serving_cannot_fill_from_json_fails_the_job_with_what_
     assert storage_client.bucket(bucket).get_blob("out/in.jsonl") is None
 
 
+@pytest.fixture(scope="module")
+def unbatched_models(storage_client: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    bucket = make_bucket(storage_client, "unbatched")
+    for output in ("total", "first"):
+        path = models.build_unbatched(tmp_path_factory.mktemp("unbatched") / output, output)
+        models.upload_folder(storage_client, path, bucket, f"{output}/1")
+    return {output: f"gs://{bucket}/{output}/" for output in ("total", "first")}
+
+
+@pytest.mark.parametrize(
+    ("serving", "request_format"), [("tensorflow", "row"), ("tfserving", "row"), ("tfserving", "columnar")]
+)
+def test_a_model_whose_outputs_have_no_row_per_instance_fails_the_job_in_both_backends(
+    make_runtime, storage_client, bucket, unbatched_models, serving, request_format
+):
+    """A scalar output is refused from the signature, before any line is read (TF Serving would
+    refuse every request of it: "has no shape information"); an output of the wrong number of rows
+    fails the job at its first batch. Neither leaves an output, and both say what to fix."""
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", ["[1, 2]", "[3, 4]"])
+    rt = make_runtime(serving, request_format=request_format)
+    advice = "not one row per instance; export the model with a batch dimension first on every output"
+
+    scalar = rt.run_job(_job(unbatched_models["total"], f"gs://{bucket}/in.jsonl", f"gs://{bucket}/o1/"))
+    assert scalar.status == "FAILED"
+    assert scalar.manifest["error"] == {
+        "code": "FAILED_PRECONDITION",
+        "message": f"model {unbatched_models['total']}1/: output 'total' is a scalar (shape []), {advice}",
+    }
+    assert scalar.manifest["files"] == []
+
+    first = rt.run_job(_job(unbatched_models["first"], f"gs://{bucket}/in.jsonl", f"gs://{bucket}/o2/"))
+    assert first.status == "FAILED"
+    message = first.manifest["error"]["message"]
+    assert first.manifest["error"]["code"] == "FAILED_PRECONDITION"
+    assert message.endswith("; export the model with a batch dimension first on every output"), message
+    assert ("1 predictions for 2 instances" in message) or ("(2)" in message), message
+    for out in ("o1", "o2"):
+        assert storage_client.bucket(bucket).get_blob(f"{out}/in.jsonl") is None
+
+
 def test_a_batch_that_outlives_the_server_s_timeout_is_sent_in_halves_and_so_are_later_ones(
     make_runtime, storage_client, bucket, model_uris, model_dirs, reference, monkeypatch, caplog
 ):

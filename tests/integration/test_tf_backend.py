@@ -210,8 +210,9 @@ def test_every_input_type_tf_serving_fills_from_json_is_taken(tmp_path: Path) ->
 
 
 def test_an_output_without_a_row_per_instance_is_the_model_s_fault(tmp_path: Path) -> None:
-    """An output reduced over the batch (a scalar): the job fails saying what to export, instead
-    of every line failing or the job ending in an internal error."""
+    """An output reduced over the batch (a scalar) is refused from the signature, before any
+    prediction; an output of the wrong number of rows at the first batch. Either way the job fails
+    saying what to export, instead of every line failing or the job ending in an internal error."""
     import tensorflow as tf
 
     class Unbatched(tf.Module):  # type: ignore[misc]
@@ -221,8 +222,12 @@ def test_an_output_without_a_row_per_instance_is_the_model_s_fault(tmp_path: Pat
 
     module = Unbatched()
     tf.saved_model.save(module, str(tmp_path / "m"), signatures={"serving_default": module.serve})
-    predictor = TensorFlowModel(str(tmp_path / "m"), description="m").predictor("serving_default")
-    with pytest.raises(ModelError, match=r"output 'total' has shape \[\], not one row per instance \(2\)"):
+    with pytest.raises(ModelError, match=r"^model m: output 'total' is a scalar \(shape \[\]\), not one row per"):
+        TensorFlowModel(str(tmp_path / "m"), description="m").predictor("serving_default")
+
+    first = models.build_unbatched(tmp_path / "first", "first")
+    predictor = TensorFlowModel(str(first), description="first").predictor("serving_default")
+    with pytest.raises(ModelError, match=r"output 'first' has shape \[1, 2\], not one row per instance \(2\); export"):
         predictor.predict([[1, 2], [3, 4]])
 
 

@@ -660,7 +660,8 @@ def test_a_model_answering_too_few_predictions_fails_the_job_and_says_so():
     assert outcome.status == "FAILED"
     assert outcome.manifest["error"] == {
         "code": "FAILED_PRECONDITION",
-        "message": "the model returned 2 predictions for 3 instances",
+        "message": "the model returned 2 predictions for 3 instances; export the model with a batch dimension "
+        "first on every output",
     }
     assert "bkt/out/f.jsonl" not in store.objects
 

@@ -9,7 +9,16 @@ from typing import Any
 import pytest
 
 from worker.errors import ModelError
-from worker.serving.tfserving import RestPredictor, _columns, _dims, _input_numbers, _input_shapes, _rows
+from worker.serving import check_batched_outputs
+from worker.serving.tfserving import (
+    RestPredictor,
+    _columns,
+    _dims,
+    _input_numbers,
+    _input_shapes,
+    _output_ranks,
+    _rows,
+)
 
 
 def test_bare_instances_become_one_list_and_objects_one_list_per_input():
@@ -72,6 +81,34 @@ def test_declared_input_shapes_are_read_from_the_servers_metadata():
         "scalar": "float32",
         "undeclared": "float32",
     }
+
+
+def test_declared_output_ranks_are_read_from_the_servers_metadata_and_a_scalar_output_refused():
+    """A TensorShapeProto with no dim and no unknown_rank is a scalar, whether the server writes
+    the defaults (`"dim": [], "unknown_rank": false`) or leaves them out."""
+    signature = {
+        "inputs": {},
+        "outputs": {
+            "scores": {
+                "dtype": "DT_FLOAT",
+                "tensor_shape": {"dim": [{"size": "-1", "name": ""}, {"size": "3", "name": ""}], "unknown_rank": False},
+                "name": "StatefulPartitionedCall:0",
+            },
+            "total": {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [], "unknown_rank": False}, "name": "s:1"},
+            "bare": {"dtype": "DT_FLOAT", "tensor_shape": {}, "name": "s:2"},
+            "any": {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [], "unknown_rank": True}, "name": "s:3"},
+            "undeclared": {"dtype": "DT_FLOAT", "name": "s:4"},
+        },
+    }
+    ranks = _output_ranks(signature)
+    assert ranks == {"scores": 2, "total": 0, "bare": 0, "any": None, "undeclared": None}
+    with pytest.raises(ModelError) as refused:
+        check_batched_outputs(ranks, "gs://m/1/")
+    assert str(refused.value) == (
+        "model gs://m/1/: output 'bare' is a scalar (shape []), not one row per instance; export the model "
+        "with a batch dimension first on every output"
+    )
+    check_batched_outputs({"scores": 2, "any": None, "undeclared": None}, "gs://m/1/")  # nothing to refuse
 
 
 def test_the_shape_of_a_json_value_as_a_tensor():

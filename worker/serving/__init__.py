@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from worker.errors import ModelError
@@ -23,6 +23,20 @@ JSON_INPUT_ADVICE = (
 
 # What to do about a model that runs out of memory on one instance.
 MEMORY_ADVICE = "give the worker more memory (Cloud Run: --memory), or use a smaller model"
+
+# What to do about a model output without one row per instance.
+BATCH_ADVICE = "export the model with a batch dimension first on every output"
+
+
+def check_batched_outputs(ranks: Mapping[str, int | None], description: str) -> None:
+    """Refuse a signature with an output declared a scalar (rank 0): it has no row per instance,
+    for any batch (TF Serving refuses every row-format request of it: "has no shape information")."""
+    scalars = sorted(name for name, rank in ranks.items() if rank == 0)
+    if scalars:
+        raise ModelError(
+            f"model {description}: output {scalars[0]!r} is a scalar (shape []), not one row per instance; "
+            f"{BATCH_ADVICE}"
+        )
 
 
 class BatchRejected(Exception):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from worker.errors import ModelError
-from worker.serving import BatchRejected
+from worker.serving import BATCH_ADVICE, BatchRejected
 
 
 def decode_strings(value: Any) -> Any:
@@ -48,10 +48,7 @@ def rows_from_array(name: str, arr: np.ndarray, n: int) -> list[Any]:
     """Split a batched output tensor into `n` JSON-ready per-instance values; an output without
     one row per instance is the model's fault (`ModelError`), as with TF Serving."""
     if arr.ndim == 0 or arr.shape[0] != n:
-        raise ModelError(
-            f"output {name!r} has shape {list(arr.shape)}, not one row per instance ({n}); "
-            "export the model with a batch dimension first on every output"
-        )
+        raise ModelError(f"output {name!r} has shape {list(arr.shape)}, not one row per instance ({n}); {BATCH_ADVICE}")
     if arr.dtype.kind == "O" or arr.dtype.kind == "S":
         # TF Serving base64-encodes only outputs whose name ends in _bytes; others are text.
         return [_bytes_to_json(v, as_b64=name.endswith("_bytes")) for v in arr.tolist()]

@@ -26,6 +26,7 @@ from worker.serving import (
     BatchRejected,
     SizeLimit,
     TooBig,
+    check_batched_outputs,
     numbers,
     numbers_refusal,
     shape_refusal,
@@ -94,16 +95,21 @@ class TensorFlowModel:
     def predictor(self, signature_name: str) -> TensorFlowSignature:
         with self._lock:
             if signature_name not in self._predictors:
-                signatures = self._loaded.signatures
-                if signature_name not in signatures:
-                    raise ModelError(
-                        f"model {self.description} has no signature {signature_name!r}; it has "
-                        f"{', '.join(sorted(signatures)) or 'none'} — set options.signature_name"
-                    )
-                self._predictors[signature_name] = TensorFlowSignature(
-                    self._tf, signatures[signature_name], description=self.description
-                )
+                predictor = self.signature(signature_name)
+                check_batched_outputs(predictor.output_ranks, self.description)
+                self._predictors[signature_name] = predictor
             return self._predictors[signature_name]
+
+    def signature(self, signature_name: str) -> TensorFlowSignature:
+        """The signature as it is, without the checks of `predictor` (the TF Serving stand-in
+        serves a model as TF Serving does, whatever its outputs)."""
+        signatures = self._loaded.signatures
+        if signature_name not in signatures:
+            raise ModelError(
+                f"model {self.description} has no signature {signature_name!r}; it has "
+                f"{', '.join(sorted(signatures)) or 'none'} — set options.signature_name"
+            )
+        return TensorFlowSignature(self._tf, signatures[signature_name], description=self.description)
 
 
 class NotFromJson(ModelError):
@@ -133,7 +139,9 @@ class TensorFlowSignature:
         self._limit = SizeLimit(f"model {description}", log)
         _, kwargs = fn.structured_input_signature
         self.inputs: dict[str, Any] = dict(sorted(kwargs.items()))
-        self.output_names = sorted(fn.structured_outputs)
+        self.output_specs: dict[str, Any] = dict(sorted(fn.structured_outputs.items()))
+        self.output_names = list(self.output_specs)
+        self.output_ranks: dict[str, int | None] = {k: v.shape.rank for k, v in self.output_specs.items()}
         self._floats = (tf.float32, tf.float64)
         # The types TF Serving's REST API fills from JSON (`AddValueToTensor` in its
         # json_tensor.cc); for any other it answers 501 for every request.
@@ -199,6 +207,15 @@ class TensorFlowSignature:
 
     def predict_once(self, instances: list[Any]) -> list[Any]:
         """Predictions for `instances` in one call; `TooBig` when TensorFlow runs out of memory."""
+        outputs = self.outputs_once(instances)
+        n = len(instances)
+        columns = {name: rows_from_array(name, outputs[name], n) for name in self.output_names}
+        if len(columns) == 1:
+            return next(iter(columns.values()))
+        return [{name: columns[name][k] for name in self.output_names} for k in range(n)]
+
+    def outputs_once(self, instances: list[Any]) -> dict[str, np.ndarray]:
+        """The signature's outputs for `instances`, in one call, as arrays."""
         names = list(self.inputs)
         if len(names) == 1:
             (name,) = names
@@ -230,11 +247,7 @@ class TensorFlowSignature:
             # model that fails on every instance: each line then says why). TF Serving answers
             # these with an error, never predictions.
             raise BatchRejected(_cause(e.message)) from None
-        n = len(instances)
-        columns = {name: rows_from_array(name, outputs[name].numpy(), n) for name in self.output_names}
-        if len(columns) == 1:
-            return next(iter(columns.values()))
-        return [{name: columns[name][k] for name in self.output_names} for k in range(n)]
+        return {name: outputs[name].numpy() for name in self.output_names}
 
 
 # Lines of a TensorFlow error around its cause: its heading, where the node was defined, the node.

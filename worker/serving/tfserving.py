@@ -2,8 +2,9 @@
 
 The server runs on 127.0.0.1 with free ports, the model laid out as `<base>/<name>/<version>/`
 (a symlink to the downloaded folder). It is ready when `GET /v1/models/<name>` reports the
-version `AVAILABLE`; a model it cannot load (`END` with an error) is a `ModelError`; a server that
-exits or never gets ready is transient. Its output is drained continuously into the logs (a full
+version `AVAILABLE`; a model it cannot load (`END` with an error), or whose metadata declares a
+scalar output (refused by every row-format request), is a `ModelError`; a server that exits or
+never gets ready is transient. Its output is drained continuously into the logs (a full
 pipe would block it). A batch answered 4xx is `BatchRejected` with the server's message verbatim
 (the pipeline isolates what it refuses), or, when its instances all have a shape or JSON types the
 signature's metadata says the input does not take, refused for each instance with that reason; a
@@ -35,11 +36,13 @@ import requests
 from worker import codec
 from worker.errors import ModelError, TransientError
 from worker.serving import (
+    BATCH_ADVICE,
     JSON_INPUT_ADVICE,
     MEMORY_ADVICE,
     BatchRejected,
     SizeLimit,
     TooBig,
+    check_batched_outputs,
     numbers_refusal,
     shape_refusal,
 )
@@ -311,6 +314,7 @@ class TFServingModel:
         if signature_name not in self._predictors:
             columnar = self.server.config.request_format == "columnar"
             signature = self._signature_defs()[signature_name]
+            check_batched_outputs(_output_ranks(signature), self.server.description)
             self._predictors[signature_name] = RestPredictor(
                 self.server,
                 signature_name,
@@ -435,6 +439,18 @@ def _input_shapes(signature_def: Any) -> dict[str, list[int | None] | None]:
     return shapes
 
 
+def _output_ranks(signature_def: Any) -> dict[str, int | None]:
+    """Each output's rank as the server's metadata declares it (a `TensorShapeProto`: no `dim` and
+    no `unknown_rank` is a scalar); None where it declares none."""
+    ranks: dict[str, int | None] = {}
+    outputs = signature_def.get("outputs") if isinstance(signature_def, dict) else None
+    for name, info in (outputs or {}).items():
+        shape = info.get("tensor_shape") if isinstance(info, dict) else None
+        dims = shape.get("dim", []) if isinstance(shape, dict) and not shape.get("unknown_rank") else None
+        ranks[name] = len(dims) if isinstance(dims, list) else None
+    return ranks
+
+
 # TF Serving's numeric types, by the names the in-process backend's messages give them.
 _NUMBERS = {
     "DT_FLOAT": "float32",
@@ -488,9 +504,9 @@ def _rows(outputs: Any, n: int) -> list[Any]:
     """Columnar `outputs` (one list, or an object of lists) as one prediction per instance."""
     if isinstance(outputs, dict):
         if not all(isinstance(v, list) and len(v) == n for v in outputs.values()):
-            raise ModelError(f"the model server answered outputs without one row per instance ({n})")
+            raise ModelError(f"the model server answered outputs without one row per instance ({n}); {BATCH_ADVICE}")
         names = list(outputs)
         return [{name: outputs[name][k] for name in names} for k in range(n)]
     if not isinstance(outputs, list) or len(outputs) != n:
-        raise ModelError(f"the model server answered outputs without one row per instance ({n})")
+        raise ModelError(f"the model server answered outputs without one row per instance ({n}); {BATCH_ADVICE}")
     return outputs
