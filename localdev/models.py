@@ -11,6 +11,8 @@
   of memory, refused at once) for a batch of more than one, or for an instance whose x[0] is 1.
 - `unbatched` (tests only): x float32[?,2] → `total`, a scalar, or `first`, the first row alone:
   outputs without one row per instance.
+- `inflate` (tests only): data string[?] of zlib-compressed bytes → `size` int32[?], failing with
+  DATA_LOSS (TF Serving: HTTP 500) on bytes that are not.
 - Keras models exported as Keras users export them (tests only, not in BUILDERS): a Sequential
   model, whose input is named `keras_tensor` and output `output_0`, and a functional model of two
   inputs `a` and `b` and two outputs (`output_0`, `output_1`).
@@ -182,6 +184,20 @@ def build_unbatched(path: str | Path, output: str) -> Path:
             return {"total": tf.reduce_sum(x)} if output == "total" else {"first": x[:1]}
 
     return _save(tf, Unbatched(), path)
+
+
+def build_inflate(path: str | Path) -> Path:
+    """data string[?] (zlib-compressed bytes) → `size` int32[?], the length once decompressed: a
+    model that fails on an instance it cannot decompress with TensorFlow's DATA_LOSS error, which
+    TF Serving answers with HTTP 500."""
+    tf = _tf()
+
+    class Inflate(tf.Module):  # type: ignore[misc]
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="data")])
+        def serve(self, data: Any) -> Any:
+            return {"size": tf.strings.length(tf.io.decode_compressed(data, compression_type="ZLIB"))}
+
+    return _save(tf, Inflate(), path)
 
 
 BUILDERS = {"mlp": build_mlp, "two_io": build_two_io, "strings": build_strings}

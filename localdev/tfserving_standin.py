@@ -12,7 +12,8 @@ numeric version folder under `--model_base_path`, and answers like TF Serving:
 - `POST /v1/models/NAME[/versions/N]:predict` — row (`instances` → `predictions`) and columnar
   (`inputs` → `outputs`) formats, `signature_name`, `{"b64": …}`; errors as `{"error": "…"}` with
   400 (bad request or instances), 404 (unknown model, version or signature), 429 (TensorFlow ran
-  out of memory for the batch), 501 (an input type TF Serving's REST API cannot fill from JSON,
+  out of memory for the batch), the status TF Serving gives each other TensorFlow error (500 for
+  UNKNOWN, INTERNAL and DATA_LOSS), 501 (an input type TF Serving's REST API cannot fill from JSON,
   such as float16) or 504 (a request that took longer than `--rest_api_timeout_in_ms`); bare
   NaN/Infinity in predictions, as the real server writes them. For tests,
   `STANDIN_DELAY_MS_PER_INSTANCE` makes the model that slow.
@@ -207,13 +208,41 @@ class Handler(BaseHTTPRequestHandler):
         except TooBig as e:  # TensorFlow's RESOURCE_EXHAUSTED: 429
             self._error(429, e.detail)
         except Exception as e:  # the row converter's BatchRejected and TensorFlow's own errors
-            self._error(400, getattr(e, "message", None) or str(e))
+            self._error(_http_status(e), getattr(e, "message", None) or str(e))
 
     def _predict(self, predictor: Any, instances: list[Any]) -> dict[str, Any]:
         if self.delay_s_per_instance:
             time.sleep(self.delay_s_per_instance * len(instances))
         outputs: dict[str, Any] = predictor.outputs_once(instances)  # as TF Serving does: no halving
         return outputs
+
+
+# TF Serving's HTTP status for each TensorFlow error code (`ToHTTPStatusCode` in its
+# http_server.cc); a refusal of the worker's own row converter is a 400, as INVALID_ARGUMENT.
+_HTTP_STATUS = {
+    1: 499,  # CANCELLED
+    2: 500,  # UNKNOWN
+    3: 400,  # INVALID_ARGUMENT
+    4: 504,  # DEADLINE_EXCEEDED
+    5: 404,  # NOT_FOUND
+    6: 409,  # ALREADY_EXISTS
+    7: 403,  # PERMISSION_DENIED
+    8: 429,  # RESOURCE_EXHAUSTED
+    9: 400,  # FAILED_PRECONDITION
+    10: 409,  # ABORTED
+    11: 400,  # OUT_OF_RANGE
+    12: 501,  # UNIMPLEMENTED
+    13: 500,  # INTERNAL
+    14: 503,  # UNAVAILABLE
+    15: 500,  # DATA_LOSS
+    16: 401,  # UNAUTHENTICATED
+}
+
+
+def _http_status(e: BaseException) -> int:
+    """The status TF Serving answers a request with when running it raised `e`."""
+    code = getattr(e.__cause__, "error_code", None)
+    return _HTTP_STATUS.get(code, 500) if isinstance(code, int) else 400
 
 
 def _data_type(dtype: Any) -> str:

@@ -5,11 +5,13 @@ model that cannot load; the warm cache."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import signal
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -418,6 +420,32 @@ def test_a_model_whose_outputs_have_no_row_per_instance_fails_the_job_in_both_ba
     assert ("1 predictions for 2 instances" in message) or ("(2)" in message), message
     for out in ("o1", "o2"):
         assert storage_client.bucket(bucket).get_blob(f"{out}/in.jsonl") is None
+
+
+@pytest.mark.parametrize("serving", ["tensorflow", "tfserving"])
+def test_an_instance_the_model_fails_on_with_an_internal_error_is_one_error_line_in_both_backends(
+    make_runtime, storage_client, bucket, tmp_path, serving
+):
+    """TensorFlow's DATA_LOSS (bytes that do not decompress) is TF Serving's HTTP 500: the model's
+    answer about these instances, not a server to restart. The instance is one error line and the
+    others are predicted, as in process; the server is started once and never restarted."""
+    models.upload_folder(storage_client, models.build_inflate(tmp_path / "inflate"), bucket, "inflate/1")
+    good = [{"b64": base64.b64encode(zlib.compress(b"x" * n)).decode()} for n in (3, 5, 8)]
+    lines = [
+        json.dumps(good[0]),
+        json.dumps({"b64": base64.b64encode(b"not zlib").decode()}),
+        *map(json.dumps, good[1:]),
+    ]
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", lines)
+    rt = make_runtime(serving)
+    outcome = rt.run_job(_job(f"gs://{bucket}/inflate/", f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/"))
+    assert outcome.status == "PARTIALLY_SUCCEEDED", outcome.manifest
+    assert outcome.manifest["totals"] == {"lines": 4, "instances": 4, "predictions": 3, "errors": 1, "skipped": 0}
+    out = read_lines(storage_client, f"gs://{bucket}/out/in.jsonl")
+    assert [line.get("prediction") for line in out] == [3, None, 5, 8]
+    assert out[1]["error"]["status"] == "INVALID_ARGUMENT"
+    assert "inflate() failed" in out[1]["error"]["message"], out[1]
+    assert rt.models.stats.snapshot()["server_starts"] == (1 if serving == "tfserving" else 0)
 
 
 def test_a_batch_that_outlives_the_server_s_timeout_is_sent_in_halves_and_so_are_later_ones(

@@ -246,7 +246,7 @@ class TensorFlowSignature:
             # Refused instances (InvalidArgumentError), and whatever else running them raised (a
             # model that fails on every instance: each line then says why). TF Serving answers
             # these with an error, never predictions.
-            raise BatchRejected(_cause(e.message)) from None
+            raise BatchRejected(_cause(e.message)) from e  # the cause keeps TensorFlow's error code
         return {name: outputs[name].numpy() for name in self.output_names}
 
 

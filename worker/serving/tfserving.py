@@ -10,7 +10,9 @@ pipe would block it). A batch answered 4xx is `BatchRejected` with the server's 
 signature's metadata says the input does not take, refused for each instance with that reason; a
 501 (an input type its REST API cannot fill from JSON, the same for every request) is a
 `ModelError`; a 504 (a batch that outlived the server's timeout)
-or a 429 (out of memory for it) is sent again in halves, and later batches no bigger; a connection
+or a 429 (out of memory for it) is sent again in halves, and later batches no bigger; a 500 (the
+model failed on the batch: TensorFlow's UNKNOWN, INTERNAL or DATA_LOSS) is refused like a 4xx, so
+the pipeline isolates the instances it fails on, as the in-process backend does; a connection
 error or any other 5xx restarts the server and retries the batch a bounded number of times, then
 fails transiently.
 """
@@ -53,7 +55,8 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "model"
 MODEL_VERSION = 1
 MAX_ATTEMPTS = 3  # per batch: the first try and two more, each after a restart
-NOT_IMPLEMENTED = 501  # HTTP status of TF Serving's UNIMPLEMENTED
+MODEL_FAILED = 500  # HTTP status of TF Serving's UNKNOWN, INTERNAL and DATA_LOSS
+NOT_IMPLEMENTED = 501  # of its UNIMPLEMENTED
 TIMED_OUT = 504  # of its DEADLINE_EXCEEDED: a request that outlived --rest_api_timeout_in_ms
 OUT_OF_MEMORY = 429  # of its RESOURCE_EXHAUSTED: TensorFlow could not allocate for the batch
 
@@ -216,7 +219,8 @@ class ModelServer:
     # -- requests ----------------------------------------------------------------------------
 
     def call(self, method: str, suffix: str, body: Any = None) -> requests.Response:
-        """One request, restarting the server and retrying on a connection error or 5xx."""
+        """One request, restarting the server and retrying on a connection error or a 5xx that
+        is not the model's answer."""
         failure = ""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             with self._lock:
@@ -231,9 +235,11 @@ class ModelServer:
                     headers={"Content-Type": "application/json"},
                     timeout=(10, self.config.predict_timeout_s + 10),
                 )
-                # Answers, not server failures: 501 for an input type its REST API cannot fill
-                # from JSON (the same for every request), 504 for a batch too slow to finish.
-                if r.status_code < 500 or r.status_code in (NOT_IMPLEMENTED, TIMED_OUT):
+                # Answers, not server failures: 500 for the model failing on these instances
+                # (TensorFlow's UNKNOWN, INTERNAL or DATA_LOSS: an input it cannot decompress, say;
+                # the server itself answered), 501 for an input type its REST API cannot fill from
+                # JSON (the same for every request), 504 for a batch too slow to finish.
+                if r.status_code < 500 or r.status_code in (MODEL_FAILED, NOT_IMPLEMENTED, TIMED_OUT):
                     return r
                 failure = f"HTTP {r.status_code}: {_error_message(r)}"
             except requests.RequestException as e:
