@@ -27,14 +27,18 @@ EXIT_TRANSIENT = 75  # EX_TEMPFAIL: try again later
 
 def _env_help() -> str:
     defaults = Settings()
-    lines = ["environment (default in brackets):"]
+    emulators = (
+        ("STORAGE_EMULATOR_HOST", "Cloud Storage emulator, e.g. http://127.0.0.1:4443"),
+        ("PUBSUB_EMULATOR_HOST", "Pub/Sub emulator, e.g. 127.0.0.1:8085"),
+    )
+    rows = []
     for var, name, text in ENV_VARS:
         default = getattr(defaults, name)
         # "" and 0 are "not set" (a number set in the environment is at least 1).
-        lines.append(f"  {var:<24} {text}" + (f" [{default}]" if default not in ("", 0) else ""))
-    lines.append("  STORAGE_EMULATOR_HOST    Cloud Storage emulator, e.g. http://127.0.0.1:4443")
-    lines.append("  PUBSUB_EMULATOR_HOST     Pub/Sub emulator, e.g. 127.0.0.1:8085")
-    return "\n".join(lines)
+        rows.append((var, text + (f" [{default}]" if default not in ("", 0) else "")))
+    rows.extend(emulators)
+    width = max(len(var) for var, _ in rows)
+    return "\n".join(["environment (default in brackets):", *(f"  {var:<{width}} {text}" for var, text in rows)])
 
 
 def build_parser() -> argparse.ArgumentParser:
