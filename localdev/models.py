@@ -13,6 +13,8 @@
   outputs without one row per instance.
 - `inflate` (tests only): data string[?] of zlib-compressed bytes → `size` int32[?], failing with
   DATA_LOSS (TF Serving: HTTP 500) on bytes that are not.
+- `first_byte` (tests only): text string[?] → `first` string[?], its first byte (not valid UTF-8
+  alone when the text starts with "é").
 - Keras models exported as Keras users export them (tests only, not in BUILDERS): a Sequential
   model, whose input is named `keras_tensor` and output `output_0`, and a functional model of two
   inputs `a` and `b` and two outputs (`output_0`, `output_1`).
@@ -198,6 +200,19 @@ def build_inflate(path: str | Path) -> Path:
             return {"size": tf.strings.length(tf.io.decode_compressed(data, compression_type="ZLIB"))}
 
     return _save(tf, Inflate(), path)
+
+
+def build_first_byte(path: str | Path) -> Path:
+    """text string[?] → `first` string[?], its first byte: text that is not valid UTF-8 for any
+    text that does not start with an ASCII character (TF Serving writes it as it is)."""
+    tf = _tf()
+
+    class FirstByte(tf.Module):  # type: ignore[misc]
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+        def serve(self, text: Any) -> Any:
+            return {"first": tf.strings.substr(text, 0, 1)}
+
+    return _save(tf, FirstByte(), path)
 
 
 BUILDERS = {"mlp": build_mlp, "two_io": build_two_io, "strings": build_strings}

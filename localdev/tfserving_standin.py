@@ -37,6 +37,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
+
 from worker.serving import TooBig
 from worker.serving.jsonvalues import rows_from_array
 from worker.serving.tf_backend import NotFromJson
@@ -105,7 +107,8 @@ class Handler(BaseHTTPRequestHandler):
         pass  # one line per request would flood the worker's logs
 
     def _send(self, status: int, body: Any) -> None:
-        data = json.dumps(body).encode()  # allow_nan: the real server writes bare NaN too
+        # allow_nan: the real server writes bare NaN too; and text as it is, valid UTF-8 or not.
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogateescape")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -214,7 +217,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.delay_s_per_instance:
             time.sleep(self.delay_s_per_instance * len(instances))
         outputs: dict[str, Any] = predictor.outputs_once(instances)  # as TF Serving does: no halving
-        return outputs
+        return {
+            name: _text(arr) if arr.dtype.kind in "OS" and not name.endswith("_bytes") else arr
+            for name, arr in outputs.items()
+        }
 
 
 # TF Serving's HTTP status for each TensorFlow error code (`ToHTTPStatusCode` in its
@@ -274,6 +280,12 @@ def _rows_from_columns(inputs: Any, names: list[str]) -> list[Any]:
     if not isinstance(inputs, list) or not inputs:
         raise ValueError("'inputs' must be a non-empty JSON array or an object of arrays")
     return inputs
+
+
+def _text(arr: Any) -> Any:
+    """A string output whose name does not end in _bytes, as TF Serving writes it: its bytes as
+    they are, valid UTF-8 or not (held here as surrogate escapes, raw bytes in the answer)."""
+    return np.vectorize(lambda b: b.decode("utf-8", "surrogateescape"), otypes=[object])(arr)
 
 
 def _row_format(outputs: dict[str, Any]) -> list[Any]:

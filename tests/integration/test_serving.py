@@ -422,6 +422,25 @@ def test_a_model_whose_outputs_have_no_row_per_instance_fails_the_job_in_both_ba
         assert storage_client.bucket(bucket).get_blob(f"{out}/in.jsonl") is None
 
 
+@pytest.mark.parametrize(
+    ("serving", "request_format"), [("tensorflow", "row"), ("tfserving", "row"), ("tfserving", "columnar")]
+)
+def test_a_text_output_that_is_not_valid_utf8_is_written_as_its_bytes_in_both_backends(
+    make_runtime, storage_client, bucket, tmp_path, serving, request_format
+):
+    """TF Serving writes a text output as its bytes, valid UTF-8 or not; the worker reads the
+    invalid ones as `{"b64": …}`, as the in-process backend writes them, instead of failing the job
+    on an answer it cannot decode."""
+    models.upload_folder(storage_client, models.build_first_byte(tmp_path / "first"), bucket, "first/1")
+    lines = [json.dumps("été"), json.dumps("ab"), json.dumps({"b64": base64.b64encode(b"\xff\x00").decode()})]
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", lines)
+    rt = make_runtime(serving, request_format=request_format)
+    outcome = rt.run_job(_job(f"gs://{bucket}/first/", f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/"))
+    assert outcome.status == "SUCCEEDED", outcome.manifest
+    predictions = [line["prediction"] for line in read_lines(storage_client, f"gs://{bucket}/out/in.jsonl")]
+    assert predictions == [{"b64": base64.b64encode("é".encode()[:1]).decode()}, "a", {"b64": "/w=="}]
+
+
 @pytest.mark.parametrize("serving", ["tensorflow", "tfserving"])
 def test_an_instance_the_model_fails_on_with_an_internal_error_is_one_error_line_in_both_backends(
     make_runtime, storage_client, bucket, tmp_path, serving

@@ -3,6 +3,7 @@ reads from the server's metadata."""
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any
 
@@ -12,6 +13,7 @@ from worker.errors import ModelError
 from worker.serving import check_batched_outputs
 from worker.serving.tfserving import (
     RestPredictor,
+    _answer,
     _columns,
     _dims,
     _input_numbers,
@@ -109,6 +111,18 @@ def test_declared_output_ranks_are_read_from_the_servers_metadata_and_a_scalar_o
         "with a batch dimension first on every output"
     )
     check_batched_outputs({"scores": 2, "any": None, "undeclared": None}, "gs://m/1/")  # nothing to refuse
+
+
+def test_an_answer_with_text_that_is_not_valid_utf8_reads_it_as_bytes():
+    """TF Serving writes text outputs as their bytes (bare NaN too); only the invalid strings
+    become {"b64": …}, at any depth."""
+    answer = _answer(b'{"predictions": ["\xc3", "\xc3\xa9t\xc3\xa9", {"k": ["\xff\xfe", 1]}, NaN]}')
+    first, valid, nested, nan = answer["predictions"]
+    assert first == {"b64": "ww=="}
+    assert valid == "été"
+    assert nested == {"k": [{"b64": "//4="}, 1]}
+    assert math.isnan(nan)
+    assert _answer(b'{"predictions": ["\xc3\xa9"]}') == {"predictions": ["é"]}  # the common answer
 
 
 def test_the_shape_of_a_json_value_as_a_tensor():

@@ -44,6 +44,20 @@ def _bytes_to_json(value: Any, *, as_b64: bool) -> Any:
     return value
 
 
+def invalid_text_as_b64(value: Any) -> Any:
+    """`value` with every string that holds surrogate escapes (bytes that were not valid UTF-8,
+    decoded with "surrogateescape") as those bytes, `{"b64": …}`."""
+    if isinstance(value, str):
+        if any("\udc80" <= c <= "\udcff" for c in value):
+            return {"b64": base64.b64encode(value.encode("utf-8", "surrogateescape")).decode("ascii")}
+        return value
+    if isinstance(value, list):
+        return [invalid_text_as_b64(v) for v in value]
+    if isinstance(value, dict):
+        return {k: invalid_text_as_b64(v) for k, v in value.items()}
+    return value
+
+
 def rows_from_array(name: str, arr: np.ndarray, n: int) -> list[Any]:
     """Split a batched output tensor into `n` JSON-ready per-instance values; an output without
     one row per instance is the model's fault (`ModelError`), as with TF Serving."""

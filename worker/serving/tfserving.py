@@ -20,6 +20,7 @@ fails transiently.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import shlex
@@ -48,7 +49,7 @@ from worker.serving import (
     numbers_refusal,
     shape_refusal,
 )
-from worker.serving.jsonvalues import not_numbers
+from worker.serving.jsonvalues import invalid_text_as_b64, not_numbers
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +422,7 @@ class RestPredictor:
         if r.status_code != 200:
             raise BatchRejected(_error_message(r))
         try:
-            answer = codec.loads(r.content)[key]  # reads TF Serving's bare NaN too
+            answer = _answer(r.content)[key]
         except (ValueError, KeyError, TypeError) as e:
             raise ModelError(f"the model server answered without {key}: {r.text[:300]}") from e
         if key == "predictions" and not isinstance(answer, list):
@@ -443,6 +444,16 @@ def _input_shapes(signature_def: Any) -> dict[str, list[int | None] | None]:
             sizes = None
         shapes[name] = None if sizes is None else [None if n < 0 else n for n in sizes[1:]]
     return shapes
+
+
+def _answer(content: bytes) -> Any:
+    """TF Serving's answer, bare NaN included. It writes a string output as its bytes, valid UTF-8
+    or not (rapidjson, unvalidated): a string that is not valid UTF-8 is read as its bytes,
+    `{"b64": …}`, as the in-process backend gives it."""
+    try:
+        return codec.loads(content)
+    except UnicodeDecodeError:
+        return invalid_text_as_b64(json.loads(content.decode("utf-8", "surrogateescape")))
 
 
 def _output_ranks(signature_def: Any) -> dict[str, int | None]:
