@@ -13,6 +13,7 @@
   outputs without one row per instance.
 - `inflate` (tests only): data string[?] of zlib-compressed bytes → `size` int32[?], failing with
   DATA_LOSS (TF Serving: HTTP 500) on bytes that are not.
+- `typed_output` (tests only): x float32[?,2] → `y`, their sum as the type asked for.
 - `first_byte` (tests only): text string[?] → `first` string[?], its first byte (not valid UTF-8
   alone when the text starts with "é").
 - Keras models exported as Keras users export them (tests only, not in BUILDERS): a Sequential
@@ -200,6 +201,18 @@ def build_inflate(path: str | Path) -> Path:
             return {"size": tf.strings.length(tf.io.decode_compressed(data, compression_type="ZLIB"))}
 
     return _save(tf, Inflate(), path)
+
+
+def build_typed_output(path: str | Path, dtype: str) -> Path:
+    """x float32[?,2] → `y`, their sum as a `dtype`: a model whose output type is the point."""
+    tf = _tf()
+
+    class TypedOutput(tf.Module):  # type: ignore[misc]
+        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+        def serve(self, x: Any) -> Any:
+            return {"y": tf.cast(tf.reduce_sum(x, axis=1), getattr(tf, dtype))}
+
+    return _save(tf, TypedOutput(), path)
 
 
 def build_first_byte(path: str | Path) -> Path:

@@ -282,6 +282,14 @@ def _rows_from_columns(inputs: Any, names: list[str]) -> list[Any]:
     return inputs
 
 
+def _check_writable(outputs: dict[str, Any]) -> None:
+    """TF Serving's refusal of an output of a type it cannot write as JSON (float16, say)."""
+    for arr in outputs.values():
+        kind = {"float16": "half"}.get(arr.dtype.name, arr.dtype.name)
+        if arr.dtype.kind == "c" or kind in ("half", "uint16") or arr.dtype.name == "bfloat16":
+            raise ValueError(f"Failed to write JSON value for tensor type: {kind}")
+
+
 def _text(arr: Any) -> Any:
     """A string output whose name does not end in _bytes, as TF Serving writes it: its bytes as
     they are, valid UTF-8 or not (held here as surrogate escapes, raw bytes in the answer)."""
@@ -291,6 +299,7 @@ def _text(arr: Any) -> Any:
 def _row_format(outputs: dict[str, Any]) -> list[Any]:
     """Output arrays as TF Serving's row format writes them (`MakeRowFormatJsonFromTensors` in its
     json_tensor.cc): one row per index of the outputs' first dimension, whatever the instances."""
+    _check_writable(outputs)
     batch = 0
     for name, arr in outputs.items():
         if arr.ndim == 0:
@@ -308,6 +317,7 @@ def _row_format(outputs: dict[str, Any]) -> list[Any]:
 
 def _columnar_format(outputs: dict[str, Any]) -> Any:
     """Output arrays as TF Serving's columnar format writes them: each whole, by name when several."""
+    _check_writable(outputs)
     columns = {
         name: rows_from_array(name, arr, len(arr)) if arr.ndim else arr.tolist() for name, arr in outputs.items()
     }

@@ -422,6 +422,29 @@ def test_a_model_whose_outputs_have_no_row_per_instance_fails_the_job_in_both_ba
         assert storage_client.bucket(bucket).get_blob(f"{out}/in.jsonl") is None
 
 
+@pytest.mark.parametrize("serving", ["tensorflow", "tfserving"])
+def test_an_output_type_tf_serving_cannot_write_as_json_fails_the_job_from_the_signature(
+    make_runtime, storage_client, bucket, tmp_path, serving
+):
+    """TF Serving fails every request of a model with a float16 output ("Failed to write JSON value
+    for tensor type: half"): both backends refuse the signature before any line is read, saying
+    what to do, where every line used to be an error line behind TF Serving and in process the
+    model worked where TF Serving would not."""
+    models.upload_folder(storage_client, models.build_typed_output(tmp_path / "half", "float16"), bucket, "half/1")
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", ["[1, 2]", "[3, 4]"])
+    rt = make_runtime(serving)
+    outcome = rt.run_job(_job(f"gs://{bucket}/half/", f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/"))
+    assert outcome.status == "FAILED"
+    assert outcome.manifest["error"] == {
+        "code": "FAILED_PRECONDITION",
+        "message": f"model gs://{bucket}/half/1/: output 'y' is half, which TF Serving's REST API cannot write "
+        "as JSON — cast it inside the model to one of float, double, int8, int16, int32, int64, uint8, uint32, "
+        "uint64, bool, string",
+    }
+    assert outcome.manifest["files"] == []
+    assert storage_client.bucket(bucket).get_blob("out/in.jsonl") is None
+
+
 @pytest.mark.parametrize(
     ("serving", "request_format"), [("tensorflow", "row"), ("tfserving", "row"), ("tfserving", "columnar")]
 )

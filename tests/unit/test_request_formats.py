@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 
 from worker.errors import ModelError
-from worker.serving import check_batched_outputs
+from worker.serving import check_outputs
 from worker.serving.tfserving import (
     RestPredictor,
     _answer,
     _columns,
+    _declared_outputs,
     _dims,
     _input_numbers,
     _input_shapes,
-    _output_ranks,
     _rows,
 )
 
@@ -85,9 +85,10 @@ def test_declared_input_shapes_are_read_from_the_servers_metadata():
     }
 
 
-def test_declared_output_ranks_are_read_from_the_servers_metadata_and_a_scalar_output_refused():
+def test_declared_outputs_are_read_from_the_servers_metadata_and_unanswerable_ones_refused():
     """A TensorShapeProto with no dim and no unknown_rank is a scalar, whether the server writes
-    the defaults (`"dim": [], "unknown_rank": false`) or leaves them out."""
+    the defaults (`"dim": [], "unknown_rank": false`) or leaves them out; types by TF Serving's
+    names ("half" for DT_HALF)."""
     signature = {
         "inputs": {},
         "outputs": {
@@ -97,20 +98,30 @@ def test_declared_output_ranks_are_read_from_the_servers_metadata_and_a_scalar_o
                 "name": "StatefulPartitionedCall:0",
             },
             "total": {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [], "unknown_rank": False}, "name": "s:1"},
-            "bare": {"dtype": "DT_FLOAT", "tensor_shape": {}, "name": "s:2"},
-            "any": {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [], "unknown_rank": True}, "name": "s:3"},
-            "undeclared": {"dtype": "DT_FLOAT", "name": "s:4"},
+            "bare": {"dtype": "DT_INT64", "tensor_shape": {}, "name": "s:2"},
+            "any": {"dtype": "DT_STRING", "tensor_shape": {"dim": [], "unknown_rank": True}, "name": "s:3"},
+            "undeclared": {"name": "s:4"},
+            "half": {"dtype": "DT_HALF", "tensor_shape": {"dim": [{"size": "-1", "name": ""}]}, "name": "s:5"},
         },
     }
-    ranks = _output_ranks(signature)
-    assert ranks == {"scores": 2, "total": 0, "bare": 0, "any": None, "undeclared": None}
+    declared = _declared_outputs(signature)
+    assert declared == {
+        "scores": (2, "float"),
+        "total": (0, "float"),
+        "bare": (0, "int64"),
+        "any": (None, "string"),
+        "undeclared": (None, None),
+        "half": (1, "half"),
+    }
     with pytest.raises(ModelError) as refused:
-        check_batched_outputs(ranks, "gs://m/1/")
-    assert str(refused.value) == (
+        check_outputs(declared, "gs://m/1/")
+    assert str(refused.value) == (  # the first output by name
         "model gs://m/1/: output 'bare' is a scalar (shape []), not one row per instance; export the model "
         "with a batch dimension first on every output"
     )
-    check_batched_outputs({"scores": 2, "any": None, "undeclared": None}, "gs://m/1/")  # nothing to refuse
+    with pytest.raises(ModelError, match=r"^model gs://m/1/: output 'half' is half, which TF Serving's REST API"):
+        check_outputs({"scores": (2, "float"), "half": (1, "half")}, "gs://m/1/")
+    check_outputs({k: declared[k] for k in ("scores", "any", "undeclared")}, "gs://m/1/")  # nothing to refuse
 
 
 def test_an_answer_with_text_that_is_not_valid_utf8_reads_it_as_bytes():

@@ -28,15 +28,38 @@ MEMORY_ADVICE = "give the worker more memory (Cloud Run: --memory), or use a sma
 BATCH_ADVICE = "export the model with a batch dimension first on every output"
 
 
-def check_batched_outputs(ranks: Mapping[str, int | None], description: str) -> None:
-    """Refuse a signature with an output declared a scalar (rank 0): it has no row per instance,
-    for any batch (TF Serving refuses every row-format request of it: "has no shape information")."""
-    scalars = sorted(name for name, rank in ranks.items() if rank == 0)
-    if scalars:
-        raise ModelError(
-            f"model {description}: output {scalars[0]!r} is a scalar (shape []), not one row per instance; "
-            f"{BATCH_ADVICE}"
-        )
+# The output types TF Serving's REST API writes as JSON (`AddSingleValueAndAdvance` in its
+# json_tensor.cc), by its names for them: any other fails every request.
+JSON_OUTPUT_TYPES = (
+    "float",
+    "double",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint32",
+    "uint64",
+    "bool",
+    "string",
+)
+
+
+def check_outputs(outputs: Mapping[str, tuple[int | None, str | None]], description: str) -> None:
+    """Refuse a signature with an output no request can be answered with, by its declared (rank,
+    type name as TF Serving says it: "float", "half"; None where not declared): a scalar has no
+    row per instance (TF Serving refuses every row-format request of it: "has no shape
+    information"), and a type TF Serving cannot write as JSON fails every request of it."""
+    for name, (rank, type_name) in sorted(outputs.items()):
+        if rank == 0:
+            raise ModelError(
+                f"model {description}: output {name!r} is a scalar (shape []), not one row per instance; {BATCH_ADVICE}"
+            )
+        if type_name is not None and type_name not in JSON_OUTPUT_TYPES:
+            raise ModelError(
+                f"model {description}: output {name!r} is {type_name}, which TF Serving's REST API cannot write "
+                f"as JSON — cast it inside the model to one of {', '.join(JSON_OUTPUT_TYPES)}"
+            )
 
 
 class BatchRejected(Exception):

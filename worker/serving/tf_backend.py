@@ -26,7 +26,7 @@ from worker.serving import (
     BatchRejected,
     SizeLimit,
     TooBig,
-    check_batched_outputs,
+    check_outputs,
     numbers,
     numbers_refusal,
     shape_refusal,
@@ -96,7 +96,7 @@ class TensorFlowModel:
         with self._lock:
             if signature_name not in self._predictors:
                 predictor = self.signature(signature_name)
-                check_batched_outputs(predictor.output_ranks, self.description)
+                check_outputs(predictor.declared_outputs, self.description)
                 self._predictors[signature_name] = predictor
             return self._predictors[signature_name]
 
@@ -141,7 +141,10 @@ class TensorFlowSignature:
         self.inputs: dict[str, Any] = dict(sorted(kwargs.items()))
         self.output_specs: dict[str, Any] = dict(sorted(fn.structured_outputs.items()))
         self.output_names = list(self.output_specs)
-        self.output_ranks: dict[str, int | None] = {k: v.shape.rank for k, v in self.output_specs.items()}
+        # Each output's rank and type, as TF Serving's messages name types ("float", "half").
+        self.declared_outputs: dict[str, tuple[int | None, str | None]] = {
+            k: (v.shape.rank, _serving_type(v.dtype)) for k, v in self.output_specs.items()
+        }
         self._floats = (tf.float32, tf.float64)
         # The types TF Serving's REST API fills from JSON (`AddValueToTensor` in its
         # json_tensor.cc); for any other it answers 501 for every request.
@@ -248,6 +251,13 @@ class TensorFlowSignature:
             # these with an error, never predictions.
             raise BatchRejected(_cause(e.message)) from e  # the cause keeps TensorFlow's error code
         return {name: outputs[name].numpy() for name in self.output_names}
+
+
+def _serving_type(dtype: Any) -> str:
+    """A TensorFlow dtype by TF Serving's name for it: "float" for float32, "half" for float16."""
+    from tensorflow.core.framework import types_pb2
+
+    return str(types_pb2.DataType.Name(dtype.as_datatype_enum))[3:].lower()
 
 
 # Lines of a TensorFlow error around its cause: its heading, where the node was defined, the node.

@@ -1,20 +1,20 @@
 """TensorFlow Serving backend: `tensorflow_model_server` as a child process, spoken to over REST.
 
-The server runs on 127.0.0.1 with free ports, the model laid out as `<base>/<name>/<version>/`
-(a symlink to the downloaded folder). It is ready when `GET /v1/models/<name>` reports the
-version `AVAILABLE`; a model it cannot load (`END` with an error), or whose metadata declares a
-scalar output (refused by every row-format request), is a `ModelError`; a server that exits or
-never gets ready is transient. Its output is drained continuously into the logs (a full
-pipe would block it). A batch answered 4xx is `BatchRejected` with the server's message verbatim
-(the pipeline isolates what it refuses), or, when its instances all have a shape or JSON types the
-signature's metadata says the input does not take, refused for each instance with that reason; a
-501 (an input type its REST API cannot fill from JSON, the same for every request) is a
-`ModelError`; a 504 (a batch that outlived the server's timeout)
-or a 429 (out of memory for it) is sent again in halves, and later batches no bigger; a 500 (the
-model failed on the batch: TensorFlow's UNKNOWN, INTERNAL or DATA_LOSS) is refused like a 4xx, so
-the pipeline isolates the instances it fails on, as the in-process backend does; a connection
-error or any other 5xx restarts the server and retries the batch a bounded number of times, then
-fails transiently.
+The server runs on 127.0.0.1 with free ports, the model laid out as `<base>/<name>/<version>/` (a
+symlink to the downloaded folder). It is ready when `GET /v1/models/<name>` reports the version
+`AVAILABLE`; a model it cannot load (`END` with an error), or whose metadata declares a scalar
+output (refused by every row-format request) or one of a type it cannot write as JSON, is a
+`ModelError`; a server that exits or never gets ready is transient. Its output is drained
+continuously into the logs (a full pipe would block it). A batch answered 4xx is `BatchRejected`
+with the server's message verbatim (the pipeline isolates what it refuses), or, when its instances
+all have a shape or JSON types the signature's metadata says the input does not take, refused for
+each instance with that reason; a 501 (an input type its REST API cannot fill from JSON, the same
+for every request) is a `ModelError`; a 504 (a batch that outlived the server's timeout) or a 429
+(out of memory for it) is sent again in halves, and later batches no bigger; a 500 (the model
+failed on the batch: TensorFlow's UNKNOWN, INTERNAL or DATA_LOSS) is refused like a 4xx, so the
+pipeline isolates the instances it fails on, as the in-process backend does; a connection error or
+any other 5xx restarts the server and retries the batch a bounded number of times, then fails
+transiently.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from worker.serving import (
     BatchRejected,
     SizeLimit,
     TooBig,
-    check_batched_outputs,
+    check_outputs,
     numbers_refusal,
     shape_refusal,
 )
@@ -321,7 +321,7 @@ class TFServingModel:
         if signature_name not in self._predictors:
             columnar = self.server.config.request_format == "columnar"
             signature = self._signature_defs()[signature_name]
-            check_batched_outputs(_output_ranks(signature), self.server.description)
+            check_outputs(_declared_outputs(signature), self.server.description)
             self._predictors[signature_name] = RestPredictor(
                 self.server,
                 signature_name,
@@ -456,16 +456,19 @@ def _answer(content: bytes) -> Any:
         return invalid_text_as_b64(json.loads(content.decode("utf-8", "surrogateescape")))
 
 
-def _output_ranks(signature_def: Any) -> dict[str, int | None]:
-    """Each output's rank as the server's metadata declares it (a `TensorShapeProto`: no `dim` and
-    no `unknown_rank` is a scalar); None where it declares none."""
-    ranks: dict[str, int | None] = {}
+def _declared_outputs(signature_def: Any) -> dict[str, tuple[int | None, str | None]]:
+    """Each output's rank and type ("float", "half") as the server's metadata declares them: a
+    `TensorShapeProto` with no `dim` and no `unknown_rank` is a scalar; None where not declared."""
+    declared: dict[str, tuple[int | None, str | None]] = {}
     outputs = signature_def.get("outputs") if isinstance(signature_def, dict) else None
     for name, info in (outputs or {}).items():
-        shape = info.get("tensor_shape") if isinstance(info, dict) else None
+        info = info if isinstance(info, dict) else {}
+        shape = info.get("tensor_shape")
         dims = shape.get("dim", []) if isinstance(shape, dict) and not shape.get("unknown_rank") else None
-        ranks[name] = len(dims) if isinstance(dims, list) else None
-    return ranks
+        dtype = info.get("dtype")
+        type_name = dtype[3:].lower() if isinstance(dtype, str) and dtype.startswith("DT_") else None
+        declared[name] = (len(dims) if isinstance(dims, list) else None, type_name)
+    return declared
 
 
 # TF Serving's numeric types, by the names the in-process backend's messages give them.
