@@ -439,7 +439,7 @@ def test_an_output_type_tf_serving_cannot_write_as_json_fails_the_job_from_the_s
         "code": "FAILED_PRECONDITION",
         "message": f"model gs://{bucket}/half/1/: output 'y' is half, which TF Serving's REST API cannot write "
         "as JSON — cast it inside the model to one of float, double, int8, int16, int32, int64, uint8, uint32, "
-        "uint64, bool, string",
+        "uint64, bool, string (a Keras model under a mixed-precision policy: give its last layer dtype='float32')",
     }
     assert outcome.manifest["files"] == []
     assert storage_client.bucket(bucket).get_blob("out/in.jsonl") is None

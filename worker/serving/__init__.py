@@ -56,9 +56,11 @@ def check_outputs(outputs: Mapping[str, tuple[int | None, str | None]], descript
                 f"model {description}: output {name!r} is a scalar (shape []), not one row per instance; {BATCH_ADVICE}"
             )
         if type_name is not None and type_name not in JSON_OUTPUT_TYPES:
+            keras = " (a Keras model under a mixed-precision policy: give its last layer dtype='float32')"
             raise ModelError(
                 f"model {description}: output {name!r} is {type_name}, which TF Serving's REST API cannot write "
                 f"as JSON — cast it inside the model to one of {', '.join(JSON_OUTPUT_TYPES)}"
+                + (keras if type_name in ("half", "bfloat16") else "")
             )
 
 
