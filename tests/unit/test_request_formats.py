@@ -160,4 +160,9 @@ def test_a_refused_batch_is_refused_for_each_instance_only_for_a_reason_they_all
     assert one._shared_refusal([[1.0] * 4] * 2) is None  # refused for its values: the server says why
     two = RestPredictor(server, "serving_default", input_shapes={"a": [2], "b": None}, input_numbers={"a": "int64"})
     assert two._shared_refusal([{"a": [1, 2, 3], "b": "x"}] * 2) == "input 'a' expects instances of shape [2], got [3]"
-    assert two._shared_refusal([{"a": [1, 2, 3]}] * 2) is None  # not keyed by both inputs
+    # Instances all alike that do not name both inputs: each alone is refused just the same.
+    named = "this model takes named inputs ['a', 'b']: each instance must be an object with exactly those keys"
+    assert two._shared_refusal([{"a": [1, 2, 3]}] * 2) == f"{named}, got ['a']"
+    assert two._shared_refusal([[1, 2], [3, 4]]) == f"{named}, got array"
+    assert two._shared_refusal([{"a": [1, 2]}, [3, 4]]) is None  # refused for different reasons
+    assert two._shared_refusal([{"a": [1, 2]}, {"a": [1, 2], "b": "x"}]) is None  # one is keyed right

@@ -172,6 +172,15 @@ def json_type(values: list[Any]) -> str:
     return "/".join(sorted({_JSON_TYPES.get(type(v).__name__, type(v).__name__) for v in values}))
 
 
+def named_inputs_refusal(names: list[str], instance: Any) -> str | None:
+    """Why `instance` is not an object with exactly the inputs `names` that a signature of several
+    inputs takes; None when it is."""
+    if isinstance(instance, dict) and instance.keys() == set(names):
+        return None
+    got = sorted(instance) if isinstance(instance, dict) else json_type([instance])
+    return f"this model takes named inputs {names}: each instance must be an object with exactly those keys, got {got}"
+
+
 def not_numbers(values: list[Any]) -> set[str]:
     """The JSON types inside the arrays that are not numbers (booleans count as numbers here, as
     NumPy reads them; an integer beyond 64 bits is named for what it is)."""

@@ -31,7 +31,7 @@ from worker.serving import (
     numbers_refusal,
     shape_refusal,
 )
-from worker.serving.jsonvalues import decode_strings, json_type, leaf_types, rows_from_array
+from worker.serving.jsonvalues import decode_strings, leaf_types, named_inputs_refusal, rows_from_array
 
 log = logging.getLogger(__name__)
 _import_lock = threading.Lock()
@@ -229,17 +229,16 @@ class TensorFlowSignature:
                 if named is not None:  # not the input's name, nor bytes
                     raise BatchRejected(
                         f'this model takes one input, {name!r}: an instance that is an object must be {{"{name}": …}} '
-                        f'(or {{"b64": …}} for bytes), got one with keys {sorted(named)}'
+                        f'(or {{"b64": …}} for bytes), got one with keys {sorted(named)}',
+                        # Each alone is refused just the same when all are objects of these keys.
+                        each=all(isinstance(v, dict) and v.keys() == named.keys() for v in values),
                     )
             feeds = {name: self._column(name, values)}
         else:
-            for i in instances:
-                if not isinstance(i, dict) or set(i) != set(names):
-                    got = sorted(i) if isinstance(i, dict) else json_type([i])
-                    raise BatchRejected(
-                        f"this model takes named inputs {names}: each instance must be an object "
-                        f"with exactly those keys, got {got}"
-                    )
+            refusals = [named_inputs_refusal(names, i) for i in instances]
+            first = next((r for r in refusals if r is not None), None)
+            if first is not None:
+                raise BatchRejected(first, each=all(r == first for r in refusals))
             feeds = {name: self._column(name, [i[name] for i in instances]) for name in names}
         try:
             outputs = self._fn(**feeds)

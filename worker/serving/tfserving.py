@@ -49,7 +49,7 @@ from worker.serving import (
     numbers_refusal,
     shape_refusal,
 )
-from worker.serving.jsonvalues import invalid_text_as_b64, not_numbers
+from worker.serving.jsonvalues import invalid_text_as_b64, named_inputs_refusal, not_numbers
 
 log = logging.getLogger(__name__)
 
@@ -382,13 +382,17 @@ class RestPredictor:
         return _rows(outputs, len(instances))
 
     def _shared_refusal(self, instances: list[Any]) -> str | None:
-        """After the server refused `instances`: when they all have one shape that an input's
-        declared shape does not take, that (the server's own message may name the batch's size,
-        "In[0]: [1024,15]", and so differ from one instance's); or when they all hold the same
-        JSON types other than numbers for a numeric input (numbers written as strings, say)."""
+        """After the server refused `instances`: when a signature of several inputs gets instances
+        all alike that are not objects keyed by its inputs, that; when they all have one shape
+        that an input's declared shape does not take, that (the server's own message may name the
+        batch's size, "In[0]: [1024,15]", and so differ from one instance's); or when they all hold
+        the same JSON types other than numbers for a numeric input (numbers written as strings)."""
         names = list(self._input_shapes)
-        if len(names) > 1 and not all(isinstance(i, dict) and i.keys() == self._input_shapes.keys() for i in instances):
-            return None  # instances that do not name the inputs: the server's message says so
+        if len(names) > 1:
+            refusals = {named_inputs_refusal(sorted(names), i) for i in instances}
+            if refusals != {None}:
+                # All alike without the inputs' names (lists, say): that; a mix: the server's messages.
+                return refusals.pop() if len(refusals) == 1 else None
         for name in names:
             if len(names) == 1:
                 values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
