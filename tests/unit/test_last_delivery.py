@@ -84,6 +84,25 @@ def test_a_transient_failure_on_the_last_delivery_publishes_failed_and_is_still_
     assert context["delivery_attempt"] == 5 and context["event"]["id"] == "42"
 
 
+def test_a_dropped_file_s_notification_on_its_last_delivery_reports_the_object_s_job(runtime_of):
+    """A bucket's Pub/Sub notification (payload format NONE) through the same dead-lettering push
+    subscription: the report carries the dropped file's job id, bucket/name#generation."""
+    rt = runtime_of(errors.TransientError("storage unavailable"))
+    attributes = {"eventType": "OBJECT_FINALIZE", "bucketId": "bkt", "objectId": "in/a.jsonl",
+                  "objectGeneration": "7", "payloadFormat": "NONE"}  # fmt: skip
+    body = {
+        "message": {"attributes": attributes, "messageId": "43"},
+        "subscription": "projects/p/subscriptions/drops",
+        "deliveryAttempt": 5,
+    }
+    with pytest.raises(errors.TransientError):
+        main._handle({**ATTRIBUTES, "id": "43"}, body)
+    [(job_id, error, context)] = rt.reports
+    assert job_id == "bkt/in/a.jsonl#7"
+    assert str(error).startswith("storage unavailable — gave up after 5 deliveries")
+    assert context["delivery_attempt"] == 5
+
+
 def test_a_redelivery_past_the_last_one_reports_too(runtime_of):
     rt = runtime_of(errors.TransientError("storage unavailable"))
     with pytest.raises(errors.TransientError):
