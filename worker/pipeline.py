@@ -468,6 +468,8 @@ def _run_file(
                 predictor, entries, rejected=plain_outcome if isinstance(plain_outcome, BatchRejected) else None
             )
             failed = sum(1 for e in entries if e.error is not None)
+            if failed:
+                _hint_request_bodies(entries)
             if failed and result.first_error is None:
                 result.first_error = next((n, e.error) for n, e in zip(numbers, entries, strict=True) if e.error)
             counts.instances += len(entries)
@@ -591,7 +593,8 @@ def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, optio
     """The entry of a line that is not valid JSON, or of an instance under key/fields options
     (plain valid lines are made inline, in `_run_file`)."""
     if isinstance(parsed, ValueError):
-        return _Entry(raw.decode("utf-8", errors="replace"), error=f"line {lineno} is not valid JSON: {parsed}")
+        error = f"line {lineno} is not valid JSON: {parsed}{_not_json_hint(raw)}"
+        return _Entry(raw.decode("utf-8", errors="replace"), error=error)
     value, _ = parsed
     shown: Any = value
     if options.key_field is not None:
@@ -606,6 +609,43 @@ def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, optio
     if options.key_field is None and (options.included_fields or options.excluded_fields):
         shown = feed
     return _Entry(shown, label, feed=feed)
+
+
+# The first line of an indented JSON document, or one of its closing lines.
+_INDENTED_JSON_LINES = frozenset((b"{", b"[", b"}", b"]", b"},", b"],"))
+
+
+def _not_json_hint(raw: bytes) -> str:
+    """What to fix in a line that is not JSON, when it is a common slip: a file of indented JSON
+    (its first line a lone `{` or `[`), or comma-separated values (CSV) where a JSON array was meant."""
+    text = raw.strip()
+    if text in _INDENTED_JSON_LINES:
+        return (
+            " — is the file indented JSON? Each line must hold one whole instance (JSON lines: "
+            "one instance per line, no line breaks inside it)"
+        )
+    if b"," in text and text[:1] not in (b"[", b"{", b'"'):
+        try:
+            codec.parse(b"[" + text + b"]")
+        except ValueError:
+            return ""
+        return " — comma-separated values (CSV?) make one instance when written as a JSON array: [v1, v2, …]"
+    return ""
+
+
+# Keys of a TF Serving request body: a whole request written as one line. (Not its columnar
+# "inputs": many models name their one input so.)
+_REQUEST_BODY_KEYS = ({"instances"}, {"signature_name", "instances"})
+
+
+def _hint_request_bodies(entries: list[_Entry]) -> None:
+    """Add what to fix to the errors of instances that are whole TF Serving request bodies."""
+    for e in entries:
+        if e.error is not None and isinstance(e.feed, dict) and e.feed.keys() in _REQUEST_BODY_KEYS:
+            e.error += (
+                ' — this line is a whole TF Serving request ({"instances": […]}): '
+                "write each of its instances on a line of its own"
+            )
 
 
 def _select_fields(value: Any, options: Options) -> Any:

@@ -207,6 +207,40 @@ def test_the_jobs_first_error_is_the_first_in_input_order_and_a_clean_job_has_no
     assert "first_error" not in clean.manifest["files"][0]
 
 
+def test_common_slips_in_input_files_say_what_to_fix():
+    # A whole TF Serving request on one line, an indented JSON file, CSV: each error says what to fix.
+    lines = [
+        json.dumps({"instances": [[1, 2]]}),
+        json.dumps({"signature_name": "serving_default", "instances": [[1, 2]]}),
+        "{",
+        '  "instances": [',
+        "]",
+        "1, 2.5",
+        "a,b",
+        json.dumps({"inputs": [1]}),  # many models name their one input "inputs": no hint
+        "[1, 2]",
+    ]
+    store = FakeStore({"bkt/in/f.jsonl": "\n".join(lines).encode()})
+    outcome, _ = _run(store, _job())
+    out = store.lines("bkt/out/f.jsonl")
+    messages = [o.get("error", {}).get("message") for o in out]
+    request = (
+        ' — this line is a whole TF Serving request ({"instances": […]}): '
+        "write each of its instances on a line of its own"
+    )
+    assert messages[0] == messages[1] == "instances must be lists" + request
+    indented = " — is the file indented JSON? Each line must hold one whole instance"
+    assert messages[2].startswith("line 3 is not valid JSON: ") and indented in messages[2]
+    assert messages[4].startswith("line 5 is not valid JSON: ") and indented in messages[4]
+    assert messages[3].startswith("line 4 is not valid JSON: ") and "—" not in messages[3]
+    csv = " — comma-separated values (CSV?) make one instance when written as a JSON array: [v1, v2, …]"
+    assert messages[5].startswith("line 6 is not valid JSON: ") and messages[5].endswith(csv)
+    assert messages[6].startswith("line 7 is not valid JSON: ") and "—" not in messages[6]
+    assert messages[7] == "instances must be lists"
+    assert out[8] == {"instance": [1, 2], "prediction": 3}
+    assert outcome.manifest["first_error"]["message"] == messages[0]
+
+
 def test_key_field_and_predictions_format():
     store = FakeStore({"bkt/in/f.jsonl": b'{"id": "a", "v": 1, "w": 2, "z": 9}\n{"v": 3}\n'})
     _run(store, _job({"key_field": "id", "included_fields": ["v", "w"], "instance_type": "array"}))
