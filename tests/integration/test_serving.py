@@ -86,7 +86,9 @@ def test_both_backends_and_both_request_formats_write_the_same_lines(make_runtim
         f"gs://{bucket}/two.jsonl",
         [json.dumps({"a": [1, 2, 3, 4], "b": 2}), json.dumps({"a": [0, 0, 0, 0], "b": 0}), json.dumps({"a": [1]})],
     )
-    write_lines(storage_client, f"gs://{bucket}/text.jsonl", [json.dumps("abc"), json.dumps({"b64": "/3o="})])
+    # A list among strings for a string input of shape [?]: one error line, the others predicted.
+    text = [json.dumps("abc"), json.dumps(["de"]), json.dumps({"b64": "/3o="})]
+    write_lines(storage_client, f"gs://{bucket}/text.jsonl", text)
 
     outputs: dict[str, list[Any]] = {}
     for serving, request_format in (("tensorflow", "row"), ("tfserving", "row"), ("tfserving", "columnar")):
@@ -107,7 +109,9 @@ def test_both_backends_and_both_request_formats_write_the_same_lines(make_runtim
     # server's message for a columnar request.
     assert _without_messages(outputs["tfserving-columnar"]) == _without_messages(outputs["tensorflow-row"])
     assert "named inputs ['a', 'b']" in outputs["tfserving-columnar"][2][2]["error"]["message"]
-    dtype_lines, shape_lines, two_lines, _ = outputs["tfserving-row"]
+    dtype_lines, shape_lines, two_lines, text_lines = outputs["tfserving-row"]
+    assert [line.get("prediction", {}).get("length") for line in text_lines] == [3, None, 2]
+    assert text_lines[1]["error"]["message"] == "input 'text' expects instances of shape [], got [1]"
     assert "expects instances of shape [16], got [3]" in shape_lines[10]["error"]["message"]
     assert "expects float32 numbers" in dtype_lines[40]["error"]["message"]
     assert two_lines[1]["prediction"] == {"ratio": "NaN", "total": 0.0}  # the server's bare NaN, made strict

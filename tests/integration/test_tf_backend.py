@@ -154,6 +154,25 @@ def test_a_batch_all_of_numbers_written_as_strings_is_refused_for_each_instance(
         assert not mixed.value.each
 
 
+def test_string_instances_of_several_shapes_are_isolated_not_refused_together_or_crashing(
+    model_dirs: dict[str, Path],
+) -> None:
+    """NumPy makes an object array of strings of any shapes without a word ("a" and ["b"]: 2
+    elements, bytes and a list): such a batch is refused as not rectangular, so the pipeline
+    isolates its instances, not refused for each (it wrote good instances as errors) nor a crash
+    (TensorFlow's ValueError failed the whole job)."""
+    strings = TensorFlowModel(str(model_dirs["strings"]), description="strings").predictor("serving_default")
+    for mixed in (["a", ["b"]], [["a"], "b"], [[], ["a"]]):
+        with pytest.raises(BatchRejected) as refused:
+            strings.predict(mixed)
+        assert not refused.value.each
+        assert refused.value.message == "input 'text': instances are not rectangular arrays of one shape"
+    assert strings.predict(["a"]) == [{"length": 1, "upper_bytes": {"b64": "QQ=="}}]
+    with pytest.raises(BatchRejected) as alone:  # the pipeline then sends the list alone: its reason
+        strings.predict([["b"]])
+    assert alone.value.each and alone.value.message == "input 'text' expects instances of shape [], got [1]"
+
+
 def test_named_float_and_integer_inputs_each_take_their_route(two_io: TensorFlowSignature) -> None:
     got = two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2}, {"a": [1, 1, 1, 1], "b": 0}])
     assert got[0] == {"total": 12.0, "ratio": 5.0}

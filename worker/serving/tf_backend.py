@@ -175,6 +175,10 @@ class TensorFlowSignature:
             raise NotFromJson(name, "half" if spec.dtype == self._tf.float16 else spec.dtype.name, values)
         if spec.dtype == self._tf.string:
             arr = np.asarray([decode_strings(v) for v in values], dtype=object)
+            # An object array takes instances of several shapes without a word (["a"] and "b" make
+            # an array of 2 elements, a list and bytes): they are not one batch, not each refused.
+            if any(type(v) is list for v in arr.reshape(-1)):
+                raise BatchRejected(f"input {name!r}: instances are not rectangular arrays of one shape")
         else:
             try:
                 arr = np.asarray(values)
@@ -195,7 +199,10 @@ class TensorFlowSignature:
                 arr = arr.astype(target, copy=False)
             numbers.check_floats(name, values, arr)
         self._check_shape(name, spec, list(arr.shape))
-        return self._tf.constant(arr, dtype=spec.dtype)
+        try:
+            return self._tf.constant(arr, dtype=spec.dtype)
+        except (TypeError, ValueError) as e:  # what the checks above did not foresee: these instances' fault
+            raise BatchRejected(f"input {name!r}: {e}") from None
 
     @staticmethod
     def _check_shape(name: str, spec: Any, shape: list[int]) -> None:
