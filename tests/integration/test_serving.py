@@ -238,7 +238,7 @@ def test_a_file_all_of_a_shape_or_type_the_model_does_not_take_costs_one_call_pe
     make_runtime, storage_client, bucket, model_uris, monkeypatch
 ):
     """15 numbers on every line for a 16-float input, 16 numbers written as strings, arrays for a
-    model of named inputs, objects keyed by another name (common slips): every line is an error
+    model of named inputs, objects keyed by another name, numbers for text (common slips): every line is an error
     line saying so, and the model is asked once per batch, not once per instance after halving
     each batch down (2 × 300 − 1 calls here). Behind TF Serving, the declared inputs, shapes and
     types come from the server's metadata, and the server still refuses the batch first."""
@@ -266,7 +266,12 @@ def test_a_file_all_of_a_shape_or_type_the_model_does_not_take_costs_one_call_pe
         'this model takes one input, \'x\': an instance that is an object must be {"x": …} (or {"b64": …} for bytes)'
     )
     cases["misnamed"] = ([{"features": i} for i in instances], f"{keyed}, got one with keys ['features']")
-    model = {"unnamed": "two_io"}
+    # Numbers for a model of text (token ids where it takes raw strings).
+    cases["ids"] = (
+        [i[0] * 100 for i in instances],
+        "input 'text' expects strings (or {\"b64\": …} for bytes), got values of JSON type number",
+    )
+    model = {"unnamed": "two_io", "ids": "strings"}
     for case, (wrong, message) in cases.items():
         write_lines(storage_client, f"gs://{bucket}/{case}/in.jsonl", [json.dumps(i) for i in wrong])
         for serving in ("tensorflow", "tfserving"):

@@ -173,6 +173,26 @@ def test_string_instances_of_several_shapes_are_isolated_not_refused_together_or
     assert alone.value.each and alone.value.message == "input 'text' expects instances of shape [], got [1]"
 
 
+def test_a_batch_all_of_other_json_types_for_a_string_input_is_refused_for_each_instance(
+    model_dirs: dict[str, Path],
+) -> None:
+    strings = TensorFlowModel(str(model_dirs["strings"]), description="strings").predictor("serving_default")
+    message = "input 'text' expects strings (or {\"b64\": …} for bytes), got values of JSON type number"
+    with pytest.raises(BatchRejected) as numbers:  # token ids for a model of raw text, say
+        strings.predict([5, 7.5, 2])
+    assert numbers.value.each and numbers.value.message == message
+    with pytest.raises(BatchRejected) as alone:
+        strings.predict([5])
+    assert alone.value.message == message
+    for some_good in (["a", 5], [5, None]):
+        with pytest.raises(BatchRejected) as mixed:  # not each: alone, one is taken or says "null"
+            strings.predict(some_good)
+        assert not mixed.value.each
+    with pytest.raises(BatchRejected) as bad_b64:
+        strings.predict([{"b64": "not base64!"}])
+    assert bad_b64.value.message.startswith("input 'text': invalid base64 in {\"b64\": …} value")
+
+
 def test_named_float_and_integer_inputs_each_take_their_route(two_io: TensorFlowSignature) -> None:
     got = two_io.predict([{"a": [1.0, 2.0, 3.0, 4.0], "b": 2}, {"a": [1, 1, 1, 1], "b": 0}])
     assert got[0] == {"total": 12.0, "ratio": 5.0}

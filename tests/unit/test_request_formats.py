@@ -17,8 +17,8 @@ from worker.serving.tfserving import (
     _columns,
     _declared_outputs,
     _dims,
-    _input_numbers,
     _input_shapes,
+    _input_types,
     _rows,
 )
 
@@ -77,9 +77,10 @@ def test_declared_input_shapes_are_read_from_the_servers_metadata():
         "method_name": "tensorflow/serving/predict",
     }
     assert _input_shapes(signature) == {"x": [16], "tokens": [None], "any": None, "scalar": None, "undeclared": None}
-    assert _input_numbers(signature) == {
+    assert _input_types(signature) == {
         "x": "float32",
         "tokens": "int64",
+        "any": "string",
         "scalar": "float32",
         "undeclared": "float32",
     }
@@ -149,7 +150,7 @@ def test_the_shape_of_a_json_value_as_a_tensor():
 def test_a_refused_batch_is_refused_for_each_instance_only_for_a_reason_they_all_share():
     """What the worker concludes from the server's metadata once the server has refused a batch."""
     server: Any = types.SimpleNamespace(description="m")
-    one = RestPredictor(server, "serving_default", input_shapes={"x": [4]}, input_numbers={"x": "float32"})
+    one = RestPredictor(server, "serving_default", input_shapes={"x": [4]}, input_types={"x": "float32"})
     assert one._shared_refusal([[1.0, 2.0, 3.0]] * 3) == "input 'x' expects instances of shape [4], got [3]"
     assert one._shared_refusal([{"x": [1.0] * 5}, [2.0] * 5]) == "input 'x' expects instances of shape [4], got [5]"
     quoted = [["1", "2", "3", "4"], ["5", "6", "7", "8"]]
@@ -158,7 +159,9 @@ def test_a_refused_batch_is_refused_for_each_instance_only_for_a_reason_they_all
     assert one._shared_refusal([["1"] * 4, [1.0] * 4]) is None  # one holds numbers only
     assert one._shared_refusal([[2**70] + [1.0] * 3] * 2) is None  # read by a float input; the server says why
     assert one._shared_refusal([[1.0] * 4] * 2) is None  # refused for its values: the server says why
-    two = RestPredictor(server, "serving_default", input_shapes={"a": [2], "b": None}, input_numbers={"a": "int64"})
+    two = RestPredictor(
+        server, "serving_default", input_shapes={"a": [2], "b": None}, input_types={"a": "int64", "b": "string"}
+    )
     assert two._shared_refusal([{"a": [1, 2, 3], "b": "x"}] * 2) == "input 'a' expects instances of shape [2], got [3]"
     # Instances all alike that do not name both inputs: each alone is refused just the same.
     named = "this model takes named inputs ['a', 'b']: each instance must be an object with exactly those keys"
@@ -166,3 +169,9 @@ def test_a_refused_batch_is_refused_for_each_instance_only_for_a_reason_they_all
     assert two._shared_refusal([[1, 2], [3, 4]]) == f"{named}, got array"
     assert two._shared_refusal([{"a": [1, 2]}, [3, 4]]) is None  # refused for different reasons
     assert two._shared_refusal([{"a": [1, 2]}, {"a": [1, 2], "b": "x"}]) is None  # one is keyed right
+    # A string input given the same other JSON types in every instance (numbers for text, say).
+    strings = "input 'b' expects strings (or {\"b64\": …} for bytes), got values of JSON type"
+    assert two._shared_refusal([{"a": [1, 2], "b": 5}, {"a": [3, 4], "b": 7.5}]) == f"{strings} number"
+    assert two._shared_refusal([{"a": [1, 2], "b": [None, "x"]}] * 2) == f"{strings} null"
+    assert two._shared_refusal([{"a": [1, 2], "b": 5}, {"a": [3, 4], "b": "x"}]) is None  # one holds a string
+    assert two._shared_refusal([{"a": [1, 2], "b": {"b64": "AA=="}}] * 2) is None  # bytes: the server says why

@@ -90,6 +90,11 @@ def numbers_refusal(name: str, dtype: str, types: str) -> str:
     return f"input {name!r} expects {dtype} numbers, got values of JSON type {types}"
 
 
+def strings_refusal(name: str, types: str) -> str:
+    """Why string input `name` does not take values of these JSON types."""
+    return f'input {name!r} expects strings (or {{"b64": …}} for bytes), got values of JSON type {types}'
+
+
 def _shape_text(dims: list[int | None] | list[int]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 

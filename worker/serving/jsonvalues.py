@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -28,7 +29,7 @@ def decode_strings(value: Any) -> Any:
         )
     if isinstance(value, list):
         return [decode_strings(v) for v in value]
-    raise BatchRejected(f'expected a string or {{"b64": …}} for a string input, got {type(value).__name__}')
+    raise BatchRejected(f'expected a string or {{"b64": …}} for a string input, got {json_type([value])}')
 
 
 def _bytes_to_json(value: Any, *, as_b64: bool) -> Any:
@@ -164,7 +165,10 @@ def tf_serving_float(value: float) -> float:
     return float(six if inside else f"{value:.9g}")
 
 
-_JSON_TYPES = {"str": "string", "dict": "object", "list": "array", "NoneType": "null", "bool": "boolean"}
+_JSON_TYPES = {
+    **{"str": "string", "dict": "object", "list": "array", "NoneType": "null", "bool": "boolean"},
+    **{"int": "number", "float": "number"},
+}
 
 
 def json_type(values: list[Any]) -> str:
@@ -184,15 +188,37 @@ def named_inputs_refusal(names: list[str], instance: Any) -> str | None:
 def not_numbers(values: list[Any]) -> set[str]:
     """The JSON types inside the arrays that are not numbers (booleans count as numbers here, as
     NumPy reads them; an integer beyond 64 bits is named for what it is)."""
+    return _leaf_types_refused(values, _not_a_number)
+
+
+def not_strings(values: list[Any]) -> set[str]:
+    """The JSON types inside the arrays that are not strings (nor `{"b64": …}`, which is bytes)."""
+    return _leaf_types_refused(values, _not_a_string)
+
+
+def _not_a_number(value: Any) -> str | None:
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return "integer beyond 64 bits"
+    return None if isinstance(value, (int, float)) else _JSON_TYPES.get(type(value).__name__, type(value).__name__)
+
+
+def _not_a_string(value: Any) -> str | None:
+    if isinstance(value, str) or (
+        isinstance(value, dict) and value.keys() == {"b64"} and isinstance(value["b64"], str)
+    ):
+        return None
+    return _JSON_TYPES.get(type(value).__name__, type(value).__name__)
+
+
+def _leaf_types_refused(values: list[Any], refused: Callable[[Any], str | None]) -> set[str]:
+    """What `refused` names (a JSON type) for the values inside the arrays that an input does not take."""
     names, stack = set(), list(values)
     while stack:
         value = stack.pop()
         if isinstance(value, list):
             stack.extend(value)
-        elif isinstance(value, int) and not -(2**63) <= value < 2**64:
-            names.add("integer beyond 64 bits")
-        elif not isinstance(value, (int, float)):
-            names.add(_JSON_TYPES.get(type(value).__name__, type(value).__name__))
+        elif (name := refused(value)) is not None:
+            names.add(name)
     return names
 
 

@@ -30,8 +30,9 @@ from worker.serving import (
     numbers,
     numbers_refusal,
     shape_refusal,
+    strings_refusal,
 )
-from worker.serving.jsonvalues import decode_strings, leaf_types, named_inputs_refusal, rows_from_array
+from worker.serving.jsonvalues import decode_strings, leaf_types, named_inputs_refusal, not_strings, rows_from_array
 
 log = logging.getLogger(__name__)
 _import_lock = threading.Lock()
@@ -174,7 +175,17 @@ class TensorFlowSignature:
         if spec.dtype not in self._from_json:
             raise NotFromJson(name, "half" if spec.dtype == self._tf.float16 else spec.dtype.name, values)
         if spec.dtype == self._tf.string:
-            arr = np.asarray([decode_strings(v) for v in values], dtype=object)
+            try:
+                decoded = [decode_strings(v) for v in values]
+            except BatchRejected as e:
+                others = not_strings(values)
+                if not others:  # all strings or {"b64": …}: one that does not decode
+                    raise BatchRejected(f"input {name!r}: {e.message}") from None
+                # When each instance holds these same types (numbers for a text input, say), each
+                # alone is refused just the same.
+                each = all(not_strings([v]) == others for v in values)
+                raise BatchRejected(strings_refusal(name, "/".join(sorted(others))), each=each) from None
+            arr = np.asarray(decoded, dtype=object)
             # An object array takes instances of several shapes without a word (["a"] and "b" make
             # an array of 2 elements, a list and bytes): they are not one batch, not each refused.
             if any(type(v) is list for v in arr.reshape(-1)):

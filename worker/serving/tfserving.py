@@ -48,8 +48,9 @@ from worker.serving import (
     check_outputs,
     numbers_refusal,
     shape_refusal,
+    strings_refusal,
 )
-from worker.serving.jsonvalues import invalid_text_as_b64, named_inputs_refusal, not_numbers
+from worker.serving.jsonvalues import invalid_text_as_b64, named_inputs_refusal, not_numbers, not_strings
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ class TFServingModel:
                 signature_name,
                 columnar=columnar,
                 input_shapes=_input_shapes(signature),
-                input_numbers=_input_numbers(signature),
+                input_types=_input_types(signature),
             )
         return self._predictors[signature_name]
 
@@ -346,15 +347,15 @@ class RestPredictor:
         *,
         columnar: bool = False,
         input_shapes: dict[str, list[int | None] | None] | None = None,
-        input_numbers: dict[str, str] | None = None,
+        input_types: dict[str, str] | None = None,
     ) -> None:
         self._server = server
         self._signature_name = signature_name
         self._columnar = columnar
         # Each input's shape per instance as the signature declares it (None: not declared), and
-        # the numeric inputs' types ("float32").
+        # the types of its numeric and string inputs ("float32", "string").
         self._input_shapes = input_shapes or {}
-        self._input_numbers = input_numbers or {}
+        self._input_types = input_types or {}
         # Instances per request at most, once a request of more timed out or ran out of memory.
         self._limit = SizeLimit(f"the model server for {server.description}", log)
 
@@ -403,12 +404,17 @@ class RestPredictor:
                 refusal = shape_refusal(name, self._input_shapes[name], list(shape))
                 if refusal is not None:
                     return refusal
-            if name in self._input_numbers:
+            dtype = self._input_types.get(name)
+            if dtype == "string":
+                kinds = {frozenset(not_strings([v])) for v in values}
+                if len(kinds) == 1 and (kind := kinds.pop()):
+                    return strings_refusal(name, "/".join(sorted(kind)))
+            elif dtype is not None:
                 kinds = {frozenset(not_numbers([v])) for v in values}
                 # Not for integers beyond 64 bits: a float input reads them (and refuses them only
                 # as inexact), which the server's own message says.
                 if len(kinds) == 1 and (kind := kinds.pop()) and "integer beyond 64 bits" not in kind:
-                    return numbers_refusal(name, self._input_numbers[name], "/".join(sorted(kind)))
+                    return numbers_refusal(name, dtype, "/".join(sorted(kind)))
         return None
 
     def _call(self, body: dict[str, Any], key: str) -> Any:
@@ -475,21 +481,22 @@ def _declared_outputs(signature_def: Any) -> dict[str, tuple[int | None, str | N
     return declared
 
 
-# TF Serving's numeric types, by the names the in-process backend's messages give them.
-_NUMBERS = {
+# TF Serving's numeric and string types, by the names the in-process backend's messages give them.
+_TYPES = {
     "DT_FLOAT": "float32",
     "DT_DOUBLE": "float64",
     **{f"DT_{t.upper()}": t for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},
+    "DT_STRING": "string",
 }
 
 
-def _input_numbers(signature_def: Any) -> dict[str, str]:
-    """The signature's numeric inputs and their types, from the server's metadata."""
+def _input_types(signature_def: Any) -> dict[str, str]:
+    """The signature's numeric and string inputs and their types, from the server's metadata."""
     inputs = signature_def.get("inputs") if isinstance(signature_def, dict) else None
     return {
-        name: _NUMBERS[info["dtype"]]
+        name: _TYPES[info["dtype"]]
         for name, info in (inputs or {}).items()
-        if isinstance(info, dict) and info.get("dtype") in _NUMBERS
+        if isinstance(info, dict) and info.get("dtype") in _TYPES
     }
 
 
