@@ -248,6 +248,25 @@ def test_every_input_type_tf_serving_fills_from_json_is_taken(tmp_path: Path) ->
         assert typed.predictor("serving_default").predict([[3, 1, 2, 0]]) == [6.0]
 
 
+def test_a_boolean_input_takes_true_and_false_and_says_so_for_anything_else(tmp_path: Path) -> None:
+    flags = TensorFlowModel(str(models.build_typed(tmp_path / "bool", "bool")), description="bool")
+    predictor = flags.predictor("serving_default")
+    assert predictor.predict([[True, False, True, True]]) == [3.0]
+    for instance, got in (([0, 1, 0, 1], "got numbers"), (["true"] * 4, "got values of JSON type string")):
+        with pytest.raises(BatchRejected) as refused:
+            predictor.predict([instance])
+        assert refused.value.message == f"input 'x' expects booleans (true or false), {got}"
+
+
+def test_an_instance_of_nested_lists_of_several_lengths_is_refused_in_words_about_the_instance(
+    two_io: TensorFlowSignature,
+) -> None:
+    """Not NumPy's words, which name the batch's dimensions ("the detected shape was (1, 2) + …")."""
+    with pytest.raises(BatchRejected) as refused:
+        two_io.predict([{"a": [[1, 2], [3]], "b": 1}])
+    assert refused.value.message == "input 'a': instances are not rectangular arrays of one shape"
+
+
 def test_an_output_without_a_row_per_instance_is_the_model_s_fault(tmp_path: Path) -> None:
     """An output reduced over the batch (a scalar) is refused from the signature, before any
     prediction; an output of the wrong number of rows at the first batch. Either way the job fails

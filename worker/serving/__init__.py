@@ -87,7 +87,14 @@ def shape_refusal(name: str, want: list[int | None] | None, got: list[int]) -> s
 
 def numbers_refusal(name: str, dtype: str, types: str) -> str:
     """Why numeric input `name` (of `dtype`, "float32") does not take values of these JSON types."""
-    return f"input {name!r} expects {dtype} numbers, got values of JSON type {types}"
+    wanted = "booleans (true or false)" if dtype == "bool" else f"{dtype} numbers"
+    return f"input {name!r} expects {wanted}, got values of JSON type {types}"
+
+
+def ragged_refusal(name: str) -> str:
+    """Why input `name` does not take instances whose nested lists differ in length, or a batch
+    of instances of several shapes."""
+    return f"input {name!r}: instances are not rectangular arrays of one shape"
 
 
 def strings_refusal(name: str, types: str) -> str:

@@ -29,6 +29,7 @@ from worker.serving import (
     check_outputs,
     numbers,
     numbers_refusal,
+    ragged_refusal,
     shape_refusal,
     strings_refusal,
 )
@@ -189,12 +190,12 @@ class TensorFlowSignature:
             # An object array takes instances of several shapes without a word (["a"] and "b" make
             # an array of 2 elements, a list and bytes): they are not one batch, not each refused.
             if any(type(v) is list for v in arr.reshape(-1)):
-                raise BatchRejected(f"input {name!r}: instances are not rectangular arrays of one shape")
+                raise BatchRejected(ragged_refusal(name))
         else:
             try:
                 arr = np.asarray(values)
-            except ValueError as e:
-                raise BatchRejected(f"input {name!r}: instances are not rectangular arrays ({e})") from None
+            except ValueError:  # NumPy's message names the batch's dimensions, not the instance's
+                raise BatchRejected(ragged_refusal(name)) from None
             target = np.dtype(spec.dtype.as_numpy_dtype)
             if arr.dtype.kind not in "biuf":
                 types = leaf_types(values)
