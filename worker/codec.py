@@ -133,3 +133,21 @@ def _finite(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     return value
+
+
+_JSON_TYPE_NAMES = {str: "string", dict: "object", list: "array", type(None): "null", bool: "boolean"}
+
+
+def type_name(value: Any) -> str:
+    """The JSON type of a parsed value, as a message to a person names it ("number", "null")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def shown(value: Any) -> str:
+    """A parsed value as JSON text, for a message (`null`, `"64"`), not as Python's repr."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.codec import shown, type_name
 from worker.errors import InvalidJob
 
 # A bucket name as GCS accepts it (3-222 chars of lowercase letters, digits, -, _ and .).
@@ -35,18 +36,18 @@ class GcsUri:
     @classmethod
     def parse(cls, value: object, *, what: str = "URI") -> GcsUri:
         if not isinstance(value, str) or not value:
-            raise InvalidJob(f"{what} must be a gs:// URI string, got {value!r}")
+            raise InvalidJob(f"{what} must be a gs:// URI string, got {shown(value)}")
         if not value.startswith("gs://"):
             raise InvalidJob(
-                f"{what} {value!r} is not a gs:// URI — write it as gs://BUCKET/PATH "
+                f"{what} {shown(value)} is not a gs:// URI — write it as gs://BUCKET/PATH "
                 "(only Cloud Storage locations are supported)"
             )
         rest = value[len("gs://") :]
         bucket, _, path = rest.partition("/")
         if not _BUCKET_RE.match(bucket):
-            raise InvalidJob(f"{what} {value!r} has no valid bucket name after gs://")
+            raise InvalidJob(f"{what} {shown(value)} has no valid bucket name after gs://")
         if "//" in path or path.startswith("/"):
-            raise InvalidJob(f"{what} {value!r} has an empty path segment (//)")
+            raise InvalidJob(f"{what} {shown(value)} has an empty path segment (//)")
         return cls(bucket, path)
 
     @property
@@ -86,7 +87,7 @@ class Options:
         if raw is None:
             return cls()
         if not isinstance(raw, Mapping):
-            raise InvalidJob(f"options must be a JSON object, got {type(raw).__name__}")
+            raise InvalidJob(f"options must be a JSON object, got {type_name(raw)}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -97,35 +98,33 @@ class Options:
         if "batch_size" in raw and raw["batch_size"] is not None:
             bs = raw["batch_size"]
             if isinstance(bs, bool) or not isinstance(bs, int) or not 1 <= bs <= 100_000:
-                raise InvalidJob(f"option batch_size must be an integer from 1 to 100000, got {bs!r}")
+                raise InvalidJob(f"option batch_size must be an integer from 1 to 100000, got {shown(bs)}")
             kw["batch_size"] = bs
         for name in ("signature_name", "key_field"):
             if name in raw and raw[name] is not None:
                 if not isinstance(raw[name], str) or not raw[name]:
-                    raise InvalidJob(f"option {name} must be a non-empty string, got {raw[name]!r}")
+                    raise InvalidJob(f"option {name} must be a non-empty string, got {shown(raw[name])}")
                 kw[name] = raw[name]
         for name in ("included_fields", "excluded_fields"):
             if name in raw and raw[name] is not None:
                 val = raw[name]
                 if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
-                    raise InvalidJob(f"option {name} must be a list of field names, got {val!r}")
+                    raise InvalidJob(f"option {name} must be a list of field names, got {shown(val)}")
                 kw[name] = tuple(val)
         if raw.get("instance_type") is not None:
             if raw["instance_type"] not in _INSTANCE_TYPES:
-                raise InvalidJob(
-                    f"option instance_type must be one of {', '.join(_INSTANCE_TYPES)}, got {raw['instance_type']!r}"
-                )
+                choices = ", ".join(_INSTANCE_TYPES)
+                raise InvalidJob(f"option instance_type must be one of {choices}, got {shown(raw['instance_type'])}")
             kw["instance_type"] = raw["instance_type"]
         if raw.get("output_format") is not None:
             if raw["output_format"] not in _OUTPUT_FORMATS:
-                raise InvalidJob(
-                    f"option output_format must be one of {', '.join(_OUTPUT_FORMATS)}, got {raw['output_format']!r}"
-                )
+                choices = ", ".join(_OUTPUT_FORMATS)
+                raise InvalidJob(f"option output_format must be one of {choices}, got {shown(raw['output_format'])}")
             kw["output_format"] = raw["output_format"]
         if raw.get("max_error_ratio") is not None:
             ratio = raw["max_error_ratio"]
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-                raise InvalidJob(f"option max_error_ratio must be a number from 0 to 1, got {ratio!r}")
+                raise InvalidJob(f"option max_error_ratio must be a number from 0 to 1, got {shown(ratio)}")
             kw["max_error_ratio"] = float(ratio)
         opts = cls(**kw)
         if opts.instance_type == "array" and opts.included_fields is None:
@@ -175,7 +174,7 @@ class Job:
             raise InvalidJob(f"job is missing {', '.join(missing)}: a job needs model, input and output gs:// URIs")
         job_id = raw.get("job_id") or default_job_id
         if not isinstance(job_id, str) or not job_id.strip():
-            raise InvalidJob(f"job_id must be a non-empty string, got {job_id!r}")
+            raise InvalidJob(f"job_id must be a non-empty string, got {shown(job_id)}")
         options = raw.get("options")
         if isinstance(options, str):
             # Message attributes are strings: options arrive as JSON text there.
@@ -214,7 +213,7 @@ def parse_json_object(text: str | bytes, *, what: str) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidJob(f"{what} is not valid JSON ({e}); send a JSON object") from e
     if not isinstance(value, dict):
-        raise InvalidJob(f"{what} must be a JSON object, got {type(value).__name__}")
+        raise InvalidJob(f"{what} must be a JSON object, got {type_name(value)}")
     return value
 
 

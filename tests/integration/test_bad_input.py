@@ -63,7 +63,7 @@ def test_bad_jobs_fail_with_actionable_messages(worker_service, storage_client, 
     }
     assert errors["http-uri"] == {
         "code": "INVALID_ARGUMENT",
-        "message": "input 'http://example.com/in.jsonl' is not a gs:// URI — write it as gs://BUCKET/PATH "
+        "message": 'input "http://example.com/in.jsonl" is not a gs:// URI — write it as gs://BUCKET/PATH '
         "(only Cloud Storage locations are supported)",
     }
     assert errors["missing-model"] == {

@@ -432,6 +432,29 @@ def test_options_reject_unknown_and_bad_values():
         Options.parse({"instance_type": "array"})
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"options": {"batch_size": "64"}}, 'option batch_size must be an integer from 1 to 100000, got "64"'),
+        ({"options": {"max_error_ratio": True}}, "option max_error_ratio must be a number from 0 to 1, got true"),
+        (
+            {"options": {"key_field": None, "signature_name": 5}},
+            "option signature_name must be a non-empty string, got 5",
+        ),
+        ({"options": [1]}, "options must be a JSON object, got array"),
+        ({"job_id": 7}, "job_id must be a non-empty string, got 7"),
+        ({"model": ["gs://mdl/"]}, 'model must be a gs:// URI string, got ["gs://mdl/"]'),
+    ],
+)
+def test_a_bad_job_field_is_quoted_as_json_as_it_was_sent(raw, message):
+    """The values in a job's error messages are written as the JSON that was sent (null, true,
+    "64"), not as Python writes them (None, True, '64')."""
+    job = {"model": "gs://mdl/", "input": "gs://bkt/in.jsonl", "output": "gs://out/", **raw}
+    with pytest.raises(errors.InvalidJob) as refused:
+        Job.from_mapping(job, default_job_id="j")
+    assert str(refused.value) == message
+
+
 class FlakyPublisher(Published):
     """Fails its first `failures` publishes the way Pub/Sub being down does."""
 

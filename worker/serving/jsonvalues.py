@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.codec import type_name
 from worker.errors import ModelError
 from worker.serving import BATCH_ADVICE, BatchRejected
 
@@ -165,15 +166,9 @@ def tf_serving_float(value: float) -> float:
     return float(six if inside else f"{value:.9g}")
 
 
-_JSON_TYPES = {
-    **{"str": "string", "dict": "object", "list": "array", "NoneType": "null", "bool": "boolean"},
-    **{"int": "number", "float": "number"},
-}
-
-
 def json_type(values: list[Any]) -> str:
     """The JSON types of `values`, as a message names them ("array", "object/string")."""
-    return "/".join(sorted({_JSON_TYPES.get(type(v).__name__, type(v).__name__) for v in values}))
+    return "/".join(sorted({type_name(v) for v in values}))
 
 
 def named_inputs_refusal(names: list[str], instance: Any) -> str | None:
@@ -199,7 +194,7 @@ def not_strings(values: list[Any]) -> set[str]:
 def _not_a_number(value: Any) -> str | None:
     if isinstance(value, int) and not -(2**63) <= value < 2**64:
         return "integer beyond 64 bits"
-    return None if isinstance(value, (int, float)) else _JSON_TYPES.get(type(value).__name__, type(value).__name__)
+    return None if isinstance(value, (int, float)) else type_name(value)
 
 
 def _not_a_string(value: Any) -> str | None:
@@ -207,7 +202,7 @@ def _not_a_string(value: Any) -> str | None:
         isinstance(value, dict) and value.keys() == {"b64"} and isinstance(value["b64"], str)
     ):
         return None
-    return _JSON_TYPES.get(type(value).__name__, type(value).__name__)
+    return type_name(value)
 
 
 def _leaf_types_refused(values: list[Any], refused: Callable[[Any], str | None]) -> set[str]:
