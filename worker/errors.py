@@ -58,6 +58,11 @@ class Conflict(TransientError):
 
 
 class Busy(TransientError):
-    """Another run holds the job's lease: this delivery must be retried later, not acknowledged."""
+    """Another run holds the job's lease: this delivery must be retried later, not acknowledged.
+    `until`: when the lease expires unless its holder renews it (a Unix time), when known."""
 
     code = "ABORTED"
+
+    def __init__(self, message: str, *, until: float | None = None) -> None:
+        super().__init__(message)
+        self.until = until

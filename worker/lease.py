@@ -89,7 +89,8 @@ class Lease:
                 if isinstance(expires, int | float) and expires > self._clock():
                     raise errors.Busy(
                         f"job {held.get('job_id')!r} is running on {held.get('holder')} (lease {self.uri} held "
-                        f"until {_iso(expires)}); this delivery will be retried"
+                        f"until {_iso(expires)}); this delivery will be retried",
+                        until=expires,
                     ) from None
                 log.warning("taking over the expired lease %s of %s", self.uri, held.get("holder"))
                 self.generation = self._create_or_busy(current.generation, "another run took it over first")

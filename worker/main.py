@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -102,13 +103,25 @@ def _handle(attributes: dict[str, Any], data: Any) -> None:
     try:
         trigger = events.from_cloud_event(attributes, data)
         log.info("event %s: %s", attributes.get("id"), events.describe(trigger))
-        rt.handle(trigger)
+        try:
+            rt.handle(trigger)
+        except errors.Busy as busy:
+            if not _waited_out_lease(rt, busy, data):
+                raise
+            # Once more: its holder has finished (the job is skipped), died (its lease has expired:
+            # this run takes the job over), or is alive and renewing (Busy again: it reports itself).
+            rt.handle(trigger)
     except errors.TransientError as e:
         last = _last_delivery(rt, data)
-        if last is not None and not isinstance(e, errors.Busy):
-            _give_up(rt, _report_job_id(trigger, attributes, data), e, last, context)
-        else:
+        if last is None:
             log.error("transient failure, the event will be redelivered: %s", e)
+        elif isinstance(e, errors.Busy):
+            log.warning(
+                "last delivery (%d) of a job another run still holds: the message goes to the dead-letter topic, "
+                "and that run publishes the job's completion (%s)", last, e,
+            )  # fmt: skip
+        else:
+            _give_up(rt, _report_job_id(trigger, attributes, data), e, last, context)
         raise
     except errors.PermanentError as e:
         rt.report_failure(_report_job_id(trigger, attributes, data), e, context)
@@ -125,6 +138,26 @@ def _last_delivery(rt: Runtime, data: Any) -> int | None:
     attempt = events.delivery_attempt(data)
     limit = rt.settings.max_delivery_attempts
     return attempt if attempt is not None and limit > 0 and attempt >= limit else None
+
+
+# Beyond a lease's expiry before trying it again: clocks of different instances differ a little.
+LEASE_WAIT_MARGIN_S = 2.0
+
+
+def _waited_out_lease(rt: Runtime, busy: errors.Busy, data: Any) -> bool:
+    """On the message's last delivery, wait until the lease another run holds would expire if
+    that run died (True). No later delivery would come to take over a dead run's job: without
+    this, such a job went to the dead-letter topic with no completion message at all."""
+    last = _last_delivery(rt, data)
+    if last is None or busy.until is None:
+        return False
+    wait = min(max(busy.until - time.time(), 0.0), float(rt.settings.lease_seconds)) + LEASE_WAIT_MARGIN_S
+    log.warning(
+        "last delivery (%d) of a job held by another run: waiting %.0fs to see whether that run renews its lease "
+        "(%s)", last, wait, busy,
+    )  # fmt: skip
+    time.sleep(wait)
+    return True
 
 
 def _give_up(rt: Runtime, job_id: str, e: errors.TransientError, attempt: int, context: dict[str, Any]) -> None:

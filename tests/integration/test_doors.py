@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -148,6 +149,43 @@ def test_a_transient_failure_on_the_last_delivery_publishes_failed(
         assert report["delivery_attempt"] == 5
         assert topology.no_more_completions() == []  # delivery 4 published nothing
         assert storage_client.bucket(bucket).get_blob("o/_manifest.json") is None  # a republished job runs
+    finally:
+        service.stop()
+
+
+def test_on_the_last_delivery_a_job_held_by_a_dead_run_is_taken_over_and_completed(
+    pubsub_host, gcs_host, storage_client, bucket, model_uris, tmp_path
+):
+    """A run that died holding the job's lease (its instance gone): a delivery before the last
+    answers busy for Pub/Sub to retry; the last waits for the lease to expire, takes the job over
+    and completes it, where it used to answer busy and have the message dead-lettered with no
+    completion at all."""
+    topology = create_topology()
+    env = worker_env(gcs_host, pubsub_host, topology, tmp_path, WORKER_MAX_DELIVERY_ATTEMPTS="5")
+    write_lines(storage_client, f"gs://{bucket}/in.jsonl", [json.dumps(i) for i in models.mlp_instances(2)])
+    job = {"model": model_uris["mlp"], "input": f"gs://{bucket}/in.jsonl", "output": f"gs://{bucket}/o/"}
+    lease = storage_client.bucket(bucket).blob("o/_manifest.json.lease")
+    dead_run = {"job_id": "4343", "holder": "gone/1/dead", "ttl_s": 120}
+    service, url = emulators.start_worker(env)
+    try:
+        for attempt, status in ((4, 500), (5, 200)):
+            # The lease as its holder last renewed it: held a while yet.
+            expires = time.time() + (120 if attempt == 4 else 4)
+            lease.upload_from_string(json.dumps({**dead_run, "expires_at": expires}))
+            body = {
+                "message": {"data": base64.b64encode(json.dumps(job).encode()).decode(), "messageId": "4343"},
+                "subscription": "projects/p/subscriptions/jobs",
+                "deliveryAttempt": attempt,
+            }
+            r = requests.post(url + "/", json=body, timeout=180)
+            assert r.status_code == status, (attempt, r.status_code, service.log_tail(20))
+            if attempt == 4:
+                assert topology.no_more_completions() == []  # busy: retried, nothing published
+        assert time.time() >= expires
+        [(report, attrs)] = topology.completions(1)
+        assert attrs == {"job_id": "4343", "status": "SUCCEEDED"}
+        assert report["totals"]["predictions"] == 2
+        assert "taking over the expired lease" in service.log_tail(200)
     finally:
         service.stop()
 

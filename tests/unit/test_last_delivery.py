@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 import pytest
@@ -135,3 +136,65 @@ def test_a_failed_publish_on_the_last_delivery_leaves_the_cause_to_be_raised(run
     rt.report_failure = cannot_publish  # type: ignore[method-assign]
     with pytest.raises(errors.TransientError, match="storage unavailable"):
         main._handle(dict(ATTRIBUTES), _push(5))
+
+
+class HeldRuntime(FakeRuntime):
+    """A job whose lease another run holds for `held_s` more seconds: then `holder_alive` says
+    whether it renewed it (Busy again) or died (this run takes the job over and completes it)."""
+
+    def __init__(self, held_s: float, *, holder_alive: bool, lease_seconds: int = 120) -> None:
+        super().__init__(errors.Busy("held"), 5)
+        self.settings = Settings(max_delivery_attempts=5, lease_seconds=lease_seconds)
+        self.expires = time.time() + held_s
+        self.holder_alive = holder_alive
+        self.runs: list[float] = []
+
+    def handle(self, trigger: events.Trigger) -> None:
+        self.runs.append(time.time())
+        if time.time() < self.expires or self.holder_alive:
+            raise errors.Busy(f"job is running on another host until {self.expires}", until=self.expires)
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(main, "LEASE_WAIT_MARGIN_S", 0.05)
+
+    def make(held_s: float, **kw: Any) -> HeldRuntime:
+        fake = HeldRuntime(held_s, **kw)
+        monkeypatch.setattr(main, "_runtime", fake)
+        return fake
+
+    return make
+
+
+def test_on_the_last_delivery_a_job_held_by_a_dead_run_is_taken_over_once_its_lease_expires(held):
+    """No later delivery would come to take it over: the job ran nowhere and went to the
+    dead-letter topic without a completion message."""
+    rt = held(0.3, holder_alive=False)
+    main._handle(dict(ATTRIBUTES), _push(5))  # acknowledged: the job ran here
+    assert len(rt.runs) == 2 and rt.runs[1] >= rt.expires
+    assert rt.reports == []
+
+
+def test_on_the_last_delivery_a_job_whose_holder_renews_its_lease_is_left_to_it(held, caplog):
+    rt = held(0.3, holder_alive=True)
+    with pytest.raises(errors.Busy):  # dead-lettered; the live run publishes the completion
+        main._handle(dict(ATTRIBUTES), _push(5))
+    assert len(rt.runs) == 2 and rt.reports == []
+    assert "that run publishes the job's completion" in caplog.text
+
+
+def test_before_the_last_delivery_a_held_job_is_retried_by_pub_sub_without_waiting(held):
+    rt = held(30, holder_alive=False)
+    started = time.time()
+    with pytest.raises(errors.Busy):
+        main._handle(dict(ATTRIBUTES), _push(4))
+    assert len(rt.runs) == 1 and time.time() - started < 5
+
+
+def test_the_wait_for_a_lease_is_bounded_by_the_lease_time(held):
+    """An expiry far ahead (another instance's clock, a corrupt lease) waits one lease time at most."""
+    rt = held(3600, holder_alive=False, lease_seconds=0)
+    with pytest.raises(errors.Busy):
+        main._handle(dict(ATTRIBUTES), _push(5))
+    assert len(rt.runs) == 2 and rt.runs[1] - rt.runs[0] < 5

@@ -27,8 +27,11 @@ def test_renewal_keeps_a_short_lease_held_past_its_ttl():
         first = lease.generation
         _wait_for(lambda: lease.generation != first)  # renewed in the background
         time.sleep(0.4)  # longer than the ttl: only renewals keep it alive
-        with pytest.raises(errors.Busy):
+        before = time.time()
+        with pytest.raises(errors.Busy) as busy:
             Lease(store, URI, "j", ttl_s=0.3).acquire()
+        # When it expires unless renewed: how long a last delivery waits to see whether the holder lives.
+        assert busy.value.until is not None and before < busy.value.until <= time.time() + 0.3
         lease.check()
     assert "bkt/" + URI.path not in store.objects
 
