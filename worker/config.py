@@ -22,6 +22,12 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ("WORKER_BATCH_SIZE", "batch_size", "Instances per prediction call, unless a job sets options.batch_size."),
     ("WORKER_MAX_BATCH_BYTES", "max_batch_bytes", "Upper bound on the input bytes of one batch."),
     (
+        "WORKER_MAX_LINE_BYTES",
+        "max_line_bytes",
+        "Longest input line read as an instance; a longer one (a file that is one JSON document, say) is an "
+        "error line, and is not held in memory.",
+    ),
+    (
         "WORKER_FILE_CONCURRENCY",
         "file_concurrency",
         "Input files of one job predicted at the same time, each with its own download and upload.",
@@ -87,6 +93,7 @@ class Settings:
     results_topic: str = ""
     batch_size: int = 1024
     max_batch_bytes: int = 4 * 1024 * 1024
+    max_line_bytes: int = 16 * 1024 * 1024
     file_concurrency: int = 8
     work_dir: str = os.path.join(tempfile.gettempdir(), "embedded-tf")
     download_threads: int = 8

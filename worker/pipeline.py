@@ -62,7 +62,8 @@ class Sink(Protocol):
 
 class Store(Protocol):
     def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[Any]: ...
-    def read_blocks(self, f: Any) -> Iterator[list[bytes]]: ...  # lines without their endings
+    # Lines without their endings; one longer than `max_line_bytes` may come cut (to more than that).
+    def read_blocks(self, f: Any, *, max_line_bytes: int) -> Iterator[list[bytes]]: ...
     def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> AbstractContextManager[Sink]: ...
     def write_json(self, uri: GcsUri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int: ...
     def read_json(self, uri: GcsUri) -> Any | None: ...  # StoredJson-like: .value, .generation, .metadata
@@ -93,6 +94,7 @@ class Publisher(Protocol):
 class Limits:
     batch_size: int = 1024
     max_batch_bytes: int = 4 * 1024 * 1024
+    max_line_bytes: int = 16 * 1024 * 1024  # a longer line is an error line, not an instance
     lease_s: float = 120.0  # a job's lease time to live; renewed every third of it
     file_concurrency: int = 8  # input files of one job in flight at once
 
@@ -204,7 +206,7 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
             batch_size = job.options.batch_size or limits.batch_size
 
             def one(f: Any) -> FileResult:
-                return _run_file(job, f, store, predictor, batch_size, limits.max_batch_bytes, tracker)
+                return _run_file(job, f, store, predictor, batch_size, limits, tracker)
 
             _run_files(one, inputs, limits.file_concurrency, state, tracker)
             timings["predict_s"] = time.perf_counter() - t
@@ -429,7 +431,7 @@ def _run_file(
     store: Store,
     predictor: Predictor,
     batch_size: int,
-    max_batch_bytes: int,
+    limits: Limits,
     tracker: _Tracker,
 ) -> FileResult:
     out_uri = job.output.child(f.rel)
@@ -489,7 +491,10 @@ def _run_file(
 
         # Lines come in blocks (a downloaded chunk's worth) and are cut into batches as lists:
         # at a few microseconds per instance, a Python step per line is a cost worth avoiding.
-        for block in out.blocks(store.read_blocks(f)):
+        max_batch_bytes, max_line_bytes = limits.max_batch_bytes, limits.max_line_bytes
+        for block in out.blocks(store.read_blocks(f, max_line_bytes=max_line_bytes)):
+            if max(map(len, block), default=0) > max_line_bytes:
+                block = [_TooLong(raw, max_line_bytes) if len(raw) > max_line_bytes else raw for raw in block]
             first = counts.lines + 1
             counts.lines += len(block)
             kept = [raw for raw in block if raw and not raw.isspace()]
@@ -592,6 +597,13 @@ def _flush_plain(
 def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, options: Options) -> _Entry:
     """The entry of a line that is not valid JSON, or of an instance under key/fields options
     (plain valid lines are made inline, in `_run_file`)."""
+    if isinstance(raw, _TooLong):
+        return _Entry(
+            raw.preview,
+            error=f"line {lineno} is longer than {raw.limit:,} bytes (WORKER_MAX_LINE_BYTES) and was not read — is "
+            "the file one JSON document (an array of every instance, say)? Write one instance per line, "
+            "or raise WORKER_MAX_LINE_BYTES for instances this large",
+        )
     if isinstance(parsed, ValueError):
         error = f"line {lineno} is not valid JSON: {parsed}{_not_json_hint(raw)}"
         return _Entry(raw.decode("utf-8", errors="replace"), error=error)
@@ -609,6 +621,20 @@ def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, optio
     if options.key_field is None and (options.included_fields or options.excluded_fields):
         shown = feed
     return _Entry(shown, label, feed=feed)
+
+
+class _TooLong(bytes):
+    """An input line longer than the limit, in place of its text: not JSON by construction (no
+    batch takes it as an instance), with the start of the line to show in its error line."""
+
+    preview: str
+    limit: int
+
+    def __new__(cls, raw: bytes, limit: int) -> _TooLong:
+        line = super().__new__(cls, b"\x01a line too long\x01")
+        line.preview = raw[:80].decode("utf-8", errors="replace") + "…"
+        line.limit = limit
+        return line
 
 
 # The first line of an indented JSON document, or one of its closing lines.

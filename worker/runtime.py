@@ -161,6 +161,7 @@ class Runtime:
         return Limits(
             batch_size=self.settings.batch_size,
             max_batch_bytes=self.settings.max_batch_bytes,
+            max_line_bytes=self.settings.max_line_bytes,
             lease_s=float(self.settings.lease_seconds),
             file_concurrency=self.settings.file_concurrency,
         )

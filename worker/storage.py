@@ -240,10 +240,12 @@ class GcsStore:
             generation=int(blob.generation or 0),
         )
 
-    def read_blocks(self, f: InputFile) -> Iterator[list[bytes]]:
+    def read_blocks(self, f: InputFile, *, max_line_bytes: int = 16 * 2**20) -> Iterator[list[bytes]]:
         """Yield the object's lines without their line endings (`\n` or `\r\n`), a list per
         downloaded chunk, reading it in bounded chunks, the next chunk downloaded in a thread while
-        this one is processed.
+        this one is processed. A line that grows past `max_line_bytes` across chunks is cut to
+        `max_line_bytes + 1` bytes (so it still reads as too long) and the rest of it is dropped
+        as it arrives: memory stays bounded by the chunk and the limit, whatever the file holds.
 
         The generation read at listing time is pinned, so a file replaced mid-job is not mixed.
         """
@@ -285,10 +287,19 @@ class GcsStore:
             chunks = _prefetched(read, name=f"download {f.uri}", more=more)
             try:
                 pending = b""
+                cut = False  # `pending` is the start of a line longer than the limit
                 for chunk in chunks:
+                    if cut:
+                        end = chunk.find(b"\n")
+                        if end < 0:
+                            continue  # still inside the long line: dropped
+                        yield [pending]
+                        pending, cut, chunk = b"", False, chunk[end + 1 :]
                     data = pending + chunk
                     lines = data.split(b"\n")
                     pending = lines.pop()
+                    if len(pending) > max_line_bytes:
+                        pending, cut = pending[: max_line_bytes + 1], True
                     if lines:
                         yield _without_cr(lines) if b"\r" in data else lines
                 if pending:

@@ -64,6 +64,19 @@ def test_lines_stream_across_chunks_and_long_lines(store, storage_client, bucket
     assert all(blocks), "no empty block"
 
 
+def test_a_line_longer_than_the_limit_is_cut_and_the_rest_of_it_never_held(store, storage_client, bucket, monkeypatch):
+    """A file that is one JSON document, 1.5 MiB on one line, read in chunks of 256 KiB with lines
+    limited to 100 kB: the line comes cut to the limit and one byte (so it still reads as too
+    long), and the lines after it come whole; the cut line's rest was dropped as it arrived."""
+    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    limit = 100_000
+    document = b"[" + b"[0.5, 1.5], " * (1536 * 1024 // 12) + b"[0]]"
+    _put(storage_client, bucket, "doc.json", b"[1]\n" + document + b"\r\n[2]\n" + b"y" * 5 + b"\n" + b"w" * 200_000)
+    [f] = store.list_inputs(GcsUri(bucket, "doc.json"))
+    lines = [line for block in store.read_blocks(f, max_line_bytes=limit) for line in block]
+    assert lines == [b"[1]", document[: limit + 1], b"[2]", b"yyyyy", b"w" * (limit + 1)]
+
+
 @pytest.mark.parametrize("size", [0, 1, 256 * 1024 - 1, 256 * 1024, 256 * 1024 + 1, 3 * 256 * 1024])
 def test_every_byte_is_read_at_chunk_boundaries(store, storage_client, bucket, monkeypatch, size):
     monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)

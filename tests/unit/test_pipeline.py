@@ -59,7 +59,7 @@ class FakeStore:
             if k.startswith(key)
         ]
 
-    def read_blocks(self, f: FakeFile) -> Iterator[list[bytes]]:
+    def read_blocks(self, f: FakeFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
         yield self.objects[f"{f.uri.bucket}/{f.uri.path}"].splitlines()
 
     @contextlib.contextmanager
@@ -239,6 +239,28 @@ def test_common_slips_in_input_files_say_what_to_fix():
     assert messages[7] == "instances must be lists"
     assert out[8] == {"instance": [1, 2], "prediction": 3}
     assert outcome.manifest["first_error"]["message"] == messages[0]
+
+
+def test_a_line_longer_than_the_limit_is_an_error_line_without_being_parsed():
+    """A file that is one JSON document (an array of every instance) is a line as long as the file:
+    parsed, it would take many times its size in memory. It is an error line saying what to fix;
+    the lines around it are predicted."""
+    whole = json.dumps([[k, 1] for k in range(200)])
+    store = FakeStore({"bkt/in/f.jsonl": "\n".join(["[1, 2]", whole, "[3, 4]"]).encode()})
+    predictor = SumPredictor()
+    outcome = run(
+        _job(), store=store, models=FakeModels(predictor), publisher=None, limits=Limits(4, max_line_bytes=100)
+    )
+    assert outcome.manifest["totals"] == {"lines": 3, "instances": 3, "predictions": 2, "errors": 1, "skipped": 0}
+    out = store.lines("bkt/out/f.jsonl")
+    assert [o.get("prediction") for o in out] == [3, None, 7]
+    assert out[1]["instance"] == whole[:80] + "…"
+    assert out[1]["error"]["message"] == (
+        "line 2 is longer than 100 bytes (WORKER_MAX_LINE_BYTES) and was not read — is the file one JSON document "
+        "(an array of every instance, say)? Write one instance per line, or raise WORKER_MAX_LINE_BYTES "
+        "for instances this large"
+    )
+    assert predictor.calls == [2]  # the other two lines; the long one never went to the model
 
 
 def test_key_field_and_predictions_format():
@@ -645,7 +667,7 @@ class SlowStore(FakeStore):
         super().__init__(objects)
         self.block_delay_s, self.store_delay_s = block_delay_s, store_delay_s
 
-    def read_blocks(self, f: FakeFile) -> Iterator[list[bytes]]:
+    def read_blocks(self, f: FakeFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
         for line in super().read_blocks(f).__next__():
             time.sleep(self.block_delay_s)
             yield [line]
@@ -730,7 +752,7 @@ class BlockStore(FakeStore):
         super().__init__(objects)
         self.cuts = cuts
 
-    def read_blocks(self, f: FakeFile) -> Iterator[list[bytes]]:
+    def read_blocks(self, f: FakeFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
         lines = self.objects[f"{f.uri.bucket}/{f.uri.path}"].split(b"\n")
         edges = sorted({0, len(lines), *(c for c in self.cuts if 0 < c < len(lines))})
         for a, b in itertools.pairwise(edges):
