@@ -16,6 +16,8 @@
 - `typed_output` (tests only): x float32[?,2] → `y`, their sum as the type asked for.
 - `first_byte` (tests only): text string[?] → `first` string[?], its first byte (not valid UTF-8
   alone when the text starts with "é").
+- `large_output` (tests only): x float32[?,2] → `image` float32[?,side,side]: predictions far
+  larger than their instances.
 - Keras models exported as Keras users export them (tests only, not in BUILDERS): a Sequential
   model, whose input is named `keras_tensor` and output `output_0`, and a functional model of two
   inputs `a` and `b` and two outputs (`output_0`, `output_1`).
@@ -226,6 +228,19 @@ def build_first_byte(path: str | Path) -> Path:
             return {"first": tf.strings.substr(text, 0, 1)}
 
     return _save(tf, FirstByte(), path)
+
+
+def build_large_output(path: str | Path, side: int) -> Path:
+    """x float32[?,2] → `image` float32[?,side,side], every value x[0]: a model whose predictions
+    are many times larger than its instances (a decoder, a segmentation mask)."""
+    tf = _tf()
+
+    class LargeOutput(tf.Module):  # type: ignore[misc]
+        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+        def serve(self, x: Any) -> Any:
+            return {"image": tf.zeros([tf.shape(x)[0], side, side]) + x[:, :1, None]}
+
+    return _save(tf, LargeOutput(), path)
 
 
 BUILDERS = {"mlp": build_mlp, "two_io": build_two_io, "strings": build_strings}

@@ -35,7 +35,7 @@ from worker.jobs import (
     failure,
 )
 from worker.lease import Lease
-from worker.serving import BATCH_ADVICE, BatchRejected, LoadedModel, Predictor
+from worker.serving import BATCH_ADVICE, MAX_BATCH_OUTPUT_VALUES, BatchRejected, LoadedModel, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class Limits:
     batch_size: int = 1024
     max_batch_bytes: int = 4 * 1024 * 1024
     max_line_bytes: int = 16 * 1024 * 1024  # a longer line is an error line, not an instance
+    max_batch_output_values: int = MAX_BATCH_OUTPUT_VALUES  # when the model declares its outputs' shapes
     lease_s: float = 120.0  # a job's lease time to live; renewed every third of it
     file_concurrency: int = 8  # input files of one job in flight at once
 
@@ -203,7 +204,7 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
 
             t = time.perf_counter()
             tracker = _Tracker(job.job_id, inputs, progress)
-            batch_size = job.options.batch_size or limits.batch_size
+            batch_size = _batch_size(job, limits, predictor)
 
             def one(f: Any) -> FileResult:
                 return _run_file(job, f, store, predictor, batch_size, limits, tracker)
@@ -217,6 +218,21 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
         log.error("job %s failed: %s", job.job_id, e)
         state.error = failure(e.code, str(e))
     return state
+
+
+def _batch_size(job: Job, limits: Limits, predictor: Predictor) -> int:
+    """The job's batch size, made smaller for a model whose predictions are large (an image per
+    instance, say), so that a batch's predictions hold at most `limits.max_batch_output_values`."""
+    asked = job.options.batch_size or limits.batch_size
+    per = predictor.values_per_instance
+    if not per or asked * per <= limits.max_batch_output_values:
+        return asked
+    bounded = max(1, limits.max_batch_output_values // per)
+    log.info(
+        "job %s: the model predicts %d values per instance: batches of %d instances instead of %d, so that "
+        "a batch's predictions hold at most %d values", job.job_id, per, bounded, asked, limits.max_batch_output_values,
+    )  # fmt: skip
+    return bounded
 
 
 def _finish(job: Job, store: Store, publisher: Publisher | None, state: _Run) -> Outcome:

@@ -104,6 +104,8 @@ class FakeStore:
 class SumPredictor:
     """Predicts sum(instance); rejects any batch holding a non-list (like a 400 from the model)."""
 
+    values_per_instance: int | None = 1
+
     def __init__(self) -> None:
         self.calls: list[int] = []
 
@@ -261,6 +263,25 @@ def test_a_line_longer_than_the_limit_is_an_error_line_without_being_parsed():
         "for instances this large"
     )
     assert predictor.calls == [2]  # the other two lines; the long one never went to the model
+
+
+@pytest.mark.parametrize(
+    ("per", "asked", "expected"), [(None, 8, 8), (1, 8, 8), (30, 8, 3), (30, None, 3), (500, 8, 1)]
+)
+def test_a_model_of_large_predictions_gets_batches_whose_predictions_fit_the_bound(per, asked, expected, caplog):
+    """A model that predicts an image per instance (its signature says how many values): batches
+    of the asked size would hold their predictions many times over as Python values and JSON
+    text; they are made smaller, whether the size was the worker's or the job's."""
+    caplog.set_level(logging.INFO, logger="worker.pipeline")
+    predictor = SumPredictor()
+    predictor.values_per_instance = per
+    store = FakeStore({"bkt/in/f.jsonl": b"\n".join(b"[%d]" % k for k in range(10))})
+    options = {"batch_size": asked} if asked else {}
+    limits = Limits(batch_size=8, max_batch_output_values=100)
+    outcome = run(_job(options), store=store, models=FakeModels(predictor), publisher=None, limits=limits)
+    assert outcome.status == "SUCCEEDED"
+    assert max(predictor.calls) == expected
+    assert (f"batches of {expected} instances instead of 8" in caplog.text) == (expected != 8)
 
 
 def test_key_field_and_predictions_format():

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from worker.errors import ModelError
-from worker.serving import check_outputs
+from worker.serving import check_outputs, values_per_instance
 from worker.serving.tfserving import (
     RestPredictor,
     _answer,
@@ -107,12 +107,12 @@ def test_declared_outputs_are_read_from_the_servers_metadata_and_unanswerable_on
     }
     declared = _declared_outputs(signature)
     assert declared == {
-        "scores": (2, "float"),
-        "total": (0, "float"),
-        "bare": (0, "int64"),
+        "scores": ([None, 3], "float"),
+        "total": ([], "float"),
+        "bare": ([], "int64"),
         "any": (None, "string"),
         "undeclared": (None, None),
-        "half": (1, "half"),
+        "half": ([None], "half"),
     }
     with pytest.raises(ModelError) as refused:
         check_outputs(declared, "gs://m/1/")
@@ -121,8 +121,14 @@ def test_declared_outputs_are_read_from_the_servers_metadata_and_unanswerable_on
         "with a batch dimension first on every output"
     )
     with pytest.raises(ModelError, match=r"^model gs://m/1/: output 'half' is half, which TF Serving's REST API"):
-        check_outputs({"scores": (2, "float"), "half": (1, "half")}, "gs://m/1/")
+        check_outputs({"scores": ([None, 3], "float"), "half": ([None], "half")}, "gs://m/1/")
     check_outputs({k: declared[k] for k in ("scores", "any", "undeclared")}, "gs://m/1/")  # nothing to refuse
+    # How many values one instance's prediction holds, over the outputs: known only when every
+    # output declares every dimension after the batch's.
+    assert values_per_instance({"scores": declared["scores"], "half": declared["half"]}) == 4
+    assert values_per_instance({"image": ([None, 64, 64, 3], "float")}) == 64 * 64 * 3
+    assert values_per_instance({"scores": declared["scores"], "any": declared["any"]}) is None
+    assert values_per_instance({"tokens": ([None, None], "int64")}) is None
 
 
 def test_an_answer_with_text_that_is_not_valid_utf8_reads_it_as_bytes():

@@ -45,13 +45,22 @@ JSON_OUTPUT_TYPES = (
 )
 
 
-def check_outputs(outputs: Mapping[str, tuple[int | None, str | None]], description: str) -> None:
-    """Refuse a signature with an output no request can be answered with, by its declared (rank,
-    type name as TF Serving says it: "float", "half"; None where not declared): a scalar has no
-    row per instance (TF Serving refuses every row-format request of it: "has no shape
-    information"), and a type TF Serving cannot write as JSON fails every request of it."""
-    for name, (rank, type_name) in sorted(outputs.items()):
-        if rank == 0:
+# An output's declared shape (None for a dimension of any size; None for any rank) and type name,
+# as TF Serving says it ("float", "half"; None where not declared).
+DeclaredOutput = tuple[list[int | None] | None, str | None]
+
+# Values a batch's predictions may hold at most, when the model declares its outputs' shapes:
+# every value becomes a Python number and JSON text before its line is written (some 60 bytes
+# at the peak), so a model of large outputs (an image per instance) gets smaller batches.
+MAX_BATCH_OUTPUT_VALUES = 2**21
+
+
+def check_outputs(outputs: Mapping[str, DeclaredOutput], description: str) -> None:
+    """Refuse a signature with an output no request can be answered with, by its declared shape
+    and type: a scalar has no row per instance (TF Serving refuses every row-format request of it:
+    "has no shape information"), and a type TF Serving cannot write as JSON fails every request of it."""
+    for name, (dims, type_name) in sorted(outputs.items()):
+        if dims == []:
             raise ModelError(
                 f"model {description}: output {name!r} is a scalar (shape []), not one row per instance; {BATCH_ADVICE}"
             )
@@ -62,6 +71,20 @@ def check_outputs(outputs: Mapping[str, tuple[int | None, str | None]], descript
                 f"as JSON — cast it inside the model to one of {', '.join(JSON_OUTPUT_TYPES)}"
                 + (keras if type_name in ("half", "bfloat16") else "")
             )
+
+
+def values_per_instance(outputs: Mapping[str, DeclaredOutput]) -> int | None:
+    """How many values one instance's prediction holds, over all outputs, when every output
+    declares every dimension after the batch's; else None."""
+    total = 0
+    for dims, _ in outputs.values():
+        if dims is None or any(d is None for d in dims[1:]):
+            return None
+        count = 1
+        for d in dims[1:]:
+            count *= d or 0
+        total += count
+    return total
 
 
 class BatchRejected(Exception):
@@ -155,6 +178,9 @@ class SizeLimit:
 
 
 class Predictor(Protocol):
+    # How many values one instance's prediction holds, when the signature declares it (None: not).
+    values_per_instance: int | None
+
     def predict(self, instances: list[Any]) -> list[Any]:
         """One prediction per instance, in order, as JSON-ready values; raises BatchRejected."""
         ...

@@ -24,6 +24,7 @@ from worker.serving import (
     JSON_INPUT_ADVICE,
     MEMORY_ADVICE,
     BatchRejected,
+    DeclaredOutput,
     SizeLimit,
     TooBig,
     check_outputs,
@@ -32,6 +33,7 @@ from worker.serving import (
     ragged_refusal,
     shape_refusal,
     strings_refusal,
+    values_per_instance,
 )
 from worker.serving.jsonvalues import decode_strings, leaf_types, named_inputs_refusal, not_strings, rows_from_array
 
@@ -143,10 +145,12 @@ class TensorFlowSignature:
         self.inputs: dict[str, Any] = dict(sorted(kwargs.items()))
         self.output_specs: dict[str, Any] = dict(sorted(fn.structured_outputs.items()))
         self.output_names = list(self.output_specs)
-        # Each output's rank and type, as TF Serving's messages name types ("float", "half").
-        self.declared_outputs: dict[str, tuple[int | None, str | None]] = {
-            k: (v.shape.rank, _serving_type(v.dtype)) for k, v in self.output_specs.items()
+        # Each output's shape and type, as TF Serving's messages name types ("float", "half").
+        self.declared_outputs: dict[str, DeclaredOutput] = {
+            k: (None if v.shape.rank is None else v.shape.as_list(), _serving_type(v.dtype))
+            for k, v in self.output_specs.items()
         }
+        self.values_per_instance = values_per_instance(self.declared_outputs)
         self._floats = (tf.float32, tf.float64)
         # The types TF Serving's REST API fills from JSON (`AddValueToTensor` in its
         # json_tensor.cc); for any other it answers 501 for every request.

@@ -43,12 +43,14 @@ from worker.serving import (
     JSON_INPUT_ADVICE,
     MEMORY_ADVICE,
     BatchRejected,
+    DeclaredOutput,
     SizeLimit,
     TooBig,
     check_outputs,
     numbers_refusal,
     shape_refusal,
     strings_refusal,
+    values_per_instance,
 )
 from worker.serving.jsonvalues import invalid_text_as_b64, named_inputs_refusal, not_numbers, not_strings
 
@@ -322,11 +324,13 @@ class TFServingModel:
         if signature_name not in self._predictors:
             columnar = self.server.config.request_format == "columnar"
             signature = self._signature_defs()[signature_name]
-            check_outputs(_declared_outputs(signature), self.server.description)
+            declared = _declared_outputs(signature)
+            check_outputs(declared, self.server.description)
             self._predictors[signature_name] = RestPredictor(
                 self.server,
                 signature_name,
                 columnar=columnar,
+                values_per_instance=values_per_instance(declared),
                 input_shapes=_input_shapes(signature),
                 input_types=_input_types(signature),
             )
@@ -348,8 +352,10 @@ class RestPredictor:
         columnar: bool = False,
         input_shapes: dict[str, list[int | None] | None] | None = None,
         input_types: dict[str, str] | None = None,
+        values_per_instance: int | None = None,
     ) -> None:
         self._server = server
+        self.values_per_instance = values_per_instance
         self._signature_name = signature_name
         self._columnar = columnar
         # Each input's shape per instance as the signature declares it (None: not declared), and
@@ -466,10 +472,10 @@ def _answer(content: bytes) -> Any:
         return invalid_text_as_b64(json.loads(content.decode("utf-8", "surrogateescape")))
 
 
-def _declared_outputs(signature_def: Any) -> dict[str, tuple[int | None, str | None]]:
-    """Each output's rank and type ("float", "half") as the server's metadata declares them: a
+def _declared_outputs(signature_def: Any) -> dict[str, DeclaredOutput]:
+    """Each output's shape and type ("float", "half") as the server's metadata declares them: a
     `TensorShapeProto` with no `dim` and no `unknown_rank` is a scalar; None where not declared."""
-    declared: dict[str, tuple[int | None, str | None]] = {}
+    declared: dict[str, DeclaredOutput] = {}
     outputs = signature_def.get("outputs") if isinstance(signature_def, dict) else None
     for name, info in (outputs or {}).items():
         info = info if isinstance(info, dict) else {}
@@ -477,8 +483,17 @@ def _declared_outputs(signature_def: Any) -> dict[str, tuple[int | None, str | N
         dims = shape.get("dim", []) if isinstance(shape, dict) and not shape.get("unknown_rank") else None
         dtype = info.get("dtype")
         type_name = dtype[3:].lower() if isinstance(dtype, str) and dtype.startswith("DT_") else None
-        declared[name] = (len(dims) if isinstance(dims, list) else None, type_name)
+        declared[name] = (None if not isinstance(dims, list) else [_size(d) for d in dims], type_name)
     return declared
+
+
+def _size(dim: Any) -> int | None:
+    """A `TensorShapeProto.Dim`'s size as JSON gives it ({"size": "3"}); None for -1 (any size)."""
+    try:
+        size = int(dim.get("size", -1)) if isinstance(dim, dict) else -1
+    except (TypeError, ValueError):
+        return None
+    return size if size >= 0 else None
 
 
 # TF Serving's numeric and string types, by the names the in-process backend's messages give them.
