@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -271,12 +273,6 @@ class GcsStore:
                 return read()
             if not reply.data:
                 raise TransientError(f"reading input {f.uri}: it ended at byte {offset} of {f.size}")
-            if offset == 0 and reply.data.startswith(GZIP_MAGIC):
-                raise InvalidJob(
-                    f"input {f.uri} is a gzip-compressed file, not JSON lines — upload it uncompressed, or "
-                    "compressed with Content-Encoding: gzip (gcloud storage cp --gzip-local-all, gsutil cp -Z), "
-                    "which Cloud Storage decompresses as it serves it"
-                )
             offset += len(reply.data)
             return reply.data
 
@@ -288,7 +284,7 @@ class GcsStore:
             try:
                 pending = b""
                 cut = False  # `pending` is the start of a line longer than the limit
-                for chunk in chunks:
+                for chunk in _gunzipped(chunks, f.uri):
                     if cut:
                         end = chunk.find(b"\n")
                         if end < 0:
@@ -647,6 +643,37 @@ def _skip(blocks: list[bytes], n: int) -> list[bytes]:
         out.append(block[n:] if n else block)
         n = 0
     return out
+
+
+def _gunzipped(chunks: Iterator[bytes], uri: GcsUri) -> Iterator[bytes]:
+    """The chunks as they are; or, when the first begins as gzip does (a `.gz` file stored as it
+    is, without Content-Encoding), what they decompress to, in pieces of at most READ_CHUNK_BYTES
+    (a file that expands a thousandfold stays bounded), member after member (`cat a.gz b.gz`)."""
+    first = next(chunks, b"")
+    if not first.startswith(GZIP_MAGIC):
+        if first:
+            yield first
+        yield from chunks
+        return
+    member = zlib.decompressobj(wbits=31)
+    inside = False  # in a member whose end has not been read yet
+    try:
+        for data in itertools.chain([first], chunks):
+            while data:
+                inside = True
+                piece = member.decompress(data, READ_CHUNK_BYTES)
+                if member.eof:  # the member ends here; another may follow it
+                    data, member, inside = member.unused_data, zlib.decompressobj(wbits=31), False
+                else:
+                    data = member.unconsumed_tail
+                if piece:
+                    yield piece
+            while inside and (piece := member.decompress(b"", READ_CHUNK_BYTES)):
+                yield piece  # what the last input still holds beyond one piece
+    except zlib.error as e:
+        raise InvalidJob(f"input {uri} is gzip-compressed but cannot be decompressed ({e}) — check the file") from e
+    if inside:
+        raise InvalidJob(f"input {uri} is gzip-compressed but ends before its compressed data does — upload it again")
 
 
 def _prefetched(

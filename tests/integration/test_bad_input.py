@@ -26,9 +26,9 @@ def test_bad_jobs_fail_with_actionable_messages(worker_service, storage_client, 
     # A model folder without saved_model.pb (only variables).
     storage_client.bucket(bucket).blob("nomodel/variables/variables.index").upload_from_string(b"x")
     good = {"model": model_uris["mlp"], "input": f"gs://{bucket}/in/ok.jsonl", "output": f"gs://{bucket}/out/"}
-    # A gzip file stored as it is (no Content-Encoding), beside a good file.
+    # A gzip file cut short (its upload interrupted), beside a good file.
     storage_client.bucket(bucket).blob("gz/a.jsonl").upload_from_string(b"[1]\n")
-    storage_client.bucket(bucket).blob("gz/b.jsonl.gz").upload_from_string(gzip.compress(b"[1]\n"))
+    storage_client.bucket(bucket).blob("gz/b.jsonl.gz").upload_from_string(gzip.compress(b"[1]\n" * 99)[:-12])
 
     malformed_id = topo.publish_job(b'{"model": "gs://b/m", "input": ')
     cases = {
@@ -83,9 +83,8 @@ def test_bad_jobs_fail_with_actionable_messages(worker_service, storage_client, 
     }
     assert errors["gzip-file"] == {
         "code": "INVALID_ARGUMENT",
-        "message": f"input gs://{bucket}/gz/b.jsonl.gz is a gzip-compressed file, not JSON lines — upload it "
-        "uncompressed, or compressed with Content-Encoding: gzip (gcloud storage cp --gzip-local-all, gsutil cp "
-        "-Z), which Cloud Storage decompresses as it serves it",
+        "message": f"input gs://{bucket}/gz/b.jsonl.gz is gzip-compressed but ends before its compressed data "
+        "does — upload it again",
     }
     assert storage_client.bucket(bucket).get_blob("gz-out/b.jsonl.gz") is None
     assert errors["missing-input-object"]["code"] == "NOT_FOUND"

@@ -114,6 +114,35 @@ def test_objects_with_any_name_are_read_and_written_exactly(either_store, storag
     assert (blob.metadata, blob.content_type) == ({"embedded-tf-job": "j"}, "application/jsonl")
 
 
+@pytest.mark.parametrize("lines", [10, 120_000])  # one read chunk, and several
+def test_a_gzip_file_stored_as_it_is_is_read_decompressed(store, storage_client, bucket, monkeypatch, lines):
+    """A `.jsonl.gz` stored without Content-Encoding (a BigQuery export with GZIP compression, say),
+    made of two gzip members (`cat a.gz b.gz`): every line is read once, decompressed, in pieces no
+    larger than a read chunk however much the data expands."""
+    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    data = b"".join(b"[%d, 0.5]\n" % i for i in range(lines)) + b"[0, 0]\n" * lines * 4  # the tail compresses 500:1
+    half = len(data) // 3
+    _put(storage_client, bucket, "in/z.jsonl.gz", gzip.compress(data[:half]) + gzip.compress(data[half:]))
+    [f] = store.list_inputs(GcsUri(bucket, "in/z.jsonl.gz"))
+    blocks = list(store.read_blocks(f))
+    assert b"\n".join(line for block in blocks for line in block) + b"\n" == data
+    assert max(sum(map(len, block)) + len(block) for block in blocks) <= 2 * 256 * 1024
+
+
+@pytest.mark.parametrize(
+    ("stored", "message"),
+    [
+        (gzip.compress(b"[1]\n" * 1000)[:-30], "is gzip-compressed but ends before its compressed data does"),
+        (b"\x1f\x8b\x07" + gzip.compress(b"[1]\n")[3:], "is gzip-compressed but cannot be decompressed"),
+    ],
+)
+def test_a_gzip_file_cut_short_or_corrupt_fails_its_job_saying_so(store, storage_client, bucket, stored, message):
+    _put(storage_client, bucket, "in/bad.jsonl.gz", stored)
+    [f] = store.list_inputs(GcsUri(bucket, "in/bad.jsonl.gz"))
+    with pytest.raises(errors.InvalidJob, match=f"^input gs://{bucket}/in/bad.jsonl.gz {message}"):
+        _lines(store, f)
+
+
 @pytest.mark.parametrize("lines", [10, 200_000])  # one read, and several read chunks once decompressed
 def test_a_gzip_encoded_input_is_read_decompressed(either_store, storage_client, bucket, monkeypatch, lines):
     """An object stored with Content-Encoding gzip (`gcloud storage cp --gzip-local`, `gsutil cp -Z`)
