@@ -8,6 +8,7 @@ SDK exceptions are translated here into the worker's permanent/transient errors.
 from __future__ import annotations
 
 import base64
+import codecs
 import contextlib
 import hashlib
 import itertools
@@ -284,7 +285,7 @@ class GcsStore:
             try:
                 pending = b""
                 cut = False  # `pending` is the start of a line longer than the limit
-                for chunk in _gunzipped(chunks, f.uri):
+                for chunk in _as_utf8(_gunzipped(chunks, f.uri), f.uri):
                     if cut:
                         end = chunk.find(b"\n")
                         if end < 0:
@@ -674,6 +675,38 @@ def _gunzipped(chunks: Iterator[bytes], uri: GcsUri) -> Iterator[bytes]:
         raise InvalidJob(f"input {uri} is gzip-compressed but cannot be decompressed ({e}) — check the file") from e
     if inside:
         raise InvalidJob(f"input {uri} is gzip-compressed but ends before its compressed data does — upload it again")
+
+
+# Byte order marks, the longest first (UTF-32-LE's begins with UTF-16-LE's), and their codecs.
+_BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _as_utf8(chunks: Iterator[bytes], uri: GcsUri) -> Iterator[bytes]:
+    """The chunks as they are; or, when the first begins with a byte order mark, their text as
+    UTF-8 without it: a file saved as UTF-16 (Windows PowerShell's `>` and `Out-File` write it)
+    has a NUL byte beside every character, and a UTF-8 one's mark would stay on its first line."""
+    first = next(chunks, b"")
+    encoding = next((name for mark, name in _BYTE_ORDER_MARKS if first.startswith(mark)), None)
+    if encoding is None:
+        if first:
+            yield first
+        yield from chunks
+        return
+    decoder = codecs.getincrementaldecoder(encoding)()
+    try:
+        for chunk in itertools.chain([first], chunks):
+            if text := decoder.decode(chunk):
+                yield text.encode("utf-8")
+        if text := decoder.decode(b"", final=True):
+            yield text.encode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidJob(f"input {uri} begins as {encoding} text (its byte order mark) but is not: {e}") from e
 
 
 def _prefetched(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import itertools
 import os
@@ -112,6 +113,27 @@ def test_objects_with_any_name_are_read_and_written_exactly(either_store, storag
     blob = storage_client.bucket(bucket).get_blob(out)
     assert blob.download_as_bytes() == b"answer\n"
     assert (blob.metadata, blob.content_type) == ({"embedded-tf-job": "j"}, "application/jsonl")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_a_file_with_a_byte_order_mark_is_read_as_utf8_text(store, storage_client, bucket, monkeypatch, encoding):
+    """Windows PowerShell's `>` writes UTF-16 with a byte order mark and CRLF line endings: read
+    split on bytes, every line kept a NUL byte and the mark stayed on the first. Read chunks of an
+    odd size (characters cut across them) give the same lines as a UTF-8 file would."""
+    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024 + 1)
+    lines = [f'{{"text": "naïve café ☕ {i}"}}' for i in range(20_000)]
+    text = "\r\n".join(lines) + "\r\n"
+    stored = text.encode(encoding) if encoding != "utf-16-be" else codecs.BOM_UTF16_BE + text.encode(encoding)
+    _put(storage_client, bucket, "in/win.jsonl", stored)
+    [f] = store.list_inputs(GcsUri(bucket, "in/win.jsonl"))
+    assert _lines(store, f) == [line.encode() for line in lines]
+
+
+def test_a_file_whose_byte_order_mark_lies_fails_its_job_saying_so(store, storage_client, bucket):
+    _put(storage_client, bucket, "in/odd.jsonl", codecs.BOM_UTF16_LE + b"[\x001\x00]\x00\n")  # one byte short
+    [f] = store.list_inputs(GcsUri(bucket, "in/odd.jsonl"))
+    with pytest.raises(errors.InvalidJob, match=f"^input gs://{bucket}/in/odd.jsonl begins as utf-16 text"):
+        _lines(store, f)
 
 
 @pytest.mark.parametrize("lines", [10, 120_000])  # one read chunk, and several
