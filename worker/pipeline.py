@@ -659,13 +659,20 @@ _INDENTED_JSON_LINES = frozenset((b"{", b"[", b"}", b"]", b"},", b"],"))
 
 def _not_json_hint(raw: bytes) -> str:
     """What to fix in a line that is not JSON, when it is a common slip: a file of indented JSON
-    (its first line a lone `{` or `[`), or comma-separated values (CSV) where a JSON array was meant."""
+    (its first line a lone `{` or `[`), an instance followed by a comma (copied from a JSON array),
+    or comma-separated values (CSV) where a JSON array was meant."""
     text = raw.strip()
     if text in _INDENTED_JSON_LINES:
         return (
             " — is the file indented JSON? Each line must hold one whole instance (JSON lines: "
             "one instance per line, no line breaks inside it)"
         )
+    if text.endswith(b","):
+        try:
+            codec.parse(text[:-1])
+        except ValueError:
+            return ""
+        return " — remove the comma at its end (instances copied from a JSON array?): nothing separates JSON lines"
     if b"," in text and text[:1] not in (b"[", b"{", b'"'):
         try:
             codec.parse(b"[" + text + b"]")

@@ -221,6 +221,8 @@ def test_common_slips_in_input_files_say_what_to_fix():
         "a,b",
         json.dumps({"inputs": [1]}),  # many models name their one input "inputs": no hint
         "[1, 2]",
+        "  [3, 4],",
+        "[3, 4,",
     ]
     store = FakeStore({"bkt/in/f.jsonl": "\n".join(lines).encode()})
     outcome, _ = _run(store, _job())
@@ -240,6 +242,9 @@ def test_common_slips_in_input_files_say_what_to_fix():
     assert messages[6].startswith("line 7 is not valid JSON: ") and "—" not in messages[6]
     assert messages[7] == "instances must be lists"
     assert out[8] == {"instance": [1, 2], "prediction": 3}
+    comma = " — remove the comma at its end (instances copied from a JSON array?): nothing separates JSON lines"
+    assert messages[9].startswith("line 10 is not valid JSON: ") and messages[9].endswith(comma)
+    assert messages[10].startswith("line 11 is not valid JSON: ") and "—" not in messages[10]
     assert outcome.manifest["first_error"]["message"] == messages[0]
 
 
