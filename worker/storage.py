@@ -693,9 +693,10 @@ def _as_utf8(chunks: Iterator[bytes], uri: GcsUri) -> Iterator[bytes]:
     has a NUL byte beside every character, and a UTF-8 one's mark would stay on its first line."""
     first = next(chunks, b"")
     encoding = next((name for mark, name in _BYTE_ORDER_MARKS if first.startswith(mark)), None)
-    if encoding is None:
-        if first:
-            yield first
+    if encoding in (None, "utf-8-sig"):
+        rest = first[len(codecs.BOM_UTF8) :] if encoding else first  # UTF-8 already: only its mark goes
+        if rest:
+            yield rest
         yield from chunks
         return
     decoder = codecs.getincrementaldecoder(encoding)()
