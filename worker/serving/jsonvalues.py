@@ -20,7 +20,7 @@ def decode_strings(value: Any) -> Any:
     if isinstance(value, str):
         return value.encode("utf-8")
     if isinstance(value, dict):
-        if set(value) == {"b64"} and isinstance(value["b64"], str):
+        if _is_bytes(value):
             try:
                 return base64.b64decode(value["b64"], validate=True)
             except (binascii.Error, ValueError) as e:
@@ -31,6 +31,11 @@ def decode_strings(value: Any) -> Any:
     if isinstance(value, list):
         return [decode_strings(v) for v in value]
     raise BatchRejected(f'expected a string or {{"b64": …}} for a string input, got {json_type([value])}')
+
+
+def _is_bytes(value: Any) -> bool:
+    """Whether a JSON value is bytes as TF Serving writes them: `{"b64": "<base64 text>"}`."""
+    return isinstance(value, dict) and value.keys() == {"b64"} and isinstance(value["b64"], str)
 
 
 def _bytes_to_json(value: Any, *, as_b64: bool) -> Any:
@@ -198,11 +203,7 @@ def _not_a_number(value: Any) -> str | None:
 
 
 def _not_a_string(value: Any) -> str | None:
-    if isinstance(value, str) or (
-        isinstance(value, dict) and value.keys() == {"b64"} and isinstance(value["b64"], str)
-    ):
-        return None
-    return type_name(value)
+    return None if isinstance(value, str) or _is_bytes(value) else type_name(value)
 
 
 def _leaf_types_refused(values: list[Any], refused: Callable[[Any], str | None]) -> set[str]:

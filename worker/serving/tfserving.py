@@ -449,17 +449,8 @@ class RestPredictor:
 def _input_shapes(signature_def: Any) -> dict[str, list[int | None] | None]:
     """Each input's declared shape per instance, from the server's metadata (`tensor_shape`: the
     batch dimension first, -1 for any size); None where it declares none, or none per instance."""
-    shapes: dict[str, list[int | None] | None] = {}
     inputs = signature_def.get("inputs") if isinstance(signature_def, dict) else None
-    for name, info in (inputs or {}).items():
-        shape = info.get("tensor_shape") if isinstance(info, dict) else None
-        dims = shape.get("dim") if isinstance(shape, dict) and not shape.get("unknown_rank") else None
-        try:
-            sizes = [int(d.get("size", -1)) for d in dims] if isinstance(dims, list) and dims else None
-        except (AttributeError, TypeError, ValueError):
-            sizes = None
-        shapes[name] = None if sizes is None else [None if n < 0 else n for n in sizes[1:]]
-    return shapes
+    return {name: dims[1:] if (dims := _declared_shape(info)) else None for name, info in (inputs or {}).items()}
 
 
 def _answer(content: bytes) -> Any:
@@ -478,13 +469,21 @@ def _declared_outputs(signature_def: Any) -> dict[str, DeclaredOutput]:
     declared: dict[str, DeclaredOutput] = {}
     outputs = signature_def.get("outputs") if isinstance(signature_def, dict) else None
     for name, info in (outputs or {}).items():
-        info = info if isinstance(info, dict) else {}
-        shape = info.get("tensor_shape")
-        dims = shape.get("dim", []) if isinstance(shape, dict) and not shape.get("unknown_rank") else None
-        dtype = info.get("dtype")
+        dtype = info.get("dtype") if isinstance(info, dict) else None
         type_name = dtype[3:].lower() if isinstance(dtype, str) and dtype.startswith("DT_") else None
-        declared[name] = (None if not isinstance(dims, list) else [_size(d) for d in dims], type_name)
+        declared[name] = (_declared_shape(info), type_name)
     return declared
+
+
+def _declared_shape(info: Any) -> list[int | None] | None:
+    """A tensor's shape as the server's metadata declares it (`tensor_shape`, the batch dimension
+    first): its sizes, None for a size of any value (-1); [] for a scalar (a `TensorShapeProto`
+    with no `dim` and no `unknown_rank`); None when it declares no rank."""
+    shape = info.get("tensor_shape") if isinstance(info, dict) else None
+    if not isinstance(shape, dict) or shape.get("unknown_rank"):
+        return None
+    dims = shape.get("dim", [])
+    return [_size(d) for d in dims] if isinstance(dims, list) else None
 
 
 def _size(dim: Any) -> int | None:
