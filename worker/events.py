@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.codec import shown
 from worker.errors import InvalidJob
 from worker.jobs import Job, parse_json_object
 
@@ -128,10 +129,12 @@ def from_pubsub_message(message: Mapping[str, Any], *, fallback_id: str = "") ->
         resource.setdefault("generation", attrs.get("objectGeneration"))
         return object_trigger(resource)
 
+    in_attributes = {k: attrs[k] for k in _JOB_ATTRIBUTE_KEYS if k in attrs}
     if payload.strip():
-        raw = parse_json_object(payload, what=f"job message {message_id or ''}".strip())
+        data = parse_json_object(payload, what=f"job message {message_id or ''}".strip())
+        raw = _with_attributes(data, in_attributes)
     elif any(k in attrs for k in ("model", "input", "output")):
-        raw = {k: attrs[k] for k in _JOB_ATTRIBUTE_KEYS if k in attrs}
+        raw = in_attributes
     else:
         raise InvalidJob(
             "job message is empty: publish a JSON object with model, input and output "
@@ -140,6 +143,30 @@ def from_pubsub_message(message: Mapping[str, Any], *, fallback_id: str = "") ->
     if not message_id and not raw.get("job_id"):
         raise InvalidJob("job message has neither a message id nor a job_id")
     return JobTrigger(Job.from_mapping(raw, default_job_id=message_id))
+
+
+def _with_attributes(raw: dict[str, Any], in_attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """A job message's data with the job keys its attributes add (a publisher may send the model as
+    an attribute and the rest as data); a key given both ways with different values is refused."""
+    for key, value in in_attributes.items():
+        if key not in raw:
+            raw[key] = value
+            continue
+        given = raw[key]
+        same = given == value or (key == "options" and isinstance(value, str) and _json_equal(value, given))
+        if not same:
+            raise InvalidJob(
+                f"job message gives {key!r} twice with different values: {shown(given)} in its data and "
+                f"{shown(value)} as an attribute; send it one way"
+            )
+    return raw
+
+
+def _json_equal(text: str, value: Any) -> bool:
+    try:
+        return bool(json.loads(text) == value)
+    except ValueError:
+        return False
 
 
 def from_query(params: Mapping[str, str], *, default_job_id: str) -> Job:

@@ -135,3 +135,19 @@ def test_an_unwrapped_push_with_its_metadata_is_the_same_event():
     assert isinstance(trigger, events.ObjectTrigger) and trigger.job_id == "bkt/in/a.jsonl#5"
     # Without "write metadata" there is no message id: not taken for a push.
     assert events.from_unwrapped_push({"Content-Type": "application/json"}, json.dumps(JOB).encode()) is None
+
+
+def test_job_message_data_completed_by_attributes():
+    """A publisher may send part of a job as attributes (the model, say) and the rest as data: the
+    job has both. The same key both ways must agree (options compared as JSON), else the message
+    is refused naming the key."""
+    data = json.dumps({"input": JOB["input"], "output": JOB["output"], "options": {"batch_size": 5}}).encode()
+    attrs = {"model": JOB["model"], "options": '{"batch_size": 5}', "origin": "scheduler"}
+    trigger = events.from_cloud_event(CE_PUBSUB, _pubsub(data, attrs))
+    assert isinstance(trigger, events.JobTrigger)
+    assert (str(trigger.job.model), trigger.job.options.batch_size) == (JOB["model"], 5)
+
+    with pytest.raises(errors.InvalidJob, match=r"'model' twice with different values: \"gs://a/\" in its data"):
+        events.from_cloud_event(CE_PUBSUB, _pubsub(json.dumps({**JOB, "model": "gs://a/"}).encode(), attrs))
+    with pytest.raises(errors.InvalidJob, match="'options' twice"):
+        events.from_cloud_event(CE_PUBSUB, _pubsub(data, {**attrs, "options": '{"batch_size": 6}'}))
