@@ -11,6 +11,9 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from worker.errors import InvalidJob
+from worker.jobs import Options, parse_json_object
+
 # (environment variable, field, description) — also the README's configuration table.
 ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ("GOOGLE_CLOUD_PROJECT", "project", "Project of the results topic (also used by the client libraries)."),
@@ -54,6 +57,11 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
         "`PREFIX/a/b.jsonl` writes `WORKER_OUTPUT/a/b.jsonl`. Empty: any object of the bucket, path kept whole.",
     ),
     ("WORKER_OUTPUT", "default_output", "Output prefix for dropped files without `output` metadata."),
+    (
+        "WORKER_OPTIONS",
+        "default_options",
+        'Job options (JSON, e.g. {"key_field": "id"}) for dropped files without `options` metadata.',
+    ),
     (
         "WORKER_SERVING",
         "serving",
@@ -102,6 +110,7 @@ class Settings:
     default_model: str = ""
     input_prefix: str = ""
     default_output: str = ""
+    default_options: str = ""  # JSON text of a job's options
     serving: str = "auto"
     model_server: str = "tensorflow_model_server"
     model_server_args: str = ""
@@ -139,6 +148,11 @@ class Settings:
             raise ValueError(
                 f"WORKER_REQUEST_FORMAT={settings.request_format!r} is not one of {', '.join(REQUEST_FORMATS)}"
             )
+        if settings.default_options:
+            try:
+                Options.parse(parse_json_object(settings.default_options, what="WORKER_OPTIONS"))
+            except InvalidJob as e:
+                raise ValueError(str(e)) from None
         return settings
 
     @property

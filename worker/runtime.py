@@ -238,10 +238,12 @@ class Runtime:
             rel = obj.name[len(inputs.path) :] if inputs is not None else obj.name
         out = GcsUri.parse(output, what="output").as_prefix()
         folder = posixpath.dirname(rel)
-        job = Job.from_mapping(
-            {"model": model, "input": uri, "output": str(out.child(folder + "/" if folder else ""))},
-            default_job_id=obj.job_id,
-        )
+        raw: dict[str, Any] = {"model": model, "input": uri, "output": str(out.child(folder + "/" if folder else ""))}
+        if obj.metadata.get("options"):
+            raw["options"] = parse_json_object(obj.metadata["options"], what=f"`options` metadata of {uri}")
+        elif settings.default_options:
+            raw["options"] = parse_json_object(settings.default_options, what="WORKER_OPTIONS")
+        job = Job.from_mapping(raw, default_job_id=obj.job_id)
         return dataclasses.replace(job, manifest=out.child(f"{MANIFESTS_FOLDER}{rel}.json"))
 
     def report_failure(self, job_id: str, error: errors.WorkerError, context: dict[str, Any]) -> dict[str, Any]:

@@ -56,3 +56,23 @@ def test_metadata_names_model_and_output_for_one_file():
 def test_a_dropped_file_with_nowhere_to_go_says_what_to_set():
     with pytest.raises(errors.InvalidJob, match="WORKER_MODEL/WORKER_OUTPUT"):
         _runtime().job_for_object(_obj("f.jsonl"))
+
+
+def test_dropped_file_options_from_its_metadata_else_from_the_worker():
+    """A dropped file's job options come from its `options` custom metadata (JSON text), else
+    from WORKER_OPTIONS; a bad value is the job's error (metadata) or the worker's (at start)."""
+    rt = _runtime(default_model="gs://mdl/m/", default_output="gs://res/out/", default_options='{"key_field": "id"}')
+    job = rt.job_for_object(_obj("f.jsonl"))
+    assert job is not None and (job.options.key_field, job.options.output_format) == ("id", "results")
+    job = rt.job_for_object(_obj("f.jsonl", options='{"output_format": "predictions"}'))
+    assert job is not None and (job.options.key_field, job.options.output_format) == (None, "predictions")
+    with pytest.raises(errors.InvalidJob, match=r"`options` metadata of gs://drop/f.jsonl is not valid JSON"):
+        rt.job_for_object(_obj("f.jsonl", options="key_field=id"))
+    with pytest.raises(errors.InvalidJob, match="unknown option"):
+        rt.job_for_object(_obj("f.jsonl", options='{"batch": 5}'))
+
+    assert Settings.from_env({"WORKER_OPTIONS": ' {"batch_size": 8} '}).default_options == '{"batch_size": 8}'
+    with pytest.raises(ValueError, match="option batch_size must be an integer"):
+        Settings.from_env({"WORKER_OPTIONS": '{"batch_size": "8"}'})
+    with pytest.raises(ValueError, match="WORKER_OPTIONS must be a JSON object"):
+        Settings.from_env({"WORKER_OPTIONS": "[1]"})
