@@ -230,15 +230,17 @@ def build_first_byte(path: str | Path) -> Path:
     return _save(tf, FirstByte(), path)
 
 
-def build_large_output(path: str | Path, side: int) -> Path:
+def build_large_output(path: str | Path, side: int, *, declared: bool = True) -> Path:
     """x float32[?,2] → `image` float32[?,side,side], every value x[0]: a model whose predictions
-    are many times larger than its instances (a decoder, a segmentation mask)."""
+    are many times larger than its instances (a decoder, a segmentation mask). Not `declared`:
+    the image's size depends on the values (always `side`), so the signature says [?,?,?]."""
     tf = _tf()
 
     class LargeOutput(tf.Module):  # type: ignore[misc]
         @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
         def serve(self, x: Any) -> Any:
-            return {"image": tf.zeros([tf.shape(x)[0], side, side]) + x[:, :1, None]}
+            size = side if declared else tf.cast(tf.reduce_min(x[:, 1]), tf.int32) * 0 + side
+            return {"image": tf.zeros([tf.shape(x)[0], size, size]) + x[:, :1, None]}
 
     return _save(tf, LargeOutput(), path)
 

@@ -204,7 +204,7 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
 
             t = time.perf_counter()
             tracker = _Tracker(job.job_id, inputs, progress)
-            batch_size = _batch_size(job, limits, predictor)
+            batch_size = _BatchSize(job, limits, predictor)
 
             def one(f: Any) -> FileResult:
                 return _run_file(job, f, store, predictor, batch_size, limits, tracker)
@@ -220,19 +220,45 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
     return state
 
 
-def _batch_size(job: Job, limits: Limits, predictor: Predictor) -> int:
-    """The job's batch size, made smaller for a model whose predictions are large (an image per
-    instance, say), so that a batch's predictions hold at most `limits.max_batch_output_values`."""
-    asked = job.options.batch_size or limits.batch_size
-    per = predictor.values_per_instance
-    if not per or asked * per <= limits.max_batch_output_values:
-        return asked
-    bounded = max(1, limits.max_batch_output_values // per)
-    log.info(
-        "job %s: the model predicts %d values per instance: batches of %d instances instead of %d, so that "
-        "a batch's predictions hold at most %d values", job.job_id, per, bounded, asked, limits.max_batch_output_values,
-    )  # fmt: skip
-    return bounded
+# Batches of one instance a job sends at most to learn how many values a model's predictions
+# hold, when its outputs do not declare their shapes (files in flight each send some at once).
+PROBE_BATCHES = 32
+
+
+class _BatchSize:
+    """The job's batch size (the job's, else the worker's), made smaller for a model whose
+    predictions are large (an image per instance, say), so that a batch's predictions hold at
+    most `limits.max_batch_output_values`. The values per instance are the outputs' declared
+    shapes'; when an output does not declare its shape, batches are of one instance until the
+    predictor has measured them (PROBE_BATCHES at most: a file whose first lines all fail)."""
+
+    def __init__(self, job: Job, limits: Limits, predictor: Predictor) -> None:
+        self._job_id = job.job_id
+        self._asked = job.options.batch_size or limits.batch_size
+        self._max_values = limits.max_batch_output_values
+        self._predictor = predictor
+        self._probes = 0
+        self._per: int | None = -1  # the values per instance `_size` is for (-1: not yet sized)
+        self._size = self._asked
+
+    def __call__(self) -> int:
+        per = self._predictor.values_per_instance
+        if per == self._per:
+            return self._size
+        if per is None:
+            if self._probes < PROBE_BATCHES:
+                self._probes += 1
+                return 1
+            return self._asked
+        self._per = per
+        self._size = self._asked if self._asked * per <= self._max_values else max(1, self._max_values // per)
+        if self._size < self._asked:
+            log.info(
+                "job %s: the model predicts %d values per instance: batches of %d instances instead of %d, so that "
+                "a batch's predictions hold at most %d values",
+                self._job_id, per, self._size, self._asked, self._max_values,
+            )  # fmt: skip
+        return self._size
 
 
 def _finish(job: Job, store: Store, publisher: Publisher | None, state: _Run) -> Outcome:
@@ -446,7 +472,7 @@ def _run_file(
     f: Any,
     store: Store,
     predictor: Predictor,
-    batch_size: int,
+    batch_size: Callable[[], int],
     limits: Limits,
     tracker: _Tracker,
 ) -> FileResult:
@@ -522,14 +548,15 @@ def _run_file(
             start = 0
             while start < len(kept):
                 # Take lines up to the batch's size, or up to the line that reaches its byte bound.
-                end = min(len(kept), start + batch_size - len(pending))
+                size = batch_size()
+                end = min(len(kept), start + max(0, size - len(pending)))
                 sizes = list(accumulate(map(len, kept[start:end]), initial=pending_bytes))
                 end = start + min(bisect_left(sizes, max_batch_bytes, lo=1), end - start)
                 pending += kept[start:end]
                 numbers += kept_numbers[start:end]
                 pending_bytes = sizes[end - start]
                 start = end
-                if len(pending) >= batch_size or pending_bytes >= max_batch_bytes:
+                if len(pending) >= size or pending_bytes >= max_batch_bytes:
                     flush()
                     tracker.advance(numbers[-1] - lines_told, pending_bytes + len(pending))
                     lines_told, bytes_told = numbers[-1], bytes_told + pending_bytes + len(pending)

@@ -300,15 +300,18 @@ def test_a_file_all_of_a_shape_or_type_the_model_does_not_take_costs_one_call_pe
             assert lines == [{"instance": i, "error": error} for i in wrong], (case, serving)
 
 
+@pytest.mark.parametrize("declared", [True, False])
 @pytest.mark.parametrize("serving", ["tensorflow", "tfserving"])
 def test_a_model_of_large_predictions_gets_batches_whose_predictions_stay_bounded_in_both_backends(
-    make_runtime, storage_client, bucket, tmp_path, monkeypatch, serving
+    make_runtime, storage_client, bucket, tmp_path, monkeypatch, serving, declared
 ):
     """A signature declaring 512 × 512 values per instance: batches of 1024 would hold 268 million
     values as Python numbers and JSON text (a 128 × 128 × 3 decoder took 7.7 GB in process and
     5.7 GB behind TF Serving for 2,048 instances). Batches are cut to the 8 instances whose
     predictions fit MAX_BATCH_OUTPUT_VALUES (2**21), from the signature in process and from the
-    server's metadata behind TF Serving."""
+    server's metadata behind TF Serving. A signature that does not declare its output's shape
+    ([?, ?, ?]) has its first batch of one instance, and the values its prediction holds cut the
+    batches after it alike."""
     from worker.serving.tf_backend import TensorFlowSignature
     from worker.serving.tfserving import RestPredictor
 
@@ -316,14 +319,16 @@ def test_a_model_of_large_predictions_gets_batches_whose_predictions_stay_bounde
     for cls, name in ((TensorFlowSignature, "predict_once"), (RestPredictor, "_predict_once")):
         real = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, batch, _real=real: sizes.append(len(batch)) or _real(self, batch))
-    models.upload_folder(storage_client, models.build_large_output(tmp_path / "large", 512), bucket, "large/1")
+    name = "large" if declared else "large-undeclared"
+    built = models.build_large_output(tmp_path / name, 512, declared=declared)
+    models.upload_folder(storage_client, built, bucket, f"{name}/1")
     write_lines(storage_client, f"gs://{bucket}/in.jsonl", [json.dumps([k, 0]) for k in range(9)])
     rt = make_runtime(serving)
     outcome = rt.run_job(
-        _job(f"gs://{bucket}/large/", f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/", output_format="predictions")
+        _job(f"gs://{bucket}/{name}/", f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/", output_format="predictions")
     )
     assert outcome.status == "SUCCEEDED", outcome.manifest
-    assert sizes == [8, 1]
+    assert sizes == ([8, 1] if declared else [1, 8])
     lines = storage_client.bucket(bucket).blob("out/in.jsonl").download_as_bytes().splitlines()
     assert len(lines) == 9
     last = json.loads(lines[-1])

@@ -270,9 +270,7 @@ def test_a_line_longer_than_the_limit_is_an_error_line_without_being_parsed():
     assert predictor.calls == [2]  # the other two lines; the long one never went to the model
 
 
-@pytest.mark.parametrize(
-    ("per", "asked", "expected"), [(None, 8, 8), (1, 8, 8), (30, 8, 3), (30, None, 3), (500, 8, 1)]
-)
+@pytest.mark.parametrize(("per", "asked", "expected"), [(1, 8, 8), (30, 8, 3), (30, None, 3), (500, 8, 1)])
 def test_a_model_of_large_predictions_gets_batches_whose_predictions_fit_the_bound(per, asked, expected, caplog):
     """A model that predicts an image per instance (its signature says how many values): batches
     of the asked size would hold their predictions many times over as Python values and JSON
@@ -287,6 +285,45 @@ def test_a_model_of_large_predictions_gets_batches_whose_predictions_fit_the_bou
     assert outcome.status == "SUCCEEDED"
     assert max(predictor.calls) == expected
     assert (f"batches of {expected} instances instead of 8" in caplog.text) == (expected != 8)
+
+
+class MeasuringPredictor(SumPredictor):
+    """A model whose outputs do not declare their shapes: it knows how many values it predicts per
+    instance once it has predicted one (`measured`), as both backends do; None: never."""
+
+    def __init__(self, measured: int | None) -> None:
+        super().__init__()
+        self.values_per_instance = None
+        self.measured = measured
+
+    def predict(self, instances: list[Any]) -> list[Any]:
+        predictions = super().predict(instances)
+        if self.measured is not None:
+            self.values_per_instance = self.measured
+        return predictions
+
+
+@pytest.mark.parametrize(("measured", "expected"), [(30, [1, 3, 3, 3]), (2, [1, 8, 1]), (None, [1] * 10)])
+def test_undeclared_predictions_are_measured_on_one_instance_before_batches_are_sized(measured, expected, caplog):
+    """A model whose outputs do not declare their shapes (a fully convolutional one, say): its first
+    batch is one instance, and the values that instance's prediction holds size the batches after
+    it, as declared shapes do; a model that never tells goes one instance at a time until
+    PROBE_BATCHES, then in the batches asked."""
+    caplog.set_level(logging.INFO, logger="worker.pipeline")
+    predictor = MeasuringPredictor(measured)
+    store = FakeStore({"bkt/in/f.jsonl": b"\n".join(b"[%d]" % k for k in range(10))})
+    limits = Limits(batch_size=8, max_batch_output_values=100)
+    outcome = run(_job(), store=store, models=FakeModels(predictor), publisher=None, limits=limits)
+    assert outcome.status == "SUCCEEDED" and outcome.manifest["totals"]["predictions"] == 10
+    assert predictor.calls == expected
+    assert ("batches of 3 instances instead of 8" in caplog.text) == (measured == 30)
+    assert [json.loads(line)["prediction"] for line in store.objects["bkt/out/f.jsonl"].splitlines()] == list(range(10))
+
+    n = pipeline.PROBE_BATCHES + 20
+    predictor = MeasuringPredictor(None)
+    store = FakeStore({"bkt/in/f.jsonl": b"\n".join(b"[%d]" % k for k in range(n))})
+    run(_job(), store=store, models=FakeModels(predictor), publisher=None, limits=limits)
+    assert predictor.calls == [1] * pipeline.PROBE_BATCHES + [8, 8, 4]
 
 
 def test_key_field_and_predictions_format():

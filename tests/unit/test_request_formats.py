@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from worker.errors import ModelError
-from worker.serving import check_outputs, values_per_instance
+from worker.serving import check_outputs, count_values, values_per_instance
 from worker.serving.tfserving import (
     RestPredictor,
     _answer,
@@ -129,6 +129,11 @@ def test_declared_outputs_are_read_from_the_servers_metadata_and_unanswerable_on
     assert values_per_instance({"image": ([None, 64, 64, 3], "float")}) == 64 * 64 * 3
     assert values_per_instance({"scores": declared["scores"], "any": declared["any"]}) is None
     assert values_per_instance({"tokens": ([None, None], "int64")}) is None
+    # Else they are counted in a prediction as TF Serving answers it: each number, string and
+    # {"b64": …} one value, over every output of an object.
+    assert count_values(0.5) == count_values("a") == count_values({"b64": "AA=="}) == 1
+    assert count_values([[[0.0] * 3] * 4] * 2) == 24
+    assert count_values({"mask": [[1, 2], [3, 4]], "label": "cat", "raw": [{"b64": "AA=="}] * 3}) == 8
 
 
 def test_an_answer_with_text_that_is_not_valid_utf8_reads_it_as_bytes():

@@ -87,6 +87,18 @@ def values_per_instance(outputs: Mapping[str, DeclaredOutput]) -> int | None:
     return total
 
 
+def count_values(prediction: Any) -> int:
+    """How many values one JSON-ready prediction holds (numbers, strings, `{"b64": …}` each one):
+    what a model whose outputs do not declare their shapes predicts per instance."""
+    if isinstance(prediction, list):
+        if prediction and not isinstance(prediction[0], (list, dict)):  # a tensor's innermost row
+            return len(prediction)
+        return sum(map(count_values, prediction))
+    if isinstance(prediction, dict) and not (len(prediction) == 1 and "b64" in prediction):
+        return sum(map(count_values, prediction.values()))
+    return 1
+
+
 class BatchRejected(Exception):
     """The model refused this batch: because of its data (TF Serving's 400 INVALID_ARGUMENT), or
     running it failed (TF Serving's other 4xx answers; TensorFlow's errors in-process, out of memory
@@ -178,7 +190,8 @@ class SizeLimit:
 
 
 class Predictor(Protocol):
-    # How many values one instance's prediction holds, when the signature declares it (None: not).
+    # How many values one instance's prediction holds: as the signature declares it, else as
+    # measured from the predictions so far (None: not declared, and nothing predicted yet).
     values_per_instance: int | None
 
     def predict(self, instances: list[Any]) -> list[Any]:

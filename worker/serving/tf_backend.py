@@ -151,6 +151,8 @@ class TensorFlowSignature:
             for k, v in self.output_specs.items()
         }
         self.values_per_instance = values_per_instance(self.declared_outputs)
+        # Outputs that do not declare their shapes: values per instance measured from each call.
+        self._measure = self.values_per_instance is None
         self._floats = (tf.float32, tf.float64)
         # The types TF Serving's REST API fills from JSON (`AddValueToTensor` in its
         # json_tensor.cc); for any other it answers 501 for every request.
@@ -235,6 +237,9 @@ class TensorFlowSignature:
         """Predictions for `instances` in one call; `TooBig` when TensorFlow runs out of memory."""
         outputs = self.outputs_once(instances)
         n = len(instances)
+        if self._measure and n:
+            now = -(-sum(a.size for a in outputs.values()) // n)
+            self.values_per_instance = max(self.values_per_instance or 0, now, 1)
         columns = {name: rows_from_array(name, outputs[name], n) for name in self.output_names}
         if len(columns) == 1:
             return next(iter(columns.values()))

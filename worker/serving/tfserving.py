@@ -47,6 +47,7 @@ from worker.serving import (
     SizeLimit,
     TooBig,
     check_outputs,
+    count_values,
     numbers_refusal,
     shape_refusal,
     strings_refusal,
@@ -356,6 +357,8 @@ class RestPredictor:
     ) -> None:
         self._server = server
         self.values_per_instance = values_per_instance
+        # Outputs that do not declare their shapes: values per instance measured from each answer.
+        self._measure = values_per_instance is None
         self._signature_name = signature_name
         self._columnar = columnar
         # Each input's shape per instance as the signature declares it (None: not declared), and
@@ -369,7 +372,10 @@ class RestPredictor:
         """Predictions for `instances`, in requests of at most the size that has not timed out or
         run out of memory: a request the server answers 504 or 429 is sent again in halves, and so
         are later ones."""
-        return self._limit.predict(instances, self._predict_once)
+        predictions = self._limit.predict(instances, self._predict_once)
+        if self._measure and predictions:
+            self.values_per_instance = max(self.values_per_instance or 0, count_values(predictions[0]), 1)
+        return predictions
 
     def _predict_once(self, instances: list[Any]) -> list[Any]:
         columns = _columns(instances) if self._columnar else None
