@@ -17,9 +17,15 @@ numeric version folder under `--model_base_path`, and answers like TF Serving:
   such as float16) or 504 (a request that took longer than `--rest_api_timeout_in_ms`); bare
   NaN/Infinity in predictions, as the real server writes them. For tests,
   `STANDIN_DELAY_MS_PER_INSTANCE` makes the model that slow.
+- `--enable_batching` (with `--batching_parameters_file`): the limits of TF Serving's batch
+  scheduler, not its batching. A request of more instances than `max_batch_size` (1000 by
+  default) is refused as TF Serving refuses it (400, "Task size N is larger than maximum input
+  batch size M"); `num_batch_threads` requests run at once, `max_enqueued_batches` more wait (10
+  by default), and any more are answered 503 ("The batch scheduling queue to which this task was
+  submitted is full"), TensorFlow's UNAVAILABLE.
 
-What it does not do: gRPC (`--port` is accepted and ignored), server-side batching
-(`--enable_batching`), model config files, version policies, or hot-reloading new versions.
+What it does not do: gRPC (`--port` is accepted and ignored), merging requests into batches,
+model config files, version policies, or hot-reloading new versions.
 The worker runs it through exactly the code path it uses for the real binary
 (`WORKER_MODEL_SERVER="python -m localdev.tfserving_standin"`).
 """
@@ -34,6 +40,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -94,10 +101,45 @@ class Servable:
         return sorted(self.model._loaded.signatures) if self.model is not None else []
 
 
+class BatchScheduler:
+    """The limits TF Serving's batch scheduler puts on predict requests (`--enable_batching`),
+    from its `BatchingParameters` text file (TF Serving's defaults otherwise)."""
+
+    def __init__(self, parameters: str) -> None:
+        given = {k: int(v) for k, v in re.findall(r"(\w+)\s*\{\s*value\s*:\s*(\d+)\s*\}", parameters)}
+        self.max_batch_size = given.get("max_batch_size", 1000)
+        self.threads = max(1, given.get("num_batch_threads", os.cpu_count() or 1))
+        self.max_enqueued = given.get("max_enqueued_batches", 10)
+        self._running = threading.BoundedSemaphore(self.threads)
+        self._lock = threading.Lock()
+        self._admitted = 0
+
+    @contextlib.contextmanager
+    def task(self, size: int) -> Iterator[str | None]:
+        """Run a task of `size` instances: yields None, or why TF Serving refuses it."""
+        if size > self.max_batch_size:
+            yield f"Task size {size} is larger than maximum input batch size {self.max_batch_size}"
+            return
+        with self._lock:
+            full = self._admitted >= self.threads + self.max_enqueued
+            if not full:
+                self._admitted += 1
+        if full:
+            yield "The batch scheduling queue to which this task was submitted is full"
+            return
+        try:
+            with self._running:
+                yield None
+        finally:
+            with self._lock:
+                self._admitted -= 1
+
+
 class Handler(BaseHTTPRequestHandler):
     servable: Servable
     timeout_s: float = 30.0  # --rest_api_timeout_in_ms
     delay_s_per_instance: float = 0.0  # STANDIN_DELAY_MS_PER_INSTANCE: a model that slow
+    batching: BatchScheduler | None = None  # --enable_batching
     protocol_version = "HTTP/1.1"
     # The headers and the body go out in two writes: with Nagle's algorithm on, the body waits
     # for the client's delayed ACK of the headers, about 40 ms on every kept-alive request.
@@ -197,10 +239,14 @@ class Handler(BaseHTTPRequestHandler):
                 if not isinstance(instances, list) or not instances:
                     self._error(400, "'instances' must be a non-empty JSON array")
                     return
-                answer = {"predictions": _row_format(self._predict(predictor, instances))}
+                outputs = self._scheduled(predictor, instances)
+                answer = None if outputs is None else {"predictions": _row_format(outputs)}
             else:
                 rows = _rows_from_columns(body["inputs"], list(predictor.inputs))
-                answer = {"outputs": _columnar_format(self._predict(predictor, rows))}
+                outputs = self._scheduled(predictor, rows)
+                answer = None if outputs is None else {"outputs": _columnar_format(outputs)}
+            if answer is None:  # refused by the batch scheduler: answered
+                return
             if time.monotonic() - started > self.timeout_s:
                 # TF Serving's answer when a request outlives --rest_api_timeout_in_ms.
                 self._error(504, "Timed out waiting for notification")
@@ -212,6 +258,17 @@ class Handler(BaseHTTPRequestHandler):
             self._error(429, e.detail)
         except Exception as e:  # the row converter's BatchRejected and TensorFlow's own errors
             self._error(_http_status(e), getattr(e, "message", None) or str(e))
+
+    def _scheduled(self, predictor: Any, instances: list[Any]) -> dict[str, Any] | None:
+        """The outputs for `instances`, through the batch scheduler's limits when batching is on;
+        None when it refused them (its answer sent: INVALID_ARGUMENT or UNAVAILABLE)."""
+        if self.batching is None:
+            return self._predict(predictor, instances)
+        with self.batching.task(len(instances)) as refusal:
+            if refusal is None:
+                return self._predict(predictor, instances)
+        self._error(400 if refusal.startswith("Task size") else 503, refusal)
+        return None
 
     def _predict(self, predictor: Any, instances: list[Any]) -> dict[str, Any]:
         if self.delay_s_per_instance:
@@ -331,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_name", default="default")
     parser.add_argument("--model_base_path", required=True)
     parser.add_argument("--rest_api_timeout_in_ms", type=int, default=30000)
+    parser.add_argument("--enable_batching", nargs="?", const="true", default="false")
+    parser.add_argument("--batching_parameters_file", default="")
     args, ignored = parser.parse_known_args(argv)
     if args.rest_api_port == 0:
         print("--rest_api_port is 0: the REST API is off (as with tensorflow_model_server)", flush=True)
@@ -343,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         "timeout_s": args.rest_api_timeout_in_ms / 1000,
         "delay_s_per_instance": float(os.environ.get("STANDIN_DELAY_MS_PER_INSTANCE") or 0) / 1000,
     }
+    if args.enable_batching.lower() in ("true", "1"):
+        parameters = ""
+        if args.batching_parameters_file:
+            with open(args.batching_parameters_file) as f:
+                parameters = f.read()
+        bound["batching"] = BatchScheduler(parameters)
     handler = type("BoundHandler", (Handler,), bound)
     server = ThreadingHTTPServer((args.rest_api_host, args.rest_api_port), handler)
     server.daemon_threads = True

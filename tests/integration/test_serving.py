@@ -550,6 +550,71 @@ def test_an_instance_the_model_fails_on_with_an_internal_error_is_one_error_line
     assert rt.models.stats.snapshot()["server_starts"] == (1 if serving == "tfserving" else 0)
 
 
+def test_a_server_with_enable_batching_gets_requests_no_larger_than_its_max_batch_size(
+    make_runtime, storage_client, bucket, model_uris, model_dirs, reference, tmp_path, monkeypatch, caplog
+):
+    """TF Serving with --enable_batching refuses a request of more instances than its
+    max_batch_size (1000 by default, below the worker's 1024) with a 400, "Task size 10 is larger
+    than maximum input batch size 4": not the instances' fault. The worker sends that batch again
+    in requests of the size the server named, and every later one, with one warning."""
+    params = tmp_path / "batching.txt"
+    params.write_text("max_batch_size { value: 4 }\nbatch_timeout_micros { value: 0 }\n")
+    instances = models.mlp_instances(18, seed=4)
+    write_lines(storage_client, f"gs://{bucket}/b/one.jsonl", [json.dumps(i) for i in instances[:10]])
+    write_lines(storage_client, f"gs://{bucket}/b/two.jsonl", [json.dumps(i) for i in instances[10:]])
+    args = f"--enable_batching --batching_parameters_file={params}"
+    rt = make_runtime("tfserving", model_server_args=args, file_concurrency=1)
+    from worker.serving.tfserving import ModelServer
+
+    sent: list[int] = []
+    real = ModelServer.call
+
+    def call(self: ModelServer, method: str, suffix: str, body: Any = None) -> Any:
+        if body is not None:
+            sent.append(len(body["instances"]))
+        return real(self, method, suffix, body)
+
+    monkeypatch.setattr(ModelServer, "call", call)
+    with caplog.at_level(logging.WARNING, logger="worker.serving.tfserving"):
+        outcome = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/b/", f"gs://{bucket}/b-out/"))
+    assert outcome.status == "SUCCEEDED", outcome.manifest
+    lines = read_lines(storage_client, f"gs://{bucket}/b-out/one.jsonl") + read_lines(
+        storage_client, f"gs://{bucket}/b-out/two.jsonl"
+    )
+    assert [line["prediction"] for line in lines] == reference(model_dirs["mlp"], instances)
+    assert sent == [10, 4, 4, 2, 4, 4]
+    assert rt.models.stats.snapshot()["server_starts"] == 1
+    capped = [r.getMessage() for r in caplog.records if "per call from now on" in r.getMessage()]
+    assert len(capped) == 1 and "Task size 10 is larger than maximum input batch size 4" in capped[0], capped
+    assert "at most 4 per call" in capped[0]
+
+
+def test_a_server_whose_batch_queue_is_full_is_asked_again_not_restarted(
+    make_runtime, storage_client, bucket, model_uris, model_dirs, reference, tmp_path, monkeypatch, caplog
+):
+    """TF Serving with --enable_batching answers 503 (UNAVAILABLE, "The batch scheduling queue to
+    which this task was submitted is full") when more requests come than its batch threads and
+    queue hold: here one thread and no queue, and 6 files in flight. The server is up and busy:
+    the worker asks again after a pause, without restarting it, and every line is predicted."""
+    monkeypatch.setenv("STANDIN_DELAY_MS_PER_INSTANCE", "20")
+    params = tmp_path / "batching.txt"
+    params.write_text("num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 0 }\n")
+    instances = models.mlp_instances(30, seed=6)
+    for k in range(6):
+        write_lines(storage_client, f"gs://{bucket}/q/{k}.jsonl", [json.dumps(i) for i in instances[k * 5 : k * 5 + 5]])
+    args = f"--enable_batching=true --batching_parameters_file={params}"
+    rt = make_runtime("tfserving", model_server_args=args, file_concurrency=6)
+    with caplog.at_level(logging.INFO, logger="worker.serving.tfserving"):
+        outcome = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/q/", f"gs://{bucket}/q-out/"))
+    assert outcome.status == "SUCCEEDED", outcome.manifest
+    lines = [line for k in range(6) for line in read_lines(storage_client, f"gs://{bucket}/q-out/{k}.jsonl")]
+    assert [line["prediction"] for line in lines] == reference(model_dirs["mlp"], instances)
+    assert rt.models.stats.snapshot()["server_starts"] == 1
+    busy = [r.getMessage() for r in caplog.records if "is busy" in r.getMessage()]
+    assert busy and "batch scheduling queue to which this task was submitted is full" in busy[0]
+    assert not [r for r in caplog.records if "restarting" in r.getMessage()]
+
+
 def test_a_batch_that_outlives_the_server_s_timeout_is_sent_in_halves_and_so_are_later_ones(
     make_runtime, storage_client, bucket, model_uris, model_dirs, reference, monkeypatch, caplog
 ):

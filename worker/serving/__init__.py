@@ -142,15 +142,17 @@ def _shape_text(dims: list[int | None] | list[int]) -> str:
 
 
 class TooBig(Exception):
-    """One call's batch was too big for the model: it outlived the server's timeout, or ran out of
-    memory. `what` says which ("took longer than …"), `detail` is the model's own message, `advice`
-    what to do when even one instance is too big."""
+    """One call's batch was too big for the model: it outlived the server's timeout, ran out of
+    memory, or was over the model server's batch size limit. `what` says which ("took longer than
+    …"), `detail` is the model's own message, `advice` what to do when even one instance is too
+    big, and `fits` how many instances a call takes, when the model says so."""
 
-    def __init__(self, what: str, detail: str, advice: str) -> None:
+    def __init__(self, what: str, detail: str, advice: str, *, fits: int | None = None) -> None:
         super().__init__(f"{what} ({detail})")
         self.what = what
         self.detail = detail
         self.advice = advice
+        self.fits = fits
 
 
 class SizeLimit:
@@ -182,10 +184,11 @@ class SizeLimit:
         return predictions
 
     def _shrink(self, e: TooBig, n: int) -> None:
-        """After `n` instances were too big: at most half as many from now on."""
+        """After `n` instances were too big: at most as many as fit, else half as many, from now on."""
         if n == 1:
             raise ModelError(f"{self._model} {e.what} on one instance ({e.detail}) — {e.advice}") from None
-        self.cap = n // 2 if self.cap is None else min(self.cap, n // 2)
+        fits = min(e.fits, n - 1) if e.fits else n // 2
+        self.cap = fits if self.cap is None else min(self.cap, fits)
         self._log.warning("%s: %s on %d instances: at most %d per call from now on", self._model, e, n, self.cap)
 
 

@@ -23,6 +23,7 @@ import collections
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -64,6 +65,12 @@ MODEL_FAILED = 500  # HTTP status of TF Serving's UNKNOWN, INTERNAL and DATA_LOS
 NOT_IMPLEMENTED = 501  # of its UNIMPLEMENTED
 TIMED_OUT = 504  # of its DEADLINE_EXCEEDED: a request that outlived --rest_api_timeout_in_ms
 OUT_OF_MEMORY = 429  # of its RESOURCE_EXHAUSTED: TensorFlow could not allocate for the batch
+BUSY = 503  # of its UNAVAILABLE: with --enable_batching, its batch queue is full
+# A busy server is asked again after 0.05, 0.1, 0.2 … s (5 s at most between tries), 60 s in all.
+BUSY_FIRST_WAIT_S, BUSY_MAX_WAIT_S, BUSY_GIVE_UP_S = 0.05, 5.0, 60.0
+# TF Serving's batch scheduler refusing a request of more instances than its max_batch_size.
+_OVER_BATCH_LIMIT = re.compile(r"Task size (\d+) is larger than maximum input batch size (\d+)")
+BATCH_LIMIT_ADVICE = "raise max_batch_size in the model server's --batching_parameters_file"
 
 
 def _free_port() -> int:
@@ -227,19 +234,14 @@ class ModelServer:
         """One request, restarting the server and retrying on a connection error or a 5xx that
         is not the model's answer."""
         failure = ""
+        data = None if body is None else codec.dumps_request(body)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             with self._lock:
                 if self.proc is None:
                     self.start()
                 epoch, url = self.epoch, self.url
             try:
-                r = _session().request(
-                    method,
-                    url + suffix,
-                    data=None if body is None else codec.dumps_request(body),
-                    headers={"Content-Type": "application/json"},
-                    timeout=(10, self.config.predict_timeout_s + 10),
-                )
+                r = self._request(method, url + suffix, data)
                 # Answers, not server failures: 500 for the model failing on these instances
                 # (TensorFlow's UNKNOWN, INTERNAL or DATA_LOSS: an input it cannot decompress, say;
                 # the server itself answered), 501 for an input type its REST API cannot fill from
@@ -247,12 +249,37 @@ class ModelServer:
                 if r.status_code < 500 or r.status_code in (MODEL_FAILED, NOT_IMPLEMENTED, TIMED_OUT):
                     return r
                 failure = f"HTTP {r.status_code}: {_error_message(r)}"
+                if r.status_code == BUSY:  # up, and busy for longer than we waited: no restart
+                    raise TransientError(
+                        f"the model server for {self.description} was busy for {BUSY_GIVE_UP_S:g} s: {failure}"
+                    )
             except requests.RequestException as e:
                 failure = f"{type(e).__name__}: {e}"
             log.warning("model server request failed (attempt %d of %d): %s", attempt, MAX_ATTEMPTS, failure)
             if attempt < MAX_ATTEMPTS:
                 self.restart(epoch)
         raise TransientError(f"the model server for {self.description} failed {MAX_ATTEMPTS} times: {failure}")
+
+    def _request(self, method: str, url: str, data: bytes | None) -> requests.Response:
+        """One request, asked again while the server answers that it is busy (503: with
+        --enable_batching, its batch queue is full) for up to BUSY_GIVE_UP_S: it is up and will
+        take the request once the batches before it are done; restarting it would not help."""
+        wait, waited = BUSY_FIRST_WAIT_S, 0.0
+        while True:
+            r = _session().request(
+                method,
+                url,
+                data=data,
+                headers={"Content-Type": "application/json"},
+                timeout=(10, self.config.predict_timeout_s + 10),
+            )
+            if r.status_code != BUSY or waited >= BUSY_GIVE_UP_S:
+                return r
+            if not waited:
+                log.info("the model server for %s is busy (%s): asking again", self.description, _error_message(r))
+            time.sleep(wait)
+            waited += wait
+            wait = min(wait * 2, BUSY_MAX_WAIT_S)
 
 
 _local = threading.local()
@@ -441,6 +468,11 @@ class RestPredictor:
             raise TooBig(f"took longer than {timeout}", _error_message(r), "raise WORKER_PREDICT_TIMEOUT_SECONDS")
         if r.status_code == OUT_OF_MEMORY:
             raise TooBig("ran out of memory", _error_message(r), MEMORY_ADVICE)
+        if r.status_code == 400 and (over := _OVER_BATCH_LIMIT.search(_error_message(r))):
+            limit = int(over.group(2))
+            raise TooBig(
+                f"takes at most {limit} instances a request", over.group(0), BATCH_LIMIT_ADVICE, fits=max(1, limit)
+            )
         if r.status_code != 200:
             raise BatchRejected(_error_message(r))
         try:
