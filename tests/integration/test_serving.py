@@ -615,6 +615,28 @@ def test_a_server_whose_batch_queue_is_full_is_asked_again_not_restarted(
     assert not [r for r in caplog.records if "restarting" in r.getMessage()]
 
 
+def test_a_server_busy_for_longer_than_the_worker_waits_fails_the_job_as_transient_without_a_restart(
+    make_runtime, storage_client, bucket, model_uris, tmp_path, monkeypatch
+):
+    """One batch thread, no queue, and a model that takes 1 s an instance: while one file's request
+    runs, the other's is answered 503 until the worker stops asking (BUSY_GIVE_UP_S, 60 s, made
+    short here). The job fails as transient, to be delivered again, and the server was never
+    restarted (a restart would kill the request that was running)."""
+    from worker.serving import tfserving
+
+    monkeypatch.setattr(tfserving, "BUSY_GIVE_UP_S", 0.3)
+    monkeypatch.setenv("STANDIN_DELAY_MS_PER_INSTANCE", "1000")
+    params = tmp_path / "batching.txt"
+    params.write_text("num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 0 }\n")
+    for k in range(2):
+        write_lines(storage_client, f"gs://{bucket}/busy/{k}.jsonl", [json.dumps(i) for i in models.mlp_instances(3)])
+    args = f"--enable_batching --batching_parameters_file={params}"
+    rt = make_runtime("tfserving", model_server_args=args, file_concurrency=2)
+    with pytest.raises(errors.TransientError, match=r"was busy for 0.3 s: HTTP 503: The batch scheduling queue"):
+        rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/busy/", f"gs://{bucket}/busy-out/"))
+    assert rt.models.stats.snapshot()["server_starts"] == 1
+
+
 def test_a_batch_that_outlives_the_server_s_timeout_is_sent_in_halves_and_so_are_later_ones(
     make_runtime, storage_client, bucket, model_uris, model_dirs, reference, monkeypatch, caplog
 ):

@@ -69,7 +69,7 @@ BUSY = 503  # of its UNAVAILABLE: with --enable_batching, its batch queue is ful
 # A busy server is asked again after 0.05, 0.1, 0.2 … s (5 s at most between tries), 60 s in all.
 BUSY_FIRST_WAIT_S, BUSY_MAX_WAIT_S, BUSY_GIVE_UP_S = 0.05, 5.0, 60.0
 # TF Serving's batch scheduler refusing a request of more instances than its max_batch_size.
-_OVER_BATCH_LIMIT = re.compile(r"Task size (\d+) is larger than maximum input batch size (\d+)")
+_OVER_BATCH_LIMIT = re.compile(r"Task size (\d+) is larger than maximum (?:input )?batch size (\d+)")
 BATCH_LIMIT_ADVICE = "raise max_batch_size in the model server's --batching_parameters_file"
 
 
@@ -232,7 +232,7 @@ class ModelServer:
 
     def call(self, method: str, suffix: str, body: Any = None) -> requests.Response:
         """One request, restarting the server and retrying on a connection error or a 5xx that
-        is not the model's answer."""
+        is not the model's answer; a busy server (503) is asked again, not restarted."""
         failure = ""
         data = None if body is None else codec.dumps_request(body)
         for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -398,7 +398,7 @@ class RestPredictor:
     def predict(self, instances: list[Any]) -> list[Any]:
         """Predictions for `instances`, in requests of at most the size that has not timed out or
         run out of memory: a request the server answers 504 or 429 is sent again in halves, and so
-        are later ones."""
+        are later ones (in requests of its max_batch_size, when it refuses one as larger)."""
         predictions = self._limit.predict(instances, self._predict_once)
         if self._measure and predictions:
             self.values_per_instance = max(self.values_per_instance or 0, count_values(predictions[0]), 1)
