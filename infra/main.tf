@@ -9,6 +9,7 @@ locals {
     {
       GOOGLE_CLOUD_PROJECT = var.project_id
       WORKER_RESULTS_TOPIC = google_pubsub_topic.results.id
+      WORKER_JOBS_TOPIC    = google_pubsub_topic.jobs.id # a job with options.parts goes out again as its parts
       WORKER_INPUT         = "gs://${var.input_bucket}/${var.input_prefix}"
       WORKER_OUTPUT        = "gs://${var.output_bucket}/${var.output_prefix}"
       WORKER_MODEL         = var.default_model
@@ -59,6 +60,13 @@ resource "google_storage_bucket_iam_member" "output_write" {
 
 resource "google_pubsub_topic_iam_member" "results_publish" {
   topic  = google_pubsub_topic.results.id
+  role   = "roles/pubsub.publisher"
+  member = google_service_account.worker.member
+}
+
+# The parts of a job run as parts (options.parts) go out on the jobs topic.
+resource "google_pubsub_topic_iam_member" "jobs_publish" {
+  topic  = google_pubsub_topic.jobs.id
   role   = "roles/pubsub.publisher"
   member = google_service_account.worker.member
 }

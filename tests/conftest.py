@@ -195,7 +195,14 @@ def worker_service(
     """The worker served over HTTP by functions-framework, fed by a push subscription."""
     # The results topic must exist before the worker starts publishing to it.
     topology = create_topology()
-    env = worker_env(gcs_host, pubsub_host, topology, tmp_path_factory.mktemp("worker-work"), WORKER_BATCH_SIZE="8")
+    env = worker_env(
+        gcs_host,
+        pubsub_host,
+        topology,
+        tmp_path_factory.mktemp("worker-work"),
+        WORKER_BATCH_SIZE="8",
+        WORKER_JOBS_TOPIC=topology.jobs_topic,  # a job with `parts` comes back as its parts
+    )
     service, url = emulators.start_worker(env)
     from google.cloud import pubsub_v1
 

@@ -22,6 +22,12 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
         "results_topic",
         "Topic for completion messages: a name or projects/P/topics/T. Empty: do not publish.",
     ),
+    (
+        "WORKER_JOBS_TOPIC",
+        "jobs_topic",
+        "The topic job messages come from (a name or projects/P/topics/T): a job with options.parts is "
+        "published to it as that many part jobs. Empty: such jobs fail.",
+    ),
     ("WORKER_BATCH_SIZE", "batch_size", "Instances per prediction call, unless a job sets options.batch_size."),
     ("WORKER_MAX_BATCH_BYTES", "max_batch_bytes", "Upper bound on the input bytes of one batch."),
     (
@@ -99,6 +105,7 @@ REQUEST_FORMATS = ("row", "columnar")
 class Settings:
     project: str = ""
     results_topic: str = ""
+    jobs_topic: str = ""
     batch_size: int = 1024
     max_batch_bytes: int = 4 * 1024 * 1024
     max_line_bytes: int = 16 * 1024 * 1024
@@ -158,12 +165,19 @@ class Settings:
     @property
     def results_topic_path(self) -> str:
         """Fully qualified topic path, or "" when completion messages are off."""
-        topic = self.results_topic
+        return self._topic_path("WORKER_RESULTS_TOPIC", self.results_topic)
+
+    @property
+    def jobs_topic_path(self) -> str:
+        """Fully qualified path of the jobs topic, or "" when jobs cannot be run as parts."""
+        return self._topic_path("WORKER_JOBS_TOPIC", self.jobs_topic)
+
+    def _topic_path(self, var: str, topic: str) -> str:
         if not topic or topic.startswith("projects/"):
             return topic
         if not self.project:
             raise ValueError(
-                f"WORKER_RESULTS_TOPIC={topic!r} is a bare name: set GOOGLE_CLOUD_PROJECT too, "
+                f"{var}={topic!r} is a bare name: set GOOGLE_CLOUD_PROJECT too, "
                 "or give the full projects/P/topics/T path"
             )
         return f"projects/{self.project}/topics/{topic}"

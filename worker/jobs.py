@@ -21,8 +21,13 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 STATUS_SUCCEEDED = "SUCCEEDED"
 STATUS_PARTIAL = "PARTIALLY_SUCCEEDED"
 STATUS_FAILED = "FAILED"
+# A job run as parts (option `parts`), once they are published: the last to finish completes it.
+STATUS_DISPATCHED = "DISPATCHED"
 
 MANIFEST_NAME = "_manifest.json"
+# Under the output prefix: the manifests of the parts of a job run as parts (option `parts`).
+PARTS_FOLDER = "_parts/"
+MAX_PARTS = 100
 LEASE_SUFFIX = ".lease"
 
 
@@ -81,6 +86,8 @@ class Options:
     instance_type: str | None = None
     output_format: str = "results"
     max_error_ratio: float | None = None
+    parts: int | None = None  # run the job as this many part jobs, on as many instances
+    part: tuple[int, int] | None = None  # (k, n): this job is part k of n (set by the worker)
 
     @classmethod
     def parse(cls, raw: object) -> Options:
@@ -126,7 +133,24 @@ class Options:
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
                 raise InvalidJob(f"option max_error_ratio must be a number from 0 to 1, got {shown(ratio)}")
             kw["max_error_ratio"] = float(ratio)
+        if raw.get("parts") is not None:
+            parts = raw["parts"]
+            if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= MAX_PARTS:
+                raise InvalidJob(f"option parts must be an integer from 1 to {MAX_PARTS}, got {shown(parts)}")
+            kw["parts"] = parts
+        if raw.get("part") is not None:
+            part = raw["part"]
+            if (
+                not isinstance(part, list)
+                or len(part) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in part)
+                or not 1 <= part[0] <= part[1] <= MAX_PARTS
+            ):
+                raise InvalidJob(f"option part must be [k, n] with 1 <= k <= n <= {MAX_PARTS}, got {shown(part)}")
+            kw["part"] = (part[0], part[1])
         opts = cls(**kw)
+        if opts.parts is not None and opts.part is not None:
+            raise InvalidJob("options parts and part cannot be used together: part is set by the worker on each part")
         if opts.instance_type == "array" and opts.included_fields is None:
             raise InvalidJob(
                 "option instance_type 'array' needs included_fields, which gives the order of the values in each array"
@@ -188,7 +212,11 @@ class Job:
 
     @property
     def manifest_uri(self) -> GcsUri:
-        return self.manifest or self.output.child(MANIFEST_NAME)
+        if self.manifest is not None:
+            return self.manifest
+        if self.options.part is not None:
+            return self.output.child(part_manifest_path(*self.options.part))
+        return self.output.child(MANIFEST_NAME)
 
     @property
     def lease_uri(self) -> GcsUri:
@@ -204,6 +232,11 @@ class Job:
             "output": str(self.output),
             "options": self.options.to_json(),
         }
+
+
+def part_manifest_path(k: int, n: int) -> str:
+    """Where part k of n writes its manifest, under the job's output prefix."""
+    return f"{PARTS_FOLDER}part-{k}-of-{n}.json"
 
 
 def parse_json_object(text: str | bytes, *, what: str) -> dict[str, Any]:
@@ -259,3 +292,19 @@ class FileResult:
 
 def failure(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
+
+
+def error_ratio_exceeded(options: Options, totals: Counts, first: dict[str, Any] | None) -> dict[str, str] | None:
+    """The job's failure when more of its instances failed than `max_error_ratio` allows; `first`
+    is its first error line (input, line, message)."""
+    if options.max_error_ratio is None or not totals.instances:
+        return None
+    ratio = totals.errors / totals.instances
+    if ratio <= options.max_error_ratio:
+        return None
+    where = f"; the first, line {first['line']} of {first['input']}: {first['message']}" if first else ""
+    return failure(
+        "INVALID_ARGUMENT",
+        f"{totals.errors} of {totals.instances} instances ({ratio:.1%}) could not be predicted, more "
+        f"than max_error_ratio {options.max_error_ratio} allows{where} — see the error lines in the output files",
+    )

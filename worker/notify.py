@@ -1,4 +1,4 @@
-"""Completion messages, and the only importer of `google.cloud.pubsub_v1`."""
+"""Completion messages and the parts of jobs run as parts; the only importer of `google.cloud.pubsub_v1`."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ PUBLISH_TIMEOUT_S = 60.0
 class PubSubPublisher:
     """Publishes to one topic; the gRPC client is created on first use, never at import."""
 
-    def __init__(self, topic_path: str) -> None:
+    def __init__(self, topic_path: str, *, var: str = "WORKER_RESULTS_TOPIC", what: str = "completion message") -> None:
         self.topic_path = topic_path
+        self._var = var  # the setting that names the topic
+        self._what = what  # what goes out on it
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -37,9 +39,7 @@ class PubSubPublisher:
             future = self._publisher().publish(self.topic_path, data, **attributes)
             message_id = future.result(timeout=PUBLISH_TIMEOUT_S)
         except gexc.NotFound as e:
-            raise TransientError(
-                f"results topic {self.topic_path} does not exist — create it or fix WORKER_RESULTS_TOPIC"
-            ) from e
+            raise TransientError(f"topic {self.topic_path} does not exist — create it or fix {self._var}") from e
         except (gexc.GoogleAPIError, TimeoutError, OSError) as e:
             raise TransientError(f"publishing to {self.topic_path} failed: {e}") from e
-        log.info("published completion message %s to %s", message_id, self.topic_path)
+        log.info("published %s %s to %s", self._what, message_id, self.topic_path)

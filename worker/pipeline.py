@@ -7,6 +7,7 @@ lines = instances + skipped, instances = predictions + errors.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -22,8 +23,9 @@ from datetime import UTC, datetime
 from itertools import accumulate, chain, repeat
 from typing import Any, Literal, Protocol
 
-from worker import codec, errors
+from worker import codec, errors, fanout
 from worker.jobs import (
+    STATUS_DISPATCHED,
     STATUS_FAILED,
     STATUS_PARTIAL,
     STATUS_SUCCEEDED,
@@ -32,6 +34,7 @@ from worker.jobs import (
     GcsUri,
     Job,
     Options,
+    error_ratio_exceeded,
     failure,
 )
 from worker.lease import Lease
@@ -133,28 +136,110 @@ def run(
     publisher: Publisher | None,
     limits: Limits,
     progress: ProgressFn | None = None,
+    dispatcher: Publisher | None = None,
 ) -> Outcome:
     """Run `job` to completion, once: a job whose manifest says it completed is skipped, and a
     job running elsewhere raises `errors.Busy`. Permanent failures end as a FAILED manifest and
-    completion message; transient ones (`errors.TransientError`) propagate so the caller can retry."""
+    completion message; transient ones (`errors.TransientError`) propagate so the caller can retry.
+    A job with `options.parts` is published as that many part jobs through `dispatcher` (the jobs
+    topic); a part publishes no completion of its own, and the last part to finish publishes the
+    whole job's (see `worker.fanout`)."""
+    if job.options.parts is not None:
+        return _dispatch(job, store, publisher, dispatcher)
+    part = job.options.part is not None
+    own = None if part else publisher  # who hears of this job's own completion
+    done = _completed(job, store, own)
+    if done is None:
+        try:
+            lease = Lease(store, job.lease_uri, job.job_id, limits.lease_s)
+            lease.acquire()
+        except errors.PermanentError as e:
+            # Nothing can be written to the output: the job fails here, before reading anything
+            # (a part too says so itself: no manifest of the whole job will).
+            error = failure(e.code, f"cannot write to output {job.output}: {e}")
+            return _finish(job, store, publisher, _Run(error=error))
+        try:
+            done = _completed(job, store, own)  # finished by the run that held the lease before us
+            if done is None:
+                state = _execute(job, store, models, limits, progress)
+                lease.check()
+                done = _finish(job, store, own, state)
+        finally:
+            lease.release()
+    if part:
+        _combine(job, store, publisher)
+    return done
+
+
+def _dispatch(job: Job, store: Store, publisher: Publisher | None, dispatcher: Publisher | None) -> Outcome:
+    """Publish `job`'s parts to the jobs topic: as many as it asks for, at most one per file."""
     done = _completed(job, store, publisher)
     if done is not None:
         return done
+    assert job.options.parts is not None
     try:
-        lease = Lease(store, job.lease_uri, job.job_id, limits.lease_s)
-        lease.acquire()
+        if job.manifest is not None:
+            raise errors.InvalidJob("option parts is for job messages and job files; a dropped file is one file")
+        if dispatcher is None:
+            raise errors.InvalidJob(
+                "option parts needs the worker's WORKER_JOBS_TOPIC (the topic its job messages come from), "
+                "to publish the parts to — set it, or send the job without parts"
+            )
+        inputs = store.list_inputs(job.input, exclude=job.output)
+        _check_no_overwrite(job, inputs)
     except errors.PermanentError as e:
-        # Nothing can be written to the output: the job fails here, before reading anything.
-        return _finish(job, store, publisher, _Run(error=failure(e.code, f"cannot write to output {job.output}: {e}")))
-    try:
-        done = _completed(job, store, publisher)  # finished by the run that held the lease before us
-        if done is not None:
-            return done
-        state = _execute(job, store, models, limits, progress)
-        lease.check()
-        return _finish(job, store, publisher, state)
-    finally:
-        lease.release()
+        log.error("job %s failed: %s", job.job_id, e)
+        return _finish(job, store, publisher, _Run(error=failure(e.code, str(e))))
+    n = min(job.options.parts, len(inputs))
+    # An earlier run's manifest (FAILED, or another job's) is removed, for the parts to create the
+    # new one; so are the manifests of its parts that failed, which run again: the whole job is
+    # combined only once they have.
+    for uri in (job.manifest_uri, *fanout.part_manifests(job, n)):
+        stale = store.read_json(uri)
+        if stale is not None and (uri == job.manifest_uri or _value(stale).get("status") == STATUS_FAILED):
+            with contextlib.suppress(errors.Conflict):
+                store.delete(uri, if_generation_match=stale.generation)
+    for data, attributes in fanout.part_messages(job, n):
+        dispatcher.publish(data, attributes)
+    log.info(
+        "job %s: %d input file(s), %d bytes, published as %d parts; the last to finish writes %s",
+        job.job_id, len(inputs), sum(f.size for f in inputs), n, job.manifest_uri,
+    )  # fmt: skip
+    dispatched = {"job_id": job.job_id, "status": STATUS_DISPATCHED, "parts": n, "files": len(inputs)}
+    return Outcome(
+        {**dispatched, "input": str(job.input), "output": str(job.output), "manifest": str(job.manifest_uri)}
+    )
+
+
+def _value(stored: Any) -> dict[str, Any]:
+    return stored.value if isinstance(stored.value, dict) else {}
+
+
+def _combine(part: Job, store: Store, publisher: Publisher | None) -> None:
+    """After a part's manifest is written: when every part's is, the whole job's manifest and its
+    completion message (once, by whichever part writes the manifest first; that part, delivered
+    again after its publishing failed, publishes it then)."""
+    whole = fanout.whole_job(part)
+    parts = fanout.parts_done(whole, store)
+    if parts is None:
+        log.info("job %s: part %d of %d done; others still running", whole.job_id, *part.options.part or (0, 0))
+        return
+    manifest = {**fanout.combined(whole, parts), "combined_by": part.job_id}
+    if not fanout.write_combined(whole, store, manifest):
+        stored = store.read_json(whole.manifest_uri)
+        if stored is None or _value(stored).get("combined_by") != part.job_id:
+            return  # combined by another part, which publishes it
+        if publisher is not None and PUBLISHED_KEY not in stored.metadata:
+            log.warning("job %s completed but its completion was not confirmed published: publishing it", whole.job_id)
+            _publish(whole, store, publisher, _value(stored), manifest_written=True)
+        return
+    if publisher is not None:
+        _publish(whole, store, publisher, manifest, manifest_written=True)
+    totals = manifest["totals"]
+    log.info(
+        "job %s %s: %d parts, %d instances, %d predictions, %d errors",
+        whole.job_id, manifest["status"], len(parts), totals["instances"], totals["predictions"], totals["errors"],
+    )  # fmt: skip
 
 
 def _completed(job: Job, store: Store, publisher: Publisher | None) -> Outcome | None:
@@ -193,6 +278,8 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
         t = time.perf_counter()
         inputs = store.list_inputs(job.input, exclude=job.output)
         _check_no_overwrite(job, inputs)
+        if job.options.part is not None:
+            inputs = fanout.share(inputs, *job.options.part)
         timings["list_inputs_s"] = time.perf_counter() - t
         log.info("job %s: %d input file(s), %d bytes", job.job_id, len(inputs), sum(f.size for f in inputs))
 
@@ -213,7 +300,8 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
             timings["predict_s"] = time.perf_counter() - t
             timings["input_wait_s"] = sum(r.input_wait_s for r in state.files)
             timings["output_wait_s"] = sum(r.output_wait_s for r in state.files)
-        state.error = _error_ratio_exceeded(job.options, state.totals, _first_error(state.files))
+        if job.options.part is None:  # a part's share alone does not decide: the whole job's does
+            state.error = error_ratio_exceeded(job.options, state.totals, _first_error(state.files))
     except errors.PermanentError as e:
         log.error("job %s failed: %s", job.job_id, e)
         state.error = failure(e.code, str(e))
@@ -318,20 +406,6 @@ def _check_no_overwrite(job: Job, inputs: list[Any]) -> None:
             raise errors.InvalidJob(
                 f"output {out} would overwrite input {f.uri} — choose an output prefix outside the input"
             )
-
-
-def _error_ratio_exceeded(options: Options, totals: Counts, first: dict[str, Any] | None) -> dict[str, str] | None:
-    if options.max_error_ratio is None or not totals.instances:
-        return None
-    ratio = totals.errors / totals.instances
-    if ratio <= options.max_error_ratio:
-        return None
-    where = f"; the first, line {first['line']} of {first['input']}: {first['message']}" if first else ""
-    return failure(
-        "INVALID_ARGUMENT",
-        f"{totals.errors} of {totals.instances} instances ({ratio:.1%}) could not be predicted, more "
-        f"than max_error_ratio {options.max_error_ratio} allows{where} — see the error lines in the output files",
-    )
 
 
 def _first_error(files: list[FileResult]) -> dict[str, Any] | None:

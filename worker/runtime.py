@@ -134,6 +134,7 @@ class Runtime:
     store: GcsStore
     models: StoreModelProvider
     publisher: Publisher | None
+    dispatcher: Publisher | None = None  # the jobs topic, for the parts of a job run as parts
 
     @classmethod
     def from_settings(cls, settings: Settings, *, publish: bool = True) -> Runtime:
@@ -152,9 +153,10 @@ class Runtime:
             max_disk_bytes=settings.max_model_disk_mb * 2**20,
             stats=stats,
         )
-        topic = settings.results_topic_path
+        topic, jobs = settings.results_topic_path, settings.jobs_topic_path
         publisher = PubSubPublisher(topic) if publish and topic else None
-        return cls(settings, store, models, publisher)
+        dispatcher = PubSubPublisher(jobs, var="WORKER_JOBS_TOPIC", what="part job") if publish and jobs else None
+        return cls(settings, store, models, publisher, dispatcher)
 
     @property
     def limits(self) -> Limits:
@@ -176,6 +178,7 @@ class Runtime:
                 publisher=self.publisher,
                 limits=self.limits,
                 progress=progress,
+                dispatcher=self.dispatcher,
             )
             log.info("serving counters: %s", self.models.stats.snapshot())
             return outcome

@@ -48,6 +48,33 @@ def test_pubsub_job_end_to_end(worker_service, storage_client, bucket, model_uri
     assert stored == manifest
 
 
+def test_a_job_run_as_parts_comes_back_through_the_jobs_topic_and_completes_once(
+    worker_service, storage_client, bucket, model_uris, model_dirs, reference
+):
+    """`parts: 3` over 4 files: the worker publishes 3 part jobs to the jobs topic it listens to,
+    Pub/Sub pushes each back to a worker, and the last part to finish writes the job's manifest and
+    publishes its one completion, as a job run in one piece would: same outputs, same counts."""
+    _, _, topo = worker_service
+    instances = models.mlp_instances(26, seed=3)
+    cuts = {"a": (0, 11), "b": (11, 13), "c/d": (13, 20), "c/e": (20, 26)}
+    for name, (lo, hi) in cuts.items():
+        write_lines(storage_client, f"gs://{bucket}/parts/{name}.jsonl", [json.dumps(i) for i in instances[lo:hi]])
+    job = {"model": model_uris["mlp"], "input": f"gs://{bucket}/parts/", "output": f"gs://{bucket}/parts-out/"}
+    message_id = topo.publish_job({**job, "options": {"parts": 3}})
+    [(manifest, attrs)] = topo.completions(1)
+    assert attrs == {"job_id": message_id, "status": "SUCCEEDED"}
+    assert manifest["totals"] == {"lines": 26, "instances": 26, "predictions": 26, "errors": 0, "skipped": 0}
+    assert [f["input"] for f in manifest["files"]] == [f"gs://{bucket}/parts/{n}.jsonl" for n in cuts]
+    assert len(manifest["parts"]) == 3 and manifest["options"] == {"parts": 3}
+    lines = [line for n in cuts for line in read_lines(storage_client, f"gs://{bucket}/parts-out/{n}.jsonl")]
+    assert [line["instance"] for line in lines] == instances
+    expected = reference(model_dirs["mlp"], instances)
+    assert all(close_to(line["prediction"], want) for line, want in zip(lines, expected, strict=True))
+    stored = json.loads(storage_client.bucket(bucket).blob("parts-out/_manifest.json").download_as_bytes())
+    assert stored == manifest
+    assert topo.no_more_completions() == []
+
+
 def test_named_inputs_and_b64_strings(worker_service, storage_client, bucket, model_uris):
     _, _, topo = worker_service
     write_lines(

@@ -107,8 +107,10 @@ def test_the_worker_account_has_no_project_wide_role_and_only_what_it_needs(conf
         "${var.output_bucket}": "roles/storage.objectUser",
     }
     topics = [g for g in _resources(config, "google_pubsub_topic_iam_member").values() if g["member"] == worker]
-    assert [(g["topic"], g["role"]) for g in topics] == [
-        ("${google_pubsub_topic.results.id}", "roles/pubsub.publisher")
+    # Completions go to the results topic, and the parts of a job run as parts to the jobs topic.
+    assert sorted((g["topic"], g["role"]) for g in topics) == [
+        ("${google_pubsub_topic.jobs.id}", "roles/pubsub.publisher"),
+        ("${google_pubsub_topic.results.id}", "roles/pubsub.publisher"),
     ]
     service = _resources(config, "google_cloud_run_v2_service")["worker"]
     assert service["template"][0]["service_account"] == "${google_service_account.worker.email}"
@@ -134,7 +136,7 @@ def test_the_service_passes_the_settings_the_worker_reads(config):
     assert env_block
     names = set(re.findall(r"^\s*([A-Z_]+)\s*=", env_block.group(1), flags=re.M))
     assert names - {"GOOGLE_CLOUD_PROJECT"} <= known, names - known
-    assert {"WORKER_RESULTS_TOPIC", "WORKER_INPUT", "WORKER_OUTPUT"} <= names
+    assert {"WORKER_RESULTS_TOPIC", "WORKER_JOBS_TOPIC", "WORKER_INPUT", "WORKER_OUTPUT"} <= names
 
 
 def test_variables_are_described_and_the_example_sets_only_known_ones(config):

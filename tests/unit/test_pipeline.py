@@ -920,3 +920,141 @@ def test_every_line_is_answered_in_order_whichever_path_its_batch_takes(kinds, c
     assert totals["lines"] == len(lines) and totals["skipped"] == kinds.count("blank")
     assert totals["predictions"] == kinds.count("ok")
     assert totals["errors"] == kinds.count("rejected") + kinds.count("bad")
+
+
+def _parts_of(store: FakeStore, options: dict[str, Any], job_id: str = "big") -> tuple[list[Job], Published, Any]:
+    """Dispatch a job with `parts`: the part jobs it publishes (as the jobs topic would carry them)."""
+    dispatched, pub = Published(), Published()
+    outcome = run(
+        _job(options, job_id=job_id), store=store, models=FakeModels(SumPredictor()), publisher=pub,
+        limits=Limits(4), dispatcher=dispatched,
+    )  # fmt: skip
+    parts = [Job.from_mapping(data, default_job_id="unused") for data, _ in dispatched.messages]
+    assert [attrs["job_id"] for _, attrs in dispatched.messages] == [p.job_id for p in parts]
+    return parts, pub, outcome
+
+
+def _run_part(store: FakeStore, part: Job, pub: Published, predictor: SumPredictor | None = None) -> Any:
+    return run(part, store=store, models=FakeModels(predictor or SumPredictor()), publisher=pub, limits=Limits(4))
+
+
+def test_a_job_run_as_parts_shares_its_files_and_the_last_part_completes_it():
+    """`parts: 3` over 4 files: the job is published as 3 part jobs, each predicting a share of
+    the files by size (the 3 largest first, each to its own part, the 4th to the lightest), none
+    of them publishing a completion, until the last one writes the job's manifest, files in input
+    order and counts summed, and publishes the job's one completion."""
+    sizes = {"a": 5, "b": 1, "c": 3, "d": 2}  # lines per file
+    store = FakeStore({f"bkt/in/{n}.jsonl": b"\n".join(b"[%d]" % k for k in range(c)) for n, c in sizes.items()})
+    parts, pub, outcome = _parts_of(store, {"parts": 3, "output_format": "predictions"})
+    assert outcome.status == "DISPATCHED" and outcome.manifest["parts"] == 3 and outcome.manifest["files"] == 4
+    assert [p.job_id for p in parts] == ["big/part-1-of-3", "big/part-2-of-3", "big/part-3-of-3"]
+    assert all(p.options.output_format == "predictions" and p.options.parts is None for p in parts)
+    assert pub.messages == [] and "bkt/out/_manifest.json" not in store.objects
+
+    counts = []
+    for part in (parts[2], parts[0], parts[1]):  # in any order
+        done = _run_part(store, part, pub)
+        counts.append([f["input"].rsplit("/", 1)[1] for f in done.manifest["files"]])
+        assert done.manifest["job_id"] == part.job_id and str(part.manifest_uri).startswith("gs://bkt/out/_parts/")
+    assert counts == [["b.jsonl", "d.jsonl"], ["a.jsonl"], ["c.jsonl"]]  # parts 3, 1, 2
+    [(manifest, attrs)] = pub.messages
+    assert attrs == {"job_id": "big", "status": "SUCCEEDED"}
+    assert manifest == json.loads(store.objects["bkt/out/_manifest.json"])
+    assert manifest["totals"] == {"lines": 11, "instances": 11, "predictions": 11, "errors": 0, "skipped": 0}
+    assert [f["input"] for f in manifest["files"]] == [f"gs://bkt/in/{n}.jsonl" for n in "abcd"]
+    assert manifest["options"] == {"output_format": "predictions", "parts": 3}
+    assert [p["status"] for p in manifest["parts"]] == ["SUCCEEDED"] * 3
+    assert store.lines("bkt/out/a.jsonl") == [0, 1, 2, 3, 4]
+
+    # Delivered again: a part and the job itself are skipped; no second completion.
+    _run_part(store, parts[0], pub)
+    again, _, _ = _parts_of(store, {"parts": 3, "output_format": "predictions"})
+    assert again == [] and len(pub.messages) == 1
+
+
+def test_a_job_run_as_parts_fails_when_a_part_fails_or_errors_exceed_the_ratio():
+    """A part that fails (an input it cannot read) fails the whole job, its error naming the part;
+    max_error_ratio is the whole job's, not each part's: a part of all errors alone does not fail."""
+    store = FakeStore({"bkt/in/a.jsonl": b"[1]\n[2]\n[3]\n[4]", "bkt/in/b.jsonl": b'"x"'})
+    parts, pub, _ = _parts_of(store, {"parts": 2, "max_error_ratio": 0.5})
+    for part in parts:
+        assert _run_part(store, part, pub).status in ("SUCCEEDED", "PARTIALLY_SUCCEEDED")
+    [(manifest, attrs)] = pub.messages
+    assert attrs["status"] == "PARTIALLY_SUCCEEDED" and manifest["totals"]["errors"] == 1
+
+    store = FakeStore({"bkt/in/a.jsonl": b'"x"\n"y"', "bkt/in/b.jsonl": b"[1]"})
+    parts, pub, _ = _parts_of(store, {"parts": 2, "max_error_ratio": 0.5})
+    for part in parts:
+        _run_part(store, part, pub)
+    [(manifest, _)] = pub.messages
+    assert manifest["status"] == "FAILED" and "2 of 3 instances (66.7%)" in manifest["error"]["message"]
+
+    class Unreadable(FakeStore):
+        def read_blocks(self, f: FakeFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
+            if f.rel == "b.jsonl":
+                raise errors.InvalidJob("input gs://bkt/in/b.jsonl is not gzip")
+            yield from super().read_blocks(f, max_line_bytes=max_line_bytes)
+
+    store = Unreadable({"bkt/in/a.jsonl": b"[1]\n[2]", "bkt/in/b.jsonl": b"[2]"})
+    parts, pub, _ = _parts_of(store, {"parts": 2})
+    assert [_run_part(store, part, pub).status for part in parts] == ["SUCCEEDED", "FAILED"]
+    [(manifest, attrs)] = pub.messages
+    assert attrs == {"job_id": "big", "status": "FAILED"}
+    assert manifest["error"] == {
+        "code": "INVALID_ARGUMENT",
+        "message": "part 2 of 2: input gs://bkt/in/b.jsonl is not gzip",
+    }
+
+    # The file fixed, the job sent again: its FAILED manifest and its failed part's are removed, so
+    # the part that succeeded before (skipped now) does not combine the old failure again.
+    fixed = FakeStore({})
+    fixed.objects, fixed.generations, fixed.metadata = store.objects, store.generations, store.metadata
+    parts, pub, _ = _parts_of(fixed, {"parts": 2})
+    assert "bkt/out/_manifest.json" not in fixed.objects and "bkt/out/_parts/part-2-of-2.json" not in fixed.objects
+    assert [_run_part(fixed, part, pub).status for part in parts] == ["SUCCEEDED", "SUCCEEDED"]
+    [(manifest, attrs)] = pub.messages
+    assert attrs == {"job_id": "big", "status": "SUCCEEDED"} and manifest["totals"]["predictions"] == 3
+
+
+def test_a_job_with_parts_needs_the_jobs_topic_and_no_more_parts_than_files():
+    store = FakeStore({"bkt/in/a.jsonl": b"[1]", "bkt/in/b.jsonl": b"[2]"})
+    pub = Published()
+    outcome = run(_job({"parts": 4}), store=store, models=FakeModels(SumPredictor()), publisher=pub, limits=Limits(4))
+    assert outcome.status == "FAILED" and "WORKER_JOBS_TOPIC" in outcome.manifest["error"]["message"]
+    assert pub.messages[0][1]["status"] == "FAILED"
+    parts, _, outcome = _parts_of(store, {"parts": 4})
+    assert len(parts) == 2 and outcome.manifest["parts"] == 2
+    with pytest.raises(errors.InvalidJob, match=r"option parts must be an integer from 1 to 100, got 0"):
+        _job({"parts": 0})
+    with pytest.raises(errors.InvalidJob, match=r"option part must be \[k, n\]"):
+        _job({"part": [3, 2]})
+
+
+def test_the_part_that_combined_a_job_publishes_its_completion_when_delivered_again_after_failing_to():
+    """Publishing the whole job's completion fails (transient: the part's message comes again). The
+    manifest is written; the part, delivered again, is skipped and publishes the completion then;
+    another part delivered again publishes nothing (the combining part answers for it)."""
+
+    class Flaky(Published):
+        fail = True
+
+        def publish(self, data: bytes, attributes: dict[str, str]) -> None:
+            if self.fail:
+                self.fail = False
+                raise errors.TransientError("publishing failed")
+            super().publish(data, attributes)
+
+    store = FakeStore({"bkt/in/a.jsonl": b"[1]", "bkt/in/b.jsonl": b"[2]\n[3]"})
+    parts, _, _ = _parts_of(store, {"parts": 2})
+    pub = Flaky()
+    _run_part(store, parts[0], pub)
+    with pytest.raises(errors.TransientError):
+        _run_part(store, parts[1], pub)
+    assert "bkt/out/_manifest.json" in store.objects and pub.messages == []
+    _run_part(store, parts[0], pub)
+    assert pub.messages == []
+    _run_part(store, parts[1], pub)
+    [(manifest, attrs)] = pub.messages
+    assert attrs == {"job_id": "big", "status": "SUCCEEDED"} and manifest["combined_by"] == "big/part-2-of-2"
+    _run_part(store, parts[1], pub)
+    assert len(pub.messages) == 1

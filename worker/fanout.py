@@ -1,0 +1,159 @@
+"""One job run as parts on several instances: `options.parts` = N.
+
+The job's own run (the dispatch) lists its input and publishes N part jobs to the jobs topic
+(`WORKER_JOBS_TOPIC`): the same model, input, output and options, with `part: [k, N]` instead of
+`parts`, and the job id `<job id>/part-k-of-N`. Pub/Sub pushes each to whichever instance Cloud
+Run gives it. Every part lists the input again and takes the same share of it (the files by size,
+largest first, each to the part with the fewest bytes so far: the same listing gives the same
+shares), writes its outputs where the whole job would, and its manifest at
+`<output>/_parts/part-k-of-N.json`; it publishes nothing itself. The part that then finds all N
+part manifests written combines them into the job's manifest (created only where none is: of two
+parts that finish together, one writes it) and publishes the job's one completion message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from worker import errors
+from worker.jobs import (
+    STATUS_FAILED,
+    STATUS_PARTIAL,
+    STATUS_SUCCEEDED,
+    Counts,
+    GcsUri,
+    Job,
+    error_ratio_exceeded,
+    failure,
+    part_manifest_path,
+)
+
+log = logging.getLogger(__name__)
+
+_PART_ID = "/part-"
+
+
+class Sized(Protocol):
+    size: int
+
+
+def whole_job(part: Job) -> Job:
+    """The job a part belongs to: its id without `/part-k-of-N`, `parts` instead of `part`."""
+    assert part.options.part is not None
+    options = dataclasses.replace(part.options, part=None, parts=part.options.part[1])
+    return dataclasses.replace(part, job_id=part.job_id.rsplit(_PART_ID, 1)[0], options=options, manifest=None)
+
+
+def share(inputs: Sequence[Sized], k: int, n: int) -> list[Any]:
+    """The files of part k of n, in input order: by size, largest first, each file goes to the
+    part with the fewest bytes so far (the lowest-numbered of equals)."""
+    loads = [0] * n
+    owner = [0] * len(inputs)
+    for i in sorted(range(len(inputs)), key=lambda i: (-inputs[i].size, i)):
+        part = min(range(n), key=lambda p: (loads[p], p))
+        owner[i] = part
+        loads[part] += inputs[i].size
+    return [f for i, f in enumerate(inputs) if owner[i] == k - 1]
+
+
+def part_messages(job: Job, n: int) -> list[tuple[bytes, dict[str, str]]]:
+    """The part jobs of `job`, as job messages (data, attributes) for the jobs topic."""
+    options = job.options.to_json()
+    options.pop("parts", None)
+    messages = []
+    for k in range(1, n + 1):
+        part_id = f"{job.job_id}{_PART_ID}{k}-of-{n}"
+        body = {
+            "model": str(job.model),
+            "input": str(job.input),
+            "output": str(job.output),
+            "job_id": part_id,
+            "options": {**options, "part": [k, n]},
+        }
+        messages.append((json.dumps(body).encode(), {"job_id": part_id}))
+    return messages
+
+
+def part_manifests(whole: Job, n: int) -> list[GcsUri]:
+    return [whole.output.child(part_manifest_path(k, n)) for k in range(1, n + 1)]
+
+
+def parts_done(whole: Job, store: Any) -> list[dict[str, Any]] | None:
+    """Every part's manifest, in part order, when all parts of `whole` have written theirs."""
+    n = whole.options.parts or 1
+    parts = []
+    for k, uri in enumerate(part_manifests(whole, n), start=1):
+        stored = store.read_json(uri)
+        value = stored.value if stored is not None else None
+        if not isinstance(value, dict) or value.get("job_id") != f"{whole.job_id}{_PART_ID}{k}-of-{n}":
+            return None
+        parts.append(value)
+    return parts
+
+
+def combined(whole: Job, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole job's manifest from its parts' (in part order): their files in input order, their
+    counts summed, FAILED when a part failed (its error, naming the part) or when the job's errors
+    exceed max_error_ratio, and its times from the first start to the last finish."""
+    n = len(parts)
+    files = sorted((f for p in parts for f in p.get("files") or []), key=lambda f: str(f.get("input")))
+    totals = Counts()
+    for p in parts:
+        counts = p.get("totals") or {}
+        totals.add(Counts(**{key: int(counts.get(key, 0)) for key in Counts().to_json()}))
+    first = next(({"input": f["input"], **f["first_error"]} for f in files if f.get("first_error")), None)
+    failed = next(((k, p) for k, p in enumerate(parts, start=1) if p.get("status") == STATUS_FAILED), None)
+    error: dict[str, str] | None
+    if failed is not None:
+        cause = failed[1].get("error") or {}
+        error = failure(str(cause.get("code", "UNKNOWN")), f"part {failed[0]} of {n}: {cause.get('message', '')}")
+    else:
+        error = error_ratio_exceeded(whole.options, totals, first)
+    manifest: dict[str, Any] = {
+        "job_id": whole.job_id,
+        "status": STATUS_FAILED if error else STATUS_PARTIAL if totals.errors else STATUS_SUCCEEDED,
+        "model": parts[0].get("model"),
+        "input": str(whole.input),
+        "output": str(whole.output),
+        "manifest": str(whole.manifest_uri),
+        "options": whole.options.to_json(),
+        "files": files,
+        "totals": totals.to_json(),
+        **({"first_error": first} if first else {}),
+        "started_at": (started := min(str(p.get("started_at", "")) for p in parts)),
+        "finished_at": (finished := max(str(p.get("finished_at", "")) for p in parts)),
+        "timings": {"total_s": _seconds_between(started, finished)},
+        "parts": [
+            {
+                "manifest": str(uri),
+                "status": p.get("status"),
+                "timings": p.get("timings"),
+            }
+            for uri, p in zip(part_manifests(whole, n), parts, strict=True)
+        ],
+    }
+    if error:
+        manifest["error"] = error
+    return manifest
+
+
+def write_combined(whole: Job, store: Any, manifest: dict[str, Any]) -> bool:
+    """Write the whole job's manifest where none is; False when another part wrote it first."""
+    try:
+        store.write_json(whole.manifest_uri, manifest, job_id=whole.job_id, if_generation_match=0)
+    except errors.Conflict:
+        log.info("job %s: another part wrote the job's manifest", whole.job_id)
+        return False
+    return True
+
+
+def _seconds_between(start: str, end: str) -> float | None:
+    try:
+        return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 3)
+    except ValueError:
+        return None
