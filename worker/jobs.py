@@ -98,8 +98,9 @@ class Options:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
+            offered = sorted(known - {"part"})  # set by the worker on the parts of a job, not by users
             raise InvalidJob(
-                f"unknown option(s) {', '.join(map(repr, unknown))}; supported options are: {', '.join(sorted(known))}"
+                f"unknown option(s) {', '.join(map(repr, unknown))}; supported options are: {', '.join(offered)}"
             )
         kw: dict[str, Any] = {}
         if "batch_size" in raw and raw["batch_size"] is not None:
