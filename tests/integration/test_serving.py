@@ -554,9 +554,10 @@ def test_a_server_with_enable_batching_gets_requests_no_larger_than_its_max_batc
     make_runtime, storage_client, bucket, model_uris, model_dirs, reference, tmp_path, monkeypatch, caplog
 ):
     """TF Serving with --enable_batching refuses a request of more instances than its
-    max_batch_size (1000 by default, below the worker's 1024) with a 400, "Task size 10 is larger
+    max_batch_size (1000 by default, below the worker's 1024) with a 400, "Task size 6 is larger
     than maximum input batch size 4": not the instances' fault. The worker sends that batch again
-    in requests of the size the server named, and every later one, with one warning."""
+    in requests of the size the server named, with one warning, and makes its later batches no
+    larger (not batches of 6 each sent as 4 and 2)."""
     params = tmp_path / "batching.txt"
     params.write_text("max_batch_size { value: 4 }\nbatch_timeout_micros { value: 0 }\n")
     instances = models.mlp_instances(18, seed=4)
@@ -576,16 +577,17 @@ def test_a_server_with_enable_batching_gets_requests_no_larger_than_its_max_batc
 
     monkeypatch.setattr(ModelServer, "call", call)
     with caplog.at_level(logging.WARNING, logger="worker.serving.tfserving"):
-        outcome = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/b/", f"gs://{bucket}/b-out/"))
+        outcome = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/b/", f"gs://{bucket}/b-out/", batch_size=6))
     assert outcome.status == "SUCCEEDED", outcome.manifest
     lines = read_lines(storage_client, f"gs://{bucket}/b-out/one.jsonl") + read_lines(
         storage_client, f"gs://{bucket}/b-out/two.jsonl"
     )
     assert [line["prediction"] for line in lines] == reference(model_dirs["mlp"], instances)
-    assert sent == [10, 4, 4, 2, 4, 4]
+    # The first batch of 6 refused, then sent as 4 and 2; the job's batches are of 4 from then on.
+    assert sent == [6, 4, 2, 4, 4, 4]
     assert rt.models.stats.snapshot()["server_starts"] == 1
     capped = [r.getMessage() for r in caplog.records if "per call from now on" in r.getMessage()]
-    assert len(capped) == 1 and "Task size 10 is larger than maximum input batch size 4" in capped[0], capped
+    assert len(capped) == 1 and "Task size 6 is larger than maximum input batch size 4" in capped[0], capped
     assert "at most 4 per call" in capped[0]
 
 

@@ -105,6 +105,7 @@ class SumPredictor:
     """Predicts sum(instance); rejects any batch holding a non-list (like a 400 from the model)."""
 
     values_per_instance: int | None = 1
+    most_per_call: int | None = None
 
     def __init__(self) -> None:
         self.calls: list[int] = []

@@ -197,6 +197,11 @@ class Predictor(Protocol):
     # measured from the predictions so far (None: not declared, and nothing predicted yet).
     values_per_instance: int | None
 
+    @property
+    def most_per_call(self) -> int | None:
+        """The most instances one call takes, once a call of more was too big (None: no limit)."""
+        ...
+
     def predict(self, instances: list[Any]) -> list[Any]:
         """One prediction per instance, in order, as JSON-ready values; raises BatchRejected."""
         ...

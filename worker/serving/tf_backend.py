@@ -228,6 +228,10 @@ class TensorFlowSignature:
         if refusal is not None:
             raise BatchRejected(refusal, each=True)  # every instance has that shape: each alone is refused
 
+    @property
+    def most_per_call(self) -> int | None:
+        return self._limit.cap
+
     def predict(self, instances: list[Any]) -> list[Any]:
         """Predictions for `instances`, in calls of at most the size that has not run out of memory:
         a batch TensorFlow cannot allocate for is predicted again in halves, and so are later ones."""

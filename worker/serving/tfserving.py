@@ -395,6 +395,10 @@ class RestPredictor:
         # Instances per request at most, once a request of more timed out or ran out of memory.
         self._limit = SizeLimit(f"the model server for {server.description}", log)
 
+    @property
+    def most_per_call(self) -> int | None:
+        return self._limit.cap
+
     def predict(self, instances: list[Any]) -> list[Any]:
         """Predictions for `instances`, in requests of at most the size that has not timed out or
         run out of memory: a request the server answers 504 or 429 is sent again in halves, and so
