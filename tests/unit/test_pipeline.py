@@ -1025,6 +1025,17 @@ def test_a_job_with_parts_needs_the_jobs_topic_and_no_more_parts_than_files():
     assert pub.messages[0][1]["status"] == "FAILED"
     parts, _, outcome = _parts_of(store, {"parts": 4})
     assert len(parts) == 2 and outcome.manifest["parts"] == 2
+    # One object as input: one part, which completes the job.
+    dispatched, pub = Published(), Published()
+    one = _job({"parts": 3}, job_id="one", inp="gs://bkt/in/b.jsonl")
+    run(one, store=store, models=FakeModels(SumPredictor()), publisher=pub, limits=Limits(4), dispatcher=dispatched)
+    [(data, _)] = dispatched.messages
+    assert data["options"] == {"part": [1, 1]} and data["input"] == "gs://bkt/in/b.jsonl"
+    _run_part(store, Job.from_mapping(data, default_job_id="unused"), pub)
+    [(manifest, attrs)] = pub.messages
+    assert attrs == {"job_id": "one", "status": "SUCCEEDED"} and [f["input"] for f in manifest["files"]] == [
+        "gs://bkt/in/b.jsonl"
+    ]
     with pytest.raises(errors.InvalidJob, match=r"option parts must be an integer from 1 to 100, got 0"):
         _job({"parts": 0})
     with pytest.raises(errors.InvalidJob, match=r"option part must be \[k, n\]"):
