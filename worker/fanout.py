@@ -142,10 +142,11 @@ def combined(whole: Job, parts: list[dict[str, Any]]) -> dict[str, Any]:
     return manifest
 
 
-def write_combined(whole: Job, store: Any, manifest: dict[str, Any]) -> bool:
-    """Write the whole job's manifest where none is; False when another part wrote it first."""
+def write_combined(whole: Job, store: Any, manifest: dict[str, Any], *, replacing: int = 0) -> bool:
+    """Write the whole job's manifest where none is (or where it is still generation `replacing`);
+    False when another part wrote it first."""
     try:
-        store.write_json(whole.manifest_uri, manifest, job_id=whole.job_id, if_generation_match=0)
+        store.write_json(whole.manifest_uri, manifest, job_id=whole.job_id, if_generation_match=replacing)
     except errors.Conflict:
         log.info("job %s: another part wrote the job's manifest", whole.job_id)
         return False

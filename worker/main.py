@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from worker import errors, events, logs
 from worker.config import Settings
-from worker.jobs import STATUS_FAILED
+from worker.jobs import STATUS_FAILED, Job
 from worker.runtime import Runtime
 
 log = logging.getLogger("worker")
@@ -121,7 +121,8 @@ def _handle(attributes: dict[str, Any], data: Any) -> None:
                 "and that run publishes the job's completion (%s)", last, e,
             )  # fmt: skip
         else:
-            _give_up(rt, _report_job_id(trigger, attributes, data), e, last, context)
+            job = trigger.job if isinstance(trigger, events.JobTrigger) else None
+            _give_up(rt, _report_job_id(trigger, attributes, data), e, last, context, job)
         raise
     except errors.PermanentError as e:
         rt.report_failure(_report_job_id(trigger, attributes, data), e, context)
@@ -160,7 +161,9 @@ def _waited_out_lease(rt: Runtime, busy: errors.Busy, data: Any) -> bool:
     return True
 
 
-def _give_up(rt: Runtime, job_id: str, e: errors.TransientError, attempt: int, context: dict[str, Any]) -> None:
+def _give_up(
+    rt: Runtime, job_id: str, e: errors.TransientError, attempt: int, context: dict[str, Any], job: Job | None
+) -> None:
     """A transient failure on the message's last delivery: no retry follows, so the job fails
     where its completion is awaited. (A Busy job is running elsewhere and reports itself.)"""
     error = errors.TransientError(
@@ -168,7 +171,7 @@ def _give_up(rt: Runtime, job_id: str, e: errors.TransientError, attempt: int, c
         "dead-letter topic; republish it from there once the cause is fixed"
     )
     try:
-        rt.report_failure(job_id, error, {**context, "delivery_attempt": attempt})
+        rt.report_failure(job_id, error, {**context, "delivery_attempt": attempt}, job=job)
     except errors.WorkerError as publish_error:
         log.error("could not publish the FAILED completion of job %s: %s", job_id, publish_error)
 

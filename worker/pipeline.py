@@ -211,6 +211,13 @@ def _dispatch(job: Job, store: Store, publisher: Publisher | None, dispatcher: P
     )
 
 
+def give_up_part(part: Job, store: Store, publisher: Publisher | None, error: dict[str, str]) -> None:
+    """A part no later delivery will run (its message goes to the dead-letter topic): its FAILED
+    manifest, so that the whole job completes FAILED, naming it, once the other parts are done."""
+    _finish(part, store, None, _Run(error=error))
+    _combine(part, store, publisher)
+
+
 def _value(stored: Any) -> dict[str, Any]:
     return stored.value if isinstance(stored.value, dict) else {}
 
@@ -227,12 +234,21 @@ def _combine(part: Job, store: Store, publisher: Publisher | None) -> None:
     manifest = {**fanout.combined(whole, parts), "combined_by": part.job_id}
     if not fanout.write_combined(whole, store, manifest):
         stored = store.read_json(whole.manifest_uri)
-        if stored is None or _value(stored).get("combined_by") != part.job_id:
-            return  # combined by another part, which publishes it
-        if publisher is not None and PUBLISHED_KEY not in stored.metadata:
+        earlier = _value(stored) if stored is not None else {}
+        if stored is None or earlier.get("job_id") != whole.job_id:
+            return
+        if earlier.get("status") == STATUS_FAILED and manifest["status"] != STATUS_FAILED:
+            # A failed part ran again (its message sent again from the dead-letter topic), and now
+            # no part has failed: the job's outcome is this one.
+            if not fanout.write_combined(whole, store, manifest, replacing=stored.generation):
+                return
+        elif earlier.get("combined_by") == part.job_id and PUBLISHED_KEY not in stored.metadata:
             log.warning("job %s completed but its completion was not confirmed published: publishing it", whole.job_id)
-            _publish(whole, store, publisher, _value(stored), manifest_written=True)
-        return
+            if publisher is not None:
+                _publish(whole, store, publisher, earlier, manifest_written=True)
+            return
+        else:
+            return  # combined by another part, which publishes it
     if publisher is not None:
         _publish(whole, store, publisher, manifest, manifest_written=True)
     totals = manifest["totals"]

@@ -18,7 +18,7 @@ from worker import errors, events, logs
 from worker.config import Settings
 from worker.jobs import MANIFEST_NAME, STATUS_FAILED, GcsUri, Job, failure, parse_json_object
 from worker.notify import PubSubPublisher
-from worker.pipeline import Limits, ModelHandle, Outcome, ProgressFn, Publisher, run
+from worker.pipeline import Limits, ModelHandle, Outcome, ProgressFn, Publisher, give_up_part, run
 from worker.serving import LoadedModel, ServingStats
 from worker.serving.cache import ModelCache
 from worker.storage import WRITTEN_BY_KEY, GcsStore
@@ -249,12 +249,18 @@ class Runtime:
         job = Job.from_mapping(raw, default_job_id=obj.job_id)
         return dataclasses.replace(job, manifest=out.child(f"{MANIFESTS_FOLDER}{rel}.json"))
 
-    def report_failure(self, job_id: str, error: errors.WorkerError, context: dict[str, Any]) -> dict[str, Any]:
+    def report_failure(
+        self, job_id: str, error: errors.WorkerError, context: dict[str, Any], *, job: Job | None = None
+    ) -> dict[str, Any]:
         """Publish FAILED for an event that never became a runnable job (malformed message), or
-        whose job failed transiently on its message's last delivery."""
+        whose job failed transiently on its message's last delivery. The part of a job run as
+        parts writes its FAILED manifest instead: the whole job's completion, once the other parts
+        are done, says that it failed and why."""
         report = {"job_id": job_id, "status": STATUS_FAILED, "error": failure(error.code, str(error)), **context}
         with logs.bound(job_id=job_id):
             log.error("job failed: %s", error)
-            if self.publisher is not None:
+            if job is not None and job.options.part is not None:
+                give_up_part(job, self.store, self.publisher, report["error"])
+            elif self.publisher is not None:
                 self.publisher.publish(json.dumps(report).encode(), {"job_id": job_id, "status": STATUS_FAILED})
         return report

@@ -35,12 +35,16 @@ class FakeRuntime:
         self.settings = Settings(max_delivery_attempts=max_delivery_attempts)
         self.error = error
         self.reports: list[tuple[str, errors.WorkerError, dict[str, Any]]] = []
+        self.jobs: list[Any] = []  # the job each report was for, when the event was one
 
     def handle(self, trigger: events.Trigger) -> None:
         raise self.error
 
-    def report_failure(self, job_id: str, error: errors.WorkerError, context: dict[str, Any]) -> dict[str, Any]:
+    def report_failure(
+        self, job_id: str, error: errors.WorkerError, context: dict[str, Any], *, job: Any = None
+    ) -> dict[str, Any]:
         self.reports.append((job_id, error, context))
+        self.jobs.append(job)
         return {}
 
 
@@ -104,6 +108,20 @@ def test_a_dropped_file_s_notification_on_its_last_delivery_reports_the_object_s
     assert context["delivery_attempt"] == 5
 
 
+def test_the_part_of_a_job_run_as_parts_is_reported_with_its_job(runtime_of):
+    """The report of a part's last delivery carries the part's job: the runtime writes its FAILED
+    manifest, so that the whole job completes FAILED once the other parts are done."""
+    rt = runtime_of(errors.TransientError("storage unavailable"))
+    part = {**JOB, "job_id": "j-1/part-2-of-3", "options": {"part": [2, 3]}}
+    body = _push(5)
+    body["message"]["data"] = base64.b64encode(json.dumps(part).encode()).decode()
+    with pytest.raises(errors.TransientError):
+        main._handle(dict(ATTRIBUTES), body)
+    [(job_id, _, _)] = rt.reports
+    [job] = rt.jobs
+    assert job_id == "j-1/part-2-of-3" and job.options.part == (2, 3)
+
+
 def test_a_redelivery_past_the_last_one_reports_too(runtime_of):
     rt = runtime_of(errors.TransientError("storage unavailable"))
     with pytest.raises(errors.TransientError):
@@ -130,7 +148,7 @@ def test_no_failed_completion_while_the_job_may_still_complete(runtime_of, error
 def test_a_failed_publish_on_the_last_delivery_leaves_the_cause_to_be_raised(runtime_of):
     rt = runtime_of(errors.TransientError("storage unavailable"))
 
-    def cannot_publish(job_id: str, error: errors.WorkerError, context: dict[str, Any]) -> dict[str, Any]:
+    def cannot_publish(job_id: str, error: errors.WorkerError, context: dict[str, Any], **_: Any) -> dict[str, Any]:
         raise errors.TransientError("publishing failed")
 
     rt.report_failure = cannot_publish  # type: ignore[method-assign]

@@ -1070,3 +1070,22 @@ def test_the_part_that_combined_a_job_publishes_its_completion_when_delivered_ag
     assert attrs == {"job_id": "big", "status": "SUCCEEDED"} and manifest["combined_by"] == "big/part-2-of-2"
     _run_part(store, parts[1], pub)
     assert len(pub.messages) == 1
+
+
+def test_a_part_given_up_on_fails_the_job_and_succeeding_when_sent_again_replaces_that_outcome():
+    """A part that fails transiently on its message's last delivery writes its FAILED manifest:
+    the whole job completes FAILED, naming it. Sent again from the dead-letter topic, it succeeds
+    and the job's outcome becomes SUCCEEDED, with a completion saying so."""
+    store = FakeStore({"bkt/in/a.jsonl": b"[1]", "bkt/in/b.jsonl": b"[2]\n[3]"})
+    parts, _, _ = _parts_of(store, {"parts": 2})
+    pub = Published()
+    _run_part(store, parts[0], pub)
+    pipeline.give_up_part(parts[1], store, pub, {"code": "UNAVAILABLE", "message": "storage unavailable"})
+    [(manifest, attrs)] = pub.messages
+    assert attrs == {"job_id": "big", "status": "FAILED"}
+    assert manifest["error"] == {"code": "UNAVAILABLE", "message": "part 2 of 2: storage unavailable"}
+    _run_part(store, parts[1], pub)
+    assert [attrs["status"] for _, attrs in pub.messages] == ["FAILED", "SUCCEEDED"]
+    assert json.loads(store.objects["bkt/out/_manifest.json"])["totals"]["predictions"] == 3
+    _run_part(store, parts[0], pub)  # delivered again: nothing new
+    assert len(pub.messages) == 2
