@@ -14,6 +14,7 @@ parts that finish together, one writes it) and publishes the job's one completio
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import logging
 from collections.abc import Sequence
@@ -49,15 +50,19 @@ def whole_job(part: Job) -> Job:
     return dataclasses.replace(part, job_id=part.job_id.rsplit(_PART_ID, 1)[0], options=options, manifest=None)
 
 
+def part_id(whole_id: str, k: int, n: int) -> str:
+    return f"{whole_id}{_PART_ID}{k}-of-{n}"
+
+
 def share(inputs: Sequence[Sized], k: int, n: int) -> list[Any]:
     """The files of part k of n, in input order: by size, largest first, each file goes to the
     part with the fewest bytes so far (the lowest-numbered of equals)."""
-    loads = [0] * n
+    lightest = [(0, p) for p in range(n)]  # (bytes so far, part): a heap
     owner = [0] * len(inputs)
     for i in sorted(range(len(inputs)), key=lambda i: (-inputs[i].size, i)):
-        part = min(range(n), key=lambda p: (loads[p], p))
-        owner[i] = part
-        loads[part] += inputs[i].size
+        load, p = heapq.heappop(lightest)
+        owner[i] = p
+        heapq.heappush(lightest, (load + inputs[i].size, p))
     return [f for i, f in enumerate(inputs) if owner[i] == k - 1]
 
 
@@ -67,15 +72,15 @@ def part_messages(job: Job, n: int) -> list[tuple[bytes, dict[str, str]]]:
     options.pop("parts", None)
     messages = []
     for k in range(1, n + 1):
-        part_id = f"{job.job_id}{_PART_ID}{k}-of-{n}"
+        pid = part_id(job.job_id, k, n)
         body = {
             "model": str(job.model),
             "input": str(job.input),
             "output": str(job.output),
-            "job_id": part_id,
+            "job_id": pid,
             "options": {**options, "part": [k, n]},
         }
-        messages.append((json.dumps(body).encode(), {"job_id": part_id}))
+        messages.append((json.dumps(body).encode(), {"job_id": pid}))
     return messages
 
 
@@ -90,7 +95,7 @@ def parts_done(whole: Job, store: Any) -> list[dict[str, Any]] | None:
     for k, uri in enumerate(part_manifests(whole, n), start=1):
         stored = store.read_json(uri)
         value = stored.value if stored is not None else None
-        if not isinstance(value, dict) or value.get("job_id") != f"{whole.job_id}{_PART_ID}{k}-of-{n}":
+        if not isinstance(value, dict) or value.get("job_id") != part_id(whole.job_id, k, n):
             return None
         parts.append(value)
     return parts
