@@ -224,31 +224,15 @@ def _value(stored: Any) -> dict[str, Any]:
 
 def _combine(part: Job, store: Store, publisher: Publisher | None) -> None:
     """After a part's manifest is written: when every part's is, the whole job's manifest and its
-    completion message (once, by whichever part writes the manifest first; that part, delivered
-    again after its publishing failed, publishes it then)."""
+    completion message, published by whichever part writes that manifest."""
     whole = fanout.whole_job(part)
     parts = fanout.parts_done(whole, store)
     if parts is None:
         log.info("job %s: part %d of %d done; others still running", whole.job_id, *part.options.part or (0, 0))
         return
     manifest = {**fanout.combined(whole, parts), "combined_by": part.job_id}
-    if not fanout.write_combined(whole, store, manifest):
-        stored = store.read_json(whole.manifest_uri)
-        earlier = _value(stored) if stored is not None else {}
-        if stored is None or earlier.get("job_id") != whole.job_id:
-            return
-        if earlier.get("status") == STATUS_FAILED and manifest["status"] != STATUS_FAILED:
-            # A failed part ran again (its message sent again from the dead-letter topic), and now
-            # no part has failed: the job's outcome is this one.
-            if not fanout.write_combined(whole, store, manifest, replacing=stored.generation):
-                return
-        elif earlier.get("combined_by") == part.job_id and PUBLISHED_KEY not in stored.metadata:
-            log.warning("job %s completed but its completion was not confirmed published: publishing it", whole.job_id)
-            if publisher is not None:
-                _publish(whole, store, publisher, earlier, manifest_written=True)
-            return
-        else:
-            return  # combined by another part, which publishes it
+    if not fanout.write_combined(whole, store, manifest) and not _replaced(whole, part, store, publisher, manifest):
+        return
     if publisher is not None:
         _publish(whole, store, publisher, manifest, manifest_written=True)
     totals = manifest["totals"]
@@ -256,6 +240,23 @@ def _combine(part: Job, store: Store, publisher: Publisher | None) -> None:
         "job %s %s: %d parts, %d instances, %d predictions, %d errors",
         whole.job_id, manifest["status"], len(parts), totals["instances"], totals["predictions"], totals["errors"],
     )  # fmt: skip
+
+
+def _replaced(whole: Job, part: Job, store: Store, publisher: Publisher | None, manifest: dict[str, Any]) -> bool:
+    """The whole job's manifest was written before. True when `manifest` replaced it: it said
+    FAILED, and now that the failed part ran again (its message sent again from the dead-letter
+    topic) none has failed. Else False, after publishing the earlier one when this part wrote it
+    and its publishing was never confirmed (the part is delivered again because it failed)."""
+    stored = store.read_json(whole.manifest_uri)
+    earlier = _value(stored) if stored is not None else {}
+    if stored is None or earlier.get("job_id") != whole.job_id:
+        return False
+    if earlier.get("status") == STATUS_FAILED and manifest["status"] != STATUS_FAILED:
+        return fanout.write_combined(whole, store, manifest, replacing=stored.generation)
+    if publisher is not None and earlier.get("combined_by") == part.job_id and PUBLISHED_KEY not in stored.metadata:
+        log.warning("job %s completed but its completion was not confirmed published: publishing it", whole.job_id)
+        _publish(whole, store, publisher, earlier, manifest_written=True)
+    return False
 
 
 def _completed(job: Job, store: Store, publisher: Publisher | None) -> Outcome | None:
