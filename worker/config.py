@@ -159,7 +159,8 @@ class Settings:
             try:
                 Options.parse(parse_json_object(settings.default_options, what="WORKER_OPTIONS"))
             except InvalidJob as e:
-                raise ValueError(str(e)) from None
+                message = str(e)
+                raise ValueError(message if "WORKER_OPTIONS" in message else f"WORKER_OPTIONS: {message}") from None
         return settings
 
     @property

@@ -72,7 +72,7 @@ def test_dropped_file_options_from_its_metadata_else_from_the_worker():
         rt.job_for_object(_obj("f.jsonl", options='{"batch": 5}'))
 
     assert Settings.from_env({"WORKER_OPTIONS": ' {"batch_size": 8} '}).default_options == '{"batch_size": 8}'
-    with pytest.raises(ValueError, match="option batch_size must be an integer"):
+    with pytest.raises(ValueError, match=r"^WORKER_OPTIONS: option batch_size must be an integer"):
         Settings.from_env({"WORKER_OPTIONS": '{"batch_size": "8"}'})
     with pytest.raises(ValueError, match="WORKER_OPTIONS must be a JSON object"):
         Settings.from_env({"WORKER_OPTIONS": "[1]"})
