@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import Stopwatch, command_line, median, parse_size, parse_with_defaults, table, write_input
+from benchmarks.measure import (
+    Stopwatch,
+    command_line,
+    emit,
+    median,
+    parse_size,
+    parse_with_defaults,
+    table,
+    write_input,
+)
 from localdev import emulators, models
 from worker.config import Settings
 
@@ -141,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args.latencies = [float(x) for x in str(args.latencies).split(",")]
     args.concurrency = [int(x) for x in str(args.concurrency).split(",")]
     results = measure(args)
-    print(report(args, results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    emit(report(args, results), results, args.json)
     return 0
 
 

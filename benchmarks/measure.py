@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import statistics
@@ -186,3 +187,11 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def emit(text: str, results: Any, json_path: str | None) -> None:
+    """Print a benchmark's report, and write its figures as JSON when --json names a file (objects
+    written as their attributes)."""
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, default=lambda o: o.__dict__, indent=2))

@@ -28,7 +28,16 @@ from typing import Any
 
 import requests
 
-from benchmarks.measure import command_line, median, parse_size, parse_with_defaults, table, tree_cpu_s, write_input
+from benchmarks.measure import (
+    command_line,
+    emit,
+    median,
+    parse_size,
+    parse_with_defaults,
+    table,
+    tree_cpu_s,
+    write_input,
+)
 from localdev import emulators, models
 
 PROJECT = "bench"
@@ -111,7 +120,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "WORKER_WORK_DIR": str(tmp / f"worker-{k}"),
                 }
                 workers.append(emulators.start_worker(env))
-            pids = [service.proc.pid for service, _ in (*workers, (gcs, "")) if service.proc is not None]
+            services = [service for service, _ in workers] + [gcs]
+            pids = [service.proc.pid for service in services if service.proc is not None]
 
             def job(inp: str, options: dict[str, Any]) -> tuple[float, float]:
                 job_id = uuid.uuid4().hex[:12]
@@ -206,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         full={"files": 100, "size": "10MB", "parts": 2, "repeat": 6},
     )
     results = measure(args)
-    print(report(args, results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    emit(report(args, results), results, args.json)
     return 0
 
 

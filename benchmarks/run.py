@@ -44,6 +44,7 @@ from benchmarks.measure import (
     RssSampler,
     Stopwatch,
     command_line,
+    emit,
     human,
     instance_block,
     median,
@@ -748,9 +749,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["original"] = original_runs(env, cfg, model)
                 results[model] = r
             text = report(cfg, env, results)
-        print(text)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, default=lambda o: o.__dict__, indent=2))
+        emit(text, results, args.json)
     finally:
         gcs.stop()
     return 0
