@@ -1,14 +1,17 @@
 """One job run as parts on several instances: `options.parts` = N.
 
-The job's own run (the dispatch) lists its input and publishes N part jobs to the jobs topic
-(`WORKER_JOBS_TOPIC`): the same model, input, output and options, with `part: [k, N]` instead of
-`parts`, and the job id `<job id>/part-k-of-N`. Pub/Sub pushes each to whichever instance Cloud
-Run gives it. Every part lists the input again and takes the same share of it (the files by size,
-largest first, each to the part with the fewest bytes so far: the same listing gives the same
-shares), writes its outputs where the whole job would, and its manifest at
-`<output>/_parts/part-k-of-N.json`; it publishes nothing itself. The part that then finds all N
-part manifests written combines them into the job's manifest (created only where none is: of two
-parts that finish together, one writes it) and publishes the job's one completion message.
+The job's own run (the dispatch) lists its input, shares its files among N parts (by size, largest
+first, each to the part with the fewest bytes so far) and keeps those shares at
+`<output>/_parts/files-of-N.json`, then publishes N part jobs to the jobs topic (`WORKER_JOBS_TOPIC`):
+the same model, input, output and options, with `part: [k, N]` instead of `parts`, and the job id
+`<job id>/part-k-of-N`. Pub/Sub pushes each to whichever instance Cloud Run gives it. Every part
+predicts the files of its share, as the input holds them when it runs (a file deleted since is left
+out, a file added since is in no share), writes its outputs where the whole job would, and its
+manifest at `<output>/_parts/part-k-of-N.json`; it publishes nothing itself. The part that then
+finds all N part manifests written combines them into the job's manifest (created only where none
+is: of two parts that finish together, one writes it) and publishes the job's one completion
+message. The job sent again keeps the shares of its first dispatch, so the parts that succeeded
+then and the parts that run again never hold a file twice or miss one between them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from worker.jobs import (
     error_ratio_exceeded,
     failure,
     part_manifest_path,
+    shares_path,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,52 @@ def share(inputs: Sequence[Sized], k: int, n: int) -> list[Any]:
         owner[i] = p
         heapq.heappush(lightest, (load + inputs[i].size, p))
     return [f for i, f in enumerate(inputs) if owner[i] == k - 1]
+
+
+def fixed_shares(whole: Job, store: Any, inputs: Sequence[Any], n: int) -> list[list[str]]:
+    """The files (`rel` names) of each of the n parts of `whole`: those kept by its first dispatch,
+    else shared now from `inputs` and kept (replacing another job's)."""
+    uri = whole.output.child(shares_path(n))
+    stored = store.read_json(uri)
+    kept = _shares(stored.value if stored is not None else None, whole, n)
+    if kept is not None:
+        log.info("job %s: its parts keep the files they were given when it was first dispatched", whole.job_id)
+        return kept
+    shares = [[f.rel for f in share(inputs, k, n)] for k in range(1, n + 1)]
+    value = {"job_id": whole.job_id, "input": str(whole.input), "shares": shares}
+    store.write_json(uri, value, job_id=whole.job_id, if_generation_match=stored.generation if stored else 0)
+    return shares
+
+
+def part_files(part: Job, store: Any, inputs: Sequence[Any]) -> list[Any]:
+    """The files of `inputs` (as listed now) that the dispatch gave `part`, in input order. A part
+    published before the dispatch kept its shares takes its share of `inputs` instead."""
+    assert part.options.part is not None
+    k, n = part.options.part
+    whole = whole_job(part)
+    stored = store.read_json(whole.output.child(shares_path(n)))
+    shares = _shares(stored.value if stored is not None else None, whole, n)
+    if shares is None:
+        log.warning("job %s: no shares kept at %s; sharing the input as listed now", part.job_id, shares_path(n))
+        return share(inputs, k, n)
+    listed = {f.rel: f for f in inputs}
+    gone = [rel for rel in shares[k - 1] if rel not in listed]
+    if gone:
+        log.warning(
+            "job %s: %d of its %d files were deleted after the job was dispatched (%s%s); predicting the others",
+            part.job_id, len(gone), len(shares[k - 1]), gone[0], ", …" if len(gone) > 1 else "",
+        )  # fmt: skip
+    return [listed[rel] for rel in shares[k - 1] if rel in listed]
+
+
+def _shares(value: Any, whole: Job, n: int) -> list[list[str]] | None:
+    """The shares in a stored `files-of-N.json` when it is this job's (same id and input)."""
+    if not isinstance(value, dict) or value.get("job_id") != whole.job_id or value.get("input") != str(whole.input):
+        return None
+    shares = value.get("shares")
+    if not isinstance(shares, list) or len(shares) != n or not all(isinstance(s, list) for s in shares):
+        return None
+    return [[str(rel) for rel in s] for s in shares]
 
 
 def part_messages(job: Job, n: int) -> list[tuple[bytes, dict[str, str]]]:

@@ -240,6 +240,11 @@ def part_manifest_path(k: int, n: int) -> str:
     return f"{PARTS_FOLDER}part-{k}-of-{n}.json"
 
 
+def shares_path(n: int) -> str:
+    """Where a job run as n parts keeps which files each part predicts, under its output prefix."""
+    return f"{PARTS_FOLDER}files-of-{n}.json"
+
+
 def parse_json_object(text: str | bytes, *, what: str) -> dict[str, Any]:
     """Decode JSON that must be an object, with an error that says where it went wrong."""
     try:

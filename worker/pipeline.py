@@ -191,6 +191,7 @@ def _dispatch(job: Job, store: Store, publisher: Publisher | None, dispatcher: P
         log.error("job %s failed: %s", job.job_id, e)
         return _finish(job, store, publisher, _Run(error=failure(e.code, str(e))))
     n = min(job.options.parts, len(inputs))
+    files = sum(map(len, fanout.fixed_shares(job, store, inputs, n)))
     # An earlier run's manifest (FAILED, or another job's) is removed, for the parts to create the
     # new one; so are the manifests of its parts that failed, which run again: the whole job is
     # combined only once they have.
@@ -202,10 +203,10 @@ def _dispatch(job: Job, store: Store, publisher: Publisher | None, dispatcher: P
     for data, attributes in fanout.part_messages(job, n):
         dispatcher.publish(data, attributes)
     log.info(
-        "job %s: %d input file(s), %d bytes, published as %d parts; the last to finish writes %s",
-        job.job_id, len(inputs), sum(f.size for f in inputs), n, job.manifest_uri,
+        "job %s: %d input file(s) published as %d parts; the last to finish writes %s",
+        job.job_id, files, n, job.manifest_uri,
     )  # fmt: skip
-    dispatched = {"job_id": job.job_id, "status": STATUS_DISPATCHED, "parts": n, "files": len(inputs)}
+    dispatched = {"job_id": job.job_id, "status": STATUS_DISPATCHED, "parts": n, "files": files}
     return Outcome(
         {**dispatched, "input": str(job.input), "output": str(job.output), "manifest": str(job.manifest_uri)}
     )
@@ -296,7 +297,7 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
         inputs = store.list_inputs(job.input, exclude=job.output)
         _check_no_overwrite(job, inputs)
         if job.options.part is not None:
-            inputs = fanout.share(inputs, *job.options.part)
+            inputs = fanout.part_files(job, store, inputs)
         timings["list_inputs_s"] = time.perf_counter() - t
         log.info("job %s: %d input file(s), %d bytes", job.job_id, len(inputs), sum(f.size for f in inputs))
 

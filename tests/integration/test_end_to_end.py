@@ -72,6 +72,8 @@ def test_a_job_run_as_parts_comes_back_through_the_jobs_topic_and_completes_once
     assert all(close_to(line["prediction"], want) for line, want in zip(lines, expected, strict=True))
     stored = json.loads(storage_client.bucket(bucket).blob("parts-out/_manifest.json").download_as_bytes())
     assert stored == manifest
+    shares = json.loads(storage_client.bucket(bucket).blob("parts-out/_parts/files-of-3.json").download_as_bytes())
+    assert sorted(rel for share in shares["shares"] for rel in share) == [f"{n}.jsonl" for n in cuts]
     assert topo.no_more_completions() == []
 
 

@@ -973,6 +973,63 @@ def test_a_job_run_as_parts_shares_its_files_and_the_last_part_completes_it():
     assert again == [] and len(pub.messages) == 1
 
 
+def test_the_parts_predict_the_files_shared_at_dispatch_whatever_the_input_holds_when_they_run(
+    caplog: pytest.LogCaptureFixture,
+):
+    """The dispatch keeps each part's files: a file added to the input after it (which would move
+    the shares) is in no part, and no file is predicted by two parts or by none; a file deleted
+    after it is left out by its part, which says so. Sent again, the job keeps those shares."""
+    sizes = {"a": 5, "b": 1, "c": 3, "d": 2}  # lines per file (19, 3, 11 and 7 bytes): parts a and b+c+d
+    store = FakeStore({f"bkt/in/{n}.jsonl": b"\n".join(b"[%d]" % k for k in range(c)) for n, c in sizes.items()})
+    parts, pub, outcome = _parts_of(store, {"parts": 2})
+    assert outcome.manifest["files"] == 4
+    assert json.loads(store.objects["bkt/out/_parts/files-of-2.json"]) == {
+        "job_id": "big",
+        "input": "gs://bkt/in/",
+        "shares": [["a.jsonl"], ["b.jsonl", "c.jsonl", "d.jsonl"]],
+    }
+    assert _run_part(store, parts[0], pub).manifest["totals"]["instances"] == 5
+    # A large file added: shared now, it would go to part 1 and a.jsonl to part 2 (a second time).
+    store.objects["bkt/in/e.jsonl"] = b"\n".join(b"[%d]" % k for k in range(10))
+    now = pipeline.fanout.share(store.list_inputs(GcsUri("bkt", "in/")), 2, 2)
+    assert [f.rel for f in now] == ["a.jsonl", "b.jsonl", "c.jsonl", "d.jsonl"]
+    del store.objects["bkt/in/d.jsonl"]
+    with caplog.at_level(logging.WARNING, logger="worker.fanout"):
+        done = _run_part(store, parts[1], pub)
+    assert [f["input"] for f in done.manifest["files"]] == ["gs://bkt/in/b.jsonl", "gs://bkt/in/c.jsonl"]
+    assert "big/part-2-of-2: 1 of its 3 files were deleted after the job was dispatched (d.jsonl)" in caplog.text
+    [(manifest, attrs)] = pub.messages
+    assert attrs == {"job_id": "big", "status": "SUCCEEDED"}
+    assert [f["input"] for f in manifest["files"]] == [f"gs://bkt/in/{n}.jsonl" for n in "abc"]
+    assert manifest["totals"]["instances"] == 9 and "bkt/out/e.jsonl" not in store.objects
+
+    # Failed, then sent again with the input changed: the parts keep their files.
+    store.write_json(GcsUri("bkt", "out/_manifest.json"), {**manifest, "status": "FAILED"}, job_id="big")
+    store.write_json(GcsUri("bkt", "out/_parts/part-2-of-2.json"), {**done.manifest, "status": "FAILED"}, job_id="x")
+    store.objects["bkt/in/d.jsonl"] = b"[1]"
+    parts, pub, outcome = _parts_of(store, {"parts": 2})
+    assert outcome.manifest["files"] == 4
+    assert _run_part(store, parts[0], pub).skipped
+    done = _run_part(store, parts[1], pub)
+    assert [f["input"] for f in done.manifest["files"]] == [f"gs://bkt/in/{n}.jsonl" for n in "bcd"]
+    [(manifest, _)] = pub.messages
+    assert [f["input"] for f in manifest["files"]] == [f"gs://bkt/in/{n}.jsonl" for n in "abcd"]
+
+
+def test_parts_published_without_kept_shares_share_the_input_as_listed_when_they_run(
+    caplog: pytest.LogCaptureFixture,
+):
+    """Parts of a job dispatched before shares were kept (by an earlier version of the worker)."""
+    store = FakeStore({"bkt/in/a.jsonl": b"[1]\n[2]", "bkt/in/b.jsonl": b"[3]"})
+    parts, pub, _ = _parts_of(store, {"parts": 2})
+    del store.objects["bkt/out/_parts/files-of-2.json"]
+    with caplog.at_level(logging.WARNING, logger="worker.fanout"):
+        assert [len(_run_part(store, part, pub).manifest["files"]) for part in parts] == [1, 1]
+    assert "big/part-1-of-2: no shares kept at _parts/files-of-2.json" in caplog.text
+    [(manifest, attrs)] = pub.messages
+    assert attrs["status"] == "SUCCEEDED" and manifest["totals"]["predictions"] == 3
+
+
 def test_a_job_run_as_parts_fails_when_a_part_fails_or_errors_exceed_the_ratio():
     """A part that fails (an input it cannot read) fails the whole job, its error naming the part;
     max_error_ratio is the whole job's, not each part's: a part of all errors alone does not fail."""
