@@ -55,7 +55,21 @@ def parse(raw: bytes | str) -> tuple[Any, bool]:
             return orjson.loads(raw), True
         except orjson.JSONDecodeError:
             pass
-    return json.loads(raw), False
+    return _unicode(json.loads(raw)), False
+
+
+def _unicode(value: Any) -> Any:
+    """`value`, refused (ValueError) when a string in it holds half of a UTF-16 surrogate pair
+    (`"\\ud800"` with no `\\udc00` after it): `json` reads one, but it is no Unicode text —
+    orjson and TF Serving refuse it, and it cannot be written out as UTF-8."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        half = f"\\u{ord(e.object[e.start]):04x}"
+        raise ValueError(f"a string holds {half}, half of a UTF-16 surrogate pair without the other half") from None
+    except RecursionError:  # deeper than `json` writes: what reads it next says so
+        pass
+    return value
 
 
 def parse_strict(raws: list[bytes]) -> list[Any] | None:

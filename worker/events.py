@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.codec import shown
+from worker.codec import loads, shown
 from worker.errors import InvalidJob
 from worker.jobs import Job, parse_json_object
 
@@ -236,13 +236,13 @@ def job_id_hint(attributes: Mapping[str, Any], data: Any) -> str:
     if isinstance(data, Mapping) and isinstance(data.get("message"), Mapping):
         message = data["message"]
         attrs = message.get("attributes")
-        if isinstance(attrs, Mapping) and isinstance(attrs.get("job_id"), str) and attrs["job_id"]:
+        if isinstance(attrs, Mapping) and _is_text(attrs.get("job_id")):
             return str(attrs["job_id"])
         try:
-            payload = json.loads(_message_data(message.get("data")))
+            payload = loads(_message_data(message.get("data")))
         except (ValueError, InvalidJob):
             payload = None
-        if isinstance(payload, dict) and isinstance(payload.get("job_id"), str) and payload["job_id"]:
+        if isinstance(payload, dict) and _is_text(payload.get("job_id")):
             return str(payload["job_id"])
         msg_id = message.get("messageId") or message.get("message_id")
         if msg_id:
@@ -250,6 +250,14 @@ def job_id_hint(attributes: Mapping[str, Any], data: Any) -> str:
     if isinstance(data, Mapping) and data.get("bucket") and data.get("name"):
         return f"{data['bucket']}/{data['name']}#{data.get('generation', '0')}"
     return str(attributes.get("id") or "unknown")
+
+
+def _is_text(value: Any) -> bool:
+    """A non-empty string that can be written as UTF-8 (a job id to report under)."""
+    try:
+        return isinstance(value, str) and bool(value) and bool(value.encode())
+    except UnicodeEncodeError:
+        return False
 
 
 def describe(trigger: Trigger) -> str:

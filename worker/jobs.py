@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.codec import shown, type_name
+from worker.codec import loads, shown, type_name
 from worker.errors import InvalidJob
 
 # A bucket name as GCS accepts it (3-222 chars of lowercase letters, digits, -, _ and .).
@@ -47,6 +47,7 @@ class GcsUri:
                 f"{what} {shown(value)} is not a gs:// URI — write it as gs://BUCKET/PATH "
                 "(only Cloud Storage locations are supported)"
             )
+        _check_text(value, what)
         rest = value[len("gs://") :]
         bucket, _, path = rest.partition("/")
         if not _BUCKET_RE.match(bucket):
@@ -200,6 +201,7 @@ class Job:
         job_id = raw.get("job_id") or default_job_id
         if not isinstance(job_id, str) or not job_id.strip():
             raise InvalidJob(f"job_id must be a non-empty string, got {shown(job_id)}")
+        _check_text(job_id, "job_id")
         options = raw.get("options")
         if isinstance(options, str):
             # Message attributes are strings: options arrive as JSON text there.
@@ -245,10 +247,19 @@ def shares_path(n: int) -> str:
     return f"{PARTS_FOLDER}files-of-{n}.json"
 
 
+def _check_text(value: str, what: str) -> None:
+    """Refuse a string holding half of a UTF-16 surrogate pair (only a hand-made request carries
+    one: Pub/Sub and Cloud Storage take UTF-8 alone): it cannot name an object or go into one."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # `json.dumps` escapes it for the message
+        raise InvalidJob(f"{what} {json.dumps(value)} holds half of a UTF-16 surrogate pair: it is not text") from None
+
+
 def parse_json_object(text: str | bytes, *, what: str) -> dict[str, Any]:
     """Decode JSON that must be an object, with an error that says where it went wrong."""
     try:
-        value = json.loads(text)
+        value = loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidJob(f"{what} is not valid JSON ({e}); send a JSON object") from e
     if not isinstance(value, dict):

@@ -116,6 +116,7 @@ def test_bad_lines_become_error_lines(worker_service, storage_client, bucket, mo
     lines.insert(3, '{"not json"')  # malformed
     lines.insert(6, json.dumps([1.0, 2.0, 3.0]))  # wrong shape
     lines.insert(8, "")  # blank: skipped
+    lines.append(r'["\ud800", 1]')  # half of a surrogate pair: json reads it, but it is not text
     write_lines(storage_client, f"gs://{bucket}/in.jsonl", lines)
     topo.publish_job(
         {
@@ -127,13 +128,13 @@ def test_bad_lines_become_error_lines(worker_service, storage_client, bucket, mo
     )
     [(manifest, attrs)] = topo.completions(1)
     assert attrs == {"job_id": "bad-lines", "status": "PARTIALLY_SUCCEEDED"}
-    assert manifest["totals"] == {"lines": 13, "instances": 12, "predictions": 10, "errors": 2, "skipped": 1}
+    assert manifest["totals"] == {"lines": 14, "instances": 13, "predictions": 10, "errors": 3, "skipped": 1}
     first = {"line": 4, "message": "line 4 is not valid JSON: Expecting ':' delimiter: line 1 column 12 (char 11)"}
     assert manifest["files"][0]["first_error"] == first
     assert manifest["first_error"] == {"input": f"gs://{bucket}/in.jsonl", **first}
 
     out = read_lines(storage_client, f"gs://{bucket}/out/in.jsonl")
-    assert len(out) == 12
+    assert len(out) == 13
     assert out[3] == {
         "instance": '{"not json"',
         "error": {
@@ -144,6 +145,14 @@ def test_bad_lines_become_error_lines(worker_service, storage_client, bucket, mo
     assert out[6] == {
         "instance": [1.0, 2.0, 3.0],
         "error": {"status": "INVALID_ARGUMENT", "message": "input 'x' expects instances of shape [16], got [3]"},
+    }
+    assert out[12] == {
+        "instance": r'["\ud800", 1]',
+        "error": {
+            "status": "INVALID_ARGUMENT",
+            "message": r"line 14 is not valid JSON: a string holds \ud800, half of a UTF-16 surrogate pair without "
+            "the other half",
+        },
     }
     predicted = [line for line in out if "prediction" in line]
     assert [line["instance"] for line in predicted] == good

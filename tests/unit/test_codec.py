@@ -62,6 +62,22 @@ def test_non_utf8_and_bom_fall_back_or_fail_like_json():
         codec.parse(b'["\xff"]')
 
 
+def test_half_a_surrogate_pair_is_not_text():
+    """`json` reads `"\\ud800"` alone (orjson and TF Serving do not) into a string that cannot be
+    written as UTF-8: parse refuses it, however the line reaches `json`; a whole pair is text."""
+    assert codec.parse(rb'["\ud83d\ude00"]') == (["\U0001f600"], True)
+    for text in (
+        rb'["\ud800"]',
+        rb'{"a": {"b": "x\udfffy"}}',
+        rb'[12345678901234567890, "\ud800"]',  # read by json alone: 19 digits
+        rb'[NaN, "\ud800"]',
+        '["\\ud800"]'.encode("utf-16"),
+        b'\xff\xfe"\x00\x00\xd8"\x00',  # UTF-16 text holding the half itself
+    ):
+        with pytest.raises(ValueError, match=r"a string holds \\ud[8f]\w\w, half of a UTF-16 surrogate pair"):
+            codec.parse(text)
+
+
 def test_a_real_null_stays_null_and_nan_becomes_a_string():
     assert codec.dumps({"a": None, "b": [float("nan"), float("-inf")]}) == b'{"a":null,"b":["NaN","-Infinity"]}'
 

@@ -62,6 +62,7 @@ def test_bucket_notification_over_pubsub():
         (b"[1, 2]", "must be a JSON object"),
         (b"{bad", "is not valid JSON"),
         (json.dumps({**JOB, "extra": 1}).encode(), "unknown job field(s) 'extra'"),
+        (json.dumps({**JOB, "job_id": "a\ud800"}).encode(), "not valid JSON (a string holds \\\\ud800, half of a"),
     ],
 )
 def test_malformed_job_messages(data, message):
@@ -73,6 +74,16 @@ def test_job_id_hint_prefers_the_messages_own_job_id():
     data = _pubsub(json.dumps({"job_id": "mine", "input": 3}).encode())
     assert events.job_id_hint(CE_PUBSUB, data) == "mine"
     assert events.job_id_hint(CE_PUBSUB, _pubsub(b"{bad")) == "42"
+
+
+def test_a_hand_made_request_with_half_a_surrogate_pair_is_refused_and_reported_under_the_message_id():
+    """Pub/Sub takes UTF-8 alone, but a request posted by hand may carry `"\\udc00"` in an attribute."""
+    for key in ("job_id", "input"):
+        attrs = {**JOB, key: JOB.get(key, "") + "\udc00"}
+        with pytest.raises(errors.InvalidJob, match=rf"^{key} \S+ holds half of a UTF-16 surrogate pair"):
+            events.from_cloud_event(CE_PUBSUB, _pubsub(None, attrs))
+    assert events.job_id_hint(CE_PUBSUB, _pubsub(None, {"job_id": "\udc00"})) == "42"
+    assert events.job_id_hint(CE_PUBSUB, _pubsub(rb'{"job_id": "\udc00"}')) == "42"
 
 
 def test_http_query():
