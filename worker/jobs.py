@@ -237,6 +237,19 @@ class Job:
         }
 
 
+# Where `gcloud storage cp` and `gsutil cp` put the parts of a parallel composite upload (a file
+# of 150 MB or more): objects of their own, composed into the file and then deleted, or left
+# behind when the upload was interrupted. Never an input.
+_COMPOSITE_PARTS = ("gcloud/tmp/parallel_composite_uploads/", "gsutil/tmp/parallel_composite_uploads/")
+
+
+def is_upload_part(name: str) -> bool:
+    """Whether an object is a temporary part of a parallel composite upload, by its name:
+    `gcloud/tmp/parallel_composite_uploads/…` (gcloud, at the bucket's root by default) or
+    `<random id>/gsutil/tmp/parallel_composite_uploads/…` (gsutil), with any prefix before it."""
+    return any("/" + part in "/" + name for part in _COMPOSITE_PARTS)
+
+
 def part_manifest_path(k: int, n: int) -> str:
     """Where part k of n writes its manifest, under the job's output prefix."""
     return f"{PARTS_FOLDER}part-{k}-of-{n}.json"

@@ -16,7 +16,7 @@ from typing import Any
 
 from worker import errors, events, logs
 from worker.config import Settings
-from worker.jobs import MANIFEST_NAME, STATUS_FAILED, GcsUri, Job, failure, parse_json_object
+from worker.jobs import MANIFEST_NAME, STATUS_FAILED, GcsUri, Job, failure, is_upload_part, parse_json_object
 from worker.notify import PubSubPublisher
 from worker.pipeline import Limits, ModelHandle, Outcome, ProgressFn, Publisher, give_up_part, run
 from worker.serving import LoadedModel, ServingStats
@@ -214,6 +214,9 @@ class Runtime:
                 log.info("ignoring %s: under the output prefix %s", uri, out)
                 return None
         if obj.name.endswith("/"):
+            return None
+        if is_upload_part(obj.name):
+            log.info("ignoring %s: a part of a parallel composite upload, not a file", uri)
             return None
         if obj.name.endswith(JOB_FILE_SUFFIX):
             raw = parse_json_object(self.store.read_bytes(GcsUri(obj.bucket, obj.name)), what=f"job file {uri}")

@@ -35,7 +35,7 @@ from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from worker.errors import Conflict, InvalidJob, ModelError, NotFound, PermanentError, TransientError
-from worker.jobs import GcsUri
+from worker.jobs import GcsUri, is_upload_part
 from worker.media import TIMEOUTS_S, DataCorrupted, MediaTransport
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class GcsStore:
             files = []
             for blob in self._client.list_blobs(input_uri.bucket, prefix=input_uri.path):
                 name: str = blob.name
-                if name.endswith("/"):
+                if name.endswith("/") or is_upload_part(name):
                     continue
                 if exclude and exclude.bucket == input_uri.bucket and name.startswith(exclude.path):
                     continue

@@ -43,7 +43,10 @@ def _put(client, bucket, name, data=b"x\n"):
 
 
 def test_single_object_is_exact_and_prefix_skips_output(store, storage_client, bucket):
-    for name in ("in/a.json", "in/a.json.bak", "in/sub/b.json", "in/out/old.json", "in/dir/"):
+    # With the parts an interrupted `gcloud storage cp` and `gsutil cp` of a large file leave behind.
+    gcloud = "in/gcloud/tmp/parallel_composite_uploads/see_gcloud_storage_cp_help_for_details/6f1e_0"
+    gsutil = "in/42/gsutil/tmp/parallel_composite_uploads/for_details_see/gsutil_help_cp/9a7c"
+    for name in ("in/a.json", "in/a.json.bak", "in/sub/b.json", "in/out/old.json", "in/dir/", gcloud, gsutil):
         _put(storage_client, bucket, name)
     [one] = store.list_inputs(GcsUri(bucket, "in/a.json"))
     assert (one.uri.path, one.rel) == ("in/a.json", "a.json")

@@ -38,6 +38,17 @@ def test_objects_outside_the_input_prefix_or_written_by_the_worker_start_nothing
     assert rt.job_for_object(_obj("in/sub/")) is None
 
 
+def test_the_parts_of_a_parallel_composite_upload_start_nothing():
+    """`gcloud storage cp` and `gsutil cp` upload a large file as part objects, then compose them."""
+    rt = _runtime(default_model="gs://mdl/model/", default_output="gs://res/out/")
+    gcloud = "gcloud/tmp/parallel_composite_uploads/see_gcloud_storage_cp_help_for_details/6f1e_3"
+    gsutil = "1234/gsutil/tmp/parallel_composite_uploads/for_details_see/gsutil_help_cp/9a7c"
+    for name in (gcloud, gsutil, "in/" + gcloud):
+        assert rt.job_for_object(_obj(name)) is None, name
+    for name in ("in/gcloud.jsonl", "in/mygcloud/tmp/parallel_composite_uploads/x.jsonl"):
+        assert rt.job_for_object(_obj(name)) is not None, name
+
+
 def test_without_an_input_prefix_the_whole_name_is_mirrored():
     rt = _runtime(default_model="gs://mdl/model/", default_output="gs://res/out/")
     job = rt.job_for_object(_obj("x/y.jsonl"))
