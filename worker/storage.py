@@ -148,6 +148,25 @@ def _bucket_missing(bucket: Any) -> bool:
         return False
 
 
+# Model files of other formats, by what their names end with: what each is, and what to do.
+_OTHER_FORMATS = {
+    (".keras", ".h5", ".hdf5"): ("a Keras model file", "export a SavedModel with Keras 3's `model.export(folder)`"),
+    (".tflite",): ("a TensorFlow Lite model", "save the model it was converted from with `tf.saved_model.save`"),
+    (".onnx",): ("an ONNX model", "convert it to a SavedModel (onnx-tf, say)"),
+    (".pt", ".pth", ".pkl", ".joblib"): ("not a TensorFlow model", "this worker serves TensorFlow SavedModels"),
+    (".zip", ".tar", ".tar.gz", ".tgz"): ("an archive", "unpack it into the bucket"),
+}
+
+
+def _not_saved_model(name: str) -> str:
+    """What a model object named `name` is when its format is not a SavedModel's, and what to do
+    ("; m.keras is a Keras model file, not a SavedModel: export …"); "" for other names."""
+    for suffixes, (what, advice) in _OTHER_FORMATS.items():
+        if name.lower().endswith(suffixes):
+            return f"; {posixpath.basename(name)} is {what}, not a SavedModel: {advice}"
+    return ""
+
+
 def _no_bucket(bucket: Any) -> str:
     return f"bucket {bucket.name} does not exist — check the bucket name in the URI"
 
@@ -395,8 +414,14 @@ class GcsStore:
         if leaf in SAVED_MODEL_FILES:
             base = GcsUri(base.bucket, base.path[: -len(leaf)])
         base = base.as_prefix()
-        with translate_errors(f"reading model {model}", self._client.bucket(base.bucket)):
+        bucket = self._client.bucket(base.bucket)
+        with translate_errors(f"reading model {model}", bucket):
             blobs = list(self._client.list_blobs(base.bucket, prefix=base.path))
+            if not blobs and not model.is_prefix and bucket.get_blob(model.path) is not None:
+                raise ModelError(
+                    f"model {model} is one object, not a folder{_not_saved_model(model.path)} — point `model` at "
+                    "the folder that holds saved_model.pb and variables/"
+                )
         if not blobs:
             raise NotFound(f"model {model} does not exist: no object under {base} — check the path")
         rel_names = {b.name[len(base.path) :]: b for b in blobs}
@@ -411,8 +436,17 @@ class GcsStore:
             }
         )
         if not versions:
+            found = {posixpath.dirname(rel) + "/" for rel in rel_names if posixpath.basename(rel) in SAVED_MODEL_FILES}
+            if found:
+                deeper = sorted(found)
+                where = ", ".join(str(base.child(d)) for d in deeper[:3]) + (", …" if len(deeper) > 3 else "")
+                raise ModelError(
+                    f"model {model} has no saved_model.pb, nor numeric version folders holding one; there is one "
+                    f"deeper, in {where} — point `model` at that folder (or at the folder of its numeric versions)"
+                )
+            hint = next(filter(None, map(_not_saved_model, sorted(rel_names))), "")
             raise ModelError(
-                f"model {model} has no saved_model.pb — point `model` at the version folder that "
+                f"model {model} has no saved_model.pb{hint} — point `model` at the version folder that "
                 "holds saved_model.pb and variables/, or at its parent holding numeric version folders"
             )
         version = versions[-1]

@@ -250,6 +250,32 @@ def test_model_versions_highest_wins(store, storage_client, bucket, model_dirs, 
     assert again.path == local.path  # unchanged model: reused, not downloaded again
 
 
+def test_a_model_path_without_a_saved_model_says_what_it_holds_instead(store, storage_client, bucket):
+    """The slips of a first deployment: the model's bucket folder above the exported version (the
+    seed's `mymodel/export/exporter/1546446862/`), a Keras file, an archive of the SavedModel."""
+    for name in ("mymodel/export/exporter/1546446862/saved_model.pb", "mymodel/export/exporter/1546446862/"
+                 "variables/variables.index", "keras/churn.keras", "keras/notes.txt", "zip/model.zip"):  # fmt: skip
+        _put(storage_client, bucket, name)
+    cases = {
+        "mymodel/": "model gs://{b}/mymodel/ has no saved_model.pb, nor numeric version folders holding one; there "
+        "is one deeper, in gs://{b}/mymodel/export/exporter/1546446862/ — point `model` at that folder (or at the "
+        "folder of its numeric versions)",
+        "keras/": "model gs://{b}/keras/ has no saved_model.pb; churn.keras is a Keras model file, not a SavedModel: "
+        "export a SavedModel with Keras 3's `model.export(folder)` — point `model` at the version folder that "
+        "holds saved_model.pb and variables/, or at its parent holding numeric version folders",
+        "keras/churn.keras": "model gs://{b}/keras/churn.keras is one object, not a folder; churn.keras is a Keras "
+        "model file, not a SavedModel: export a SavedModel with Keras 3's `model.export(folder)` — point "
+        "`model` at the folder that holds saved_model.pb and variables/",
+        "zip/model.zip": "model gs://{b}/zip/model.zip is one object, not a folder; model.zip is an archive, not a "
+        "SavedModel: unpack it into the bucket — point `model` at the folder that holds "
+        "saved_model.pb and variables/",
+    }
+    for path, message in cases.items():
+        with pytest.raises(errors.ModelError) as raised:
+            store.resolve_model(GcsUri(bucket, path))
+        assert str(raised.value) == message.format(b=bucket)
+
+
 def test_model_names_cannot_escape(tmp_path):
     with pytest.raises(errors.ModelError, match="would escape"):
         _safe_join(str(tmp_path), "../../etc/passwd")
