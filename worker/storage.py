@@ -721,11 +721,46 @@ _BYTE_ORDER_MARKS = (
 )
 
 
+# Files of other formats, by how they begin, none of which a line of JSON can begin as.
+_EXPORT_JSON = "write the instances as JSON lines (newline-delimited JSON), one per line"
+_OTHER_FILES = (
+    (b"PAR1\x15", "a Parquet file", f"{_EXPORT_JSON} (BigQuery: --destination_format=NEWLINE_DELIMITED_JSON)"),
+    (b"Obj\x01", "an Avro file", f"{_EXPORT_JSON} (BigQuery: --destination_format=NEWLINE_DELIMITED_JSON)"),
+    (b"PK\x03\x04", "a zip archive", "unzip it and upload the files inside"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it, or compress it with gzip, which the worker reads"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it, or compress it with gzip, which the worker reads"),
+    (b"\x93NUMPY", "a NumPy array file", _EXPORT_JSON),
+)
+
+
+def _other_format(first: bytes) -> tuple[str, str] | None:
+    """What a file that begins with `first` is, when that is a format of its own, and what to do."""
+    for magic, what, advice in _OTHER_FILES:
+        if first.startswith(magic):
+            return what, advice
+    if first.startswith(b"BZh") and first[4:10] == b"1AY&SY":
+        return "bzip2-compressed", "decompress it, or compress it with gzip, which the worker reads"
+    # A TFRecord file begins with a record's length (8 bytes) and their masked CRC32C (4 bytes).
+    if len(first) >= 12:
+        crc = google_crc32c.value(first[:8])
+        if (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF == int.from_bytes(first[8:12], "little"):
+            return "a TFRecord file", (
+                f"{_EXPORT_JSON}: each tf.Example's features as an object of {{name: value}}, or, for a model "
+                'that parses serialized tf.Example protos, each record as {"b64": "<the record, base64>"}'
+            )
+    return None
+
+
 def _as_utf8(chunks: Iterator[bytes], uri: GcsUri) -> Iterator[bytes]:
     """The chunks as they are; or, when the first begins with a byte order mark, their text as
     UTF-8 without it: a file saved as UTF-16 (Windows PowerShell's `>` and `Out-File` write it)
-    has a NUL byte beside every character, and a UTF-8 one's mark would stay on its first line."""
+    has a NUL byte beside every character, and a UTF-8 one's mark would stay on its first line.
+    A file of another format (Parquet, TFRecord, …) fails its job, saying so, before a line of it
+    becomes an error line."""
     first = next(chunks, b"")
+    other = _other_format(first)
+    if other is not None:
+        raise InvalidJob(f"input {uri} is {other[0]}, not JSON lines — {other[1]}")
     encoding = next((name for mark, name in _BYTE_ORDER_MARKS if first.startswith(mark)), None)
     if encoding in (None, "utf-8-sig"):
         rest = first[len(codecs.BOM_UTF8) :] if encoding else first  # UTF-8 already: only its mark goes

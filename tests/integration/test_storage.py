@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import gzip
+import io
 import itertools
+import lzma
 import os
+import zipfile
 from typing import Any
 
+import numpy as np
 import pytest
 
 import worker.storage as storage_mod
@@ -152,6 +157,54 @@ def test_a_gzip_file_stored_as_it_is_is_read_decompressed(store, storage_client,
     blocks = list(store.read_blocks(f))
     assert b"\n".join(line for block in blocks for line in block) + b"\n" == data
     assert max(sum(map(len, block)) + len(block) for block in blocks) <= 2 * 256 * 1024
+
+
+def _tfrecord(tmp_path: Any, compression: str = "") -> bytes:
+    """A TFRecord file of two serialized tf.Example protos, as TensorFlow writes one."""
+    from worker.serving.tf_backend import import_tensorflow
+
+    tf = import_tensorflow()
+    path = str(tmp_path / "data.tfrecord")
+    with tf.io.TFRecordWriter(path, options=compression or None) as writer:
+        for v in (0.5, 1.5):
+            feature = {"x": tf.train.Feature(float_list=tf.train.FloatList(value=[v, v]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _zipped(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("in.jsonl", data)
+    return buf.getvalue()
+
+
+def _npy(rows: list[list[float]]) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array(rows))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (_tfrecord, "a TFRecord file"),
+        (lambda tmp: _tfrecord(tmp, "GZIP"), "a TFRecord file"),  # read through gzip first
+        (lambda tmp: _zipped(b"[1]\n"), "a zip archive"),
+        (lambda tmp: bz2.compress(b"[1]\n" * 9), "bzip2-compressed"),
+        (lambda tmp: lzma.compress(b"[1]\n" * 9), "xz-compressed"),
+        (lambda tmp: _npy([[1.0, 2.0]]), "a NumPy array file"),
+        (lambda tmp: b"PAR1\x15\x04\x15\x10\x15\x14L\x15\x02\x15\x00\x12\x00\x00", "a Parquet file"),
+        (lambda tmp: b"Obj\x01\x04\x14avro.codec\x08null", "an Avro file"),
+    ],
+)
+def test_a_file_of_another_format_fails_its_job_naming_the_format(store, storage_client, bucket, tmp_path, make, what):
+    """Not an error line per record of garbage: the job says what the file is and what to write instead."""
+    _put(storage_client, bucket, "in/data", make(tmp_path))
+    [f] = store.list_inputs(GcsUri(bucket, "in/data"))
+    with pytest.raises(errors.InvalidJob, match=f"^input gs://{bucket}/in/data is {what}, not JSON lines — "):
+        _lines(store, f)
 
 
 @pytest.mark.parametrize(
