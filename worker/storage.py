@@ -234,6 +234,14 @@ class GcsStore:
                 blob = bucket.get_blob(input_uri.path)
                 if blob is None and _bucket_missing(bucket):
                     raise NotFound(f"reading input {input_uri}: {_no_bucket(bucket)}")
+                wildcard = min((i for i in map(input_uri.path.find, "*?[") if i >= 0), default=None)
+                if blob is None and wildcard is not None:
+                    folder = input_uri.path[:wildcard].rpartition("/")[0]
+                    raise NotFound(
+                        f"input {input_uri} does not exist, and wildcards (* ? [) are not expanded — give the "
+                        f"prefix the inputs are under, ending in / ({GcsUri(input_uri.bucket, folder).as_prefix()}, "
+                        "say): every object under it is an input"
+                    )
                 if blob is None:
                     raise NotFound(
                         f"input {input_uri} does not exist — check the object name, or end the URI "

@@ -59,6 +59,19 @@ def test_single_object_is_exact_and_prefix_skips_output(store, storage_client, b
     assert [f.rel for f in files] == ["a.json", "a.json.bak", "sub/b.json"]
 
 
+def test_a_wildcard_input_is_not_expanded_and_the_error_names_the_prefix_to_give(store, storage_client, bucket):
+    _put(storage_client, bucket, "in/a.jsonl")
+    _put(storage_client, bucket, "in/star*.jsonl")  # a name may hold a * of its own: read as it is
+    [f] = store.list_inputs(GcsUri(bucket, "in/star*.jsonl"))
+    assert f.rel == "star*.jsonl"
+    with pytest.raises(errors.NotFound) as raised:
+        store.list_inputs(GcsUri(bucket, "in/*.jsonl"))
+    assert str(raised.value) == (
+        f"input gs://{bucket}/in/*.jsonl does not exist, and wildcards (* ? [) are not expanded — give the prefix "
+        f"the inputs are under, ending in / (gs://{bucket}/in/, say): every object under it is an input"
+    )
+
+
 def _lines(store: GcsStore, f: Any) -> list[bytes]:
     return [line for block in store.read_blocks(f) for line in block]
 
