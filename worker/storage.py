@@ -126,9 +126,7 @@ def translate_errors(what: str, bucket: Any = None) -> Iterator[None]:
             raise NotFound(f"{what}: {_no_bucket(bucket)}") from e
         raise NotFound(f"{what}: not found ({e.message})") from e
     except gexc.Forbidden as e:
-        raise PermanentError(
-            f"{what}: permission denied ({e.message}) — grant the worker's service account access to the bucket"
-        ) from e
+        raise PermanentError(f"{what}: permission denied ({e.message}) — {_grant(e.message, bucket)}") from e
     except gexc.Unauthorized as e:
         raise PermanentError(f"{what}: unauthorized ({e.message})") from e
     except (gexc.ServerError, gexc.TooManyRequests, gexc.RetryError) as e:
@@ -137,6 +135,27 @@ def translate_errors(what: str, bucket: Any = None) -> Iterator[None]:
         raise TransientError(f"{what}: {e}; the job will be retried") from e
     except _UNREACHABLE as e:
         raise TransientError(f"{what}: cannot reach Cloud Storage ({e})") from e
+
+
+# The predefined role that holds a Cloud Storage permission a 403 names, the least that does.
+_ROLES = {
+    "storage.objects.get": "roles/storage.objectViewer",
+    "storage.objects.list": "roles/storage.objectViewer",
+    "storage.objects.create": "roles/storage.objectUser",
+    "storage.objects.delete": "roles/storage.objectUser",
+    "storage.objects.update": "roles/storage.objectUser",
+}
+
+
+def _grant(message: str, bucket: Any) -> str:
+    """What to grant after a 403 whose `message` names the missing permission, as Cloud Storage's
+    do ("… does not have storage.objects.create access to … Permission 'storage.objects.create'
+    denied …")."""
+    where = f" on gs://{bucket.name}" if bucket is not None else " on the bucket"
+    for permission, role in _ROLES.items():
+        if permission in message:
+            return f"grant the worker's service account {role}{where}: it lacks {permission}"
+    return f"grant the worker's service account access{where}"
 
 
 def _bucket_missing(bucket: Any) -> bool:

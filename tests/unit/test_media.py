@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,10 @@ from google.auth.transport.requests import AuthorizedSession
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 import worker.media as media_mod
+from worker import errors
+from worker.jobs import GcsUri
 from worker.media import MediaTransport
+from worker.storage import GcsStore
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -124,6 +128,35 @@ def test_other_answers_raise_the_matching_error_with_cloud_storages_message_and_
     with pytest.raises(error, match="No such object: bkt/o"):
         media.read(media.download_url("bkt", "o", None), 0, 1)
     assert len(server.seen) == 1
+
+
+def _forbidden(permission: str) -> tuple[int, dict[str, str], bytes]:
+    """Cloud Storage's 403, as it words one."""
+    message = (
+        f"worker@p.iam.gserviceaccount.com does not have {permission} access to the Google Cloud Storage object. "
+        f"Permission '{permission}' denied on resource (or it may not exist)."
+    )
+    body = json.dumps({"error": {"code": 403, "message": message, "errors": [{"message": message}]}})
+    return 403, {"Content-Type": "application/json"}, body.encode()
+
+
+def test_a_403_says_which_role_to_grant_on_which_bucket(server, monkeypatch):
+    """The first deployment's usual failure, reading a model or input bucket or writing an output one."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
+    store = GcsStore.from_environment("p")
+    server.answers = [_forbidden("storage.objects.list")]
+    with pytest.raises(errors.PermanentError) as raised:
+        store.list_inputs(GcsUri("data", "in/"))
+    assert str(raised.value).endswith(
+        "— grant the worker's service account roles/storage.objectViewer on gs://data: it lacks storage.objects.list"
+    )
+    server.answers = [_forbidden("storage.objects.create")]
+    with pytest.raises(errors.PermanentError) as raised:
+        store.write_json(GcsUri("out", "o/_manifest.json"), {}, job_id="j")
+    assert str(raised.value).startswith("writing gs://out/o/_manifest.json: permission denied (")
+    assert str(raised.value).endswith(
+        "— grant the worker's service account roles/storage.objectUser on gs://out: it lacks storage.objects.create"
+    )
 
 
 def test_an_upload_is_one_multipart_request_with_the_objects_resource_and_bytes(transport, server):
