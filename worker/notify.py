@@ -40,6 +40,11 @@ class PubSubPublisher:
             message_id = future.result(timeout=PUBLISH_TIMEOUT_S)
         except gexc.NotFound as e:
             raise TransientError(f"topic {self.topic_path} does not exist — create it or fix {self._var}") from e
+        except gexc.PermissionDenied as e:  # transient: once granted, the redelivered event publishes
+            raise TransientError(
+                f"publishing to {self.topic_path} was refused ({e.message}) — grant the worker's service account "
+                f"roles/pubsub.publisher on that topic"
+            ) from e
         except (gexc.GoogleAPIError, TimeoutError, OSError) as e:
             raise TransientError(f"publishing to {self.topic_path} failed: {e}") from e
         log.info("published %s %s to %s", self._what, message_id, self.topic_path)
