@@ -266,12 +266,23 @@ def test_a_file_all_of_a_shape_or_type_the_model_does_not_take_costs_one_call_pe
         'this model takes one input, \'x\': an instance that is an object must be {"x": …} (or {"b64": …} for bytes)'
     )
     cases["misnamed"] = ([{"features": i} for i in instances], f"{keyed}, got one with keys ['features']")
+    # An id beside the input(s): what to set to keep it out of the model.
+    hint = "'id' is not an input — name it in options.key_field to write it as each line's key, or leave it out "
+    hint += "with options.excluded_fields"
+    cases["with_id"] = (
+        [{"id": k, "x": i} for k, i in enumerate(instances)],
+        f"{keyed}, got one with keys ['id', 'x']: {hint}",
+    )
+    cases["with_ids"] = (
+        [{"id": k, "a": [1.0, 2.0, 3.0, 4.0], "b": 2.0} for k in range(300)],
+        f"{named}, got ['a', 'b', 'id']: {hint}",
+    )
     # Numbers for a model of text (token ids where it takes raw strings).
     cases["ids"] = (
         [i[0] * 100 for i in instances],
         "input 'text' expects strings (or {\"b64\": …} for bytes), got values of JSON type number",
     )
-    model = {"unnamed": "two_io", "ids": "strings"}
+    model = {"unnamed": "two_io", "ids": "strings", "with_ids": "two_io"}
     for case, (wrong, message) in cases.items():
         write_lines(storage_client, f"gs://{bucket}/{case}/in.jsonl", [json.dumps(i) for i in wrong])
         for serving in ("tensorflow", "tfserving"):

@@ -182,7 +182,31 @@ def named_inputs_refusal(names: list[str], instance: Any) -> str | None:
     if isinstance(instance, dict) and instance.keys() == set(names):
         return None
     got = sorted(instance) if isinstance(instance, dict) else json_type([instance])
-    return f"this model takes named inputs {names}: each instance must be an object with exactly those keys, got {got}"
+    return (
+        f"this model takes named inputs {names}: each instance must be an object with exactly those keys, "
+        f"got {got}{keys_hint(names, instance)}"
+    )
+
+
+def one_input_refusal(name: str, instance: dict[str, Any]) -> str:
+    """Why an object instance is refused by a signature of the one input `name` (when it is not
+    `{name: value}`, nor bytes)."""
+    return (
+        f'this model takes one input, {name!r}: an instance that is an object must be {{"{name}": …}} '
+        f'(or {{"b64": …}} for bytes), got one with keys {sorted(instance)}{keys_hint([name], instance)}'
+    )
+
+
+def keys_hint(names: list[str], instance: Any) -> str:
+    """What to do about an object instance's keys that are not the model's inputs (an id beside the
+    features, say), when it holds every input; "" otherwise."""
+    if not isinstance(instance, dict) or not set(names) <= instance.keys():
+        return ""
+    extra = sorted(set(instance) - set(names))
+    return (
+        f": {', '.join(map(repr, extra))} {'is not an input' if len(extra) == 1 else 'are not inputs'} — "
+        "name it in options.key_field to write it as each line's key, or leave it out with options.excluded_fields"
+    )
 
 
 def not_numbers(values: list[Any]) -> set[str]:

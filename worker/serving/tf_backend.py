@@ -35,7 +35,14 @@ from worker.serving import (
     strings_refusal,
     values_per_instance,
 )
-from worker.serving.jsonvalues import decode_strings, leaf_types, named_inputs_refusal, not_strings, rows_from_array
+from worker.serving.jsonvalues import (
+    decode_strings,
+    leaf_types,
+    named_inputs_refusal,
+    not_strings,
+    one_input_refusal,
+    rows_from_array,
+)
 
 log = logging.getLogger(__name__)
 _import_lock = threading.Lock()
@@ -260,8 +267,7 @@ class TensorFlowSignature:
                 named = next((v for v in values if isinstance(v, dict) and set(v) != {"b64"}), None)
                 if named is not None:  # not the input's name, nor bytes
                     raise BatchRejected(
-                        f'this model takes one input, {name!r}: an instance that is an object must be {{"{name}": …}} '
-                        f'(or {{"b64": …}} for bytes), got one with keys {sorted(named)}',
+                        one_input_refusal(name, named),
                         # Each alone is refused just the same when all are objects of these keys.
                         each=all(isinstance(v, dict) and v.keys() == named.keys() for v in values),
                     )

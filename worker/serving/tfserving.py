@@ -54,7 +54,13 @@ from worker.serving import (
     strings_refusal,
     values_per_instance,
 )
-from worker.serving.jsonvalues import invalid_text_as_b64, named_inputs_refusal, not_numbers, not_strings
+from worker.serving.jsonvalues import (
+    invalid_text_as_b64,
+    named_inputs_refusal,
+    not_numbers,
+    not_strings,
+    one_input_refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -437,6 +443,10 @@ class RestPredictor:
             if refusals != {None}:
                 # All alike without the inputs' names (lists, say): that; a mix: the server's messages.
                 return refusals.pop() if len(refusals) == 1 else None
+        elif all(isinstance(i, dict) and len(i) > 1 and names[0] in i for i in instances):
+            # The input beside other keys (an id, say), which the server takes for inputs it lacks.
+            refusals = {one_input_refusal(names[0], i) for i in instances}
+            return refusals.pop() if len(refusals) == 1 else None
         for name in names:
             if len(names) == 1:
                 values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
