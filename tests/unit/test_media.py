@@ -30,6 +30,7 @@ class _Server(http.server.ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.answers: list[tuple[int, dict[str, str], bytes]] = []
+        self.otherwise: tuple[int, dict[str, str], bytes] | None = None  # once `answers` are used up
         self.seen: list[tuple[str, str, Any, bytes]] = []
 
 
@@ -39,7 +40,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _answer(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.server.seen.append((self.command, self.path, self.headers, body))  # headers: case-insensitive
-        status, headers, data = self.server.answers.pop(0)
+        status, headers, data = self.server.answers.pop(0) if self.server.answers else self.server.otherwise or ()
         self.send_response(status)
         for k, v in {**headers, "Content-Length": str(len(data))}.items():
             self.send_header(k, v)
@@ -141,16 +142,18 @@ def _forbidden(permission: str) -> tuple[int, dict[str, str], bytes]:
 
 
 def test_a_403_says_which_role_to_grant_on_which_bucket(server, monkeypatch):
-    """The first deployment's usual failure, reading a model or input bucket or writing an output one."""
+    """The first deployment's usual failure, reading a model or input bucket or writing an output one.
+    Every request is refused alike (the client library also reads a bucket's metadata in the
+    background, in a request of its own)."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
     store = GcsStore.from_environment("p")
-    server.answers = [_forbidden("storage.objects.list")]
+    server.otherwise = _forbidden("storage.objects.list")
     with pytest.raises(errors.PermanentError) as raised:
         store.list_inputs(GcsUri("data", "in/"))
     assert str(raised.value).endswith(
         "— grant the worker's service account roles/storage.objectViewer on gs://data: it lacks storage.objects.list"
     )
-    server.answers = [_forbidden("storage.objects.create")]
+    server.otherwise = _forbidden("storage.objects.create")
     with pytest.raises(errors.PermanentError) as raised:
         store.write_json(GcsUri("out", "o/_manifest.json"), {}, job_id="j")
     assert str(raised.value).startswith("writing gs://out/o/_manifest.json: permission denied (")
