@@ -203,9 +203,11 @@ def keys_hint(names: list[str], instance: Any) -> str:
     if not isinstance(instance, dict) or not set(names) <= instance.keys():
         return ""
     extra = sorted(set(instance) - set(names))
+    one = len(extra) == 1
     return (
-        f": {', '.join(map(repr, extra))} {'is not an input' if len(extra) == 1 else 'are not inputs'} — "
-        "name it in options.key_field to write it as each line's key, or leave it out with options.excluded_fields"
+        f": {', '.join(map(repr, extra))} {'is not an input' if one else 'are not inputs'} — name "
+        f"{'it' if one else 'one'} in options.key_field to write it as each line's key, or leave "
+        f"{'it' if one else 'them'} out with options.excluded_fields"
     )
 
 
