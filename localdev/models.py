@@ -13,6 +13,8 @@
   outputs without one row per instance.
 - `inflate` (tests only): data string[?] of zlib-compressed bytes → `size` int32[?], failing with
   DATA_LOSS (TF Serving: HTTP 500) on bytes that are not.
+- `parse_example` (tests only): examples string[?] of serialized tf.Example protos → `y`
+  float32[?], the sum of feature x (2 floats): a model that refuses made-up values.
 - `typed_output` (tests only): x float32[?,2] → `y`, their sum as the type asked for.
 - `first_byte` (tests only): text string[?] → `first` string[?], its first byte (not valid UTF-8
   alone when the text starts with "é").
@@ -203,6 +205,20 @@ def build_inflate(path: str | Path) -> Path:
             return {"size": tf.strings.length(tf.io.decode_compressed(data, compression_type="ZLIB"))}
 
     return _save(tf, Inflate(), path)
+
+
+def build_parse_example(path: str | Path) -> Path:
+    """examples string[?] of serialized tf.Example protos → `y` float32[?], the sum of their
+    feature x (2 floats), as Estimator-era models take their input: a model that needs real values."""
+    tf = _tf()
+
+    class ParseExample(tf.Module):  # type: ignore[misc]
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+        def serve(self, examples: Any) -> Any:
+            features = tf.io.parse_example(examples, {"x": tf.io.FixedLenFeature([2], tf.float32)})
+            return {"y": tf.reduce_sum(features["x"], axis=1)}
+
+    return _save(tf, ParseExample(), path)
 
 
 def build_typed_output(path: str | Path, dtype: str) -> Path:

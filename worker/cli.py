@@ -74,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--options", help='job options as JSON, e.g. \'{"key_field": "id"}\'')
     run.add_argument("--no-publish", action="store_true", help="do not publish a completion message")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    describe = sub.add_parser(
+        "describe",
+        help="print what a model takes and gives, with an example instance line",
+        description=(
+            "Find the model as a job would, download and load it with TensorFlow, and print each "
+            "signature's inputs and outputs (TF Serving's type names; shapes with the batch first, -1 "
+            "for any size), an example instance line for input files, and that example's prediction "
+            "(or why the model refused it: it may need real values)."
+        ),
+    )
+    describe.add_argument(
+        "--model", required=True, help="gs:// SavedModel version folder, or a base path of numeric versions"
+    )
+    describe.add_argument("--signature-name", help="one signature (default: all of them)")
     return parser
 
 
@@ -108,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     logs.setup(settings.log_level)
+    if args.command == "describe":
+        return _describe(args, settings)
     from worker.runtime import Runtime
 
     raw: dict[str, Any] = {"model": args.model, "input": args.input, "output": args.output}
@@ -136,3 +152,23 @@ def main(argv: list[str] | None = None) -> int:
         rt.close()
     print(json.dumps(outcome.manifest, indent=2))
     return EXIT_FAILED if outcome.status == STATUS_FAILED else 0
+
+
+def _describe(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.describe import describe
+    from worker.storage import GcsStore
+
+    try:
+        store = GcsStore.from_environment(settings.project)
+        described = describe(store, args.model, settings.work_dir, args.signature_name)
+    except errors.InvalidJob as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except errors.TransientError as e:
+        print(f"error (transient, try again): {e}", file=sys.stderr)
+        return EXIT_TRANSIENT
+    except errors.PermanentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(described, indent=2))
+    return 0

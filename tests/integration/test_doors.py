@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from localdev import emulators, models
-from tests.conftest import create_topology, read_lines, worker_env, write_lines
+from tests.conftest import close_to, create_topology, read_lines, worker_env, write_lines
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +202,41 @@ def test_unloadable_model_fails_with_tensorflows_reason(gcs_host, storage_client
     assert error["code"] == "FAILED_PRECONDITION"
     assert error["message"].startswith(f"TensorFlow cannot load model gs://{bucket}/bad/1/: ")
     assert len(error["message"]) > len(f"TensorFlow cannot load model gs://{bucket}/bad/1/: ")
+
+
+def test_cli_describes_a_model_with_an_example_line_it_predicts(
+    storage_client, bucket, model_uris, model_dirs, reference, tmp_path, monkeypatch, capsys
+):
+    """What to write in input files, without reading the model's code: `python -m worker describe`."""
+    from worker import cli
+
+    monkeypatch.setenv("WORKER_WORK_DIR", str(tmp_path))
+    assert cli.main(["describe", "--model", model_uris["mlp"]]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert (described["resolved"], described["version"]) == (model_uris["mlp"] + "1/", 1)
+    [(name, sig)] = described["signatures"].items()
+    assert name == "serving_default"
+    assert sig["inputs"] == {"x": {"dtype": "float", "shape": [-1, 16]}}
+    assert sig["outputs"] == {"scores": {"dtype": "float", "shape": [-1, 3]}}
+    assert sig["example_line"] == json.dumps([0.0] * 16, separators=(",", ":"))
+    assert close_to(sig["example_prediction"], reference(model_dirs["mlp"], [[0.0] * 16])[0])
+
+    # Two named inputs: the example is an object; its prediction written as output lines write it.
+    assert cli.main(["describe", "--model", model_uris["two_io"], "--signature-name", "serving_default"]) == 0
+    sig = json.loads(capsys.readouterr().out)["signatures"]["serving_default"]
+    assert sig["inputs"] == {"a": {"dtype": "float", "shape": [-1, 4]}, "b": {"dtype": "int64", "shape": [-1]}}
+    assert sig["example_instance"] == {"a": [0.0] * 4, "b": 0}
+    assert sig["example_prediction"] == {"ratio": "NaN", "total": 0.0}
+
+    # A model that refuses the example (it parses tf.Example protos) says why, as its error line would.
+    models.upload_folder(storage_client, models.build_parse_example(tmp_path / "pe"), bucket, "parse/1")
+    assert cli.main(["describe", "--model", f"gs://{bucket}/parse/"]) == 0
+    sig = json.loads(capsys.readouterr().out)["signatures"]["serving_default"]
+    assert sig["example_line"] == '""' and "example_prediction" not in sig
+    assert "Feature: x (data type: float) is required but could not be found" in sig["example_error"]
+
+    assert cli.main(["describe", "--model", model_uris["mlp"], "--signature-name", "nope"]) == 1
+    assert "has no signature 'nope'; it has serving_default" in capsys.readouterr().err
+    assert cli.main(["describe", "--model", f"gs://{bucket}/no-model/"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["describe", "--model", "s3://x/y"]) == 2

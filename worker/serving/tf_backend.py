@@ -111,6 +111,9 @@ class TensorFlowModel:
                 self._predictors[signature_name] = predictor
             return self._predictors[signature_name]
 
+    def signature_names(self) -> list[str]:
+        return sorted(self._loaded.signatures)
+
     def signature(self, signature_name: str) -> TensorFlowSignature:
         """The signature as it is, without the checks of `predictor` (the TF Serving stand-in
         serves a model as TF Serving does, whatever its outputs)."""
@@ -154,7 +157,7 @@ class TensorFlowSignature:
         self.output_names = list(self.output_specs)
         # Each output's shape and type, as TF Serving's messages name types ("float", "half").
         self.declared_outputs: dict[str, DeclaredOutput] = {
-            k: (None if v.shape.rank is None else v.shape.as_list(), _serving_type(v.dtype))
+            k: (None if v.shape.rank is None else v.shape.as_list(), serving_type(v.dtype))
             for k, v in self.output_specs.items()
         }
         self.values_per_instance = values_per_instance(self.declared_outputs)
@@ -290,7 +293,7 @@ class TensorFlowSignature:
         return {name: outputs[name].numpy() for name in self.output_names}
 
 
-def _serving_type(dtype: Any) -> str:
+def serving_type(dtype: Any) -> str:
     """A TensorFlow dtype by TF Serving's name for it: "float" for float32, "half" for float16."""
     from tensorflow.core.framework import types_pb2
 

@@ -1,0 +1,74 @@
+"""What a model takes and gives, for writing its input files: `python -m worker describe --model gs://…`.
+
+The model is found as a job finds it (a version folder, or the highest of numeric versions),
+downloaded, and loaded with TensorFlow. For each signature: its inputs and outputs with TF
+Serving's type names and shapes (-1 where any size goes, the batch first), an example instance
+line in the row format the worker reads, and that example predicted (or why it could not be:
+a model may need real values, or parse its strings as tf.Example protos).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from worker import codec
+from worker.errors import ModelError
+from worker.jobs import GcsUri
+from worker.serving import BatchRejected, TooBig
+from worker.serving.tf_backend import TensorFlowModel, TensorFlowSignature, serving_type
+
+_FLOATS = ("float", "double", "half", "bfloat16")
+
+
+def describe(store: Any, model: str, work_dir: str, signature_name: str | None = None) -> dict[str, Any]:
+    """The model at `model` (a gs:// URI) described: every signature, or `signature_name` alone."""
+    source = store.resolve_model(GcsUri.parse(model, what="model"))
+    local = store.fetch_model(source, work_dir)
+    loaded = TensorFlowModel(local.path, description=str(local.uri))
+    names = [signature_name] if signature_name else loaded.signature_names()
+    return {
+        "model": model,
+        "resolved": str(local.uri),
+        "version": local.version,
+        "signatures": {name: _signature(loaded.signature(name)) for name in names},
+    }
+
+
+def _signature(sig: TensorFlowSignature) -> dict[str, Any]:
+    inputs = {name: _tensor(spec.shape, serving_type(spec.dtype)) for name, spec in sig.inputs.items()}
+    outputs = {name: _tensor(spec.shape, serving_type(spec.dtype)) for name, spec in sig.output_specs.items()}
+    values = {name: _example(t["shape"][1:], t["dtype"]) for name, t in inputs.items()}
+    example = next(iter(values.values())) if len(values) == 1 else values
+    described: dict[str, Any] = {
+        "inputs": inputs,
+        "outputs": outputs,
+        "example_instance": example,
+        "example_line": codec.dumps(example).decode(),  # as a line of an input file
+    }
+    try:
+        [prediction] = sig.predict([example])
+        described["example_prediction"] = json.loads(codec.dumps(prediction))  # NaN as "NaN", as output lines
+    except (BatchRejected, TooBig, ModelError) as e:  # as the example's error line (or job) would say
+        described["example_error"] = str(e)
+    return described
+
+
+def _tensor(shape: Any, dtype: str) -> dict[str, Any]:
+    dims = None if shape.rank is None else [-1 if d is None else d for d in shape.as_list()]
+    return {"dtype": dtype, "shape": dims}
+
+
+def _example(dims: list[int] | None, dtype: str) -> Any:
+    """A value of one instance of an input: zeros (false, "") in its shape, 1 where any size goes."""
+    if dtype in _FLOATS:
+        value: Any = 0.0
+    elif dtype == "bool":
+        value = False
+    elif dtype == "string":
+        value = ""
+    else:
+        value = 0
+    for d in reversed(dims or []):
+        value = [value] * (1 if d < 0 else d)
+    return value
