@@ -38,7 +38,7 @@ def describe(store: Any, model: str, work_dir: str, signature_name: str | None =
 def _signature(sig: TensorFlowSignature) -> dict[str, Any]:
     inputs = {name: _tensor(spec.shape, serving_type(spec.dtype)) for name, spec in sig.inputs.items()}
     outputs = {name: _tensor(spec.shape, serving_type(spec.dtype)) for name, spec in sig.output_specs.items()}
-    values = {name: _example(t["shape"][1:], t["dtype"]) for name, t in inputs.items()}
+    values = {name: _example(t["shape"] and t["shape"][1:], t["dtype"]) for name, t in inputs.items()}
     example = next(iter(values.values())) if len(values) == 1 else values
     described: dict[str, Any] = {
         "inputs": inputs,
