@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -204,8 +206,22 @@ def test_unloadable_model_fails_with_tensorflows_reason(gcs_host, storage_client
     assert len(error["message"]) > len(f"TensorFlow cannot load model gs://{bucket}/bad/1/: ")
 
 
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """The root logger as it was: the CLI's `main`, called in this process, routes it to the
+    stderr of the moment (which pytest closes after the test)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    noisy = {name: logging.getLogger(name).level for name in ("urllib3", "google", "absl", "tensorflow")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, was in noisy.items():
+        logging.getLogger(name).setLevel(was)
+
+
 def test_cli_describes_a_model_with_an_example_line_it_predicts(
-    storage_client, bucket, model_uris, model_dirs, reference, tmp_path, monkeypatch, capsys
+    storage_client, bucket, model_uris, model_dirs, reference, tmp_path, monkeypatch, capsys, logging_restored
 ):
     """What to write in input files, without reading the model's code: `python -m worker describe`."""
     from worker import cli
