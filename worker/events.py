@@ -16,7 +16,7 @@ from typing import Any
 
 from worker.codec import loads, shown
 from worker.errors import InvalidJob
-from worker.jobs import Job, parse_json_object
+from worker.jobs import Job, is_text, parse_json_object
 
 PUBSUB_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 STORAGE_FINALIZED = "google.cloud.storage.object.v1.finalized"
@@ -236,13 +236,13 @@ def job_id_hint(attributes: Mapping[str, Any], data: Any) -> str:
     if isinstance(data, Mapping) and isinstance(data.get("message"), Mapping):
         message = data["message"]
         attrs = message.get("attributes")
-        if isinstance(attrs, Mapping) and _is_text(attrs.get("job_id")):
+        if isinstance(attrs, Mapping) and _job_id(attrs.get("job_id")):
             return str(attrs["job_id"])
         try:
             payload = loads(_message_data(message.get("data")))
         except (ValueError, InvalidJob):
             payload = None
-        if isinstance(payload, dict) and _is_text(payload.get("job_id")):
+        if isinstance(payload, dict) and _job_id(payload.get("job_id")):
             return str(payload["job_id"])
         msg_id = message.get("messageId") or message.get("message_id")
         if msg_id:
@@ -252,12 +252,9 @@ def job_id_hint(attributes: Mapping[str, Any], data: Any) -> str:
     return str(attributes.get("id") or "unknown")
 
 
-def _is_text(value: Any) -> bool:
-    """A non-empty string that can be written as UTF-8 (a job id to report under)."""
-    try:
-        return isinstance(value, str) and bool(value) and bool(value.encode())
-    except UnicodeEncodeError:
-        return False
+def _job_id(value: Any) -> bool:
+    """A job id to report under: non-empty text."""
+    return bool(value) and is_text(value)
 
 
 def describe(trigger: Trigger) -> str:

@@ -260,13 +260,22 @@ def shares_path(n: int) -> str:
     return f"{PARTS_FOLDER}files-of-{n}.json"
 
 
-def _check_text(value: str, what: str) -> None:
-    """Refuse a string holding half of a UTF-16 surrogate pair (only a hand-made request carries
-    one: Pub/Sub and Cloud Storage take UTF-8 alone): it cannot name an object or go into one."""
+def is_text(value: object) -> bool:
+    """A string that can be written as UTF-8: none holding half of a UTF-16 surrogate pair (only a
+    hand-made request carries one: Pub/Sub and Cloud Storage take UTF-8 alone)."""
+    if not isinstance(value, str):
+        return False
     try:
         value.encode()
-    except UnicodeEncodeError:  # `json.dumps` escapes it for the message
-        raise InvalidJob(f"{what} {json.dumps(value)} holds half of a UTF-16 surrogate pair: it is not text") from None
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(value: str, what: str) -> None:
+    """Refuse a string that is not text: it cannot name an object or go into one."""
+    if not is_text(value):  # `json.dumps` escapes it for the message
+        raise InvalidJob(f"{what} {json.dumps(value)} holds half of a UTF-16 surrogate pair: it is not text")
 
 
 def parse_json_object(text: str | bytes, *, what: str) -> dict[str, Any]:
