@@ -202,6 +202,7 @@ def worker_service(
         tmp_path_factory.mktemp("worker-work"),
         WORKER_BATCH_SIZE="8",
         WORKER_JOBS_TOPIC=topology.jobs_topic,  # a job with `parts` comes back as its parts
+        WORKER_MIN_PIECE_BYTES="16384",  # so that a test's file of 64 kB is cut for parts
     )
     service, url = emulators.start_worker(env)
     from google.cloud import pubsub_v1

@@ -41,6 +41,12 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
         "file_concurrency",
         "Input files of one job predicted at the same time, each with its own download and upload.",
     ),
+    (
+        "WORKER_MIN_PIECE_BYTES",
+        "min_piece_bytes",
+        "The smallest piece a job run as parts (options.parts) cuts an input file into, at line starts, when "
+        "the file is larger than a part's share of the input's bytes.",
+    ),
     ("WORKER_WORK_DIR", "work_dir", "Local folder for downloaded models."),
     ("WORKER_DOWNLOAD_THREADS", "download_threads", "Parallel downloads when fetching a model."),
     (
@@ -110,6 +116,7 @@ class Settings:
     max_batch_bytes: int = 4 * 1024 * 1024
     max_line_bytes: int = 16 * 1024 * 1024
     file_concurrency: int = 8
+    min_piece_bytes: int = 1024 * 1024
     work_dir: str = os.path.join(tempfile.gettempdir(), "embedded-tf")
     download_threads: int = 8
     lease_seconds: int = 120

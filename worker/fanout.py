@@ -1,7 +1,9 @@
 """One job run as parts on several instances: `options.parts` = N.
 
-The job's own run (the dispatch) lists its input, shares its files among N parts (by size, largest
-first, each to the part with the fewest bytes so far) and keeps those shares at
+The job's own run (the dispatch) lists its input, cuts each file larger than a part's share of the
+input's bytes into pieces at line starts (when it can be read in pieces: stored as UTF-8 lines),
+shares the files and pieces among N parts (by size, largest first, each to the part with the fewest
+bytes so far) and keeps those shares at
 `<output>/_parts/files-of-N.json`, then publishes N part jobs to the jobs topic (`WORKER_JOBS_TOPIC`):
 the same model, input, output and options, with `part: [k, N]` instead of `parts`, and the job id
 `<job id>/part-k-of-N`. Pub/Sub pushes each to whichever instance Cloud Run gives it. Every part
@@ -9,8 +11,9 @@ predicts the files of its share, as the input holds them when it runs (a file de
 out, a file added since is in no share), writes its outputs where the whole job would, and its
 manifest at `<output>/_parts/part-k-of-N.json`; it publishes nothing itself. The part that then
 finds all N part manifests written combines them into the job's manifest (created only where none
-is: of two parts that finish together, one writes it) and publishes the job's one completion
-message. The job sent again keeps the shares of its first dispatch, so the parts that succeeded
+is: of two parts that finish together, one writes it), after joining each cut file's pieces (written
+by the parts under `<output>/_parts/pieces/`) into the file's output, and publishes the job's one
+completion message. The job sent again keeps the shares of its first dispatch, so the parts that succeeded
 then and the parts that run again never hold a file twice or miss one between them.
 """
 
@@ -20,12 +23,14 @@ import dataclasses
 import heapq
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from itertools import pairwise
 from typing import Any, Protocol
 
 from worker import errors
 from worker.jobs import (
+    JSONL,
     STATUS_FAILED,
     STATUS_PARTIAL,
     STATUS_SUCCEEDED,
@@ -44,7 +49,8 @@ _PART_ID = "/part-"
 
 
 class Sized(Protocol):
-    size: int
+    @property
+    def size(self) -> int: ...
 
 
 def whole_job(part: Job) -> Job:
@@ -70,24 +76,72 @@ def share(inputs: Sequence[Sized], k: int, n: int) -> list[Any]:
     return [f for i, f in enumerate(inputs) if owner[i] == k - 1]
 
 
-def fixed_shares(whole: Job, store: Any, inputs: Sequence[Any], n: int) -> list[list[str]]:
-    """The files (`rel` names) of each of the n parts of `whole`: those kept by its first dispatch,
-    else shared now from `inputs` and kept (replacing another job's)."""
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """What a part is given: an input file whole, or piece i of m of it (the lines that begin in
+    its bytes [start, end) of the file's generation `generation`)."""
+
+    rel: str
+    size: int  # the bytes it holds
+    generation: int = 0
+    piece: tuple[int, int] | None = None
+    start: int = 0
+    end: int = 0
+
+    def to_json(self) -> str | dict[str, Any]:
+        if self.piece is None:
+            return self.rel
+        piece, where = list(self.piece), [self.start, self.end]
+        return {"rel": self.rel, "piece": piece, "bytes": where, "generation": self.generation}
+
+    @classmethod
+    def from_json(cls, value: Any) -> Cut | None:
+        if isinstance(value, str):
+            return cls(value, 0)
+        try:
+            (i, m), (start, end) = value["piece"], value["bytes"]
+            cut = cls(str(value["rel"]), end - start, int(value["generation"]), (int(i), int(m)), int(start), int(end))
+        except (KeyError, TypeError, ValueError):
+            return None
+        return cut if 1 <= i <= m and 0 <= start <= end else None
+
+
+def cuts(inputs: Sequence[Any], n: int, *, min_piece_bytes: int, can_cut: Callable[[Any], bool]) -> list[Cut]:
+    """The input files of a job in n parts, as parts are given them: whole, but for a file larger
+    than a part's share of the bytes (of all the files, 1/n), cut into as many pieces as it holds
+    shares, of at least `min_piece_bytes`, when it can be read in pieces (`can_cut`): one file as
+    large as the rest together is spread over parts as a tree of many files is."""
+    share_bytes = max(1, -(-sum(f.size for f in inputs) // n))
+    out = []
+    for f in inputs:
+        m = min(-(-f.size // share_bytes), f.size // max(1, min_piece_bytes), n)
+        if m >= 2 and can_cut(f):
+            bounds = [f.size * i // m for i in range(m + 1)]
+            out += [Cut(f.rel, b - a, f.generation, (i, m), a, b) for i, (a, b) in enumerate(pairwise(bounds), 1)]
+        else:
+            out.append(Cut(f.rel, f.size, f.generation))
+    return out
+
+
+def fixed_shares(whole: Job, store: Any, given: Sequence[Cut], n: int) -> list[list[Cut]]:
+    """What each of the n parts of `whole` is given: what its first dispatch shared and kept, else
+    `given` shared now and kept (replacing another job's)."""
     uri = whole.output.child(shares_path(n))
     stored = store.read_json(uri)
     kept = _shares(stored.value if stored is not None else None, whole, n)
     if kept is not None:
         log.info("job %s: its parts keep the files they were given when it was first dispatched", whole.job_id)
         return kept
-    shares = [[f.rel for f in share(inputs, k, n)] for k in range(1, n + 1)]
-    value = {"job_id": whole.job_id, "input": str(whole.input), "shares": shares}
+    shares = [share(given, k, n) for k in range(1, n + 1)]
+    value = {"job_id": whole.job_id, "input": str(whole.input), "shares": [[c.to_json() for c in s] for s in shares]}
     store.write_json(uri, value, job_id=whole.job_id, if_generation_match=stored.generation if stored else 0)
     return shares
 
 
 def part_files(part: Job, store: Any, inputs: Sequence[Any]) -> list[Any]:
-    """The files of `inputs` (as listed now) that the dispatch gave `part`, in input order. A part
-    published before the dispatch kept its shares takes its share of `inputs` instead."""
+    """The files of `inputs` (as listed now), and pieces of files, that the dispatch gave `part`,
+    in input order. A part published before the dispatch kept its shares takes its share of
+    `inputs` instead. A piece of a file replaced or deleted since the dispatch fails the part."""
     assert part.options.part is not None
     k, n = part.options.part
     whole = whole_job(part)
@@ -97,23 +151,36 @@ def part_files(part: Job, store: Any, inputs: Sequence[Any]) -> list[Any]:
         log.warning("job %s: no shares kept at %s; sharing the input as listed now", part.job_id, shares_path(n))
         return share(inputs, k, n)
     listed = {f.rel: f for f in inputs}
-    gone = [rel for rel in shares[k - 1] if rel not in listed]
+    for c in shares[k - 1]:
+        if c.piece is not None and (c.rel not in listed or listed[c.rel].generation != c.generation):
+            raise errors.InvalidJob(
+                f"input {whole.input.child(c.rel) if whole.input.is_prefix else whole.input} was "
+                f"{'replaced' if c.rel in listed else 'deleted'} after the job was dispatched, and this part "
+                f"predicts a piece of it (bytes {c.start:,} to {c.end:,} of generation {c.generation}) — send the "
+                "job again with another job_id"
+            )
+    gone = [c.rel for c in shares[k - 1] if c.rel not in listed]
     if gone:
         log.warning(
             "job %s: %d of its %d files were deleted after the job was dispatched (%s%s); predicting the others",
             part.job_id, len(gone), len(shares[k - 1]), gone[0], ", …" if len(gone) > 1 else "",
         )  # fmt: skip
-    return [listed[rel] for rel in shares[k - 1] if rel in listed]
+    given = [c for c in shares[k - 1] if c.rel in listed]
+    return [
+        dataclasses.replace(listed[c.rel], piece=c.piece, start=c.start, end=c.end) if c.piece else listed[c.rel]
+        for c in sorted(given, key=lambda c: (c.rel, c.start))
+    ]
 
 
-def _shares(value: Any, whole: Job, n: int) -> list[list[str]] | None:
+def _shares(value: Any, whole: Job, n: int) -> list[list[Cut]] | None:
     """The shares in a stored `files-of-N.json` when it is this job's (same id and input)."""
     if not isinstance(value, dict) or value.get("job_id") != whole.job_id or value.get("input") != str(whole.input):
         return None
     shares = value.get("shares")
     if not isinstance(shares, list) or len(shares) != n or not all(isinstance(s, list) for s in shares):
         return None
-    return [[str(rel) for rel in s] for s in shares]
+    kept = [[Cut.from_json(c) for c in s] for s in shares]
+    return None if any(c is None for s in kept for c in s) else kept  # type: ignore[return-value]
 
 
 def part_messages(job: Job, n: int) -> list[tuple[bytes, dict[str, str]]]:
@@ -156,7 +223,7 @@ def combined(whole: Job, parts: list[dict[str, Any]]) -> dict[str, Any]:
     counts summed, FAILED when a part failed (its error, naming the part) or when the job's errors
     exceed max_error_ratio, and its times from the first start to the last finish."""
     n = len(parts)
-    files = sorted((f for p in parts for f in p.get("files") or []), key=lambda f: str(f.get("input")))
+    files = _joined(sorted((f for p in parts for f in p.get("files") or []), key=_file_order))
     totals = Counts()
     for p in parts:
         counts = p.get("totals") or {}
@@ -195,6 +262,75 @@ def combined(whole: Job, parts: list[dict[str, Any]]) -> dict[str, Any]:
     if error:
         manifest["error"] = error
     return manifest
+
+
+def _file_order(f: dict[str, Any]) -> tuple[str, int]:
+    piece = f.get("piece")
+    return str(f.get("input")), piece["of"][0] if isinstance(piece, dict) else 0
+
+
+def _joined(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parts' file entries (in input order, a file's pieces in order), the pieces of each cut
+    file as one entry: its output, its counts summed, its first error line, how many pieces."""
+    out: list[dict[str, Any]] = []
+    for f in files:
+        piece = f.get("piece")
+        if not isinstance(piece, dict):
+            out.append(f)
+            continue
+        if not out or out[-1].get("input") != f.get("input") or "pieces" not in out[-1]:
+            out.append({"input": f.get("input"), "output": f.get("output"), "pieces": piece["of"][1]})
+        joined = out[-1]
+        for key in Counts().to_json():
+            joined[key] = joined.get(key, 0) + int(f.get(key, 0))
+        if "first_error" in f and "first_error" not in joined:
+            joined["first_error"] = f["first_error"]
+    return out
+
+
+def pieces(parts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The pieces the parts predicted, by the output they are joined into, in order."""
+    by_output: dict[str, list[dict[str, Any]]] = {}
+    cut = (f for p in parts for f in p.get("files") or [] if isinstance(f.get("piece"), dict))
+    for f in sorted(cut, key=_file_order):
+        by_output.setdefault(str(f["output"]), []).append(f["piece"])
+    return by_output
+
+
+def join_pieces(whole: Job, store: Any, parts: list[dict[str, Any]]) -> list[str]:
+    """Join the pieces of each cut file into its output, once every part has predicted its own.
+    Returns the pieces that are not there to join (none when all went well)."""
+    missing: list[str] = []
+    for output, cut in pieces(parts).items():
+        m = cut[0]["of"][1]
+        objects = [GcsUri.parse(str(p["object"])) for p in cut]
+        if [p["of"][0] for p in cut] != list(range(1, m + 1)):
+            missing.append(f"{output}: {m - len(cut)} of its {m} pieces were not predicted")
+            continue
+        folder = GcsUri(objects[0].bucket, objects[0].path.rpartition("/")[0] + "/")
+        if not (absent := _absent(store, folder, objects)):
+            try:
+                store.compose(objects, GcsUri.parse(output), scratch=folder, job_id=whole.job_id, content_type=JSONL)
+            except errors.WorkerError:
+                if not (absent := _absent(store, folder, objects)):  # else removed by the part that combined the job
+                    raise
+        if absent:
+            missing.append(f"{output}: its piece {absent[0]} is not there")
+            continue
+        log.info("job %s: %s joined from %d pieces", whole.job_id, output, m)
+    return missing
+
+
+def _absent(store: Any, folder: GcsUri, objects: list[GcsUri]) -> list[str]:
+    there = store.names_under(folder)
+    return [str(o) for o in objects if o.path not in there]
+
+
+def remove_pieces(store: Any, parts: list[dict[str, Any]]) -> None:
+    """Delete the pieces once joined and the job's manifest written."""
+    for cut in pieces(parts).values():
+        for p in cut:
+            store.delete(GcsUri.parse(str(p["object"])))
 
 
 def write_combined(whole: Job, store: Any, manifest: dict[str, Any], *, replacing: int = 0) -> bool:

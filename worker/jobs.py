@@ -25,6 +25,8 @@ STATUS_FAILED = "FAILED"
 STATUS_DISPATCHED = "DISPATCHED"
 
 MANIFEST_NAME = "_manifest.json"
+# The content type of output files (JSON lines).
+JSONL = "application/jsonl"
 # Under the output prefix: the manifests of the parts of a job run as parts (option `parts`).
 PARTS_FOLDER = "_parts/"
 MAX_PARTS = 100
@@ -260,6 +262,12 @@ def shares_path(n: int) -> str:
     return f"{PARTS_FOLDER}files-of-{n}.json"
 
 
+def piece_path(rel: str, i: int, m: int) -> str:
+    """Where the part predicting piece i of m of the input file `rel` (a file cut for a job run as
+    parts) writes its lines, under the job's output prefix, until they are joined into `rel`."""
+    return f"{PARTS_FOLDER}pieces/{rel}/{i}-of-{m}.jsonl"
+
+
 def is_text(value: object) -> bool:
     """A string that can be written as UTF-8: none holding half of a UTF-16 surrogate pair (only a
     hand-made request carries one: Pub/Sub and Cloud Storage take UTF-8 alone)."""
@@ -321,9 +329,14 @@ class FileResult:
     output_wait_s: float = 0.0
     # The file's first error line: its line number and message (what to fix, without opening the output).
     first_error: tuple[int, str] | None = None
+    # For a piece of a file cut for a job run as parts: which piece, its bytes [start, end) of the
+    # input, and the object its lines went to (`output` is the whole file's, once joined).
+    piece: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"input": self.input, "output": self.output, **self.counts.to_json()}
+        if self.piece is not None:
+            out["piece"] = self.piece
         if self.first_error is not None:
             out["first_error"] = {"line": self.first_error[0], "message": self.first_error[1]}
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import threading
@@ -25,6 +26,7 @@ from typing import Any, Literal, Protocol
 
 from worker import codec, errors, fanout
 from worker.jobs import (
+    JSONL,
     STATUS_DISPATCHED,
     STATUS_FAILED,
     STATUS_PARTIAL,
@@ -36,6 +38,7 @@ from worker.jobs import (
     Options,
     error_ratio_exceeded,
     failure,
+    piece_path,
 )
 from worker.lease import Lease
 from worker.serving import BATCH_ADVICE, MAX_BATCH_OUTPUT_VALUES, BatchRejected, LoadedModel, Predictor
@@ -72,6 +75,13 @@ class Store(Protocol):
     def read_json(self, uri: GcsUri) -> Any | None: ...  # StoredJson-like: .value, .generation, .metadata
     def mark(self, uri: GcsUri, key: str, value: str) -> None: ...
     def delete(self, uri: GcsUri, *, if_generation_match: int | None = None) -> None: ...
+    # For jobs run as parts whose files are cut into pieces (see `worker.fanout`).
+    def can_cut(self, f: Any) -> bool: ...
+    def lines_before(self, f: Any) -> int: ...
+    def names_under(self, prefix: GcsUri) -> set[str]: ...
+    def compose(
+        self, sources: list[GcsUri], uri: GcsUri, *, scratch: GcsUri, job_id: str, content_type: str
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class Limits:
     max_batch_output_values: int = MAX_BATCH_OUTPUT_VALUES  # when the model declares its outputs' shapes
     lease_s: float = 120.0  # a job's lease time to live; renewed every third of it
     file_concurrency: int = 8  # input files of one job in flight at once
+    min_piece_bytes: int = 1024 * 1024  # the smallest piece a file is cut into for a job run as parts
 
 
 @dataclass(frozen=True)
@@ -145,7 +156,7 @@ def run(
     topic); a part publishes no completion of its own, and the last part to finish publishes the
     whole job's (see `worker.fanout`)."""
     if job.options.parts is not None:
-        return _dispatch(job, store, publisher, dispatcher)
+        return _dispatch(job, store, publisher, dispatcher, limits)
     part = job.options.part is not None
     own = None if part else publisher  # who hears of this job's own completion
     done = _completed(job, store, own)
@@ -171,8 +182,11 @@ def run(
     return done
 
 
-def _dispatch(job: Job, store: Store, publisher: Publisher | None, dispatcher: Publisher | None) -> Outcome:
-    """Publish `job`'s parts to the jobs topic: as many as it asks for, at most one per file."""
+def _dispatch(
+    job: Job, store: Store, publisher: Publisher | None, dispatcher: Publisher | None, limits: Limits
+) -> Outcome:
+    """Publish `job`'s parts to the jobs topic: as many as it asks for, at most one per file or
+    piece of a file (a file larger than a part's share is cut into pieces, see `worker.fanout`)."""
     done = _completed(job, store, publisher)
     if done is not None:
         return done
@@ -187,11 +201,19 @@ def _dispatch(job: Job, store: Store, publisher: Publisher | None, dispatcher: P
             )
         inputs = store.list_inputs(job.input, exclude=job.output)
         _check_no_overwrite(job, inputs)
+        given = fanout.cuts(inputs, job.options.parts, min_piece_bytes=limits.min_piece_bytes, can_cut=store.can_cut)
     except errors.PermanentError as e:
         log.error("job %s failed: %s", job.job_id, e)
         return _finish(job, store, publisher, _Run(error=failure(e.code, str(e))))
-    n = min(job.options.parts, len(inputs))
-    files = sum(map(len, fanout.fixed_shares(job, store, inputs, n)))
+    n = min(job.options.parts, len(given))
+    shares = fanout.fixed_shares(job, store, given, n)
+    files = len({c.rel for s in shares for c in s})
+    cut = sorted({c.rel for s in shares for c in s if c.piece is not None})
+    if cut:
+        log.info(
+            "job %s: %d file(s) cut into pieces at line starts for the parts to share (%s%s)",
+            job.job_id, len(cut), cut[0], ", …" if len(cut) > 1 else "",
+        )  # fmt: skip
     # An earlier run's manifest (FAILED, or another job's) is removed, for the parts to create the
     # new one; so are the manifests of its parts that failed, which run again: the whole job is
     # combined only once they have.
@@ -232,8 +254,20 @@ def _combine(part: Job, store: Store, publisher: Publisher | None) -> None:
         log.info("job %s: part %d of %d done; others still running", whole.job_id, *part.options.part or (0, 0))
         return
     manifest = {**fanout.combined(whole, parts), "combined_by": part.job_id}
+    # The pieces of cut files joined into their outputs, unless a part failed (it runs again).
+    missing = [] if any(p.get("status") == STATUS_FAILED for p in parts) else fanout.join_pieces(whole, store, parts)
+    if missing:
+        stored = store.read_json(whole.manifest_uri)
+        earlier = _value(stored) if stored is not None else {}
+        if earlier.get("job_id") != whole.job_id or earlier.get("status") == STATUS_FAILED:
+            why = f"cannot join the pieces of {missing[0]} — send the job again with another job_id"
+            error = failure("NOT_FOUND", why)
+            manifest = {**manifest, "status": STATUS_FAILED, "error": error}
+        # else: the part that wrote the job's manifest (not FAILED) joined them, then removed them
     if not fanout.write_combined(whole, store, manifest) and not _replaced(whole, part, store, publisher, manifest):
         return
+    if manifest["status"] != STATUS_FAILED:  # the job sent again after a FAILED one joins them again
+        fanout.remove_pieces(store, parts)
     if publisher is not None:
         _publish(whole, store, publisher, manifest, manifest_written=True)
     totals = manifest["totals"]
@@ -299,7 +333,7 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
         if job.options.part is not None:
             inputs = fanout.part_files(job, store, inputs)
         timings["list_inputs_s"] = time.perf_counter() - t
-        log.info("job %s: %d input file(s), %d bytes", job.job_id, len(inputs), sum(f.size for f in inputs))
+        log.info("job %s: %d input file(s), %d bytes", job.job_id, len(inputs), sum(f.length for f in inputs))
 
         t = time.perf_counter()
         with models.load(job.model) as handle:
@@ -489,7 +523,7 @@ class _Tracker:
         self._stopped = False
         self._last_log = time.monotonic()
         self.files = len(inputs)
-        self.bytes_total = sum(f.size for f in inputs)
+        self.bytes_total = sum(f.length for f in inputs)
         self.files_done = self.bytes_read = self.lines = 0
 
     def advance(self, lines: int, nbytes: int, *, file_done: bool = False) -> None:
@@ -575,6 +609,11 @@ def _run_file(
 ) -> FileResult:
     out_uri = job.output.child(f.rel)
     result = FileResult(input=str(f.uri), output=str(out_uri))
+    if f.piece is not None:  # its lines go to an object of their own, joined into `out_uri` once all are
+        out_uri = job.output.child(piece_path(f.rel, *f.piece))
+        result.piece = {"of": list(f.piece), "bytes": [f.start, f.end], "object": str(out_uri)}
+    # Lines of the file before this piece's first, read only when an error line is to name its line.
+    lines_before = functools.cache(lambda: store.lines_before(f) if f.start else 0)
     counts = result.counts
     options = job.options
     plain = options.key_field is None and options.included_fields is None and options.excluded_fields is None
@@ -585,10 +624,11 @@ def _run_file(
     pending: list[bytes] = []
     numbers: list[int] = []
     pending_bytes = 0
-    log.info("%s (%d bytes) → %s", f.uri, f.size, out_uri)
+    where = f"{f.uri} (bytes {f.start:,} to {f.end:,}, piece {f.piece[0]} of {f.piece[1]})" if f.piece else f.uri
+    log.info("%s (%d bytes) → %s", where, f.length, out_uri)
     started = time.perf_counter()
 
-    with store.open_output(out_uri, job_id=job.job_id, content_type="application/jsonl") as output:
+    with store.open_output(out_uri, job_id=job.job_id, content_type=JSONL) as output:
         out = _Waits(output)
 
         def flush() -> None:
@@ -604,6 +644,12 @@ def _run_file(
                 else _entry(p, raw, lineno, options)
                 for lineno, raw, p in zip(numbers, pending, parsed, strict=True)
             ]
+            if f.start and any(e.error is not None for e in entries):  # its lines numbered as in the file
+                before = lines_before()
+                entries = [
+                    e if e.error is None else _entry(p, raw, lineno + before, options)
+                    for e, lineno, raw, p in zip(entries, numbers, pending, parsed, strict=True)
+                ]
             # A batch the model just rejected whole is not sent whole again.
             _predict_entries(
                 predictor, entries, rejected=plain_outcome if isinstance(plain_outcome, BatchRejected) else None
@@ -612,7 +658,9 @@ def _run_file(
             if failed:
                 _hint_request_bodies(entries)
             if failed and result.first_error is None:
-                result.first_error = next((n, e.error) for n, e in zip(numbers, entries, strict=True) if e.error)
+                result.first_error = next(
+                    (n + lines_before(), e.error) for n, e in zip(numbers, entries, strict=True) if e.error
+                )
             counts.instances += len(entries)
             counts.errors += failed
             counts.predictions += len(entries) - failed
@@ -663,7 +711,7 @@ def _run_file(
         last_batch = time.perf_counter()
     # After the last batch: the rest of the output sent, and stored.
     result.input_wait_s, result.output_wait_s = out.input_s, out.output_s + time.perf_counter() - last_batch
-    tracker.advance(counts.lines - lines_told, max(0, f.size - bytes_told), file_done=True)
+    tracker.advance(counts.lines - lines_told, max(0, f.length - bytes_told), file_done=True)
     if result.first_error is not None:
         log.warning(
             "%s: %d of %d instances could not be predicted (error lines in %s); the first, line %d: %s",

@@ -166,6 +166,7 @@ class Runtime:
             max_line_bytes=self.settings.max_line_bytes,
             lease_s=float(self.settings.lease_seconds),
             file_concurrency=self.settings.file_concurrency,
+            min_piece_bytes=self.settings.min_piece_bytes,
         )
 
     def run_job(self, job: Job, *, progress: ProgressFn | None = None) -> Outcome:

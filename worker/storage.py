@@ -49,6 +49,10 @@ READ_CHUNK_BYTES = 4 * 1024 * 1024
 # is on its way while it is written instead of sent whole at the end; one smaller than the first
 # chunk is sent in one request when complete.
 WRITE_CHUNK_BYTES = 16 * 1024 * 1024
+# What a piece of a file reads past its end, a request at a time, for the rest of its last line.
+TAIL_CHUNK_BYTES = 64 * 1024
+# Objects one compose request joins at most (Cloud Storage's limit).
+COMPOSE_MAX_SOURCES = 32
 FIRST_CHUNK_BYTES = 2 * 1024 * 1024
 # Each chunk's request: the client library's default retry (429, 5xx, connection errors, for up
 # to 120 s) and its connect and read timeouts (media.TIMEOUTS_S).
@@ -70,6 +74,16 @@ class InputFile:
     rel: str  # path relative to the input prefix: where its output goes under the output prefix
     size: int
     generation: int
+    # A piece of the file (cut for a job run as parts): piece i of m, the lines that begin in its
+    # bytes [start, end). The whole file is the one piece [0, size).
+    piece: tuple[int, int] | None = None
+    start: int = 0
+    end: int | None = None
+
+    @property
+    def length(self) -> int:
+        """Bytes of the file this reads (about: a piece's last line may end past its `end`)."""
+        return (self.size if self.end is None else self.end) - self.start
 
 
 @dataclass(frozen=True)
@@ -299,7 +313,10 @@ class GcsStore:
         The generation read at listing time is pinned, so a file replaced mid-job is not mixed.
         """
         url = self._media.download_url(f.uri.bucket, f.uri.path, f.generation or None)
-        offset = 0
+        # A piece reads from the byte before its start (the end of the line before it, or of a
+        # line it is cut through), and past its end only to the end of its last line.
+        offset = first = max(0, f.start - 1)
+        end = f.size if f.end is None else f.end
         whole: Any = None  # the object as one stream, when Cloud Storage serves it so
 
         def read() -> bytes:
@@ -310,7 +327,11 @@ class GcsStore:
                 return chunk
             if offset >= f.size:
                 return b""
-            reply = self._media.read(url, offset, min(offset + READ_CHUNK_BYTES, f.size) - 1)
+            step = READ_CHUNK_BYTES if offset < end else TAIL_CHUNK_BYTES
+            reply = self._media.read(url, offset, min(offset + step, f.size) - 1)
+            if reply.stream is not None and f.piece is not None:
+                reply.stream.close()
+                raise InvalidJob(f"input {f.uri} is stored gzip-encoded: it cannot be read in pieces")
             if reply.stream is not None:
                 # The whole object, decompressed as served (it is stored gzip-encoded, and longer
                 # than listed): read on from it, past what was read already.
@@ -331,7 +352,13 @@ class GcsStore:
             try:
                 pending = b""
                 cut = False  # `pending` is the start of a line longer than the limit
-                for chunk in _as_utf8(_gunzipped(chunks, f.uri), f.uri):
+                if f.piece is None:
+                    text = _as_utf8(_gunzipped(chunks, f.uri), f.uri)
+                elif f.start == 0:  # the file's first piece: its byte order mark goes
+                    text = _as_utf8(_owned_lines(chunks, 0, 0, end), f.uri)
+                else:
+                    text = _owned_lines(chunks, first, f.start, end)
+                for chunk in text:
                     if cut:
                         end = chunk.find(b"\n")
                         if end < 0:
@@ -351,6 +378,66 @@ class GcsStore:
                 chunks.close()  # its reading thread stopped first, then the stream it reads
                 if whole is not None:
                     whole.close()
+
+    def can_cut(self, f: InputFile) -> bool:
+        """Whether the file can be read in pieces that begin and end at any byte: JSON lines in
+        UTF-8 as stored, not gzip-compressed (as stored, or served decompressed), UTF-16 or of
+        another format, which only a reading from its first byte can tell (or decompress)."""
+        url = self._media.download_url(f.uri.bucket, f.uri.path, f.generation or None)
+        with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
+            reply = self._media.read(url, 0, min(f.size, 16) - 1)
+        if reply.stream is not None:
+            reply.stream.close()
+            return False
+        head = reply.data
+        marks = [mark for mark, _ in _BYTE_ORDER_MARKS if mark != codecs.BOM_UTF8]
+        return not (head.startswith(GZIP_MAGIC) or head.startswith(tuple(marks)) or _other_format(head))
+
+    def lines_before(self, f: InputFile) -> int:
+        """How many lines of the file begin before the first line of the piece `f` (the number of
+        that line, less one): its newlines before byte start - 1, plus the line they leave open."""
+        if f.start == 0:
+            return 0
+        url = self._media.download_url(f.uri.bucket, f.uri.path, f.generation or None)
+        count, offset = 0, 0
+        with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
+            while offset < f.start - 1:
+                reply = self._media.read(url, offset, min(offset + READ_CHUNK_BYTES, f.start - 1) - 1)
+                if reply.stream is not None or not reply.data:
+                    if reply.stream is not None:
+                        reply.stream.close()
+                    raise TransientError(f"reading input {f.uri}: it ended at byte {offset} of {f.size}")
+                count += reply.data.count(b"\n")
+                offset += len(reply.data)
+        return count + 1
+
+    def names_under(self, prefix: GcsUri) -> set[str]:
+        """The names of the objects under `prefix` (a folder's, ending in /)."""
+        with translate_errors(f"listing {prefix}"):
+            return {blob.name for blob in self._client.list_blobs(prefix.bucket, prefix=prefix.path)}
+
+    def compose(self, sources: list[GcsUri], uri: GcsUri, *, scratch: GcsUri, job_id: str, content_type: str) -> None:
+        """Write at `uri` the objects `sources` (of its bucket) end to end, as one object that
+        appears whole. More than Cloud Storage joins in one request are joined in groups first,
+        into objects under the prefix `scratch`, deleted after. A source that is gone raises."""
+        bucket = self._client.bucket(uri.bucket)
+        with translate_errors(f"writing output {uri}", bucket):
+            groups = [sources[i : i + COMPOSE_MAX_SOURCES] for i in range(0, len(sources), COMPOSE_MAX_SOURCES)]
+            joined = sources if len(groups) == 1 else [scratch.child(f"group-{k}") for k in range(len(groups))]
+            if len(groups) > 1:
+                for group, into in zip(groups, joined, strict=True):
+                    self._compose(bucket, group, into, job_id=job_id, content_type=content_type)
+            self._compose(bucket, joined, uri, job_id=job_id, content_type=content_type)
+        if len(groups) > 1:
+            for into in joined:
+                self.delete(into)
+
+    @staticmethod
+    def _compose(bucket: Any, sources: list[GcsUri], uri: GcsUri, *, job_id: str, content_type: str) -> None:
+        blob = bucket.blob(uri.path)
+        blob.metadata = {WRITTEN_BY_KEY: job_id}
+        blob.content_type = content_type
+        blob.compose([bucket.blob(s.path) for s in sources])
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -705,6 +792,32 @@ def _skip(blocks: list[bytes], n: int) -> list[bytes]:
         out.append(block[n:] if n else block)
         n = 0
     return out
+
+
+def _owned_lines(chunks: Iterator[bytes], pos: int, start: int, end: int) -> Iterator[bytes]:
+    """The bytes of the lines that begin in [start, end), from `chunks`, the object's bytes from
+    byte `pos` on (0, or start - 1: whether a line begins at `start` is told by the byte before it).
+    A file cut at any bytes into pieces read so has each of its lines in one piece, whole."""
+    if start >= end:
+        return
+    skipping = start > 0  # through the end of the line that byte start - 1 is in
+    for chunk in chunks:
+        at, pos = pos, pos + len(chunk)
+        if skipping:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                continue
+            skipping, chunk, at = False, chunk[newline + 1 :], at + newline + 1
+            if at >= end:
+                return  # the first line after the cut begins at or after the end: none is this piece's
+        if pos >= end:
+            # The last line that begins before `end` ends at the first newline from byte end - 1 on.
+            newline = chunk.find(b"\n", max(0, end - 1 - at))
+            if newline >= 0:
+                yield chunk[: newline + 1]
+                return
+        if chunk:
+            yield chunk
 
 
 def _gunzipped(chunks: Iterator[bytes], uri: GcsUri) -> Iterator[bytes]:

@@ -79,7 +79,7 @@ def test_quick_files_in_flight_benchmark_runs_and_reports_every_figure(tmp_path)
 def test_quick_parts_benchmark_runs_and_reports_every_figure(tmp_path):
     figures = tmp_path / "parts.json"
     proc = _run_quick("benchmarks.parts", figures)
-    assert "| job | seconds | instances/s |" in proc.stdout
+    assert "| input, job | seconds | instances/s |" in proc.stdout
     runs = json.loads(figures.read_text())["runs"]
-    assert set(runs) == {"one job", "parts: 2"}
+    assert set(runs) == {"tree, one job", "tree, parts: 2", "one file, one job", "one file, parts: 2"}
     assert all(r["seconds"] > 0 and r["cpu_s"] > 0 for r in runs.values())

@@ -77,6 +77,39 @@ def test_a_job_run_as_parts_comes_back_through_the_jobs_topic_and_completes_once
     assert topo.no_more_completions() == []
 
 
+def test_one_large_file_is_cut_into_pieces_for_its_parts_and_joined_into_one_output(
+    worker_service, storage_client, bucket, model_uris, model_dirs, reference
+):
+    """`parts: 3` over one file of about 80 kB (pieces of at least 16 kB in this worker): the
+    dispatch cuts it into 3 pieces at line starts, Pub/Sub pushes the 3 parts back, each predicts
+    its piece with ranged reads, and the last joins the pieces (a compose) into the file's output:
+    every line once, in order, its error lines numbered as in the file; one entry in the manifest."""
+    _, _, topo = worker_service
+    instances = models.mlp_instances(600, seed=5)
+    lines = [json.dumps(i) for i in instances]
+    lines[450] = '{"not": json'
+    write_lines(storage_client, f"gs://{bucket}/one/big.jsonl", lines)
+    job = {"model": model_uris["mlp"], "input": f"gs://{bucket}/one/big.jsonl", "output": f"gs://{bucket}/one-out/"}
+    message_id = topo.publish_job({**job, "options": {"parts": 3}})
+    [(manifest, attrs)] = topo.completions(1)
+    assert attrs == {"job_id": message_id, "status": "PARTIALLY_SUCCEEDED"}
+    assert manifest["totals"] == {"lines": 600, "instances": 600, "predictions": 599, "errors": 1, "skipped": 0}
+    [entry] = manifest["files"]
+    assert entry["output"] == f"gs://{bucket}/one-out/big.jsonl" and entry["pieces"] == 3
+    assert manifest["first_error"]["line"] == 451 and "line 451 is not valid JSON" in manifest["first_error"]["message"]
+    out = read_lines(storage_client, f"gs://{bucket}/one-out/big.jsonl")
+    assert len(out) == 600 and out[450]["error"]["message"].startswith("line 451 is not valid JSON")
+    good = [k for k in range(600) if k != 450]
+    assert [out[k]["instance"] for k in good] == [instances[k] for k in good]
+    expected = reference(model_dirs["mlp"], [instances[k] for k in good])
+    assert all(close_to(out[k]["prediction"], want) for k, want in zip(good, expected, strict=True))
+    names = [b.name for b in storage_client.list_blobs(bucket, prefix="one-out/_parts/")]
+    assert not [n for n in names if "/pieces/" in n]  # joined, then removed
+    shares = json.loads(storage_client.bucket(bucket).blob("one-out/_parts/files-of-3.json").download_as_bytes())
+    assert sorted(c["piece"] for share in shares["shares"] for c in share) == [[1, 3], [2, 3], [3, 3]]
+    assert topo.no_more_completions() == []
+
+
 def test_named_inputs_and_b64_strings(worker_service, storage_client, bucket, model_uris):
     _, _, topo = worker_service
     write_lines(

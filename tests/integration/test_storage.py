@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import dataclasses
 import gzip
 import io
 import itertools
@@ -395,3 +396,65 @@ def test_proxy_variables_keep_their_per_request_rules(gcs_host, monkeypatch):
     assert settings["proxies"].get("https") == "http://proxy.internal:3128"
     bypassed = session.merge_environment_settings("https://metadata.google.internal/x", {}, None, None, None)
     assert "https" not in bypassed["proxies"]
+
+
+def test_a_file_read_in_pieces_gives_each_line_to_one_piece_whole_with_its_number(
+    store, storage_client, bucket, monkeypatch
+):
+    """A file of 1 MiB and more, read in chunks of 256 KiB, cut at bytes in lines, on newlines, in
+    `\\r\\n`, in a long line, and at chunk boundaries: read as pieces with ranged reads, the
+    pieces' lines are the file's in order, each once and whole; the lines before each piece are
+    counted as they are numbered in the file. A UTF-8 byte order mark goes with the first piece."""
+    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(storage_mod, "TAIL_CHUNK_BYTES", 1000)
+    lines = [b"[%d, 0.5]" % i for i in range(60_000)]
+    lines[30_000] = b"z" * 300_000
+    data = codecs.BOM_UTF8 + b"\r\n".join(lines[:100]) + b"\r\n" + b"\n".join(lines[100:]) + b"\n"
+    _put(storage_client, bucket, "in/cut.jsonl", data)
+    [f] = store.list_inputs(GcsUri(bucket, "in/cut.jsonl"))
+    assert store.can_cut(f)
+    long_at = data.index(b"z" * 1000)
+    cuts = sorted({1, 2, 700, data.index(b"\r\n", 500) + 1, long_at + 5, long_at + 300_001, 256 * 1024, 512 * 1024})
+    bounds = [0, *cuts, f.size]
+    read, numbers = [], []
+    for i, (start, end) in enumerate(itertools.pairwise(bounds), 1):
+        piece = dataclasses.replace(f, piece=(i, len(bounds) - 1), start=start, end=end)
+        got = [line for block in store.read_blocks(piece) for line in block]
+        numbers.append((store.lines_before(piece), len(got)))
+        read += got
+    assert read == lines
+    assert all(before == sum(n for _, n in numbers[:k]) for k, (before, _) in enumerate(numbers) if numbers[k][1])
+
+
+def test_only_a_file_read_as_stored_utf8_lines_can_be_cut(store, storage_client, bucket):
+    _put(storage_client, bucket, "in/plain.jsonl", codecs.BOM_UTF8 + b"[1]\n[2]\n")
+    _put(storage_client, bucket, "in/tiny.jsonl", b"[")
+    _put(storage_client, bucket, "in/gz.jsonl.gz", gzip.compress(b"[1]\n[2]\n"))
+    _put(storage_client, bucket, "in/utf16.jsonl", "[1]\n[2]\n".encode("utf-16"))
+    _put(storage_client, bucket, "in/xz.jsonl.xz", lzma.compress(b"[1]\n[2]\n"))
+    blob = storage_client.bucket(bucket).blob("in/encoded.jsonl")
+    blob.content_encoding = "gzip"
+    blob.upload_from_string(gzip.compress(b"[1]\n[2]\n" * 100), content_type="application/jsonl")
+    files = {f.rel: store.can_cut(f) for f in store.list_inputs(GcsUri(bucket, "in/"))}
+    assert files == {
+        "plain.jsonl": True,
+        "tiny.jsonl": True,
+        "gz.jsonl.gz": False,
+        "utf16.jsonl": False,
+        "xz.jsonl.xz": False,
+        "encoded.jsonl": False,
+    }
+
+
+@pytest.mark.parametrize("count", [1, 32, 70])
+def test_pieces_are_composed_into_one_object_that_appears_whole(store, storage_client, bucket, count):
+    """Up to 32 sources in one request; more in groups first, under the scratch prefix, removed after."""
+    sources = [GcsUri(bucket, f"out/_parts/pieces/f.jsonl/{i}-of-{count}.jsonl") for i in range(1, count + 1)]
+    for i, uri in enumerate(sources):
+        _put(storage_client, bucket, uri.path, b"%d\n" % i)
+    scratch = GcsUri(bucket, "out/_parts/pieces/f.jsonl/")
+    store.compose(sources, GcsUri(bucket, "out/f.jsonl"), scratch=scratch, job_id="j", content_type="application/jsonl")
+    blob = storage_client.bucket(bucket).get_blob("out/f.jsonl")
+    assert blob.download_as_bytes() == b"".join(b"%d\n" % i for i in range(count))
+    assert blob.metadata == {storage_mod.WRITTEN_BY_KEY: "j"} and blob.content_type == "application/jsonl"
+    assert store.names_under(scratch) == {s.path for s in sources}

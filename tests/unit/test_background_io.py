@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
+import random
 import threading
 import types
 
@@ -13,7 +15,7 @@ import requests
 
 import worker.storage as storage_mod
 from worker import errors
-from worker.storage import BackgroundWriter, _prefetched, _Upload
+from worker.storage import BackgroundWriter, _owned_lines, _prefetched, _Upload
 
 
 def _reader(chunks: list[bytes | Exception]):
@@ -300,3 +302,35 @@ def test_an_abandoned_output_cancels_its_upload(monkeypatch):
     up.write(b"x" * 1500)
     up.terminate()
     assert blob.session.deleted == ["https://upload/session"] and blob.single is None
+
+
+def _pieces(data: bytes, cuts: list[int], chunk: int) -> list[bytes]:
+    """The bytes `_owned_lines` gives each piece of `data` cut at `cuts`, fed `chunk` bytes at a time
+    from the byte before the piece's start (as `read_blocks` reads a piece)."""
+    bounds = [0, *cuts, len(data)]
+    out = []
+    for start, end in itertools.pairwise(bounds):
+        first = max(0, start - 1)
+        chunks = (data[i : i + chunk] for i in range(first, len(data), chunk))
+        out.append(b"".join(_owned_lines(chunks, first, start, end)))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_file_cut_anywhere_into_pieces_has_each_line_in_exactly_one_piece_whole(seed: int) -> None:
+    """Cuts at any bytes (in a line, on a newline, beside one another, in a run of blank lines):
+    the pieces, in order, are the file; each is whole lines; each line is in the piece its first
+    byte is in."""
+    rng = random.Random(seed)
+    lines = [b"x" * rng.choice([0, 0, 1, 2, 5, 30]) for _ in range(rng.randint(0, 40))]
+    data = b"\n".join(lines) + (b"\n" if rng.random() < 0.5 else b"")
+    cuts = sorted(rng.randint(0, len(data)) for _ in range(rng.randint(1, 8)))
+    pieces = _pieces(data, cuts, chunk=rng.choice([1, 2, 3, 7, 64]))
+    assert b"".join(pieces) == data
+    starts = [i for i in range(len(data)) if i == 0 or data[i - 1 : i] == b"\n"]  # where lines begin
+
+    def line_start_from(at: int) -> int:
+        return min((s for s in starts if s >= at), default=len(data))
+
+    for piece, (start, end) in zip(pieces, itertools.pairwise([0, *cuts, len(data)]), strict=True):
+        assert piece == data[line_start_from(start) : line_start_from(end)]

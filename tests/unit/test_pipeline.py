@@ -21,6 +21,7 @@ from worker import errors, pipeline
 from worker.jobs import GcsUri, Job, Options
 from worker.pipeline import Limits, ModelHandle, dumps_line, run
 from worker.serving import BatchRejected
+from worker.storage import _owned_lines
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,14 @@ class FakeFile:
     uri: GcsUri
     rel: str
     size: int
+    generation: int = 1
+    piece: tuple[int, int] | None = None
+    start: int = 0
+    end: int | None = None
+
+    @property
+    def length(self) -> int:
+        return (self.size if self.end is None else self.end) - self.start
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class FakeStore:
         self.generations = {k: 1 for k in objects}
         self.metadata: dict[str, dict[str, str]] = {}
         self._next_generation = itertools.count(2)
+        self.lines_before_calls = 0
         self._lock = threading.Lock()
 
     def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[FakeFile]:
@@ -52,15 +62,41 @@ class FakeStore:
         if not input_uri.is_prefix:
             if key not in self.objects:
                 raise errors.NotFound(f"input {input_uri} does not exist")
-            return [FakeFile(input_uri, input_uri.path.rsplit("/", 1)[-1], len(self.objects[key]))]
+            return [
+                FakeFile(input_uri, input_uri.path.rsplit("/", 1)[-1], len(self.objects[key]), self.generation(key))
+            ]
         return [
-            FakeFile(GcsUri(input_uri.bucket, k.split("/", 1)[1]), k[len(key) :], len(v))
+            FakeFile(GcsUri(input_uri.bucket, k.split("/", 1)[1]), k[len(key) :], len(v), self.generation(k))
             for k, v in sorted(self.objects.items())
             if k.startswith(key)
         ]
 
+    def generation(self, key: str) -> int:
+        return self.generations.setdefault(key, 1)
+
     def read_blocks(self, f: FakeFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
-        yield self.objects[f"{f.uri.bucket}/{f.uri.path}"].splitlines()
+        data = self.objects[f"{f.uri.bucket}/{f.uri.path}"]
+        if f.piece is not None:  # the lines that begin in its bytes, as Cloud Storage's reads give them
+            assert f.end is not None
+            first = max(0, f.start - 1)
+            data = b"".join(_owned_lines(iter([data[first:]]), first, f.start, f.end))
+        yield data.splitlines()
+
+    def can_cut(self, f: FakeFile) -> bool:
+        return not self.objects[f"{f.uri.bucket}/{f.uri.path}"].startswith(b"\x1f\x8b")
+
+    def lines_before(self, f: FakeFile) -> int:
+        self.lines_before_calls += 1
+        return self.objects[f"{f.uri.bucket}/{f.uri.path}"][: f.start - 1].count(b"\n") + 1 if f.start else 0
+
+    def names_under(self, prefix: GcsUri) -> set[str]:
+        key = f"{prefix.bucket}/{prefix.path}"
+        return {k.split("/", 1)[1] for k in self.objects if k.startswith(key)}
+
+    def compose(self, sources: list[GcsUri], uri: GcsUri, *, scratch: GcsUri, job_id: str, content_type: str) -> None:
+        if gone := [s for s in sources if f"{s.bucket}/{s.path}" not in self.objects]:
+            raise errors.NotFound(f"composing {uri}: {gone[0]} does not exist")
+        self.objects[f"{uri.bucket}/{uri.path}"] = b"".join(self.objects[f"{s.bucket}/{s.path}"] for s in sources)
 
     @contextlib.contextmanager
     def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[io.BytesIO]:
@@ -923,12 +959,15 @@ def test_every_line_is_answered_in_order_whichever_path_its_batch_takes(kinds, c
     assert totals["errors"] == kinds.count("rejected") + kinds.count("bad")
 
 
-def _parts_of(store: FakeStore, options: dict[str, Any], job_id: str = "big") -> tuple[list[Job], Published, Any]:
+def _parts_of(
+    store: FakeStore, options: dict[str, Any], job_id: str = "big", limits: Limits | None = None
+) -> tuple[list[Job], Published, Any]:
     """Dispatch a job with `parts`: the part jobs it publishes (as the jobs topic would carry them)."""
     dispatched, pub = Published(), Published()
+    limits = limits or Limits(4)
     outcome = run(
         _job(options, job_id=job_id), store=store, models=FakeModels(SumPredictor()), publisher=pub,
-        limits=Limits(4), dispatcher=dispatched,
+        limits=limits, dispatcher=dispatched,
     )  # fmt: skip
     parts = [Job.from_mapping(data, default_job_id="unused") for data, _ in dispatched.messages]
     assert [attrs["job_id"] for _, attrs in dispatched.messages] == [p.job_id for p in parts]
@@ -1014,6 +1053,93 @@ def test_the_parts_predict_the_files_shared_at_dispatch_whatever_the_input_holds
     assert [f["input"] for f in done.manifest["files"]] == [f"gs://bkt/in/{n}.jsonl" for n in "bcd"]
     [(manifest, _)] = pub.messages
     assert [f["input"] for f in manifest["files"]] == [f"gs://bkt/in/{n}.jsonl" for n in "abcd"]
+
+
+def test_a_file_larger_than_a_parts_share_is_cut_into_pieces_the_parts_share_and_the_last_joins():
+    """`parts: 3` over one large file and a small one: the large one is cut at line starts into 3
+    pieces (each about a part's share of the bytes), the parts predict a piece each (and the small
+    file), and the last to finish joins the pieces into the file's output: the same bytes as the
+    job run whole, error lines numbered as in the file, one entry for the file in the manifest,
+    the pieces removed. The file's lines before a piece are counted only for a piece with errors."""
+    lines = [b"[%d]" % k for k in range(30)]
+    lines[16], lines[28] = b"{not json", b"[oops"
+    objects = {"bkt/in/big.jsonl": b"\n".join(lines) + b"\n", "bkt/in/small.jsonl": b"[7]"}
+    alone = FakeStore(objects)
+    whole, _ = _run(alone, _job(job_id="whole"))
+
+    store = FakeStore(objects)
+    parts, pub, outcome = _parts_of(store, {"parts": 3}, limits=Limits(4, min_piece_bytes=10))
+    assert outcome.manifest["parts"] == 3 and outcome.manifest["files"] == 2
+    shares = json.loads(store.objects["bkt/out/_parts/files-of-3.json"])["shares"]
+    size = len(objects["bkt/in/big.jsonl"])
+    assert sorted((c["piece"], c["bytes"]) for s in shares for c in s if isinstance(c, dict)) == [
+        ([1, 3], [0, size // 3]), ([2, 3], [size // 3, 2 * size // 3]), ([3, 3], [2 * size // 3, size])
+    ]  # fmt: skip
+    assert sum(c == "small.jsonl" for s in shares for c in s) == 1
+    for part in (parts[2], parts[0], parts[1]):
+        done = _run_part(store, part, pub)
+        assert all(f["output"] == "gs://bkt/out/big.jsonl" for f in done.manifest["files"] if "piece" in f)
+    [(manifest, attrs)] = pub.messages
+    assert attrs == {"job_id": "big", "status": "PARTIALLY_SUCCEEDED"}
+    assert manifest["totals"] == whole.manifest["totals"]
+    assert manifest["files"][0] == {**whole.manifest["files"][0], "pieces": 3}
+    assert manifest["first_error"] == whole.manifest["first_error"]
+    assert manifest["first_error"]["line"] == 17
+    assert store.objects["bkt/out/big.jsonl"] == alone.objects["bkt/out/big.jsonl"]
+    assert [k for k in store.objects if k.startswith("bkt/out/_parts/pieces/")] == []
+    assert store.lines_before_calls == 2  # once for each piece with error lines that does not begin the file
+
+    # A part delivered again once the pieces are joined and removed: skipped, nothing published.
+    assert _run_part(store, parts[0], pub).skipped and len(pub.messages) == 1
+
+
+def test_a_piece_of_a_file_replaced_after_the_dispatch_fails_its_part_and_the_job_saying_so():
+    store = FakeStore({"bkt/in/big.jsonl": b"\n".join(b"[%d]" % k for k in range(40))})
+    parts, pub, _ = _parts_of(store, {"parts": 2}, limits=Limits(4, min_piece_bytes=10))
+    assert _run_part(store, parts[0], pub).status == "SUCCEEDED"
+    store.write_json(GcsUri("bkt", "in/big.jsonl"), [1, 2], job_id="someone")  # a new generation
+    assert _run_part(store, parts[1], pub).status == "FAILED"
+    [(manifest, attrs)] = pub.messages
+    assert attrs["status"] == "FAILED"
+    assert manifest["error"]["message"].startswith(
+        "part 2 of 2: input gs://bkt/in/big.jsonl was replaced after the job was dispatched, and this part predicts a "
+        "piece of it"
+    )
+    assert "bkt/out/big.jsonl" not in store.objects  # never joined from pieces of two generations
+
+
+def test_pieces_gone_before_they_are_joined_fail_the_job_unless_another_part_joined_them():
+    """A piece removed by hand before the last part joins them: the job FAILED, saying which. Two
+    parts combining at once: the one that lost the race to write the job's manifest finds the
+    pieces removed by the other as it joins them, and stops there without an error."""
+    lines = b"\n".join(b"[%d]" % k for k in range(40))
+    store = FakeStore({"bkt/in/big.jsonl": lines})
+    parts, pub, _ = _parts_of(store, {"parts": 2}, limits=Limits(4, min_piece_bytes=10))
+    _run_part(store, parts[0], pub)
+    [piece] = [k for k in store.objects if k.startswith("bkt/out/_parts/pieces/")]
+    del store.objects[piece]
+    _run_part(store, parts[1], pub)
+    [(manifest, attrs)] = pub.messages
+    assert attrs["status"] == "FAILED" and manifest["error"]["message"] == (
+        f"cannot join the pieces of gs://bkt/out/big.jsonl: its piece gs://{piece} is not there — send the job "
+        "again with another job_id"
+    )
+
+    class Racing(FakeStore):
+        """The other part combines the job while this one composes."""
+
+        def compose(self, sources: list[GcsUri], uri: GcsUri, **kw: Any) -> None:
+            whole = {**json.loads(self.objects["bkt/out/_parts/part-1-of-2.json"]), "job_id": "big"}
+            self.write_json(GcsUri("bkt", "out/_manifest.json"), {**whole, "status": "SUCCEEDED"}, job_id="big")
+            for s in sources:
+                del self.objects[f"{s.bucket}/{s.path}"]
+            super().compose(sources, uri, **kw)
+
+    store = Racing({"bkt/in/big.jsonl": lines})
+    parts, pub, _ = _parts_of(store, {"parts": 2}, limits=Limits(4, min_piece_bytes=10))
+    for part in parts:
+        assert _run_part(store, part, pub).status == "SUCCEEDED"
+    assert pub.messages == []  # the other part published the job's completion
 
 
 def test_parts_published_without_kept_shares_share_the_input_as_listed_when_they_run(
