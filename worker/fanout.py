@@ -118,8 +118,14 @@ def cuts(inputs: Sequence[Any], n: int, *, min_piece_bytes: int, can_cut: Callab
         if m >= 2 and can_cut(f):
             bounds = [f.size * i // m for i in range(m + 1)]
             out += [Cut(f.rel, b - a, f.generation, (i, m), a, b) for i, (a, b) in enumerate(pairwise(bounds), 1)]
-        else:
-            out.append(Cut(f.rel, f.size, f.generation))
+            continue
+        if m >= 2:
+            log.warning(
+                "%s (%d bytes) is larger than a part's share but is not cut into pieces: only a file stored as UTF-8 "
+                "JSON lines is (this one is gzip-compressed, UTF-16 or of another format); one part predicts it whole",
+                f.uri, f.size,
+            )  # fmt: skip
+        out.append(Cut(f.rel, f.size, f.generation))
     return out
 
 

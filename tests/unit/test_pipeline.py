@@ -1093,6 +1093,18 @@ def test_a_file_larger_than_a_parts_share_is_cut_into_pieces_the_parts_share_and
     assert _run_part(store, parts[0], pub).skipped and len(pub.messages) == 1
 
 
+def test_a_large_file_that_cannot_be_read_in_pieces_goes_whole_to_one_part_saying_so(
+    caplog: pytest.LogCaptureFixture,
+):
+    store = FakeStore({"bkt/in/big.jsonl.gz": b"\x1f\x8b" + b"\0" * 100, "bkt/in/small.jsonl": b"[1]"})
+    with caplog.at_level(logging.WARNING, logger="worker.fanout"):
+        parts, _, outcome = _parts_of(store, {"parts": 3}, limits=Limits(4, min_piece_bytes=10))
+    assert len(parts) == 2 and outcome.manifest["files"] == 2
+    assert json.loads(store.objects["bkt/out/_parts/files-of-2.json"])["shares"] == [["big.jsonl.gz"], ["small.jsonl"]]
+    said = "gs://bkt/in/big.jsonl.gz (102 bytes) is larger than a part's share but is not cut into pieces"
+    assert said in caplog.text
+
+
 def test_a_piece_of_a_file_replaced_after_the_dispatch_fails_its_part_and_the_job_saying_so():
     store = FakeStore({"bkt/in/big.jsonl": b"\n".join(b"[%d]" % k for k in range(40))})
     parts, pub, _ = _parts_of(store, {"parts": 2}, limits=Limits(4, min_piece_bytes=10))
