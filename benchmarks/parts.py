@@ -5,7 +5,7 @@ Cloud Run spreads pushes over its instances — against fake-gcs-server. Each fi
 publishing the job to pulling its completion: the trip of a job with parts through Pub/Sub twice
 (the job, then its parts) counts.
 
-    PYTHONPATH=. .venv/bin/python -m benchmarks.parts            # about 2 minutes
+    PYTHONPATH=. .venv/bin/python -m benchmarks.parts            # under a minute
     PYTHONPATH=. .venv/bin/python -m benchmarks.parts --quick    # a smoke run
 
 The jobs with and without parts alternate, after a warm-up that loads the model in both workers;

@@ -21,22 +21,7 @@ from worker import errors, pipeline
 from worker.jobs import GcsUri, Job, Options
 from worker.pipeline import Limits, ModelHandle, dumps_line, run
 from worker.serving import BatchRejected
-from worker.storage import _owned_lines
-
-
-@dataclass(frozen=True)
-class FakeFile:
-    uri: GcsUri
-    rel: str
-    size: int
-    generation: int = 1
-    piece: tuple[int, int] | None = None
-    start: int = 0
-    end: int | None = None
-
-    @property
-    def length(self) -> int:
-        return (self.size if self.end is None else self.end) - self.start
+from worker.storage import InputFile, _owned_lines
 
 
 @dataclass(frozen=True)
@@ -57,16 +42,16 @@ class FakeStore:
         self.lines_before_calls = 0
         self._lock = threading.Lock()
 
-    def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[FakeFile]:
+    def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[InputFile]:
         key = f"{input_uri.bucket}/{input_uri.path}"
         if not input_uri.is_prefix:
             if key not in self.objects:
                 raise errors.NotFound(f"input {input_uri} does not exist")
             return [
-                FakeFile(input_uri, input_uri.path.rsplit("/", 1)[-1], len(self.objects[key]), self.generation(key))
+                InputFile(input_uri, input_uri.path.rsplit("/", 1)[-1], len(self.objects[key]), self.generation(key))
             ]
         return [
-            FakeFile(GcsUri(input_uri.bucket, k.split("/", 1)[1]), k[len(key) :], len(v), self.generation(k))
+            InputFile(GcsUri(input_uri.bucket, k.split("/", 1)[1]), k[len(key) :], len(v), self.generation(k))
             for k, v in sorted(self.objects.items())
             if k.startswith(key)
         ]
@@ -74,7 +59,7 @@ class FakeStore:
     def generation(self, key: str) -> int:
         return self.generations.setdefault(key, 1)
 
-    def read_blocks(self, f: FakeFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
+    def read_blocks(self, f: InputFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
         data = self.objects[f"{f.uri.bucket}/{f.uri.path}"]
         if f.piece is not None:  # the lines that begin in its bytes, as Cloud Storage's reads give them
             assert f.end is not None
@@ -82,10 +67,10 @@ class FakeStore:
             data = b"".join(_owned_lines(iter([data[first:]]), first, f.start, f.end))
         yield data.splitlines()
 
-    def can_cut(self, f: FakeFile) -> bool:
+    def can_cut(self, f: InputFile) -> bool:
         return not self.objects[f"{f.uri.bucket}/{f.uri.path}"].startswith(b"\x1f\x8b")
 
-    def lines_before(self, f: FakeFile) -> int:
+    def lines_before(self, f: InputFile) -> int:
         self.lines_before_calls += 1
         return self.objects[f"{f.uri.bucket}/{f.uri.path}"][: f.start - 1].count(b"\n") + 1 if f.start else 0
 
@@ -767,7 +752,7 @@ class SlowStore(FakeStore):
         super().__init__(objects)
         self.block_delay_s, self.store_delay_s = block_delay_s, store_delay_s
 
-    def read_blocks(self, f: FakeFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
+    def read_blocks(self, f: InputFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
         for line in super().read_blocks(f).__next__():
             time.sleep(self.block_delay_s)
             yield [line]
@@ -852,7 +837,7 @@ class BlockStore(FakeStore):
         super().__init__(objects)
         self.cuts = cuts
 
-    def read_blocks(self, f: FakeFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
+    def read_blocks(self, f: InputFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
         lines = self.objects[f"{f.uri.bucket}/{f.uri.path}"].split(b"\n")
         edges = sorted({0, len(lines), *(c for c in self.cuts if 0 < c < len(lines))})
         for a, b in itertools.pairwise(edges):
@@ -1186,7 +1171,7 @@ def test_a_job_run_as_parts_fails_when_a_part_fails_or_errors_exceed_the_ratio()
     assert manifest["status"] == "FAILED" and "2 of 3 instances (66.7%)" in manifest["error"]["message"]
 
     class Unreadable(FakeStore):
-        def read_blocks(self, f: FakeFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
+        def read_blocks(self, f: InputFile, *, max_line_bytes: int = 2**30) -> Iterator[list[bytes]]:
             if f.rel == "b.jsonl":
                 raise errors.InvalidJob("input gs://bkt/in/b.jsonl is not gzip")
             yield from super().read_blocks(f, max_line_bytes=max_line_bytes)
