@@ -21,6 +21,9 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY worker/ worker/
+# The worker's bytecode in the image: PYTHONDONTWRITEBYTECODE keeps an instance from writing it,
+# so without this every cold start compiles the worker's modules again (about 0.1 s).
+RUN python -m compileall -q worker
 RUN useradd --create-home --uid 10001 worker
 
 FROM base AS serving-tfserving

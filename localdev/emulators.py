@@ -8,6 +8,7 @@ stopped by pid (its whole process group: the Pub/Sub emulator is a shell script 
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import os
 import shutil
@@ -192,7 +193,10 @@ def start_pubsub_emulator() -> tuple[Service, str]:
 
 
 def start_worker(env: Mapping[str, str], *, target: str = "handle_event", threads: int = 4) -> tuple[Service, str]:
-    """The worker served by functions-framework over HTTP, exactly as the image runs it."""
+    """The worker served by functions-framework over HTTP, exactly as the image runs it: from its
+    modules compiled beforehand (where Python keeps them, in `worker/__pycache__/`), as the image
+    holds them, which PYTHONDONTWRITEBYTECODE would otherwise have each start compile again."""
+    compileall.compile_dir(REPO_ROOT / "worker", quiet=1)
     port = free_port()
     ff = shutil.which("functions-framework", path=os.path.dirname(sys.executable)) or "functions-framework"
     argv = [ff, "--source", "worker/main.py", "--target", target, "--host", "127.0.0.1", "--port", str(port)]

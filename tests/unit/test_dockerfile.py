@@ -3,7 +3,12 @@ the same source and targets the tests serve, and its TF Serving matches our Tens
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from worker import main
@@ -48,3 +53,27 @@ def test_runs_as_the_unprivileged_user_it_creates():
     uid = re.search(r"useradd .*--uid (\d+)", DOCKERFILE)
     user = re.search(r"^USER (\S+)$", DOCKERFILE, flags=re.M)
     assert uid and user and user.group(1) == uid.group(1) != "0"
+
+
+def test_the_image_holds_the_workers_bytecode_so_that_a_cold_start_compiles_none_of_it(tmp_path):
+    """The image's RUN compiling the copied worker/, run on a copy of it: the worker's modules are
+    then loaded from bytecode, with the image's PYTHONDONTWRITEBYTECODE set, as none was before."""
+    compile_run = re.search(r"^RUN (python -m compileall .*worker)$", DOCKERFILE, flags=re.M)
+    assert compile_run and "PYTHONDONTWRITEBYTECODE=1" in DOCKERFILE
+    assert DOCKERFILE.index("COPY worker/ worker/") < compile_run.start()
+    shutil.copytree(ROOT / "worker", tmp_path / "worker", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(tmp_path)}
+
+    def loaded_from() -> list[str]:
+        verbose = subprocess.run(
+            [sys.executable, "-v", "-c", "import worker.main"], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert verbose.returncode == 0, verbose.stderr[-2000:]
+        return re.findall(rf"# code object from '?({re.escape(str(tmp_path))}\S*?)'?$", verbose.stderr, flags=re.M)
+
+    before = loaded_from()
+    assert before and all(path.endswith(".py") for path in before)
+    argv = shlex.split(compile_run.group(1))
+    subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, check=True)
+    after = loaded_from()
+    assert len(after) == len(before) and all(path.endswith(".pyc") for path in after)
