@@ -23,8 +23,8 @@ RUN pip install --no-cache-dir -r requirements.txt
 COPY worker/ worker/
 # The worker's bytecode in the image: PYTHONDONTWRITEBYTECODE keeps an instance from writing it,
 # so without this every cold start compiles the worker's modules again (about 0.1 s).
-RUN python -m compileall -q worker
-RUN useradd --create-home --uid 10001 worker
+RUN python -m compileall -q worker \
+    && useradd --create-home --uid 10001 worker
 
 FROM base AS serving-tfserving
 COPY --from=tfserving-binary /usr/bin/tensorflow_model_server /usr/local/bin/tensorflow_model_server
