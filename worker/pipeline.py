@@ -60,6 +60,11 @@ COMPLETION_MAX_BYTES = 1024 * 1024
 # refusal: a model of variable-length inputs. Their batches go one shape at a time from then on,
 # without the whole-batch call each would refuse (in this job and in later ones on the warm model).
 _ONE_SHAPE_PER_CALL: weakref.WeakSet[Any] = weakref.WeakSet()
+# Of the last batch each predictor refused and that was isolated, the share of its instances the
+# model refused one by one. From MOSTLY_REFUSED of them on, the next refused batch goes instance
+# by instance (n calls) rather than in halves (up to 2n - 1 calls when all are refused).
+_LAST_REFUSED: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+MOSTLY_REFUSED = 1 / 4
 
 
 class Sink(Protocol):
@@ -923,19 +928,27 @@ def _refused(predictor: Predictor, entries: list[_Entry], rejected: BatchRejecte
     if len(entries) == 1 or rejected.each:
         for e in entries:
             e.error = rejected.message
-    else:
+    elif grouped:
         _isolate(predictor, entries, grouped=grouped)
+    else:  # a batch as the file gave it: how many of its instances are refused tells how to isolate the next
+        _isolate(predictor, entries, grouped=False, one_by_one=_LAST_REFUSED.get(predictor, 0.0) >= MOSTLY_REFUSED)
+        _LAST_REFUSED[predictor] = sum(e.error is not None for e in entries) / len(entries)
 
 
-def _isolate(predictor: Predictor, entries: list[_Entry], *, grouped: bool) -> None:
+def _isolate(predictor: Predictor, entries: list[_Entry], *, grouped: bool, one_by_one: bool = False) -> None:
     """Predict a batch the model refused, in parts. First instances of one shape together: a model
     of variable-length inputs (token ids, say) takes only rectangular batches, as TF Serving does,
     so each length makes a batch of its own (and when every length goes through, the predictor is
     remembered as taking one shape per call). Then halves, until each bad instance is alone: one
-    bad instance costs one error line and not its batch."""
+    bad instance costs one error line and not its batch; or, `one_by_one` (when most of the last
+    refused batch was refused), each instance alone."""
     if not grouped and _by_shape(predictor, entries):
         if all(e.error is None for e in entries):
             _ONE_SHAPE_PER_CALL.add(predictor)
+        return
+    if one_by_one:
+        for e in entries:
+            _predict_isolating(predictor, [e], grouped=True)
         return
     mid = len(entries) // 2
     _predict_isolating(predictor, entries[:mid], grouped=True)

@@ -416,6 +416,32 @@ def test_batches_are_bounded_and_bisection_isolates():
     assert predictor.calls[:2] == [4, 4]
 
 
+class VocabularyPredictor(SumPredictor):
+    """Like a model with an embedding of 100 ids: refuses a batch holding a larger one."""
+
+    def predict(self, instances: list[Any]) -> list[Any]:
+        self.calls.append(len(instances))
+        if any(v >= 100 for i in instances for v in i):
+            raise BatchRejected("indices[0,0] = 200 is not in [0, 100)")
+        return [sum(i) for i in instances]
+
+
+def test_after_a_batch_mostly_refused_the_next_refused_one_is_isolated_instance_by_instance():
+    """Halving a refused batch costs up to 2n - 1 calls when the model refuses all of it (an id
+    out of its vocabulary in every line, say): after a batch that was mostly refused, the next
+    refused batch goes one instance at a time (n calls); after one with few refusals, in halves."""
+    lines = ["[200]"] * 8 + ["[1]"] * 7 + ["[300]"] + ["[2]"] * 7 + ["[400]"]
+    store = FakeStore({"bkt/in/f.jsonl": "\n".join(lines).encode()})
+    predictor = VocabularyPredictor()
+    outcome, _ = _run(store, _job(), predictor, batch_size=8)
+    assert outcome.manifest["totals"]["errors"] == 10 and outcome.manifest["totals"]["predictions"] == 14
+    assert predictor.calls == [
+        *[8, 4, 2, 1, 1, 2, 1, 1, 4, 2, 1, 1, 2, 1, 1],  # all 8 refused, found by halving: 15 calls
+        *[8, 1, 1, 1, 1, 1, 1, 1, 1],  # after it, one at a time: 9 calls for 1 refused of 8
+        *[8, 4, 4, 2, 2, 1, 1],  # after that, in halves again
+    ]
+
+
 class RectangularPredictor(SumPredictor):
     """Like a model of variable-length inputs behind TF Serving: a batch must be lists of integers,
     all of one length."""
