@@ -99,11 +99,13 @@ class Cut:
         if isinstance(value, str):
             return cls(value, 0)
         try:
-            (i, m), (start, end) = value["piece"], value["bytes"]
-            cut = cls(str(value["rel"]), end - start, int(value["generation"]), (int(i), int(m)), int(start), int(end))
+            (i, m), (start, end) = map(int, value["piece"]), map(int, value["bytes"])
+            generation = int(value["generation"])
         except (KeyError, TypeError, ValueError):
             return None
-        return cut if 1 <= i <= m and 0 <= start <= end else None
+        if not (1 <= i <= m and 0 <= start <= end):
+            return None
+        return cls(str(value["rel"]), end - start, generation, (i, m), start, end)
 
 
 def cuts(inputs: Sequence[Any], n: int, *, min_piece_bytes: int, can_cut: Callable[[Any], bool]) -> list[Cut]:

@@ -1104,6 +1104,28 @@ def test_a_file_larger_than_a_parts_share_is_cut_into_pieces_the_parts_share_and
     assert _run_part(store, parts[0], pub).skipped and len(pub.messages) == 1
 
 
+@pytest.mark.parametrize(
+    "kept",
+    [
+        {"rel": "a", "piece": ["x", 2], "bytes": [0, 5], "generation": 3},
+        {"rel": "a", "piece": [3, 2], "bytes": [0, 5], "generation": 3},
+        {"rel": "a", "piece": [1, 2, 3], "bytes": [0, 5], "generation": 3},
+        {"rel": "a", "piece": [1, 2], "bytes": [5, 0], "generation": 3},
+        {"rel": "a", "piece": [1, 2], "bytes": [0, 5]},
+        5,
+    ],
+)
+def test_shares_kept_with_a_piece_that_makes_no_sense_are_not_taken_as_this_jobs(kept: Any) -> None:
+    whole = _job({"parts": 2}, job_id="big")
+    good = {"rel": "b", "piece": [1, 2], "bytes": [0, 5], "generation": 3}
+    value = {"job_id": "big", "input": "gs://bkt/in/", "shares": [[good], ["c"]]}
+    assert pipeline.fanout._shares(value, whole, 2) == [
+        [pipeline.fanout.Cut("b", 5, 3, (1, 2), 0, 5)],
+        [pipeline.fanout.Cut("c", 0)],
+    ]
+    assert pipeline.fanout._shares({**value, "shares": [[good], [kept]]}, whole, 2) is None
+
+
 def test_a_large_file_that_cannot_be_read_in_pieces_goes_whole_to_one_part_saying_so(
     caplog: pytest.LogCaptureFixture,
 ):
