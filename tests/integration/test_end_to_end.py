@@ -4,6 +4,7 @@ functions-framework: outputs checked line by line against TensorFlow, manifest, 
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 
 import pytest
@@ -108,6 +109,34 @@ def test_one_large_file_is_cut_into_pieces_for_its_parts_and_joined_into_one_out
     shares = json.loads(storage_client.bucket(bucket).blob("one-out/_parts/files-of-3.json").download_as_bytes())
     assert sorted(c["piece"] for share in shares["shares"] for c in share) == [[1, 3], [2, 3], [3, 3]]
     assert topo.no_more_completions() == []
+
+
+def test_a_file_of_odd_lines_cut_into_pieces_gives_the_bytes_the_job_run_whole_gives(
+    worker_service, storage_client, bucket, model_uris
+):
+    """A UTF-8 byte order mark, `\r\n` endings then `\n` ones, blank and whitespace lines, a line
+    that is not JSON, a line of 20 kB and no newline at the end: the output joined from the 4
+    pieces of the job run as parts is, byte for byte, the output of the job run whole, with the
+    same counts and the same first error line."""
+    _, _, topo = worker_service
+    lines = [json.dumps(i) for i in models.mlp_instances(400, seed=9)]
+    lines[10], lines[50], lines[99] = "", "   ", "[1, 2"
+    lines[200] += " " * 20_000
+    data = codecs.BOM_UTF8 + "\r\n".join(lines[:150]).encode() + b"\r\n" + "\n".join(lines[150:]).encode()
+    storage_client.bucket(bucket).blob("odd/odd.jsonl").upload_from_string(data)
+    job = {"model": model_uris["mlp"], "input": f"gs://{bucket}/odd/odd.jsonl"}
+    whole_id = topo.publish_job({**job, "output": f"gs://{bucket}/odd-whole/"})
+    cut_id = topo.publish_job({**job, "output": f"gs://{bucket}/odd-cut/", "options": {"parts": 4}})
+    done = {attrs["job_id"]: manifest for manifest, attrs in topo.completions(2)}
+    whole, cut = done[whole_id], done[cut_id]
+    assert whole["status"] == cut["status"] == "PARTIALLY_SUCCEEDED"
+    assert whole["totals"] == cut["totals"] == {
+        "lines": 400, "instances": 398, "predictions": 397, "errors": 1, "skipped": 2
+    }  # fmt: skip
+    assert cut["first_error"] == whole["first_error"] and whole["first_error"]["line"] == 100
+    assert cut["files"] == [{**whole["files"][0], "output": f"gs://{bucket}/odd-cut/odd.jsonl", "pieces": 4}]
+    written = storage_client.bucket(bucket).blob("odd-cut/odd.jsonl").download_as_bytes()
+    assert written == storage_client.bucket(bucket).blob("odd-whole/odd.jsonl").download_as_bytes()
 
 
 def test_named_inputs_and_b64_strings(worker_service, storage_client, bucket, model_uris):
