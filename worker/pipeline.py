@@ -198,7 +198,11 @@ def _dispatch(
     assert job.options.parts is not None
     try:
         if job.manifest is not None:
-            raise errors.InvalidJob("option parts is for job messages and job files; a dropped file is one file")
+            raise errors.InvalidJob(
+                "option parts is for job messages and job files: a dropped file is one job, on one instance — to "
+                "spread a large file over instances, publish a job message (or upload a *.job.json) naming it as "
+                "input, with parts"
+            )
         if dispatcher is None:
             raise errors.InvalidJob(
                 "option parts needs the worker's WORKER_JOBS_TOPIC (the topic its job messages come from), "

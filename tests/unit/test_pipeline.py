@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -1136,6 +1137,18 @@ def test_a_large_file_that_cannot_be_read_in_pieces_goes_whole_to_one_part_sayin
     assert json.loads(store.objects["bkt/out/_parts/files-of-2.json"])["shares"] == [["big.jsonl.gz"], ["small.jsonl"]]
     said = "gs://bkt/in/big.jsonl.gz (102 bytes) is larger than a part's share but is not cut into pieces"
     assert said in caplog.text
+
+
+def test_a_dropped_file_with_parts_fails_saying_how_to_spread_a_large_file():
+    store = FakeStore({"bkt/in/big.jsonl": b"[1]\n[2]"})
+    dropped = _job({"parts": 2}, inp="gs://bkt/in/big.jsonl")
+    job = dataclasses.replace(dropped, manifest=GcsUri("bkt", "out/_manifests/big.json"))
+    outcome, pub = _run(store, job)
+    assert outcome.status == "FAILED" and outcome.manifest["error"]["message"].startswith(
+        "option parts is for job messages and job files: a dropped file is one job, on one instance — to spread a "
+        "large file over instances, publish a job message (or upload a *.job.json) naming it as input, with parts"
+    )
+    assert [attrs["status"] for _, attrs in pub.messages] == ["FAILED"]
 
 
 def test_a_piece_of_a_file_replaced_after_the_dispatch_fails_its_part_and_the_job_saying_so():
