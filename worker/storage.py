@@ -395,21 +395,27 @@ class GcsStore:
 
     def lines_before(self, f: InputFile) -> int:
         """How many lines of the file begin before the first line of the piece `f` (the number of
-        that line, less one): its newlines before byte start - 1, plus the line they leave open."""
+        that line, less one): its newlines before byte start - 1, plus the line they leave open.
+        The bytes before it are read in ranges, `download_threads` at a time, and only counted."""
         if f.start == 0:
             return 0
         url = self._media.download_url(f.uri.bucket, f.uri.path, f.generation or None)
-        count, offset = 0, 0
+
+        def newlines(start: int) -> int:
+            end = min(start + READ_CHUNK_BYTES, f.start - 1)
+            reply = self._media.read(url, start, end - 1)
+            if reply.stream is not None:
+                reply.stream.close()
+            if reply.stream is not None or len(reply.data) != end - start:
+                raise TransientError(f"reading input {f.uri}: bytes {start} to {end} of {f.size} did not come whole")
+            return reply.data.count(b"\n")
+
+        starts = range(0, f.start - 1, READ_CHUNK_BYTES)
         with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
-            while offset < f.start - 1:
-                reply = self._media.read(url, offset, min(offset + READ_CHUNK_BYTES, f.start - 1) - 1)
-                if reply.stream is not None or not reply.data:
-                    if reply.stream is not None:
-                        reply.stream.close()
-                    raise TransientError(f"reading input {f.uri}: it ended at byte {offset} of {f.size}")
-                count += reply.data.count(b"\n")
-                offset += len(reply.data)
-        return count + 1
+            if len(starts) <= 1:
+                return sum(map(newlines, starts)) + 1
+            with ThreadPoolExecutor(max_workers=min(self._download_threads, len(starts))) as pool:
+                return sum(pool.map(newlines, starts)) + 1
 
     def names_under(self, prefix: GcsUri) -> set[str]:
         """The names of the objects under `prefix` (a folder's, ending in /)."""
