@@ -944,8 +944,8 @@ def _isolate(predictor: Predictor, entries: list[_Entry], *, grouped: bool, one_
     of variable-length inputs (token ids, say) takes only rectangular batches, as TF Serving does,
     so each length makes a batch of its own (and when every length goes through, the predictor is
     remembered as taking one shape per call). Then halves, until each bad instance is alone: one
-    bad instance costs one error line and not its batch; or, `one_by_one` (when most of the last
-    refused batch was refused), each instance alone."""
+    bad instance costs one error line and not its batch; or, `one_by_one` (when a quarter or more of
+    the last refused batch was refused), each instance alone."""
     if not grouped and _by_shape(predictor, entries):
         if all(e.error is None for e in entries):
             _ONE_SHAPE_PER_CALL.add(predictor)
