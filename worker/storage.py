@@ -316,7 +316,7 @@ class GcsStore:
         # A piece reads from the byte before its start (the end of the line before it, or of a
         # line it is cut through), and past its end only to the end of its last line.
         offset = first = max(0, f.start - 1)
-        end = f.size if f.end is None else f.end
+        stop = f.size if f.end is None else f.end
         whole: Any = None  # the object as one stream, when Cloud Storage serves it so
 
         def read() -> bytes:
@@ -327,7 +327,7 @@ class GcsStore:
                 return chunk
             if offset >= f.size:
                 return b""
-            step = READ_CHUNK_BYTES if offset < end else TAIL_CHUNK_BYTES
+            step = READ_CHUNK_BYTES if offset < stop else TAIL_CHUNK_BYTES
             reply = self._media.read(url, offset, min(offset + step, f.size) - 1)
             if reply.stream is not None and f.piece is not None:
                 reply.stream.close()
@@ -355,9 +355,9 @@ class GcsStore:
                 if f.piece is None:
                     text = _as_utf8(_gunzipped(chunks, f.uri), f.uri)
                 elif f.start == 0:  # the file's first piece: its byte order mark goes
-                    text = _as_utf8(_owned_lines(chunks, 0, 0, end), f.uri)
+                    text = _as_utf8(_owned_lines(chunks, 0, 0, stop), f.uri)
                 else:
-                    text = _owned_lines(chunks, first, f.start, end)
+                    text = _owned_lines(chunks, first, f.start, stop)
                 for chunk in text:
                     if cut:
                         end = chunk.find(b"\n")
@@ -385,7 +385,7 @@ class GcsStore:
         another format, which only a reading from its first byte can tell (or decompress)."""
         url = self._media.download_url(f.uri.bucket, f.uri.path, f.generation or None)
         with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
-            reply = self._media.read(url, 0, min(f.size, 16) - 1)
+            reply = self._media.read(url, 0, max(1, min(f.size, 16)) - 1)
         if reply.stream is not None:
             reply.stream.close()
             return False

@@ -100,6 +100,26 @@ def test_a_line_longer_than_the_limit_is_cut_and_the_rest_of_it_never_held(store
     assert lines == [b"[1]", document[: limit + 1], b"[2]", b"yyyyy", b"w" * (limit + 1)]
 
 
+def test_after_a_line_longer_than_the_limit_the_file_is_still_read_in_whole_chunks(
+    store, storage_client, bucket, monkeypatch
+):
+    """The rest of the file after a cut line comes in chunks of READ_CHUNK_BYTES, not in the small
+    reads a piece makes past its end for its last line."""
+    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(storage_mod, "TAIL_CHUNK_BYTES", 1000)
+    rest = b"".join(b"[%d]\n" % i for i in range(150_000))
+    _put(storage_client, bucket, "long-first.jsonl", b"z" * 300_000 + b"\n" + rest)
+    [f] = store.list_inputs(GcsUri(bucket, "long-first.jsonl"))
+    reads = []
+    real = store._media.read
+    monkeypatch.setattr(
+        store._media, "read", lambda url, start, end: reads.append(end - start + 1) or real(url, start, end)
+    )
+    lines = [line for block in store.read_blocks(f, max_line_bytes=100_000) for line in block]
+    assert lines == [b"z" * 100_001, *rest.splitlines()]
+    assert len(reads) == -(-f.size // (256 * 1024))
+
+
 @pytest.mark.parametrize("size", [0, 1, 256 * 1024 - 1, 256 * 1024, 256 * 1024 + 1, 3 * 256 * 1024])
 def test_every_byte_is_read_at_chunk_boundaries(store, storage_client, bucket, monkeypatch, size):
     monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
