@@ -320,9 +320,10 @@ def join_pieces(whole: Job, store: Any, parts: list[dict[str, Any]]) -> list[str
             try:
                 store.compose(objects, GcsUri.parse(output), scratch=folder, job_id=whole.job_id, content_type=JSONL)
             except errors.WorkerError:
-                if not (absent := _absent(store, folder, objects)):  # else removed by the part that combined the job
+                if not (absent := _absent(store, folder, objects)):  # else joined by another part meanwhile
                     raise
-        if absent:
+        # Pieces are deleted as they are joined: gone, with the output this job's, they were joined.
+        if absent and store.written_by(GcsUri.parse(output)) != whole.job_id:
             missing.append(f"{output}: its piece {absent[0]} is not there")
             continue
         log.info("job %s: %s joined from %d pieces", whole.job_id, output, m)
@@ -335,7 +336,8 @@ def _absent(store: Any, folder: GcsUri, objects: list[GcsUri]) -> list[str]:
 
 
 def remove_pieces(store: Any, parts: list[dict[str, Any]]) -> None:
-    """Delete the pieces once joined and the job's manifest written."""
+    """Delete the pieces once joined and the job's manifest written: those Cloud Storage kept (a
+    file of more pieces than one request joins; an emulator that keeps sources)."""
     for cut in pieces(parts).values():
         for p in cut:
             store.delete(GcsUri.parse(str(p["object"])))

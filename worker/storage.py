@@ -424,26 +424,37 @@ class GcsStore:
 
     def compose(self, sources: list[GcsUri], uri: GcsUri, *, scratch: GcsUri, job_id: str, content_type: str) -> None:
         """Write at `uri` the objects `sources` (of its bucket) end to end, as one object that
-        appears whole. More than Cloud Storage joins in one request are joined in groups first,
-        into objects under the prefix `scratch`, deleted after. A source that is gone raises."""
+        appears whole, deleting the sources as it does (`deleteSourceObjects`: at once, without the
+        days a bucket's soft delete would keep and bill them). More than Cloud Storage joins in one
+        request are joined in groups first, into objects under the prefix `scratch` (the sources
+        kept until the groups are joined: the caller removes them). A source that is gone raises."""
         bucket = self._client.bucket(uri.bucket)
+        groups = [sources[i : i + COMPOSE_MAX_SOURCES] for i in range(0, len(sources), COMPOSE_MAX_SOURCES)]
+        joined = sources if len(groups) == 1 else [scratch.child(f"group-{k}") for k in range(len(groups))]
         with translate_errors(f"writing output {uri}", bucket):
-            groups = [sources[i : i + COMPOSE_MAX_SOURCES] for i in range(0, len(sources), COMPOSE_MAX_SOURCES)]
-            joined = sources if len(groups) == 1 else [scratch.child(f"group-{k}") for k in range(len(groups))]
             if len(groups) > 1:
                 for group, into in zip(groups, joined, strict=True):
-                    self._compose(bucket, group, into, job_id=job_id, content_type=content_type)
-            self._compose(bucket, joined, uri, job_id=job_id, content_type=content_type)
+                    self._compose(bucket, group, into, job_id=job_id, content_type=content_type, delete=False)
+            self._compose(bucket, joined, uri, job_id=job_id, content_type=content_type, delete=True)
         if len(groups) > 1:
             for into in joined:
-                self.delete(into)
+                self.delete(into)  # where `deleteSourceObjects` is not honoured (fake-gcs-server ignores it)
 
     @staticmethod
-    def _compose(bucket: Any, sources: list[GcsUri], uri: GcsUri, *, job_id: str, content_type: str) -> None:
+    def _compose(
+        bucket: Any, sources: list[GcsUri], uri: GcsUri, *, job_id: str, content_type: str, delete: bool
+    ) -> None:
         blob = bucket.blob(uri.path)
         blob.metadata = {WRITTEN_BY_KEY: job_id}
         blob.content_type = content_type
-        blob.compose([bucket.blob(s.path) for s in sources])
+        blob.compose([bucket.blob(s.path) for s in sources], delete_source_objects=delete or None)
+
+    def written_by(self, uri: GcsUri) -> str | None:
+        """The job that wrote the object (its `embedded-tf-job` metadata); None when it does not
+        exist or another program wrote it."""
+        with translate_errors(f"reading {uri}"):
+            blob = self._client.bucket(uri.bucket).get_blob(uri.path)
+        return None if blob is None else (blob.metadata or {}).get(WRITTEN_BY_KEY)
 
     # -- outputs -----------------------------------------------------------------------------
 

@@ -468,7 +468,8 @@ def test_only_a_file_read_as_stored_utf8_lines_can_be_cut(store, storage_client,
 
 @pytest.mark.parametrize("count", [1, 32, 70])
 def test_pieces_are_composed_into_one_object_that_appears_whole(store, storage_client, bucket, count):
-    """Up to 32 sources in one request; more in groups first, under the scratch prefix, removed after."""
+    """Up to 32 sources in one request; more in groups first, under the scratch prefix, removed after;
+    the output marked as the job's."""
     sources = [GcsUri(bucket, f"out/_parts/pieces/f.jsonl/{i}-of-{count}.jsonl") for i in range(1, count + 1)]
     for i, uri in enumerate(sources):
         _put(storage_client, bucket, uri.path, b"%d\n" % i)
@@ -477,4 +478,6 @@ def test_pieces_are_composed_into_one_object_that_appears_whole(store, storage_c
     blob = storage_client.bucket(bucket).get_blob("out/f.jsonl")
     assert blob.download_as_bytes() == b"".join(b"%d\n" % i for i in range(count))
     assert blob.metadata == {storage_mod.WRITTEN_BY_KEY: "j"} and blob.content_type == "application/jsonl"
-    assert store.names_under(scratch) == {s.path for s in sources}
+    assert store.written_by(GcsUri(bucket, "out/f.jsonl")) == "j" and store.written_by(scratch.child("x")) is None
+    # The groups joined first are removed (the sources too in Cloud Storage; fake-gcs-server keeps them).
+    assert not [name for name in store.names_under(scratch) if "group-" in name]

@@ -80,9 +80,16 @@ class FakeStore:
         return {k.split("/", 1)[1] for k in self.objects if k.startswith(key)}
 
     def compose(self, sources: list[GcsUri], uri: GcsUri, *, scratch: GcsUri, job_id: str, content_type: str) -> None:
+        """As Cloud Storage composes with deleteSourceObjects: the sources go."""
         if gone := [s for s in sources if f"{s.bucket}/{s.path}" not in self.objects]:
             raise errors.NotFound(f"composing {uri}: {gone[0]} does not exist")
-        self.objects[f"{uri.bucket}/{uri.path}"] = b"".join(self.objects[f"{s.bucket}/{s.path}"] for s in sources)
+        key = f"{uri.bucket}/{uri.path}"
+        self.objects[key] = b"".join(self.objects.pop(f"{s.bucket}/{s.path}") for s in sources)
+        self.metadata[key] = {"embedded-tf-job": job_id}
+
+    def written_by(self, uri: GcsUri) -> str | None:
+        key = f"{uri.bucket}/{uri.path}"
+        return self.metadata.get(key, {}).get("embedded-tf-job") if key in self.objects else None
 
     @contextlib.contextmanager
     def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[io.BytesIO]:
@@ -1125,6 +1132,33 @@ def test_shares_kept_with_a_piece_that_makes_no_sense_are_not_taken_as_this_jobs
         [pipeline.fanout.Cut("c", 0)],
     ]
     assert pipeline.fanout._shares({**value, "shares": [[good], [kept]]}, whole, 2) is None
+
+
+def test_pieces_joined_before_the_jobs_manifest_could_be_written_count_as_joined_when_it_is_retried():
+    """Cloud Storage deletes the pieces as it joins them: when writing the job's manifest then fails
+    (a transient error: the part is delivered again), the part sent again finds them gone and the
+    output this job's, and completes the job."""
+
+    class ManifestFailsOnce(FakeStore):
+        failed = False
+
+        def write_json(self, uri: GcsUri, value: Any, **kw: Any) -> int:
+            if uri.path == "out/_manifest.json" and not self.failed:
+                self.failed = True
+                raise errors.TransientError("writing gs://bkt/out/_manifest.json: 503")
+            return super().write_json(uri, value, **kw)
+
+    lines = b"\n".join(b"[%d]" % k for k in range(40))
+    store = ManifestFailsOnce({"bkt/in/big.jsonl": lines})
+    parts, pub, _ = _parts_of(store, {"parts": 2}, limits=Limits(4, min_piece_bytes=10))
+    _run_part(store, parts[0], pub)
+    with pytest.raises(errors.TransientError):
+        _run_part(store, parts[1], pub)
+    assert [line["prediction"] for line in store.lines("bkt/out/big.jsonl")] == list(range(40))
+    assert not [k for k in store.objects if "/pieces/" in k]
+    assert _run_part(store, parts[1], pub).skipped  # the part's own manifest was written before
+    [(manifest, attrs)] = pub.messages
+    assert attrs["status"] == "SUCCEEDED" and manifest["files"][0]["pieces"] == 2
 
 
 def test_a_large_file_that_cannot_be_read_in_pieces_goes_whole_to_one_part_saying_so(
