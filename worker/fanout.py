@@ -11,10 +11,11 @@ predicts the files of its share, as the input holds them when it runs (a file de
 out, a file added since is in no share), writes its outputs where the whole job would, and its
 manifest at `<output>/_parts/part-k-of-N.json`; it publishes nothing itself. The part that then
 finds all N part manifests written combines them into the job's manifest (created only where none
-is: of two parts that finish together, one writes it), after joining each cut file's pieces (written
-by the parts under `<output>/_parts/pieces/`) into the file's output, and publishes the job's one
-completion message. The job sent again keeps the shares of its first dispatch, so the parts that succeeded
-then and the parts that run again never hold a file twice or miss one between them.
+is: of two parts that finish together, one writes it), after joining each cut file's pieces
+(written by the parts under `<output>/_parts/pieces/`) into the file's output, and publishes the
+job's one completion message. The job sent again keeps the shares of its first dispatch, so the
+parts that succeeded then and the parts that run again never hold a file twice or miss one between
+them.
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ def join_pieces(whole: Job, store: Any, parts: list[dict[str, Any]]) -> list[str
         if [p["of"][0] for p in cut] != list(range(1, m + 1)):
             missing.append(f"{output}: {m - len(cut)} of its {m} pieces were not predicted")
             continue
-        folder = GcsUri(objects[0].bucket, objects[0].path.rpartition("/")[0] + "/")
+        folder = _folder(objects)
         if not (absent := _absent(store, folder, objects)):
             try:
                 store.compose(objects, GcsUri.parse(output), scratch=folder, job_id=whole.job_id, content_type=JSONL)
@@ -330,17 +331,26 @@ def join_pieces(whole: Job, store: Any, parts: list[dict[str, Any]]) -> list[str
     return missing
 
 
+def _folder(objects: list[GcsUri]) -> GcsUri:
+    """The folder of a cut file's pieces (`_parts/pieces/<file>/`)."""
+    return GcsUri(objects[0].bucket, objects[0].path.rpartition("/")[0] + "/")
+
+
 def _absent(store: Any, folder: GcsUri, objects: list[GcsUri]) -> list[str]:
     there = store.names_under(folder)
     return [str(o) for o in objects if o.path not in there]
 
 
 def remove_pieces(store: Any, parts: list[dict[str, Any]]) -> None:
-    """Delete the pieces once joined and the job's manifest written: those Cloud Storage kept (a
-    file of more pieces than one request joins; an emulator that keeps sources)."""
+    """Delete what is left of the pieces once joined and the job's manifest written: Cloud Storage
+    deletes them as it joins them, but for a file of more pieces than one request joins (and an
+    emulator that keeps sources). A listing of each file's pieces, not a delete per piece."""
     for cut in pieces(parts).values():
-        for p in cut:
-            store.delete(GcsUri.parse(str(p["object"])))
+        objects = [GcsUri.parse(str(p["object"])) for p in cut]
+        absent = set(_absent(store, _folder(objects), objects))
+        for o in objects:
+            if str(o) not in absent:
+                store.delete(o)
 
 
 def write_combined(whole: Job, store: Any, manifest: dict[str, Any], *, replacing: int = 0) -> bool:
