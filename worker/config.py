@@ -61,6 +61,13 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
         "The job subscription's dead-letter max_delivery_attempts: a job that fails transiently on that "
         "delivery publishes FAILED before its message is dead-lettered. Empty: never.",
     ),
+    (
+        "WORKER_GIVE_UP_AFTER_SECONDS",
+        "give_up_after_seconds",
+        "An event still failing transiently this long after it was sent (its Pub/Sub message's publish "
+        "time, else the CloudEvent's time) publishes FAILED and is acknowledged: Eventarc redelivers for a "
+        "day and counts no deliveries. Keep it an hour under the retention of a subscription of your own.",
+    ),
     ("WORKER_MODEL", "default_model", "Model for input files dropped into a bucket without `model` metadata."),
     (
         "WORKER_INPUT",
@@ -121,6 +128,7 @@ class Settings:
     download_threads: int = 8
     lease_seconds: int = 120
     max_delivery_attempts: int = 0  # 0: unknown (the subscription does not dead-letter, or is not ours)
+    give_up_after_seconds: int = 23 * 3600  # Eventarc and infra/'s subscriptions redeliver for 24 hours
     default_model: str = ""
     input_prefix: str = ""
     default_output: str = ""

@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from worker.codec import loads, shown
@@ -228,6 +230,36 @@ def delivery_attempt(data: Any) -> int | None:
     if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0:
         return attempt
     return None
+
+
+def sent_at(attributes: Mapping[str, Any], data: Any) -> float | None:
+    """When an event was first sent (seconds since the epoch): its Pub/Sub message's publish time,
+    else the CloudEvent's `time` (for a storage event, the object's change); it stays the same on
+    every redelivery. None when neither is there or readable."""
+    message = data.get("message") if isinstance(data, Mapping) else None
+    if isinstance(message, Mapping):
+        published = _timestamp(message.get("publishTime") or message.get("publish_time"))
+        if published is not None:
+            return published
+    return _timestamp(attributes.get("time"))
+
+
+# RFC 3339 as Pub/Sub and CloudEvents write it: "2026-12-03T12:00:00.123456789Z" (nanoseconds).
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d:\d\d)(?:\.(\d+))?([Zz]|[+-]\d\d:\d\d)")
+
+
+def _timestamp(value: Any) -> float | None:
+    if isinstance(value, datetime):
+        return value.timestamp() if value.tzinfo is not None else None
+    match = _RFC3339.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        return None
+    day, clock, fraction, zone = match.groups()
+    zone = "+00:00" if zone in "Zz" else zone
+    try:
+        return datetime.fromisoformat(f"{day}T{clock}.{(fraction or '')[:6].ljust(6, '0')}{zone}").timestamp()
+    except ValueError:  # a month 13, a day 32
+        return None
 
 
 def job_id_hint(attributes: Mapping[str, Any], data: Any) -> str:

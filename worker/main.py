@@ -8,6 +8,7 @@ Serve with: PYTHONPATH=. functions-framework --source worker/main.py --target ha
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import os
@@ -106,23 +107,26 @@ def _handle(attributes: dict[str, Any], data: Any) -> None:
         try:
             rt.handle(trigger)
         except errors.Busy as busy:
-            if not _waited_out_lease(rt, busy, data):
+            if not _waited_out_lease(rt, busy, attributes, data):
                 raise
             # Once more: its holder has finished (the job is skipped), died (its lease has expired:
             # this run takes the job over), or is alive and renewing (Busy again: it reports itself).
             rt.handle(trigger)
     except errors.TransientError as e:
-        last = _last_delivery(rt, data)
+        last = _last_delivery(rt, attributes, data)
         if last is None:
             log.error("transient failure, the event will be redelivered: %s", e)
         elif isinstance(e, errors.Busy):
             log.warning(
-                "last delivery (%d) of a job another run still holds: the message goes to the dead-letter topic, "
-                "and that run publishes the job's completion (%s)", last, e,
+                "last delivery (%s) of a job another run still holds: that run publishes the job's completion (%s)",
+                last.why, e,
             )  # fmt: skip
         else:
             job = trigger.job if isinstance(trigger, events.JobTrigger) else None
-            _give_up(rt, _report_job_id(trigger, attributes, data), e, last, context, job)
+            again = "upload the object again" if isinstance(trigger, events.ObjectTrigger) else "publish the job again"
+            reported = _give_up(rt, _report_job_id(trigger, attributes, data), e, last, again, context, job)
+            if reported and not last.dead_letter:
+                return  # acknowledged: a redelivery would only report it again
         raise
     except errors.PermanentError as e:
         rt.report_failure(_report_job_id(trigger, attributes, data), e, context)
@@ -133,47 +137,84 @@ def _handle(attributes: dict[str, Any], data: Any) -> None:
         rt.report_failure(_report_job_id(trigger, attributes, data), internal, context)
 
 
-def _last_delivery(rt: Runtime, data: Any) -> int | None:
-    """The delivery attempt of this event's message when Pub/Sub dead-letters the message unless
-    it is acknowledged now; else None."""
+@dataclasses.dataclass(frozen=True)
+class LastDelivery:
+    """Why no delivery follows this one if it fails."""
+
+    why: str  # "after 5 deliveries (max_delivery_attempts)"
+    context: dict[str, Any]  # for the FAILED report
+    dead_letter: bool  # Pub/Sub dead-letters the message (else the worker acknowledges it)
+
+
+# Past `give_up_after_seconds`, how long an event can still be a redelivery: Eventarc and infra/'s
+# subscription keep an event for a day. One older still is replayed (a subscription's seek) or made
+# by hand with an old time: it is retried as any other.
+REDELIVERY_WINDOW_S = 2 * 3600
+
+
+def _last_delivery(rt: Runtime, attributes: dict[str, Any], data: Any) -> LastDelivery | None:
+    """This delivery is the last of its event when Pub/Sub dead-letters its message unless it is
+    acknowledged now (its delivery count), or when the event was sent long enough ago that
+    Eventarc or the subscription stops redelivering it before long (`give_up_after_seconds`;
+    Eventarc counts no deliveries): then a transient failure is reported. None otherwise."""
     attempt = events.delivery_attempt(data)
     limit = rt.settings.max_delivery_attempts
-    return attempt if attempt is not None and limit > 0 and attempt >= limit else None
+    if attempt is not None and limit > 0 and attempt >= limit:
+        why = f"after {attempt} deliveries (max_delivery_attempts)"
+        return LastDelivery(why, {"delivery_attempt": attempt}, dead_letter=True)
+    sent = events.sent_at(attributes, data)
+    limit_s = rt.settings.give_up_after_seconds
+    if sent is not None and limit_s <= (age := time.time() - sent) < limit_s + REDELIVERY_WINDOW_S:
+        retried = f"{age / 3600:.1f} hours" if age >= 7200 else f"{age / 60:.0f} minutes"
+        why = f"after retrying for {retried} (WORKER_GIVE_UP_AFTER_SECONDS)"
+        return LastDelivery(why, {"event_age_s": round(age)}, dead_letter=False)
+    return None
 
 
 # Beyond a lease's expiry before trying it again: clocks of different instances differ a little.
 LEASE_WAIT_MARGIN_S = 2.0
 
 
-def _waited_out_lease(rt: Runtime, busy: errors.Busy, data: Any) -> bool:
+def _waited_out_lease(rt: Runtime, busy: errors.Busy, attributes: dict[str, Any], data: Any) -> bool:
     """On the message's last delivery, wait until the lease another run holds would expire if
     that run died (True). No later delivery would come to take over a dead run's job: without
     this, such a job went to the dead-letter topic with no completion message at all."""
-    last = _last_delivery(rt, data)
-    if last is None or busy.until is None:
-        return False
+    last = _last_delivery(rt, attributes, data)
+    if last is None or not last.dead_letter or busy.until is None:
+        return False  # (an event old enough to give up on is redelivered after the lease expires)
     wait = min(max(busy.until - time.time(), 0.0), float(rt.settings.lease_seconds)) + LEASE_WAIT_MARGIN_S
     log.warning(
-        "last delivery (%d) of a job held by another run: waiting %.0fs to see whether that run renews its lease "
-        "(%s)", last, wait, busy,
+        "last delivery (%s) of a job held by another run: waiting %.0fs to see whether that run renews its lease "
+        "(%s)", last.why, wait, busy,
     )  # fmt: skip
     time.sleep(wait)
     return True
 
 
 def _give_up(
-    rt: Runtime, job_id: str, e: errors.TransientError, attempt: int, context: dict[str, Any], job: Job | None
-) -> None:
-    """A transient failure on the message's last delivery: no retry follows, so the job fails
-    where its completion is awaited. (A Busy job is running elsewhere and reports itself.)"""
-    error = errors.TransientError(
-        f"{e} — gave up after {attempt} deliveries (max_delivery_attempts): the message goes to the "
-        "dead-letter topic; republish it from there once the cause is fixed"
+    rt: Runtime,
+    job_id: str,
+    e: errors.TransientError,
+    last: LastDelivery,
+    again: str,
+    context: dict[str, Any],
+    job: Job | None,
+) -> bool:
+    """A transient failure on the event's last delivery: no retry follows, so the job fails
+    where its completion is awaited (True when that was published). (A Busy job is running
+    elsewhere and reports itself.)"""
+    then = (
+        "the message goes to the dead-letter topic; republish it from there once the cause is fixed"
+        if last.dead_letter
+        else f"the event is acknowledged; {again} once the cause is fixed"
     )
+    error = errors.TransientError(f"{e} — gave up {last.why}: {then}")
     try:
-        rt.report_failure(job_id, error, {**context, "delivery_attempt": attempt}, job=job)
+        rt.report_failure(job_id, error, {**context, **last.context}, job=job)
     except errors.WorkerError as publish_error:
         log.error("could not publish the FAILED completion of job %s: %s", job_id, publish_error)
+        return False
+    return True
 
 
 def _report_job_id(trigger: events.Trigger | None, attributes: dict[str, Any], data: Any) -> str:

@@ -155,6 +155,59 @@ def test_a_transient_failure_on_the_last_delivery_publishes_failed(
         service.stop()
 
 
+def test_a_dropped_file_still_failing_after_23_hours_of_eventarc_retries_publishes_failed(
+    pubsub_host, gcs_host, storage_client, bucket, model_uris, tmp_path
+):
+    """Eventarc redelivers a storage event for a day without counting: the worker knows the event
+    is near its end by its `ce-time`. The same event delivered just before and just after
+    WORKER_GIVE_UP_AFTER_SECONDS (23 hours, the default) past that time, with a model server that
+    cannot start: the first answers 5xx to be retried, the second publishes FAILED and is
+    acknowledged."""
+    topology = create_topology()
+    crash = f"{sys.executable} -c \"import sys; print('unknown flag --frobnicate'); sys.exit(3)\""
+    env = worker_env(
+        gcs_host, pubsub_host, topology, tmp_path,
+        WORKER_SERVING="tfserving", WORKER_MODEL_SERVER=crash,
+        WORKER_MODEL=model_uris["mlp"], WORKER_OUTPUT=f"gs://{bucket}/o/",
+    )  # fmt: skip
+    write_lines(storage_client, f"gs://{bucket}/drop/in.jsonl", ["[1]"])
+    blob = storage_client.bucket(bucket).get_blob("drop/in.jsonl")
+    resource = {"bucket": bucket, "name": blob.name, "generation": str(blob.generation), "size": str(blob.size)}
+    service, url = emulators.start_worker(env)
+    sent = time.time() - 23 * 3600 + 4  # the first delivery fails within 4 s (0.4 s here): before the limit
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": "80001",
+        "ce-type": "google.cloud.storage.object.v1.finalized",
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+        "ce-subject": f"objects/{blob.name}",
+        "ce-time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sent)) + f".{int(sent % 1 * 1e6):06d}Z",
+        "content-type": "application/json",
+    }
+    try:
+        r = requests.post(url + "/", headers=headers, data=json.dumps(resource), timeout=180)
+        assert r.status_code >= 500 and time.time() < sent + 23 * 3600, r.status_code
+        time.sleep(max(0.0, sent + 23 * 3600 + 0.5 - time.time()))
+        r = requests.post(url + "/", headers=headers, data=json.dumps(resource), timeout=180)
+        assert r.status_code == 200, r.text
+        [(report, attrs)] = topology.completions(1)
+        job_id = f"{bucket}/drop/in.jsonl#{blob.generation}"
+        assert attrs == {"job_id": job_id, "status": "FAILED"}
+        assert report["error"]["code"] == "UNAVAILABLE"
+        message = report["error"]["message"]
+        assert "exited with code 3" in message and "unknown flag --frobnicate" in message, message
+        assert message.endswith(
+            "gave up after retrying for 23.0 hours (WORKER_GIVE_UP_AFTER_SECONDS): the event is acknowledged; "
+            "upload the object again once the cause is fixed"
+        )
+        assert 23 * 3600 <= report["event_age_s"] < 23 * 3600 + 60
+        assert report["event"] == {"id": "80001", "type": "google.cloud.storage.object.v1.finalized",
+                                   "source": headers["ce-source"], "subject": headers["ce-subject"]}  # fmt: skip
+        assert topology.no_more_completions() == []  # the first delivery published nothing
+    finally:
+        service.stop()
+
+
 def test_on_the_last_delivery_a_job_held_by_a_dead_run_is_taken_over_and_completed(
     pubsub_host, gcs_host, storage_client, bucket, model_uris, tmp_path
 ):

@@ -157,7 +157,7 @@ def _bridge_events(w: DropWorld, subscription: str, name: str, timeout_s: float 
                     "ce-type": "google.cloud.storage.object.v1.finalized",
                     "ce-source": f"//storage.googleapis.com/projects/_/buckets/{a['bucketId']}",
                     "ce-subject": f"objects/{a['objectId']}",
-                    "ce-time": "2026-11-24T00:00:00Z",
+                    "ce-time": resource.get("updated") or resource["timeCreated"],  # as Eventarc sets it
                     "content-type": "application/json",
                 }
                 return [{"headers": headers, "body": json.dumps(resource)}]

@@ -216,3 +216,138 @@ def test_the_wait_for_a_lease_is_bounded_by_the_lease_time(held):
     with pytest.raises(errors.Busy):
         main._handle(dict(ATTRIBUTES), _push(5))
     assert len(rt.runs) == 2 and rt.runs[1] - rt.runs[0] < 5
+
+
+# Eventarc counts no deliveries: an event is known to be near its last by its age.
+DAY_S = 24 * 3600
+STORAGE_EVENT = {
+    "type": events.STORAGE_FINALIZED,
+    "id": "9001",
+    "source": "//storage.googleapis.com/projects/_/buckets/bkt",
+    "subject": "objects/in/a.jsonl",
+}
+OBJECT = {"bucket": "bkt", "name": "in/a.jsonl", "generation": "7", "metadata": JOB}
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"  # as Pub/Sub writes it
+
+
+@pytest.mark.parametrize(
+    ("attributes", "data", "expected"),
+    [
+        ({"time": "2026-12-03T12:00:00.123456789Z"}, None, 1796299200.123456),
+        ({"time": "2026-12-03T12:00:00Z"}, None, 1796299200.0),
+        ({"time": "2026-12-03T13:00:00+01:00"}, None, 1796299200.0),
+        ({}, {"message": {"publishTime": "2026-12-03T12:00:00.5Z"}}, 1796299200.5),
+        ({}, {"message": {"publish_time": "2026-12-03T12:00:00Z"}}, 1796299200.0),
+        # The message's publish time before the CloudEvent's time (Eventarc sets both the same).
+        ({"time": "2026-12-04T00:00:00Z"}, {"message": {"publishTime": "2026-12-03T12:00:00Z"}}, 1796299200.0),
+        ({"time": "2026-12-03T12:00:00Z"}, {"message": {"publishTime": "soon"}}, 1796299200.0),
+        ({"time": "2026-13-03T12:00:00Z"}, None, None),  # no month 13
+        ({"time": "2026-12-03T12:00:00"}, None, None),  # no zone: not RFC 3339
+        ({"time": 1796299200}, None, None),
+        ({}, {"bucket": "b", "name": "n"}, None),
+    ],
+)
+def test_when_an_event_was_sent_is_read_from_its_message_or_its_time(attributes, data, expected):
+    assert events.sent_at(attributes, data) == expected
+
+
+def test_an_eventarc_storage_event_failing_near_the_end_of_its_retries_publishes_failed_and_is_acknowledged(
+    runtime_of,
+):
+    """Eventarc redelivers a direct storage event for a day, counting nothing: without this, a
+    dropped file that failed transiently every time was dropped after a day with no completion."""
+    rt = runtime_of(errors.TransientError("storage unavailable"), max_delivery_attempts=0)
+    sent = time.time() - (DAY_S - 1800)
+    main._handle({**STORAGE_EVENT, "time": _rfc3339(sent)}, dict(OBJECT))  # no raise: acknowledged
+    [(job_id, error, context)] = rt.reports
+    assert job_id == "bkt/in/a.jsonl#7"
+    assert error.code == "UNAVAILABLE"
+    assert str(error) == (
+        "storage unavailable — gave up after retrying for 23.5 hours (WORKER_GIVE_UP_AFTER_SECONDS): the event is "
+        "acknowledged; upload the object again once the cause is fixed"
+    )
+    assert abs(context["event_age_s"] - (DAY_S - 1800)) < 60 and context["event"]["id"] == "9001"
+
+
+def test_a_job_message_through_eventarc_near_the_end_of_its_retries_says_to_publish_it_again(runtime_of):
+    rt = runtime_of(errors.TransientError("model server exited with code 3"), max_delivery_attempts=0)
+    body = _push(None)
+    body["message"]["publishTime"] = _rfc3339(time.time() - 23.2 * 3600)
+    main._handle({**ATTRIBUTES, "time": body["message"]["publishTime"]}, body)
+    [(job_id, error, _)] = rt.reports
+    assert job_id == "j-1"
+    assert str(error).endswith(
+        "gave up after retrying for 23.2 hours (WORKER_GIVE_UP_AFTER_SECONDS): the event is acknowledged; "
+        "publish the job again once the cause is fixed"
+    )
+
+
+@pytest.mark.parametrize("age_s", [0, 3600, 23 * 3600 - 60, -600])  # -600: the sender's clock ahead of ours
+def test_a_younger_event_is_left_to_be_redelivered(runtime_of, age_s):
+    rt = runtime_of(errors.TransientError("storage unavailable"), max_delivery_attempts=0)
+    with pytest.raises(errors.TransientError):
+        main._handle({**STORAGE_EVENT, "time": _rfc3339(time.time() - age_s)}, dict(OBJECT))
+    assert rt.reports == []
+
+
+def test_an_event_without_a_time_is_left_to_be_redelivered(runtime_of):
+    rt = runtime_of(errors.TransientError("storage unavailable"), max_delivery_attempts=0)
+    with pytest.raises(errors.TransientError):
+        main._handle(dict(STORAGE_EVENT), dict(OBJECT))
+    assert rt.reports == []
+
+
+def test_the_delivery_count_decides_first_where_the_subscription_dead_letters(runtime_of):
+    """An old message on its last counted delivery goes to the dead-letter topic, as any other."""
+    rt = runtime_of(errors.TransientError("storage unavailable"))
+    body = _push(5)
+    body["message"]["publishTime"] = _rfc3339(time.time() - DAY_S)
+    with pytest.raises(errors.TransientError):
+        main._handle(dict(ATTRIBUTES), body)
+    [(_, error, context)] = rt.reports
+    assert "gave up after 5 deliveries (max_delivery_attempts)" in str(error) and context["delivery_attempt"] == 5
+
+
+def test_an_old_event_whose_failure_cannot_be_published_is_not_acknowledged(runtime_of):
+    """A redelivery tries the job, and the report, again."""
+    rt = runtime_of(errors.TransientError("storage unavailable"), max_delivery_attempts=0)
+
+    def cannot_publish(job_id: str, error: errors.WorkerError, context: dict[str, Any], **_: Any) -> dict[str, Any]:
+        raise errors.TransientError("publishing failed")
+
+    rt.report_failure = cannot_publish  # type: ignore[method-assign]
+    with pytest.raises(errors.TransientError, match="storage unavailable"):
+        main._handle({**STORAGE_EVENT, "time": _rfc3339(time.time() - DAY_S)}, dict(OBJECT))
+
+
+def test_an_old_event_of_a_job_held_by_another_run_is_redelivered_without_waiting(held):
+    """Eventarc redelivers it within 10 minutes, after the lease of a dead run has expired: no
+    request is held for the lease's time."""
+    rt = held(30, holder_alive=False)
+    rt.settings = Settings(lease_seconds=120)  # no delivery count: the event's age decides
+    started = time.time()
+    with pytest.raises(errors.Busy):
+        main._handle({**ATTRIBUTES, "time": _rfc3339(time.time() - 23.5 * 3600)}, _push(None))
+    assert len(rt.runs) == 1 and time.time() - started < 5
+    assert rt.reports == []
+
+
+@pytest.mark.parametrize("age_s", [25 * 3600 + 60, 7 * DAY_S, 3 * 365 * DAY_S])
+def test_an_event_older_than_any_redelivery_is_retried_as_any_other(runtime_of, age_s):
+    """Replayed (a subscription's seek), or made by hand with the time of an example: it was
+    never retried for a day."""
+    rt = runtime_of(errors.TransientError("storage unavailable"), max_delivery_attempts=0)
+    with pytest.raises(errors.TransientError):
+        main._handle({**STORAGE_EVENT, "time": _rfc3339(time.time() - age_s)}, dict(OBJECT))
+    assert rt.reports == []
+
+
+def test_the_age_after_which_the_worker_gives_up_is_configurable(runtime_of):
+    rt = runtime_of(errors.TransientError("storage unavailable"), max_delivery_attempts=0)
+    rt.settings = Settings.from_env({"WORKER_GIVE_UP_AFTER_SECONDS": "600"})
+    main._handle({**STORAGE_EVENT, "time": _rfc3339(time.time() - 700)}, dict(OBJECT))
+    [(_, error, _)] = rt.reports
+    assert "gave up after retrying for 12 minutes (WORKER_GIVE_UP_AFTER_SECONDS)" in str(error)
