@@ -114,6 +114,21 @@ def test_unavailable_storage_is_retried_not_acknowledged(tmp_path):
         service.stop()
 
 
+# A model server that cannot start: every delivery of its job fails transiently.
+CRASHING_SERVER = f"{sys.executable} -c \"import sys; print('unknown flag --frobnicate'); sys.exit(3)\""
+
+
+def _model_server_failure(topology, job_id: str, ending: str) -> dict:
+    """The one FAILED completion of job `job_id`, given up on with CRASHING_SERVER's failure."""
+    [(report, attrs)] = topology.completions(1)
+    assert attrs == {"job_id": job_id, "status": "FAILED"}
+    assert report["error"]["code"] == "UNAVAILABLE"
+    message = report["error"]["message"]
+    assert "exited with code 3" in message and "unknown flag --frobnicate" in message, message
+    assert message.endswith(ending), message
+    return report
+
+
 def test_a_transient_failure_on_the_last_delivery_publishes_failed(
     pubsub_host, gcs_host, storage_client, bucket, model_uris, tmp_path
 ):
@@ -122,10 +137,9 @@ def test_a_transient_failure_on_the_last_delivery_publishes_failed(
     cannot start fails every delivery transiently; the last one (WORKER_MAX_DELIVERY_ATTEMPTS)
     publishes FAILED with the cause, and still answers 5xx so the message is dead-lettered."""
     topology = create_topology()
-    crash = f"{sys.executable} -c \"import sys; print('unknown flag --frobnicate'); sys.exit(3)\""
     env = worker_env(
         gcs_host, pubsub_host, topology, tmp_path,
-        WORKER_SERVING="tfserving", WORKER_MODEL_SERVER=crash, WORKER_MAX_DELIVERY_ATTEMPTS="5",
+        WORKER_SERVING="tfserving", WORKER_MODEL_SERVER=CRASHING_SERVER, WORKER_MAX_DELIVERY_ATTEMPTS="5",
     )  # fmt: skip
     write_lines(storage_client, f"gs://{bucket}/in.jsonl", ["[1]"])
     job = {"model": model_uris["mlp"], "input": f"gs://{bucket}/in.jsonl", "output": f"gs://{bucket}/o/"}
@@ -139,15 +153,11 @@ def test_a_transient_failure_on_the_last_delivery_publishes_failed(
             }
             r = requests.post(url + "/", json=body, timeout=180)
             assert r.status_code >= 500, (attempt, r.status_code)
-        [(report, attrs)] = topology.completions(1)
-        assert attrs == {"job_id": "4242", "status": "FAILED"}
-        assert report["error"]["code"] == "UNAVAILABLE"
-        message = report["error"]["message"]
-        assert "exited with code 3" in message and "unknown flag --frobnicate" in message, message
-        assert message.endswith(
+        report = _model_server_failure(
+            topology, "4242",
             "gave up after 5 deliveries (max_delivery_attempts): the message goes to the dead-letter topic; "
-            "republish it from there once the cause is fixed"
-        )
+            "republish it from there once the cause is fixed",
+        )  # fmt: skip
         assert report["delivery_attempt"] == 5
         assert topology.no_more_completions() == []  # delivery 4 published nothing
         assert storage_client.bucket(bucket).get_blob("o/_manifest.json") is None  # a republished job runs
@@ -164,10 +174,9 @@ def test_a_dropped_file_still_failing_after_23_hours_of_eventarc_retries_publish
     cannot start: the first answers 5xx to be retried, the second publishes FAILED and is
     acknowledged."""
     topology = create_topology()
-    crash = f"{sys.executable} -c \"import sys; print('unknown flag --frobnicate'); sys.exit(3)\""
     env = worker_env(
         gcs_host, pubsub_host, topology, tmp_path,
-        WORKER_SERVING="tfserving", WORKER_MODEL_SERVER=crash,
+        WORKER_SERVING="tfserving", WORKER_MODEL_SERVER=CRASHING_SERVER,
         WORKER_MODEL=model_uris["mlp"], WORKER_OUTPUT=f"gs://{bucket}/o/",
     )  # fmt: skip
     write_lines(storage_client, f"gs://{bucket}/drop/in.jsonl", ["[1]"])
@@ -190,16 +199,11 @@ def test_a_dropped_file_still_failing_after_23_hours_of_eventarc_retries_publish
         time.sleep(max(0.0, sent + 23 * 3600 + 0.5 - time.time()))
         r = requests.post(url + "/", headers=headers, data=json.dumps(resource), timeout=180)
         assert r.status_code == 200, r.text
-        [(report, attrs)] = topology.completions(1)
-        job_id = f"{bucket}/drop/in.jsonl#{blob.generation}"
-        assert attrs == {"job_id": job_id, "status": "FAILED"}
-        assert report["error"]["code"] == "UNAVAILABLE"
-        message = report["error"]["message"]
-        assert "exited with code 3" in message and "unknown flag --frobnicate" in message, message
-        assert message.endswith(
+        report = _model_server_failure(
+            topology, f"{bucket}/drop/in.jsonl#{blob.generation}",
             "gave up after retrying for 23.0 hours (WORKER_GIVE_UP_AFTER_SECONDS): the event is acknowledged; "
-            "upload the object again once the cause is fixed"
-        )
+            "upload the object again once the cause is fixed",
+        )  # fmt: skip
         assert 23 * 3600 <= report["event_age_s"] < 23 * 3600 + 60
         assert report["event"] == {"id": "80001", "type": "google.cloud.storage.object.v1.finalized",
                                    "source": headers["ce-source"], "subject": headers["ce-subject"]}  # fmt: skip
