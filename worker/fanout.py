@@ -3,16 +3,17 @@
 The job's own run (the dispatch) lists its input, cuts each file larger than a part's share of the
 input's bytes into pieces at line starts (when it can be read in pieces: stored as UTF-8 lines),
 shares the files and pieces among N parts (by size, largest first, each to the part with the fewest
-bytes so far) and keeps those shares at
-`<output>/_parts/files-of-N.json`, then publishes N part jobs to the jobs topic (`WORKER_JOBS_TOPIC`):
-the same model, input, output and options, with `part: [k, N]` instead of `parts`, and the job id
-`<job id>/part-k-of-N`. Pub/Sub pushes each to whichever instance Cloud Run gives it. Every part
-predicts the files of its share, as the input holds them when it runs (a file deleted since is left
-out, a file added since is in no share), writes its outputs where the whole job would, and its
-manifest at `<output>/_parts/part-k-of-N.json`; it publishes nothing itself. The part that then
+bytes so far) and keeps those shares at `<parts folder>/files-of-N.json` (the folder
+`<output>/_parts/`, or for a dropped file's job `<output>/_manifests/<file>.parts/`), then publishes
+N part jobs to the jobs topic (`WORKER_JOBS_TOPIC`): the same model, input, output and options,
+with `part: [k, N]` instead of `parts`, the job id `<job id>/part-k-of-N` (and, for a dropped
+file's job, its `manifest`). Pub/Sub pushes each to whichever instance Cloud Run gives it. Every
+part predicts the files of its share, as the input holds them when it runs (a file deleted since is
+left out, a file added since is in no share), writes its outputs where the whole job would, and its
+manifest at `<parts folder>/part-k-of-N.json`; it publishes nothing itself. The part that then
 finds all N part manifests written combines them into the job's manifest (created only where none
 is: of two parts that finish together, one writes it), after joining each cut file's pieces
-(written by the parts under `<output>/_parts/pieces/`) into the file's output, and publishes the
+(written by the parts under `<parts folder>/pieces/`) into the file's output, and publishes the
 job's one completion message. The job sent again keeps the shares of its first dispatch, so the
 parts that succeeded then and the parts that run again never hold a file twice or miss one between
 them.
@@ -58,7 +59,7 @@ def whole_job(part: Job) -> Job:
     """The job a part belongs to: its id without `/part-k-of-N`, `parts` instead of `part`."""
     assert part.options.part is not None
     options = dataclasses.replace(part.options, part=None, parts=part.options.part[1])
-    return dataclasses.replace(part, job_id=part.job_id.rsplit(_PART_ID, 1)[0], options=options, manifest=None)
+    return dataclasses.replace(part, job_id=part.job_id.rsplit(_PART_ID, 1)[0], options=options)
 
 
 def part_id(whole_id: str, k: int, n: int) -> str:
@@ -135,7 +136,7 @@ def cuts(inputs: Sequence[Any], n: int, *, min_piece_bytes: int, can_cut: Callab
 def fixed_shares(whole: Job, store: Any, given: Sequence[Cut], n: int) -> list[list[Cut]]:
     """What each of the n parts of `whole` is given: what its first dispatch shared and kept, else
     `given` shared now and kept (replacing another job's)."""
-    uri = whole.output.child(shares_path(n))
+    uri = whole.parts_folder.child(shares_path(n))
     stored = store.read_json(uri)
     kept = _shares(stored.value if stored is not None else None, whole, n)
     if kept is not None:
@@ -154,10 +155,11 @@ def part_files(part: Job, store: Any, inputs: Sequence[Any]) -> list[Any]:
     assert part.options.part is not None
     k, n = part.options.part
     whole = whole_job(part)
-    stored = store.read_json(whole.output.child(shares_path(n)))
+    uri = whole.parts_folder.child(shares_path(n))
+    stored = store.read_json(uri)
     shares = _shares(stored.value if stored is not None else None, whole, n)
     if shares is None:
-        log.warning("job %s: no shares kept at %s; sharing the input as listed now", part.job_id, shares_path(n))
+        log.warning("job %s: no shares kept at %s; sharing the input as listed now", part.job_id, uri)
         return share(inputs, k, n)
     listed = {f.rel: f for f in inputs}
     for c in shares[k - 1]:
@@ -205,13 +207,14 @@ def part_messages(job: Job, n: int) -> list[tuple[bytes, dict[str, str]]]:
             "output": str(job.output),
             "job_id": pid,
             "options": {**options, "part": [k, n]},
+            **({"manifest": str(job.manifest)} if job.manifest is not None else {}),  # a dropped file's
         }
         messages.append((json.dumps(body).encode(), {"job_id": pid}))
     return messages
 
 
 def part_manifests(whole: Job, n: int) -> list[GcsUri]:
-    return [whole.output.child(part_manifest_path(k, n)) for k in range(1, n + 1)]
+    return [whole.parts_folder.child(part_manifest_path(k, n)) for k in range(1, n + 1)]
 
 
 def parts_done(whole: Job, store: Any) -> list[dict[str, Any]] | None:
@@ -332,7 +335,7 @@ def join_pieces(whole: Job, store: Any, parts: list[dict[str, Any]]) -> list[str
 
 
 def _folder(objects: list[GcsUri]) -> GcsUri:
-    """The folder of a cut file's pieces (`_parts/pieces/<file>/`)."""
+    """The folder of a cut file's pieces (`<parts folder>/pieces/<file>/`)."""
     return GcsUri(objects[0].bucket, objects[0].path.rpartition("/")[0] + "/")
 
 

@@ -27,8 +27,10 @@ STATUS_DISPATCHED = "DISPATCHED"
 MANIFEST_NAME = "_manifest.json"
 # The content type of output files (JSON lines).
 JSONL = "application/jsonl"
-# Under the output prefix: the manifests of the parts of a job run as parts (option `parts`).
+# Under the output prefix: what a job run as parts (option `parts`) keeps while its parts run.
 PARTS_FOLDER = "_parts/"
+# Beside a dropped file's manifest (`<output>/_manifests/<file>.json`), the same: `<file>.parts/`.
+DROPPED_PARTS_SUFFIX = ".parts/"
 MAX_PARTS = 100
 LEASE_SUFFIX = ".lease"
 
@@ -191,7 +193,13 @@ class Job:
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], *, default_job_id: str) -> Job:
         """Build a job from a decoded job message (keys: model, input, output, job_id, options)."""
-        unknown = sorted(set(raw) - _JOB_KEYS)
+        options = raw.get("options")
+        if isinstance(options, str):
+            # Message attributes are strings: options arrive as JSON text there.
+            options = parse_json_object(options, what="options attribute")
+        # The part of a dropped file's job carries where that job's manifest goes (set by the worker).
+        part_of_dropped = "manifest" in raw and isinstance(options, Mapping) and "part" in options
+        unknown = sorted(set(raw) - _JOB_KEYS - ({"manifest"} if part_of_dropped else set()))
         if unknown:
             raise InvalidJob(
                 f"unknown job field(s) {', '.join(map(repr, unknown))}; a job has "
@@ -204,24 +212,30 @@ class Job:
         if not isinstance(job_id, str) or not job_id.strip():
             raise InvalidJob(f"job_id must be a non-empty string, got {shown(job_id)}")
         _check_text(job_id, "job_id")
-        options = raw.get("options")
-        if isinstance(options, str):
-            # Message attributes are strings: options arrive as JSON text there.
-            options = parse_json_object(options, what="options attribute")
         model = GcsUri.parse(raw["model"], what="model")
         inp = GcsUri.parse(raw["input"], what="input")
         out = GcsUri.parse(raw["output"], what="output").as_prefix()
         if inp.path == "" and inp.bucket == out.bucket and out.path == "":
             raise InvalidJob(f"output {out} is the input bucket's root: outputs would be read as input")
-        return cls(job_id=job_id, model=model, input=inp, output=out, options=Options.parse(options))
+        manifest = GcsUri.parse(raw["manifest"], what="manifest") if part_of_dropped else None
+        return cls(job_id=job_id, model=model, input=inp, output=out, options=Options.parse(options), manifest=manifest)
 
     @property
     def manifest_uri(self) -> GcsUri:
+        if self.options.part is not None:
+            return self.parts_folder.child(part_manifest_path(*self.options.part))
         if self.manifest is not None:
             return self.manifest
-        if self.options.part is not None:
-            return self.output.child(part_manifest_path(*self.options.part))
         return self.output.child(MANIFEST_NAME)
+
+    @property
+    def parts_folder(self) -> GcsUri:
+        """Where a job run as parts, and each of its parts, keeps the parts' shares and manifests and
+        the pieces of cut files: `<output>/_parts/`, or beside a dropped file's manifest (files
+        dropped into one folder share their output folder)."""
+        if self.manifest is None:
+            return self.output.child(PARTS_FOLDER)
+        return GcsUri(self.manifest.bucket, self.manifest.path.removesuffix(".json") + DROPPED_PARTS_SUFFIX)
 
     @property
     def lease_uri(self) -> GcsUri:
@@ -253,19 +267,19 @@ def is_upload_part(name: str) -> bool:
 
 
 def part_manifest_path(k: int, n: int) -> str:
-    """Where part k of n writes its manifest, under the job's output prefix."""
-    return f"{PARTS_FOLDER}part-{k}-of-{n}.json"
+    """Where part k of n writes its manifest, in the job's parts folder."""
+    return f"part-{k}-of-{n}.json"
 
 
 def shares_path(n: int) -> str:
-    """Where a job run as n parts keeps which files each part predicts, under its output prefix."""
-    return f"{PARTS_FOLDER}files-of-{n}.json"
+    """Where a job run as n parts keeps which files each part predicts, in its parts folder."""
+    return f"files-of-{n}.json"
 
 
 def piece_path(rel: str, i: int, m: int) -> str:
     """Where the part predicting piece i of m of the input file `rel` (a file cut for a job run as
-    parts) writes its lines, under the job's output prefix, until they are joined into `rel`."""
-    return f"{PARTS_FOLDER}pieces/{rel}/{i}-of-{m}.jsonl"
+    parts) writes its lines, in the job's parts folder, until they are joined into `rel`."""
+    return f"pieces/{rel}/{i}-of-{m}.jsonl"
 
 
 def is_text(value: object) -> bool:

@@ -198,12 +198,6 @@ def _dispatch(
         return done
     assert job.options.parts is not None
     try:
-        if job.manifest is not None:
-            raise errors.InvalidJob(
-                "option parts is for job messages and job files: a dropped file is one job, on one instance — to "
-                "spread a large file over instances, publish a job message (or upload a *.job.json) naming it as "
-                "input, with parts"
-            )
         if dispatcher is None:
             raise errors.InvalidJob(
                 "option parts needs the worker's WORKER_JOBS_TOPIC (the topic its job messages come from), "
@@ -620,7 +614,7 @@ def _run_file(
     out_uri = job.output.child(f.rel)
     result = FileResult(input=str(f.uri), output=str(out_uri))
     if f.piece is not None:  # its lines go to an object of their own, joined into `out_uri` once all are
-        out_uri = job.output.child(piece_path(f.rel, *f.piece))
+        out_uri = job.parts_folder.child(piece_path(f.rel, *f.piece))
         result.piece = {"of": list(f.piece), "bytes": [f.start, f.end], "object": str(out_uri)}
     # Lines of the file before this piece's first, read only when an error line is to name its line.
     lines_before = functools.cache(lambda: store.lines_before(f) if f.start else 0)

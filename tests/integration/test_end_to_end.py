@@ -111,6 +111,50 @@ def test_one_large_file_is_cut_into_pieces_for_its_parts_and_joined_into_one_out
     assert topo.no_more_completions() == []
 
 
+def test_a_dropped_file_with_parts_is_cut_for_parts_that_keep_beside_its_own_manifest(
+    worker_service, storage_client, bucket, model_uris, model_dirs, reference
+):
+    """A large file dropped with `parts: 3` in its `options` metadata, its storage event delivered
+    as Eventarc delivers it: the job is cut into 3 parts, published to the jobs topic and pushed
+    back; what the parts keep is beside the file's own manifest (other files dropped into the
+    same output folder share `_parts/`), and the last part joins the pieces and publishes the
+    file's one completion, under the file's job id."""
+    _, url, topo = worker_service
+    instances = models.mlp_instances(600, seed=6)
+    blob = storage_client.bucket(bucket).blob("drops/big.jsonl")
+    out = f"gs://{bucket}/drops-out/"
+    blob.metadata = {"model": model_uris["mlp"], "output": out, "options": json.dumps({"parts": 3})}
+    blob.upload_from_string("".join(json.dumps(i) + "\n" for i in instances))
+    resource = {k: str(v) for k, v in blob._properties.items() if k in ("bucket", "name", "generation", "size")}
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": "drop-1",
+        "ce-type": "google.cloud.storage.object.v1.finalized",
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+        "ce-subject": f"objects/{blob.name}",
+        "ce-time": blob._properties["timeCreated"],
+        "content-type": "application/json",
+    }
+    r = requests.post(url + "/", headers=headers, data=json.dumps({**resource, "metadata": blob.metadata}), timeout=120)
+    assert r.status_code == 200, r.text
+    [(manifest, attrs)] = topo.completions(1)
+    assert attrs == {"job_id": f"{bucket}/drops/big.jsonl#{blob.generation}", "status": "SUCCEEDED"}
+    assert manifest["manifest"] == f"{out}_manifests/big.jsonl.json"
+    assert manifest["totals"] == {"lines": 600, "instances": 600, "predictions": 600, "errors": 0, "skipped": 0}
+    [entry] = manifest["files"]
+    assert entry["output"] == f"{out}big.jsonl" and entry["pieces"] == 3 and len(manifest["parts"]) == 3
+    lines = read_lines(storage_client, f"{out}big.jsonl")
+    assert [line["instance"] for line in lines] == instances
+    expected = reference(model_dirs["mlp"], instances)
+    assert all(close_to(line["prediction"], want) for line, want in zip(lines, expected, strict=True))
+    stored = json.loads(storage_client.bucket(bucket).blob("drops-out/_manifests/big.jsonl.json").download_as_bytes())
+    assert stored == manifest
+    kept = sorted(b.name for b in storage_client.list_blobs(bucket, prefix="drops-out/_manifests/big.jsonl.parts/"))
+    assert [n.rsplit("/", 1)[1] for n in kept] == ["files-of-3.json", *(f"part-{k}-of-3.json" for k in (1, 2, 3))]
+    assert list(storage_client.list_blobs(bucket, prefix="drops-out/_parts/")) == []
+    assert topo.no_more_completions() == []
+
+
 def test_a_file_of_odd_lines_cut_into_pieces_gives_the_bytes_the_job_run_whole_gives(
     worker_service, storage_client, bucket, model_uris
 ):

@@ -1173,16 +1173,67 @@ def test_a_large_file_that_cannot_be_read_in_pieces_goes_whole_to_one_part_sayin
     assert said in caplog.text
 
 
-def test_a_dropped_file_with_parts_fails_saying_how_to_spread_a_large_file():
-    store = FakeStore({"bkt/in/big.jsonl": b"[1]\n[2]"})
-    dropped = _job({"parts": 2}, inp="gs://bkt/in/big.jsonl")
-    job = dataclasses.replace(dropped, manifest=GcsUri("bkt", "out/_manifests/big.json"))
-    outcome, pub = _run(store, job)
-    assert outcome.status == "FAILED" and outcome.manifest["error"]["message"].startswith(
-        "option parts is for job messages and job files: a dropped file is one job, on one instance — to spread a "
-        "large file over instances, publish a job message (or upload a *.job.json) naming it as input, with parts"
-    )
-    assert [attrs["status"] for _, attrs in pub.messages] == ["FAILED"]
+def _dropped(rel: str, options: dict[str, Any]) -> Job:
+    """The job of a file dropped at in/<rel>, as the runtime makes it: its manifest of its own."""
+    job = _job(options, job_id=f"bkt/in/{rel}#1", inp=f"gs://bkt/in/{rel}")
+    return dataclasses.replace(job, manifest=GcsUri("bkt", f"out/_manifests/{rel}.json"))
+
+
+def test_dropped_files_run_as_parts_keep_their_parts_apart_beside_their_own_manifests():
+    """Two large files dropped into one folder, each with `parts: 2` (from WORKER_OPTIONS, say):
+    each job is cut, shared and combined in a folder beside its own manifest (the output folder,
+    and its `_parts/`, is both files'), its part messages carrying where that manifest goes; each
+    completes as the file run whole would, and nothing of its parts is left."""
+    lines = {rel: [b"[%d]" % k for k in range(first, first + 24)] for rel, first in (("a.jsonl", 0), ("b.jsonl", 50))}
+    lines["b.jsonl"][13] = b"{not json"
+    objects = {f"bkt/in/{rel}": b"\n".join(ls) + b"\n" for rel, ls in lines.items()}
+    alone = FakeStore(objects)
+    wholes = {rel: _run(alone, _dropped(rel, {}))[0] for rel in lines}
+
+    store, pub, parts = FakeStore(objects), Published(), {}
+    for rel in lines:
+        dispatched = Published()
+        outcome = run(
+            _dropped(rel, {"parts": 2}), store=store, models=FakeModels(SumPredictor()), publisher=pub,
+            limits=Limits(4, min_piece_bytes=10), dispatcher=dispatched,
+        )  # fmt: skip
+        assert outcome.status == "DISPATCHED" and outcome.manifest["manifest"] == f"gs://bkt/out/_manifests/{rel}.json"
+        assert [data["manifest"] for data, _ in dispatched.messages] == [outcome.manifest["manifest"]] * 2
+        parts[rel] = [Job.from_mapping(data, default_job_id="unused") for data, _ in dispatched.messages]
+        shares = json.loads(store.objects[f"bkt/out/_manifests/{rel}.parts/files-of-2.json"])["shares"]
+        assert sorted(c["piece"] for s in shares for c in s) == [[1, 2], [2, 2]] and all(len(s) == 1 for s in shares)
+    assert not any(k.startswith("bkt/out/_parts/") for k in store.objects)
+
+    for part in (parts["b.jsonl"][1], parts["a.jsonl"][0], parts["b.jsonl"][0], parts["a.jsonl"][1]):
+        assert str(part.manifest_uri).startswith(f"gs://bkt/out/_manifests/{part.input.path[3:]}.parts/part-")
+        assert _run_part(store, part, pub).status in ("SUCCEEDED", "PARTIALLY_SUCCEEDED")
+    completions = {attrs["job_id"]: (manifest, attrs) for manifest, attrs in pub.messages}
+    assert sorted(completions) == ["bkt/in/a.jsonl#1", "bkt/in/b.jsonl#1"]
+    for rel, whole in wholes.items():
+        manifest, attrs = completions[f"bkt/in/{rel}#1"]
+        assert attrs["status"] == whole.status
+        assert manifest == json.loads(store.objects[f"bkt/out/_manifests/{rel}.json"])
+        assert manifest["totals"] == whole.manifest["totals"]
+        assert manifest["files"][0] == {**whole.manifest["files"][0], "pieces": 2}
+        assert store.objects[f"bkt/out/{rel}"] == alone.objects[f"bkt/out/{rel}"]
+    assert completions["bkt/in/b.jsonl#1"][0]["first_error"]["line"] == 14
+    assert [k for k in store.objects if ".parts/pieces/" in k] == []
+
+
+def test_a_part_message_names_a_manifest_only_for_a_part():
+    """`manifest` is the worker's, on the parts of a dropped file's job: a job message sent with it
+    is refused as any unknown field."""
+    raw = {
+        "model": "gs://mdl/x/",
+        "input": "gs://bkt/in.jsonl",
+        "output": "gs://bkt/out/",
+        "manifest": "gs://bkt/m.json",
+    }
+    with pytest.raises(errors.InvalidJob, match="unknown job field\\(s\\) 'manifest'"):
+        Job.from_mapping(raw, default_job_id="j")
+    part = Job.from_mapping({**raw, "options": json.dumps({"part": [1, 2]})}, default_job_id="j/part-1-of-2")
+    assert str(part.manifest_uri) == "gs://bkt/m.parts/part-1-of-2.json"
+    assert str(pipeline.fanout.whole_job(part).manifest_uri) == "gs://bkt/m.json"
 
 
 def test_a_piece_of_a_file_replaced_after_the_dispatch_fails_its_part_and_the_job_saying_so():
@@ -1243,7 +1294,7 @@ def test_parts_published_without_kept_shares_share_the_input_as_listed_when_they
     del store.objects["bkt/out/_parts/files-of-2.json"]
     with caplog.at_level(logging.WARNING, logger="worker.fanout"):
         assert [len(_run_part(store, part, pub).manifest["files"]) for part in parts] == [1, 1]
-    assert "big/part-1-of-2: no shares kept at _parts/files-of-2.json" in caplog.text
+    assert "big/part-1-of-2: no shares kept at gs://bkt/out/_parts/files-of-2.json" in caplog.text
     [(manifest, attrs)] = pub.messages
     assert attrs["status"] == "SUCCEEDED" and manifest["totals"]["predictions"] == 3
 
