@@ -199,9 +199,14 @@ def _dispatch(
     assert job.options.parts is not None
     try:
         if dispatcher is None:
+            instead = (
+                "drop parts from the file's `options` metadata (or from WORKER_OPTIONS)"
+                if job.manifest is not None
+                else "send the job without parts"
+            )
             raise errors.InvalidJob(
                 "option parts needs the worker's WORKER_JOBS_TOPIC (the topic its job messages come from), "
-                "to publish the parts to — set it, or send the job without parts"
+                f"to publish the parts to — set it, or {instead}"
             )
         inputs = store.list_inputs(job.input, exclude=job.output)
         _check_no_overwrite(job, inputs)

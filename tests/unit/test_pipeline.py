@@ -1347,8 +1347,15 @@ def test_a_job_with_parts_needs_the_jobs_topic_and_no_more_parts_than_files():
     store = FakeStore({"bkt/in/a.jsonl": b"[1]", "bkt/in/b.jsonl": b"[2]"})
     pub = Published()
     outcome = run(_job({"parts": 4}), store=store, models=FakeModels(SumPredictor()), publisher=pub, limits=Limits(4))
-    assert outcome.status == "FAILED" and "WORKER_JOBS_TOPIC" in outcome.manifest["error"]["message"]
+    assert outcome.status == "FAILED" and outcome.manifest["error"]["message"].endswith(
+        "needs the worker's WORKER_JOBS_TOPIC (the topic its job messages come from), to publish the parts to — set "
+        "it, or send the job without parts"
+    )
     assert pub.messages[0][1]["status"] == "FAILED"
+    dropped, _ = _run(store, _dropped("a.jsonl", {"parts": 2}))
+    assert dropped.manifest["error"]["message"].endswith(
+        "set it, or drop parts from the file's `options` metadata (or from WORKER_OPTIONS)"
+    )
     parts, _, outcome = _parts_of(store, {"parts": 4})
     assert len(parts) == 2 and outcome.manifest["parts"] == 2
     # One object as input: one part, which completes the job.
