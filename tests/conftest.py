@@ -109,6 +109,20 @@ def write_lines(client: Any, uri: str, lines: list[str]) -> None:
     client.bucket(bucket).blob(name).upload_from_string("".join(line + "\n" for line in lines))
 
 
+def storage_event_headers(bucket: str, name: str, *, event_id: str, time: str) -> dict[str, str]:
+    """The headers of the binary-mode CloudEvent Eventarc delivers for an object's finalize (its
+    body is the object resource, `generation` and `size` as strings); `time`: the object's."""
+    return {
+        "ce-specversion": "1.0",
+        "ce-id": event_id,
+        "ce-type": "google.cloud.storage.object.v1.finalized",
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+        "ce-subject": f"objects/{name}",
+        "ce-time": time,
+        "content-type": "application/json",
+    }
+
+
 def read_lines(client: Any, uri: str) -> list[Any]:
     bucket, _, name = uri[len("gs://") :].partition("/")
     text = client.bucket(bucket).blob(name).download_as_text()

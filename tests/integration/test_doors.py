@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from localdev import emulators, models
-from tests.conftest import close_to, create_topology, read_lines, worker_env, write_lines
+from tests.conftest import close_to, create_topology, read_lines, storage_event_headers, worker_env, write_lines
 
 pytestmark = pytest.mark.integration
 
@@ -184,15 +184,8 @@ def test_a_dropped_file_still_failing_after_23_hours_of_eventarc_retries_publish
     resource = {"bucket": bucket, "name": blob.name, "generation": str(blob.generation), "size": str(blob.size)}
     service, url = emulators.start_worker(env)
     sent = time.time() - 23 * 3600 + 4  # the first delivery fails within 4 s (0.4 s here): before the limit
-    headers = {
-        "ce-specversion": "1.0",
-        "ce-id": "80001",
-        "ce-type": "google.cloud.storage.object.v1.finalized",
-        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
-        "ce-subject": f"objects/{blob.name}",
-        "ce-time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sent)) + f".{int(sent % 1 * 1e6):06d}Z",
-        "content-type": "application/json",
-    }
+    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sent)) + f".{int(sent % 1 * 1e6):06d}Z"
+    headers = storage_event_headers(bucket, blob.name, event_id="80001", time=when)
     try:
         r = requests.post(url + "/", headers=headers, data=json.dumps(resource), timeout=180)
         assert r.status_code >= 500 and time.time() < sent + 23 * 3600, r.status_code

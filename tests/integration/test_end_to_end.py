@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from localdev import models
-from tests.conftest import close_to, create_topology, read_lines, write_lines
+from tests.conftest import close_to, create_topology, read_lines, storage_event_headers, write_lines
 
 pytestmark = pytest.mark.integration
 
@@ -126,15 +126,7 @@ def test_a_dropped_file_with_parts_is_cut_for_parts_that_keep_beside_its_own_man
     blob.metadata = {"model": model_uris["mlp"], "output": out, "options": json.dumps({"parts": 3})}
     blob.upload_from_string("".join(json.dumps(i) + "\n" for i in instances))
     resource = {k: str(v) for k, v in blob._properties.items() if k in ("bucket", "name", "generation", "size")}
-    headers = {
-        "ce-specversion": "1.0",
-        "ce-id": "drop-1",
-        "ce-type": "google.cloud.storage.object.v1.finalized",
-        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
-        "ce-subject": f"objects/{blob.name}",
-        "ce-time": blob._properties["timeCreated"],
-        "content-type": "application/json",
-    }
+    headers = storage_event_headers(bucket, blob.name, event_id="drop-1", time=blob._properties["timeCreated"])
     r = requests.post(url + "/", headers=headers, data=json.dumps({**resource, "metadata": blob.metadata}), timeout=120)
     assert r.status_code == 200, r.text
     [(manifest, attrs)] = topo.completions(1)

@@ -25,6 +25,7 @@ from tests.conftest import (
     close_to,
     create_topology,
     read_lines,
+    storage_event_headers,
     worker_env,
     write_lines,
 )
@@ -151,15 +152,8 @@ def _bridge_events(w: DropWorld, subscription: str, name: str, timeout_s: float 
                 resource = json.loads(m.message.data)
                 # Eventarc's object resource carries generation/size as strings.
                 resource.update({k: str(resource[k]) for k in ("generation", "size") if k in resource})
-                headers = {
-                    "ce-specversion": "1.0",
-                    "ce-id": m.message.message_id,
-                    "ce-type": "google.cloud.storage.object.v1.finalized",
-                    "ce-source": f"//storage.googleapis.com/projects/_/buckets/{a['bucketId']}",
-                    "ce-subject": f"objects/{a['objectId']}",
-                    "ce-time": resource.get("updated") or resource["timeCreated"],  # as Eventarc sets it
-                    "content-type": "application/json",
-                }
+                time_ = resource.get("updated") or resource["timeCreated"]  # as Eventarc sets it
+                headers = storage_event_headers(a["bucketId"], a["objectId"], event_id=m.message.message_id, time=time_)
                 return [{"headers": headers, "body": json.dumps(resource)}]
     raise AssertionError(f"no OBJECT_FINALIZE notification for {name} within {timeout_s}s")
 
