@@ -8,6 +8,7 @@ Serve with: PYTHONPATH=. functions-framework --source worker/main.py --target ha
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import logging
@@ -122,9 +123,10 @@ def _handle(attributes: dict[str, Any], data: Any) -> None:
                 last.why, e,
             )  # fmt: skip
         else:
-            job = trigger.job if isinstance(trigger, events.JobTrigger) else None
+            job = _job_of(rt, trigger)
+            job_id = job.job_id if job is not None else _report_job_id(trigger, attributes, data)
             again = "upload the object again" if isinstance(trigger, events.ObjectTrigger) else "publish the job again"
-            reported = _give_up(rt, _report_job_id(trigger, attributes, data), e, last, again, context, job)
+            reported = _give_up(rt, job_id, e, last, again, context, job)
             if reported and not last.dead_letter:
                 return  # acknowledged: a redelivery would only report it again
         raise
@@ -215,6 +217,18 @@ def _give_up(
         log.error("could not publish the FAILED completion of job %s: %s", job_id, publish_error)
         return False
     return True
+
+
+def _job_of(rt: Runtime, trigger: events.Trigger | None) -> Job | None:
+    """The job a trigger ran, for the report of its last delivery: a job file is read again, as the
+    job it holds may have a `job_id` of its own, the one its completion is awaited under (None
+    when it cannot be read now)."""
+    if isinstance(trigger, events.JobTrigger):
+        return trigger.job
+    if isinstance(trigger, events.ObjectTrigger):
+        with contextlib.suppress(errors.WorkerError):
+            return rt.job_for_object(trigger)
+    return None
 
 
 def _report_job_id(trigger: events.Trigger | None, attributes: dict[str, Any], data: Any) -> str:

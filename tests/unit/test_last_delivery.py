@@ -13,6 +13,7 @@ import pytest
 
 from worker import errors, events, main
 from worker.config import Settings
+from worker.jobs import Job
 
 JOB = {"model": "gs://mdl/m/", "input": "gs://bkt/in/", "output": "gs://bkt/out/", "job_id": "j-1"}
 ATTRIBUTES = {"type": events.PUBSUB_PUBLISHED, "id": "42", "source": "//pubsub.googleapis.com/projects/p/topics/t"}
@@ -36,9 +37,16 @@ class FakeRuntime:
         self.error = error
         self.reports: list[tuple[str, errors.WorkerError, dict[str, Any]]] = []
         self.jobs: list[Any] = []  # the job each report was for, when the event was one
+        self.job_files: dict[str, Any] = {}  # job files by object name, or the error reading one raises
 
     def handle(self, trigger: events.Trigger) -> None:
         raise self.error
+
+    def job_for_object(self, obj: events.ObjectTrigger) -> Any:
+        held = self.job_files.get(obj.name)
+        if isinstance(held, Exception):
+            raise held
+        return None if held is None else Job.from_mapping(held, default_job_id=obj.job_id)
 
     def report_failure(
         self, job_id: str, error: errors.WorkerError, context: dict[str, Any], *, job: Any = None
@@ -349,3 +357,17 @@ def test_the_age_after_which_the_worker_gives_up_is_configurable(runtime_of):
     main._handle({**STORAGE_EVENT, "time": _rfc3339(time.time() - 700)}, dict(OBJECT))
     [(_, error, _)] = rt.reports
     assert "gave up after retrying for 12 minutes (WORKER_GIVE_UP_AFTER_SECONDS)" in str(error)
+
+
+def test_a_job_file_given_up_on_is_reported_under_the_job_id_it_holds(runtime_of):
+    """Its completion is awaited under the `job_id` the file sets, not the object's; when the file
+    cannot be read again (storage is what fails), the object's id is the one left."""
+    rt = runtime_of(errors.TransientError("model server exited with code 3"), max_delivery_attempts=0)
+    rt.job_files = {"jobs/nightly.job.json": {**JOB, "job_id": "nightly-42"}}
+    job_file = {**STORAGE_EVENT, "subject": "objects/jobs/nightly.job.json", "time": _rfc3339(time.time() - DAY_S)}
+    resource = {"bucket": "bkt", "name": "jobs/nightly.job.json", "generation": "3"}
+    main._handle(job_file, dict(resource))
+    rt.job_files = {"jobs/nightly.job.json": errors.TransientError("storage unavailable")}
+    main._handle(job_file, dict(resource))
+    assert [job_id for job_id, _, _ in rt.reports] == ["nightly-42", "bkt/jobs/nightly.job.json#3"]
+    assert str(rt.reports[0][1]).endswith("the event is acknowledged; upload the object again once the cause is fixed")
