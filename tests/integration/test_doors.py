@@ -172,7 +172,7 @@ def test_a_dropped_file_still_failing_after_23_hours_of_eventarc_retries_publish
     is near its end by its `ce-time`. The same event delivered just before and just after
     WORKER_GIVE_UP_AFTER_SECONDS (23 hours, the default) past that time, with a model server that
     cannot start: the first answers 5xx to be retried, the second publishes FAILED and is
-    acknowledged."""
+    acknowledged. Then a job file's event as old."""
     topology = create_topology()
     env = worker_env(
         gcs_host, pubsub_host, topology, tmp_path,
@@ -201,6 +201,16 @@ def test_a_dropped_file_still_failing_after_23_hours_of_eventarc_retries_publish
         assert report["event"] == {"id": "80001", "type": "google.cloud.storage.object.v1.finalized",
                                    "source": headers["ce-source"], "subject": headers["ce-subject"]}  # fmt: skip
         assert topology.no_more_completions() == []  # the first delivery published nothing
+
+        # A job file as old: reported under the job_id it sets, the one its completion is awaited under.
+        job = {"model": model_uris["mlp"], "input": f"gs://{bucket}/drop/in.jsonl", "output": f"gs://{bucket}/j/"}
+        job_file = storage_client.bucket(bucket).blob("jobs/nightly.job.json")
+        job_file.upload_from_string(json.dumps({**job, "job_id": "nightly-42"}))
+        resource = {"bucket": bucket, "name": job_file.name, "generation": str(job_file.generation)}
+        headers = storage_event_headers(bucket, job_file.name, event_id="80002", time=when)
+        r = requests.post(url + "/", headers=headers, data=json.dumps(resource), timeout=180)
+        assert r.status_code == 200, r.text
+        _model_server_failure(topology, "nightly-42", "acknowledged; upload the object again once the cause is fixed")
     finally:
         service.stop()
 
