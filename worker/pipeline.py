@@ -19,7 +19,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import accumulate, chain, repeat
 from typing import Any, Literal, Protocol
@@ -162,7 +162,10 @@ def run(
     topic); a part publishes no completion of its own, and the last part to finish publishes the
     whole job's (see `worker.fanout`)."""
     if job.options.parts is not None:
-        return _dispatch(job, store, publisher, dispatcher, limits)
+        dispatched = _dispatch(job, store, publisher, dispatcher, limits)
+        if dispatched is not None:
+            return dispatched
+        job = replace(job, options=replace(job.options, parts=None))  # predicted here, whole
     part = job.options.part is not None
     own = None if part else publisher  # who hears of this job's own completion
     done = _completed(job, store, own)
@@ -190,9 +193,12 @@ def run(
 
 def _dispatch(
     job: Job, store: Store, publisher: Publisher | None, dispatcher: Publisher | None, limits: Limits
-) -> Outcome:
+) -> Outcome | None:
     """Publish `job`'s parts to the jobs topic: as many as it asks for, at most one per file or
-    piece of a file (a file larger than a part's share is cut into pieces, see `worker.fanout`)."""
+    piece of a file (a file larger than a part's share is cut into pieces, see `worker.fanout`).
+    None for a dropped file that makes one part (too small to cut, or not UTF-8 lines), never
+    dispatched before: `parts` in WORKER_OPTIONS is for the large ones, and a small one is
+    predicted here, whole, as without it (not one part a trip through Pub/Sub away)."""
     done = _completed(job, store, publisher)
     if done is not None:
         return done
@@ -215,6 +221,9 @@ def _dispatch(
         log.error("job %s failed: %s", job.job_id, e)
         return _finish(job, store, publisher, _Run(error=failure(e.code, str(e))))
     n = min(job.options.parts, len(given))
+    if n == 1 and job.manifest is not None and not store.names_under(job.parts_folder):
+        log.info("job %s: %s makes one part (not cut into pieces): predicted here, whole", job.job_id, job.input)
+        return None
     shares = fanout.fixed_shares(job, store, given, n)
     files = len({c.rel for s in shares for c in s})
     cut = sorted({c.rel for s in shares for c in s if c.piece is not None})

@@ -118,7 +118,7 @@ def test_a_dropped_file_with_parts_is_cut_for_parts_that_keep_beside_its_own_man
     as Eventarc delivers it: the job is cut into 3 parts, published to the jobs topic and pushed
     back; what the parts keep is beside the file's own manifest (other files dropped into the
     same output folder share `_parts/`), and the last part joins the pieces and publishes the
-    file's one completion, under the file's job id."""
+    file's one completion, under the file's job id. A small file dropped so is predicted whole."""
     _, url, topo = worker_service
     instances = models.mlp_instances(600, seed=6)
     blob = storage_client.bucket(bucket).blob("drops/big.jsonl")
@@ -145,6 +145,20 @@ def test_a_dropped_file_with_parts_is_cut_for_parts_that_keep_beside_its_own_man
     assert [n.rsplit("/", 1)[1] for n in kept] == ["files-of-3.json", *(f"part-{k}-of-3.json" for k in (1, 2, 3))]
     assert list(storage_client.list_blobs(bucket, prefix="drops-out/_parts/")) == []
     assert topo.no_more_completions() == []
+
+    # A small file dropped with the same options: predicted where it arrived, whole.
+    small = storage_client.bucket(bucket).blob("drops/small.jsonl")
+    small.metadata = blob.metadata
+    small.upload_from_string("".join(json.dumps(i) + "\n" for i in instances[:5]))
+    resource = {k: str(v) for k, v in small._properties.items() if k in ("bucket", "name", "generation", "size")}
+    headers = storage_event_headers(bucket, small.name, event_id="drop-2", time=small._properties["timeCreated"])
+    body = json.dumps({**resource, "metadata": small.metadata})
+    r = requests.post(url + "/", headers=headers, data=body, timeout=120)
+    assert r.status_code == 200, r.text
+    [(manifest, attrs)] = topo.completions(1)
+    assert attrs == {"job_id": f"{bucket}/drops/small.jsonl#{small.generation}", "status": "SUCCEEDED"}
+    assert manifest["totals"]["predictions"] == 5 and "parts" not in manifest
+    assert list(storage_client.list_blobs(bucket, prefix="drops-out/_manifests/small.jsonl.parts/")) == []
 
 
 def test_a_file_of_odd_lines_cut_into_pieces_gives_the_bytes_the_job_run_whole_gives(

@@ -1220,6 +1220,34 @@ def test_dropped_files_run_as_parts_keep_their_parts_apart_beside_their_own_mani
     assert [k for k in store.objects if ".parts/pieces/" in k] == []
 
 
+def test_a_dropped_file_too_small_to_cut_is_predicted_in_place_not_sent_as_one_part():
+    """`parts` in WORKER_OPTIONS applies to every dropped file: one that makes a single part is
+    predicted where it arrived, whole, as without `parts` (no trip through Pub/Sub, no part
+    manifest); unless a dispatch of the same job has kept shares before, which its parts use."""
+    store = FakeStore({"bkt/in/small.jsonl": b"[1]\n[2]\n", "bkt/in/again.jsonl": b"[3]\n"})
+    dispatched, pub = Published(), Published()
+    outcome = run(
+        _dropped("small.jsonl", {"parts": 4}), store=store, models=FakeModels(SumPredictor()), publisher=pub,
+        limits=Limits(4, min_piece_bytes=10), dispatcher=dispatched,
+    )  # fmt: skip
+    assert dispatched.messages == [] and outcome.status == "SUCCEEDED"
+    [(manifest, attrs)] = pub.messages
+    assert attrs == {"job_id": "bkt/in/small.jsonl#1", "status": "SUCCEEDED"}
+    assert manifest == json.loads(store.objects["bkt/out/_manifests/small.jsonl.json"])
+    assert manifest["totals"]["predictions"] == 2 and "parts" not in manifest and "parts" not in manifest["options"]
+    assert store.lines("bkt/out/small.jsonl") == [
+        {"instance": [1], "prediction": 1},
+        {"instance": [2], "prediction": 2},
+    ]
+    assert not [k for k in store.objects if ".parts/" in k]
+
+    again = _dropped("again.jsonl", {"parts": 4})
+    store.write_json(again.parts_folder.child("files-of-1.json"), {}, job_id="earlier")  # dispatched before
+    run(again, store=store, models=FakeModels(SumPredictor()), publisher=pub, limits=Limits(4), dispatcher=dispatched)
+    [(data, _)] = dispatched.messages
+    assert data["options"] == {"part": [1, 1]} and data["manifest"] == "gs://bkt/out/_manifests/again.jsonl.json"
+
+
 def test_a_part_message_names_a_manifest_only_for_a_part():
     """`manifest` is the worker's, on the parts of a dropped file's job: a job message sent with it
     is refused as any unknown field."""
