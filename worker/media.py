@@ -18,7 +18,7 @@ import io
 import json
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,15 +97,18 @@ class MediaTransport:
         if crc32c and as_stored and got != crc32c:
             raise DataCorrupted(f"{url} arrived with CRC32C {got}, not the {crc32c} Cloud Storage lists for it")
 
-    def upload(self, bucket: str, name: str, data: bytes, *, content_type: str, metadata: dict[str, str]) -> Any:
-        """Store `data` as one object in one multipart request; the object resource stored."""
+    def upload(
+        self, bucket: str, name: str, blocks: Iterable[bytes], *, content_type: str, metadata: dict[str, str]
+    ) -> Any:
+        """Store `blocks`, joined, as one object in one multipart request; the object resource stored.
+        (The blocks are joined once, into the request's body.)"""
         boundary = "embedded-tf-" + uuid.uuid4().hex
         resource = json.dumps({"name": name, "contentType": content_type, "metadata": metadata})
         body = b"".join(
             (
                 f"--{boundary}\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n{resource}\r\n".encode(),
                 f"--{boundary}\r\ncontent-type: {content_type}\r\n\r\n".encode(),
-                data,
+                *blocks,
                 f"\r\n--{boundary}--".encode(),
             )
         )

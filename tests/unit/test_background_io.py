@@ -8,6 +8,7 @@ import itertools
 import random
 import threading
 import types
+from collections.abc import Iterable
 
 import google_crc32c
 import pytest
@@ -192,9 +193,9 @@ class _RecordingBlob:
 
     metadata = None
 
-    def upload(self, bucket: str, name: str, data: bytes, *, content_type: str, metadata: dict) -> dict:
+    def upload(self, bucket: str, name: str, blocks: Iterable[bytes], *, content_type: str, metadata: dict) -> dict:
         """The media transport's single-request upload (`_Upload` is given the blob as its transport)."""
-        self.single = data
+        self.single = data = b"".join(blocks)
         crc = self._crc or base64.b64encode(google_crc32c.Checksum(data).digest()).decode()
         return {"crc32c": crc, "generation": "3"}
 

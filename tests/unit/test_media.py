@@ -165,8 +165,9 @@ def test_a_403_says_which_role_to_grant_on_which_bucket(server, monkeypatch):
 def test_an_upload_is_one_multipart_request_with_the_objects_resource_and_bytes(transport, server):
     media, _ = transport
     server.answers = [(200, {}, b'{"name": "out/x.jsonl", "generation": "5"}')]
-    data = b'{"instance": 1}\r\n--not-a-boundary\r\n'
-    resource = media.upload("bkt", "out/x.jsonl", data, content_type="application/jsonl", metadata={"k": "v"})
+    blocks = [b'{"instance": 1}\r\n', b"--not-a-boundary\r\n"]
+    data = b"".join(blocks)
+    resource = media.upload("bkt", "out/x.jsonl", blocks, content_type="application/jsonl", metadata={"k": "v"})
     assert resource == {"name": "out/x.jsonl", "generation": "5"}
     [(method, path, headers, body)] = server.seen
     assert (method, path) == ("POST", "/upload/storage/v1/b/bkt/o?uploadType=multipart")
