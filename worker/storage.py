@@ -47,7 +47,7 @@ READ_CHUNK_BYTES = 4 * 1024 * 1024
 # one block): 16 MiB holds what 8 MiB did through the client library's writer, which holds two.
 # The chunks grow to it from FIRST_CHUNK_BYTES (8, 16, 16 … MiB); an output smaller than the first
 # chunk is sent in one request when complete, as the client library sends an object of up to 8 MiB
-# (its multipart limit). A first chunk of 2 MiB, doubling, put a 10 MB job's output (17 MB) in 4
+# (its multipart limit). A first chunk of 2 MiB, doubling, put a 10 MB job's output (16 MB) in 4
 # requests instead of 2, and the job took 0.40–0.47 s instead of 0.34–0.40 s (two runs of 14–16
 # alternating, in process, MLP; see the README's benchmarks).
 WRITE_CHUNK_BYTES = 16 * 1024 * 1024
