@@ -222,6 +222,32 @@ def test_a_small_output_is_one_request(monkeypatch):
     assert small.single == b"a" * 600 + b"b" * 400 and not small.started
 
 
+def test_an_output_under_8_mib_is_one_request_and_a_larger_one_goes_in_chunks_of_8_then_16_mib():
+    """The sizes the README promises (the client library's multipart limit is 8 MiB)."""
+    mib = 1024 * 1024
+    block = b"x" * (mib // 4)
+    small = _RecordingBlob()
+    up = _Upload(small, "application/jsonl", small)
+    for _ in range(31):  # 7.75 MiB
+        up.write(block)
+    up.close()
+    assert small.single is not None and len(small.single) == 31 * len(block) and not small.started
+    large = _RecordingBlob()
+    up = _Upload(large, "application/jsonl", large)
+    for _ in range(4 * 8 + 4 * 16 + 4 * 16 + 1):  # 8 + 16 + 16 MiB and a block
+        up.write(block)
+    up.close()
+    ranges = [headers["Content-Range"] for headers, _ in large.session.requests]
+    total = 40 * mib + len(block)
+    assert ranges == [
+        f"bytes 0-{8 * mib - 1}/*",
+        f"bytes {8 * mib}-{24 * mib - 1}/*",
+        f"bytes {24 * mib}-{40 * mib - 1}/*",
+        f"bytes {40 * mib}-{total - 1}/{total}",
+    ]
+    assert large.single is None and len(large.session.data) == total
+
+
 @pytest.mark.parametrize("n", [4, 10, 24, 41])  # 1,200 / 3,000 / 7,200 / 12,300 bytes
 def test_a_large_output_goes_in_growing_chunks_from_the_blocks_written(monkeypatch, n):
     monkeypatch.setattr(storage_mod, "FIRST_CHUNK_BYTES", 1024)
