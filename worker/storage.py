@@ -48,7 +48,7 @@ READ_CHUNK_BYTES = 4 * 1024 * 1024
 # The chunks grow to it from FIRST_CHUNK_BYTES (8, 16, 16 … MiB); an output smaller than the first
 # chunk is sent in one request when complete, as the client library sends an object of up to 8 MiB
 # (its multipart limit). A first chunk of 2 MiB, doubling, put a 10 MB job's output (16 MB) in 4
-# requests instead of 2, and the job took 0.40–0.47 s instead of 0.34–0.40 s (two runs of 14–16
+# requests instead of 2, and the job took 0.36–0.37 s instead of 0.31–0.33 s (two runs of 20
 # alternating, in process, MLP; see the README's benchmarks).
 WRITE_CHUNK_BYTES = 16 * 1024 * 1024
 # What a piece of a file reads past its end, a request at a time, for the rest of its last line.
