@@ -11,7 +11,9 @@ Against local fake-gcs-server, on generated JSON lines of 16 floats, for each mo
              (a new process: TensorFlow import and model load included): instances/s and the peak
              RSS of the whole process tree; the time from event to completed 10-line job, cold
              (new process) and warm; the peak RSS of a job on the smallest input and on
-             --memory-size (1 GB) of input, through the CLI;
+             --memory-size (1 GB) of input, through the CLI; and the same jobs run by the worker's
+             pipeline in this process with the input's bytes from memory and the output discarded
+             (what the worker costs beyond the floor, storage I/O left out);
 4. original — the original tool's approach (benchmarks/original.py) against the TF Serving
              stand-in: whole file in memory, one request per file; where it breaks, why.
 
@@ -22,6 +24,7 @@ and the worker's ratio to the floor between each event job and a pass of the flo
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import json
@@ -30,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,7 @@ from localdev import emulators, models
 from worker.config import Settings
 from worker.serving.cache import settle_collector
 from worker.serving.jsonvalues import tf_serving_floats
+from worker.storage import READ_CHUNK_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
 FEATURES = 16
@@ -359,6 +363,89 @@ def worker_event_runs(
     return results
 
 
+class _BytesInMemory:
+    """The worker's store with each input file's bytes served from memory, in the blocks of lines
+    its reads make (4 MiB of the file each), and every output discarded; the rest (listing, the
+    lease, the manifest) goes to fake-gcs-server as in any job. A job run on it is the worker's own
+    work without reading or uploading data."""
+
+    def __init__(self, store: Any, data: dict[str, bytes]) -> None:
+        self._store = store
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def read_blocks(self, f: Any, *, max_line_bytes: int) -> Iterator[list[bytes]]:
+        data, pending = self._data[f.uri.path], b""
+        for start in range(0, len(data), READ_CHUNK_BYTES):
+            lines = (pending + data[start : start + READ_CHUNK_BYTES]).split(b"\n")
+            pending = lines.pop()
+            if lines:
+                yield lines
+        if pending:
+            yield [pending]
+
+    @contextlib.contextmanager
+    def open_output(self, uri: Any, *, job_id: str, content_type: str) -> Iterator[Any]:
+        yield _Discard()
+
+
+class _Discard:
+    def write(self, block: bytes) -> int:
+        return len(block)
+
+
+def worker_without_storage_runs(env: Env, cfg: Config, model: str, floor_now: Callable[[], float]) -> dict[str, Run]:
+    """The event runs' jobs through the worker's pipeline in this process, with every input's
+    bytes from memory and every output discarded, each job just after a pass of the floor: what
+    the worker does beyond the floor, storage I/O left out."""
+    from worker.jobs import Job
+    from worker.pipeline import run
+    from worker.runtime import Runtime
+
+    settings = dataclasses.replace(
+        Settings.from_env(os.environ),
+        serving="tensorflow",
+        batch_size=cfg.batch_size,
+        work_dir=str(env.tmp / f"work-in-process-{model}"),
+    )
+    runtime = Runtime.from_settings(settings, publish=False)
+
+    def one(uri: str, store: Any) -> tuple[float, int]:
+        output = f"gs://bench-data/out/{uuid.uuid4().hex}/"
+        job = Job.from_mapping(
+            {"model": f"gs://bench-models/{model}/", "input": uri, "output": output}, default_job_id=uuid.uuid4().hex
+        )
+        clock = Stopwatch()
+        outcome = run(job, store=store, models=runtime.models, publisher=None, limits=runtime.limits)
+        seconds = clock.elapsed
+        if outcome.status != "SUCCEEDED":
+            raise RuntimeError(f"in-process job {job.job_id} {outcome.status}: {outcome.manifest.get('error')}")
+        delete_prefix(env, output)
+        return seconds, int(outcome.manifest["totals"]["predictions"])
+
+    results: dict[str, Run] = {}
+    try:
+        one(env.inputs["10 lines"][0], runtime.store)  # the model loaded
+        for label, (uri, _, _size) in env.inputs.items():
+            if label == "10 lines":
+                continue
+            bucket, _, prefix = uri.removeprefix("gs://").partition("/")
+            data = {b.name: b.download_as_bytes() for b in env.client.list_blobs(bucket, prefix=prefix)}
+            store = _BytesInMemory(runtime.store, data)
+            runs = []
+            for _ in range(cfg.repeat):
+                floor_rate = floor_now()
+                seconds, predictions = one(uri, store)
+                runs.append(Run(seconds, predictions, 0, floor_rate=floor_rate))
+            results[label] = _median_run(runs)
+            say(f"  in process, no storage I/O, {model} {label}: {results[label].rate:,.0f} instances/s")
+    finally:
+        runtime.close()
+    return results
+
+
 def storage_alone_s(env: Env, uri: str, out_bytes: int, repeat: int) -> float:
     """Seconds the worker's own storage layer takes to read `uri` and write `out_bytes` of output
     alongside, file by file as a job does (the worker's default number of files in flight, each
@@ -591,7 +678,9 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
         out.append(
             f"\nWhere an event job's time goes (seconds per job; the worker and fake-gcs-server share "
             f"the {os.cpu_count()} CPUs; CPU time is counted in ticks of {1000 // CLOCK_TICKS} ms; the waits "
-            f"are the manifest's, summed over the files, up to {Settings.file_concurrency} at a time):\n"
+            f"are the manifest's, summed over the files, up to {Settings.file_concurrency} at a time; the same "
+            "job, no storage I/O: run by the worker's pipeline in the benchmark's process with the input's bytes "
+            "from memory and the output discarded, just after a pass of the floor, and its ÷ floor paired so):\n"
         )
         out.append(
             table(
@@ -604,6 +693,8 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
                     "files waited for output",
                     "worker CPU",
                     "fake-gcs-server CPU",
+                    "same job, no storage I/O",
+                    "its ÷ floor",
                 ],
                 [
                     [label]
@@ -617,6 +708,8 @@ def report(cfg: Config, env: Env, results: dict[str, Any]) -> str:
                             ev.output_wait_s,
                             ev.cpu_s,
                             ev.emulator_cpu_s,
+                            r["no_io"][label].seconds,
+                            r["no_io"][label].paired_ratio,
                         )
                     ]
                     for label, ev in r["event"].items()
@@ -732,9 +825,10 @@ def main(argv: list[str] | None = None) -> int:
                     r["floor"][b] = floor(tf, fn, floor_lines, b, cfg.repeat)
                 r["download_s"] = model_download_s(env, model)
                 say(f"model {model}: the worker through events")
-                r["event"] = worker_event_runs(
-                    env, cfg, model, "tensorflow", functools.partial(floor_pass, tf, fn, floor_lines, cfg.batch_size)
-                )
+                floor_now = functools.partial(floor_pass, tf, fn, floor_lines, cfg.batch_size)
+                r["event"] = worker_event_runs(env, cfg, model, "tensorflow", floor_now)
+                say(f"model {model}: the worker in this process, without storage I/O")
+                r["no_io"] = worker_without_storage_runs(env, cfg, model, floor_now)
                 r["storage_s"] = {
                     label: storage_alone_s(env, env.inputs[label][0], run.output_bytes, cfg.repeat)
                     for label, run in r["event"].items()

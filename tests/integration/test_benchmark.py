@@ -41,6 +41,7 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         "cold (new process)",
         "Where an event job's time goes",
         "files waited for output",
+        "same job, no storage I/O",
         "the import measured next to each cold start",
     )
     for heading in (*headings, "Memory bound", "with the files in flight together"):
@@ -60,6 +61,10 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         assert run["cpu_s"] > 0 and run["emulator_cpu_s"] >= 0
         # From the manifest: every output is stored after its last batch, which takes time.
         assert run["input_wait_s"] > 0 and run["output_wait_s"] > 0
+        # The same job without storage I/O predicted every line the event job did, beside a floor.
+        alone = mlp["no_io"][label]
+        assert alone["instances"] == run["instances"] and alone["seconds"] > 0
+        assert alone["floor_rate"] > 0 and alone["paired_ratio"] > 0
     assert mlp["event"]["cold_s"] > 0 and mlp["event"]["cold_import_s"] > 0
     assert {"1MB", "4MB", "1MB in 10 files", "1MB in 10 files (one file at a time)"} <= set(mlp["cli"])
     assert set(mlp["memory"]) == {"1MB", "16MB"}
