@@ -428,14 +428,14 @@ def worker_without_storage_runs(env: Env, cfg: Config, model: str, floor_now: Ca
     results: dict[str, Run] = {}
     try:
         one(env.inputs["10 lines"][0], runtime.store)  # the model loaded
-        for label, (uri, _, _size) in env.inputs.items():
+        for label, (uri, _, size) in env.inputs.items():
             if label == "10 lines":
                 continue
             bucket, _, prefix = uri.removeprefix("gs://").partition("/")
             data = {b.name: b.download_as_bytes() for b in env.client.list_blobs(bucket, prefix=prefix)}
             store = _BytesInMemory(runtime.store, data)
             runs = []
-            for _ in range(cfg.repeat):
+            for _ in range(cfg.repeat if size < 2**30 else 1):  # as the event runs
                 floor_rate = floor_now()
                 seconds, predictions = one(uri, store)
                 runs.append(Run(seconds, predictions, 0, floor_rate=floor_rate))
