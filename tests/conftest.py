@@ -93,17 +93,6 @@ def reference() -> Any:
     return predict
 
 
-def close_to(a: Any, b: Any, tol: float = 1e-5) -> bool:
-    """Equal JSON values, floats within `tol` (float32 predictions round-trip through JSON)."""
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(close_to(x, y, tol) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(close_to(a[k], b[k], tol) for k in a)
-    if isinstance(a, float) or isinstance(b, float):
-        return abs(float(a) - float(b)) <= tol
-    return bool(a == b)
-
-
 def write_lines(client: Any, uri: str, lines: list[str]) -> None:
     bucket, _, name = uri[len("gs://") :].partition("/")
     client.bucket(bucket).blob(name).upload_from_string("".join(line + "\n" for line in lines))

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from localdev import models
-from tests.conftest import close_to, read_lines, write_lines
+from tests.conftest import read_lines, write_lines
+from tests.outputs import assert_same_predictions
 
 pytestmark = pytest.mark.integration
 
@@ -157,7 +158,7 @@ def test_bad_lines_become_error_lines(worker_service, storage_client, bucket, mo
     predicted = [line for line in out if "prediction" in line]
     assert [line["instance"] for line in predicted] == good
     want = reference(model_dirs["mlp"], good)
-    assert all(close_to(line["prediction"], w) for line, w in zip(predicted, want, strict=True))
+    assert_same_predictions([line["prediction"] for line in predicted], want)
 
 
 def test_a_100_kib_line(worker_service, storage_client, bucket, model_uris):

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from localdev import emulators, models
-from tests.conftest import close_to, make_bucket, read_lines, write_lines
+from tests.conftest import make_bucket, read_lines, write_lines
+from tests.outputs import assert_same_output_lines, assert_same_predictions, close_to
 from worker import errors
 from worker.config import Settings
 from worker.jobs import Job
@@ -147,7 +148,7 @@ def test_a_saved_model_in_text_format_runs_through_both_backends(
         assert outcome.status == "SUCCEEDED", (serving, outcome.manifest)
         assert outcome.manifest["model"]["version"] == 3
         lines = read_lines(storage_client, f"{out}textin.jsonl")
-        assert all(close_to(line["prediction"], w) for line, w in zip(lines, want, strict=True)), serving
+        assert_same_predictions([line["prediction"] for line in lines], want, serving)
 
 
 def test_keras_models_exported_by_model_export_run_through_both_backends(
@@ -192,7 +193,7 @@ def test_keras_models_exported_by_model_export_run_through_both_backends(
             assert outcome.status == "SUCCEEDED", (serving, name, outcome.manifest)
             lines = read_lines(storage_client, f"{out}/{name}/{name}.jsonl")
             assert len(lines) == 20
-            assert all(close_to(line["prediction"], w) for line, w in zip(lines, want, strict=True)), (serving, name)
+            assert_same_predictions([line["prediction"] for line in lines], want, (serving, name))
 
 
 def test_a_model_of_variable_length_inputs_takes_every_length_through_both_backends(
@@ -408,7 +409,7 @@ def test_a_server_killed_mid_job_is_restarted_and_every_line_written_once(
     assert rt.models.stats.snapshot()["server_starts"] == starts + 1
     lines = read_lines(storage_client, f"gs://{bucket}/out/in.jsonl")
     assert [line["instance"] for line in lines] == instances
-    assert lines == read_lines(storage_client, f"gs://{bucket}/warm/in.jsonl")
+    assert_same_output_lines(lines, read_lines(storage_client, f"gs://{bucket}/warm/in.jsonl"))
 
 
 def test_a_model_the_server_cannot_load_fails_the_job_and_leaves_no_process(
@@ -593,7 +594,7 @@ def test_a_server_with_enable_batching_gets_requests_no_larger_than_its_max_batc
     lines = read_lines(storage_client, f"gs://{bucket}/b-out/one.jsonl") + read_lines(
         storage_client, f"gs://{bucket}/b-out/two.jsonl"
     )
-    assert [line["prediction"] for line in lines] == reference(model_dirs["mlp"], instances)
+    assert_same_predictions([line["prediction"] for line in lines], reference(model_dirs["mlp"], instances))
     # The first batch of 6 refused, then sent as 4 and 2; the job's batches are of 4 from then on.
     assert sent == [6, 4, 2, 4, 4, 4]
     assert rt.models.stats.snapshot()["server_starts"] == 1
@@ -621,7 +622,7 @@ def test_a_server_whose_batch_queue_is_full_is_asked_again_not_restarted(
         outcome = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/q/", f"gs://{bucket}/q-out/"))
     assert outcome.status == "SUCCEEDED", outcome.manifest
     lines = [line for k in range(6) for line in read_lines(storage_client, f"gs://{bucket}/q-out/{k}.jsonl")]
-    assert [line["prediction"] for line in lines] == reference(model_dirs["mlp"], instances)
+    assert_same_predictions([line["prediction"] for line in lines], reference(model_dirs["mlp"], instances))
     assert rt.models.stats.snapshot()["server_starts"] == 1
     busy = [r.getMessage() for r in caplog.records if "is busy" in r.getMessage()]
     assert busy and "batch scheduling queue to which this task was submitted is full" in busy[0]
@@ -663,7 +664,7 @@ def test_a_batch_that_outlives_the_server_s_timeout_is_sent_in_halves_and_so_are
         outcome = rt.run_job(_job(model_uris["mlp"], f"gs://{bucket}/in.jsonl", f"gs://{bucket}/out/"))
     assert outcome.status == "SUCCEEDED"
     lines = read_lines(storage_client, f"gs://{bucket}/out/in.jsonl")
-    assert [line["prediction"] for line in lines] == reference(model_dirs["mlp"], instances)
+    assert_same_predictions([line["prediction"] for line in lines], reference(model_dirs["mlp"], instances))
     assert rt.models.stats.snapshot()["server_starts"] == 1  # not taken for a crash
     # Halved once, on the first batch; the second batch went as two requests of 6 from the start.
     halved = [r.getMessage() for r in caplog.records if "per call from now on" in r.getMessage()]

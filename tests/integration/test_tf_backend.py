@@ -55,7 +55,10 @@ def numpy_reference(model_dirs: dict[str, Path]) -> Any:
 
 
 def same_json(a: Any, b: Any) -> bool:
-    return json.dumps(a) == json.dumps(b)  # NaN == NaN here, unlike with ==
+    """Equal to the last digit, NaN equal to NaN (unlike with ==). The tests here compare the backend
+    with `numpy_reference` on the same rows in one call each: the same batch by construction, so
+    the same kernels and sums, and the same float32 results on any CPU (see tests/outputs.py)."""
+    return json.dumps(a) == json.dumps(b)
 
 
 # Normal float32 magnitudes (TensorFlow flushes subnormals to zero, as its kernels do), beyond
@@ -97,7 +100,7 @@ def test_a_batch_of_plain_floats_is_predicted_exactly_as_numpy_converts_it(
     rng = np.random.default_rng(3)
     rows = rng.normal(0, 3, (1024, FEATURES)).round(4).tolist()
     rows[5] = [int(v) for v in rows[5]]  # integers are numbers too
-    assert mlp.predict(rows) == numpy_reference(rows)
+    assert mlp.predict(rows) == numpy_reference(rows)  # one batch of 1024 both ways: equal to the last digit
 
 
 def test_an_integer_beyond_64_bits_in_a_float_input_is_read_as_the_nearest_float(

@@ -22,13 +22,13 @@ from localdev import emulators, models
 from tests.conftest import (
     PROJECT,
     PubSubTopology,
-    close_to,
     create_topology,
     read_lines,
     storage_event_headers,
     worker_env,
     write_lines,
 )
+from tests.outputs import assert_same_predictions
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +127,7 @@ def test_file_dropped_into_a_bucket_is_predicted_via_bucket_notifications(drop_w
     assert manifest["totals"]["predictions"] == 11
     lines = read_lines(w.gcs, f"gs://{w.bucket}/out/a/b.jsonl")
     expected = reference(model_dirs["mlp"], instances)
-    assert all(close_to(line["prediction"], want) for line, want in zip(lines, expected, strict=True))
+    assert_same_predictions([line["prediction"] for line in lines], expected)
     stored = json.loads(w.gcs.bucket(w.bucket).blob("out/_manifests/a/b.jsonl.json").download_as_bytes())
     assert stored["job_id"] == attrs["job_id"]
     assert w.gcs.bucket(w.bucket).get_blob("out/_manifests/a/b.jsonl.json.lease") is None
