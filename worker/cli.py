@@ -159,7 +159,7 @@ def _describe(args: argparse.Namespace, settings: Settings) -> int:
     from worker.storage import GcsStore
 
     try:
-        store = GcsStore.from_environment(settings.project)
+        store = GcsStore.from_environment(settings.project, retry_s=settings.storage_retry_seconds)
         described = describe(store, args.model, settings.work_dir, args.signature_name)
     except errors.InvalidJob as e:
         print(f"error: {e}", file=sys.stderr)

@@ -47,6 +47,12 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
         "The smallest piece a job run as parts (options.parts) cuts an input file into, at line starts, when "
         "the file is larger than a part's share of the input's bytes.",
     ),
+    (
+        "WORKER_STORAGE_RETRY_SECONDS",
+        "storage_retry_seconds",
+        "How long a Cloud Storage request is retried (429, 5xx, no connection) before the job fails as "
+        "transient, to be delivered again.",
+    ),
     ("WORKER_WORK_DIR", "work_dir", "Local folder for downloaded models."),
     ("WORKER_DOWNLOAD_THREADS", "download_threads", "Parallel downloads when fetching a model."),
     (
@@ -124,6 +130,7 @@ class Settings:
     max_line_bytes: int = 16 * 1024 * 1024
     file_concurrency: int = 8
     min_piece_bytes: int = 1024 * 1024
+    storage_retry_seconds: int = 120  # the client library's default
     work_dir: str = os.path.join(tempfile.gettempdir(), "embedded-tf")
     download_threads: int = 8
     lease_seconds: int = 120

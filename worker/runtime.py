@@ -143,6 +143,7 @@ class Runtime:
             download_threads=settings.download_threads,
             # A download and an upload per file in flight, model files, leases and manifests.
             concurrent_requests=2 * settings.file_concurrency + settings.download_threads + 4,
+            retry_s=settings.storage_retry_seconds,
         )
         stats = ServingStats()
         models = StoreModelProvider(

@@ -32,7 +32,7 @@ import requests
 import urllib3
 from google.api_core import exceptions as gexc
 from google.cloud import storage
-from google.cloud.storage.retry import DEFAULT_RETRY
+from google.cloud.storage.retry import DEFAULT_RETRY, ConditionalRetryPolicy, is_generation_specified
 
 from worker.errors import Conflict, InvalidJob, ModelError, NotFound, PermanentError, TransientError
 from worker.jobs import GcsUri, is_upload_part
@@ -56,9 +56,8 @@ TAIL_CHUNK_BYTES = 64 * 1024
 # Objects one compose request joins at most (Cloud Storage's limit).
 COMPOSE_MAX_SOURCES = 32
 FIRST_CHUNK_BYTES = 8 * 1024 * 1024
-# Each chunk's request: the client library's default retry (429, 5xx, connection errors, for up
-# to 120 s) and its connect and read timeouts (media.TIMEOUTS_S).
-UPLOAD_RETRY = DEFAULT_RETRY
+# How long a request is retried (429, 5xx, connection errors) by default: the client library's.
+RETRY_S = 120.0
 # Output blocks queued for the upload thread at most: bounds memory (a block is a batch's lines).
 WRITE_QUEUE_BLOCKS = 64
 # How a gzip file begins; no JSON text does (0x1f is a control character).
@@ -230,19 +229,23 @@ def _safe_join(root: str, rel: str) -> str:
 class GcsStore:
     """Storage for one process: a `storage.Client` shared by all jobs (thread-safe for our use)."""
 
-    def __init__(self, client: storage.Client, *, download_threads: int = 8) -> None:
+    def __init__(self, client: storage.Client, *, download_threads: int = 8, retry_s: float = RETRY_S) -> None:
         self._client = client
         self._download_threads = download_threads
+        # Every request: the client library's retry policy (429, 5xx, connection errors), for up to
+        # `retry_s`; a compose only when it names its sources' generations, as the library does.
+        self._retry = DEFAULT_RETRY.with_timeout(retry_s)
+        self._compose_retry = ConditionalRetryPolicy(self._retry, is_generation_specified, ["query_params"])
         # Input reads, small outputs (the requests made per file) and model files.
-        self._media = MediaTransport(client._http, client._connection.API_BASE_URL, retry=DEFAULT_RETRY)
+        self._media = MediaTransport(client._http, client._connection.API_BASE_URL, retry=self._retry)
 
     @classmethod
     def from_environment(
-        cls, project: str | None, *, download_threads: int = 8, concurrent_requests: int = 10
+        cls, project: str | None, *, download_threads: int = 8, concurrent_requests: int = 10, retry_s: float = RETRY_S
     ) -> GcsStore:
         """A client for real GCS, or for the emulator when STORAGE_EMULATOR_HOST is set, keeping
         up to `concurrent_requests` connections alive (requests' default of 10 would drop and
-        reopen connections when more files are in flight)."""
+        reopen connections when more files are in flight); requests retried for up to `retry_s`."""
         if os.environ.get("STORAGE_EMULATOR_HOST"):
             from google.auth.credentials import AnonymousCredentials
 
@@ -253,7 +256,7 @@ class GcsStore:
         for scheme in ("https://", "http://"):
             client._http.mount(scheme, adapter)
         _read_environment_once(client._http, os.environ)
-        return cls(client, download_threads=download_threads)
+        return cls(client, download_threads=download_threads, retry_s=retry_s)
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -266,7 +269,7 @@ class GcsStore:
         bucket = self._client.bucket(input_uri.bucket)
         with translate_errors(f"reading input {input_uri}", bucket):
             if not input_uri.is_prefix:
-                blob = bucket.get_blob(input_uri.path)
+                blob = bucket.get_blob(input_uri.path, retry=self._retry)
                 if blob is None and _bucket_missing(bucket):
                     raise NotFound(f"reading input {input_uri}: {_no_bucket(bucket)}")
                 wildcard = min((i for i in map(input_uri.path.find, "*?[") if i >= 0), default=None)
@@ -284,7 +287,7 @@ class GcsStore:
                     )
                 return [self._input_file(blob, posixpath.basename(input_uri.path))]
             files = []
-            for blob in self._client.list_blobs(input_uri.bucket, prefix=input_uri.path):
+            for blob in self._client.list_blobs(input_uri.bucket, prefix=input_uri.path, retry=self._retry):
                 name: str = blob.name
                 if name.endswith("/") or is_upload_part(name):
                     continue
@@ -422,7 +425,8 @@ class GcsStore:
     def names_under(self, prefix: GcsUri) -> set[str]:
         """The names of the objects under `prefix` (a folder's, ending in /)."""
         with translate_errors(f"listing {prefix}"):
-            return {blob.name for blob in self._client.list_blobs(prefix.bucket, prefix=prefix.path)}
+            names = self._client.list_blobs(prefix.bucket, prefix=prefix.path, retry=self._retry)
+            return {blob.name for blob in names}
 
     def compose(self, sources: list[GcsUri], uri: GcsUri, *, scratch: GcsUri, job_id: str, content_type: str) -> None:
         """Write at `uri` the objects `sources` (of its bucket) end to end, as one object that
@@ -442,20 +446,21 @@ class GcsStore:
             for into in joined:
                 self.delete(into)  # where `deleteSourceObjects` is not honoured (fake-gcs-server ignores it)
 
-    @staticmethod
     def _compose(
-        bucket: Any, sources: list[GcsUri], uri: GcsUri, *, job_id: str, content_type: str, delete: bool
+        self, bucket: Any, sources: list[GcsUri], uri: GcsUri, *, job_id: str, content_type: str, delete: bool
     ) -> None:
         blob = bucket.blob(uri.path)
         blob.metadata = {WRITTEN_BY_KEY: job_id}
         blob.content_type = content_type
-        blob.compose([bucket.blob(s.path) for s in sources], delete_source_objects=delete or None)
+        blob.compose(
+            [bucket.blob(s.path) for s in sources], delete_source_objects=delete or None, retry=self._compose_retry
+        )
 
     def written_by(self, uri: GcsUri) -> str | None:
         """The job that wrote the object (its `embedded-tf-job` metadata); None when it does not
         exist or another program wrote it."""
         with translate_errors(f"reading {uri}"):
-            blob = self._client.bucket(uri.bucket).get_blob(uri.path)
+            blob = self._client.bucket(uri.bucket).get_blob(uri.path, retry=self._retry)
         return None if blob is None else (blob.metadata or {}).get(WRITTEN_BY_KEY)
 
     # -- outputs -----------------------------------------------------------------------------
@@ -468,7 +473,7 @@ class GcsStore:
         blob = self._client.bucket(uri.bucket).blob(uri.path)
         blob.metadata = {WRITTEN_BY_KEY: job_id}
         with translate_errors(f"writing output {uri}", blob.bucket):
-            sink = _Upload(blob, content_type, self._media)
+            sink = _Upload(blob, content_type, self._media, self._retry)
             writer = BackgroundWriter(sink, name=f"upload {uri}", inline_bytes=FIRST_CHUNK_BYTES)
             try:
                 yield writer
@@ -490,6 +495,7 @@ class GcsStore:
                 json.dumps(value, indent=2) + "\n",
                 content_type="application/json",
                 if_generation_match=if_generation_match,
+                retry=self._retry,
             )
         return int(blob.generation or 0)
 
@@ -499,10 +505,10 @@ class GcsStore:
         try:
             with translate_errors(f"reading {uri}"):
                 # get_blob reads the metadata too; download_as_bytes alone would not.
-                blob = self._client.bucket(uri.bucket).get_blob(uri.path)
+                blob = self._client.bucket(uri.bucket).get_blob(uri.path, retry=self._retry)
                 if blob is None:
                     return None
-                data = blob.download_as_bytes(if_generation_match=blob.generation)
+                data = blob.download_as_bytes(if_generation_match=blob.generation, retry=self._retry)
         except (NotFound, Conflict):
             return None  # deleted or replaced between the two calls: as good as absent this time
         try:
@@ -516,22 +522,22 @@ class GcsStore:
         """Add one custom metadata entry to an existing object (its content and generation stay)."""
         blob = self._client.bucket(uri.bucket).blob(uri.path)
         with translate_errors(f"updating metadata of {uri}"):
-            blob.reload()
+            blob.reload(retry=self._retry)
             blob.metadata = {**(blob.metadata or {}), key: value}
-            blob.patch()
+            blob.patch(retry=self._retry)
 
     def delete(self, uri: GcsUri, *, if_generation_match: int | None = None) -> None:
         """Delete the object if it still is that generation; absent already is fine."""
         blob = self._client.bucket(uri.bucket).blob(uri.path)
         try:
             with translate_errors(f"deleting {uri}"):
-                blob.delete(if_generation_match=if_generation_match)
+                blob.delete(if_generation_match=if_generation_match, retry=self._retry)
         except NotFound:
             pass
 
     def read_bytes(self, uri: GcsUri) -> bytes:
         with translate_errors(f"reading {uri}"):
-            data: bytes = self._client.bucket(uri.bucket).blob(uri.path).download_as_bytes()
+            data: bytes = self._client.bucket(uri.bucket).blob(uri.path).download_as_bytes(retry=self._retry)
             return data
 
     # -- models ------------------------------------------------------------------------------
@@ -549,8 +555,8 @@ class GcsStore:
         base = base.as_prefix()
         bucket = self._client.bucket(base.bucket)
         with translate_errors(f"reading model {model}", bucket):
-            blobs = list(self._client.list_blobs(base.bucket, prefix=base.path))
-            if not blobs and not model.is_prefix and bucket.get_blob(model.path) is not None:
+            blobs = list(self._client.list_blobs(base.bucket, prefix=base.path, retry=self._retry))
+            if not blobs and not model.is_prefix and bucket.get_blob(model.path, retry=self._retry) is not None:
                 raise ModelError(
                     f"model {model} is one object, not a folder{_not_saved_model(model.path)} — point `model` at "
                     "the folder that holds saved_model.pb and variables/"
@@ -654,10 +660,11 @@ class _Upload:
     request carries the object's CRC32C, and the object Cloud Storage reports is checked against
     it: one that does not match is deleted, and the job retried."""
 
-    def __init__(self, blob: Any, content_type: str, media: MediaTransport) -> None:
+    def __init__(self, blob: Any, content_type: str, media: MediaTransport, retry: Any = DEFAULT_RETRY) -> None:
         self._blob = blob
         self._content_type = content_type
         self._media = media
+        self._retry = retry  # each chunk's request, with the same bytes
         self._blocks: deque[bytes] = deque()  # written, not yet sent, in order
         self._held = 0  # their bytes
         self._session: Any = None  # the resumable upload's URL, once started
@@ -717,7 +724,9 @@ class _Upload:
 
     def _send(self, blocks: list[bytes], *, final: bool) -> None:
         if self._session is None:
-            self._session = self._blob.create_resumable_upload_session(content_type=self._content_type, checksum=None)
+            self._session = self._blob.create_resumable_upload_session(
+                content_type=self._content_type, checksum=None, retry=self._retry
+            )
         for block in blocks:
             self._crc.update(block)  # type: ignore[no-untyped-call]
         start = self._sent
@@ -729,7 +738,7 @@ class _Upload:
                 headers["X-Goog-Hash"] = "crc32c=" + self._crc32c()
             else:
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/*"
-            response = UPLOAD_RETRY(self._put)(_Body(blocks), headers)
+            response = self._retry(self._put)(_Body(blocks), headers)
             if response.status_code != 308:
                 self._sent = end
                 self._check(response.json())
@@ -771,7 +780,7 @@ class _Upload:
             return
         generation = resource.get("generation")
         with contextlib.suppress(Exception):
-            self._blob.delete(if_generation_match=int(generation) if generation else None)
+            self._blob.delete(if_generation_match=int(generation) if generation else None, retry=self._retry)
         raise TransientError(
             f"{self._what}: Cloud Storage stored an object "
             f"whose CRC32C ({theirs}) is not the one of the bytes sent ({ours}); it was deleted, and the job "

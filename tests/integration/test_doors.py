@@ -15,7 +15,8 @@ import pytest
 import requests
 
 from localdev import emulators, models
-from tests.conftest import close_to, create_topology, read_lines, storage_event_headers, worker_env, write_lines
+from tests.conftest import create_topology, read_lines, storage_event_headers, worker_env, write_lines
+from tests.outputs import close_to
 
 pytestmark = pytest.mark.integration
 
@@ -91,9 +92,11 @@ def test_original_http_interface(http_worker, storage_client, bucket, model_uris
 
 
 def test_unavailable_storage_is_retried_not_acknowledged(tmp_path):
-    """Cloud Storage down: the handler must answer 5xx so Pub/Sub redelivers, not report FAILED."""
+    """Cloud Storage down: the handler must answer 5xx so Pub/Sub redelivers, not report FAILED
+    (after retrying each request for WORKER_STORAGE_RETRY_SECONDS, 120 by default)."""
     dead = f"http://127.0.0.1:{emulators.free_port()}"
-    service, url = emulators.start_worker({"STORAGE_EMULATOR_HOST": dead, "WORKER_WORK_DIR": str(tmp_path)})
+    env = {"STORAGE_EMULATOR_HOST": dead, "WORKER_WORK_DIR": str(tmp_path), "WORKER_STORAGE_RETRY_SECONDS": "3"}
+    service, url = emulators.start_worker(env)
     try:
         job = {"model": "gs://models-x/m/", "input": "gs://data-x/in/", "output": "gs://data-x/out/"}
         body = {
@@ -107,8 +110,10 @@ def test_unavailable_storage_is_retried_not_acknowledged(tmp_path):
             "ce-source": "//pubsub.googleapis.com/projects/p/topics/jobs",
             "content-type": "application/json",
         }
+        started = time.monotonic()
         r = requests.post(url + "/", json=body, headers=headers, timeout=180)
         assert r.status_code >= 500
+        assert time.monotonic() - started < 60  # the setting bounds the retries, not the library's 120 s
         assert "Cloud Storage" in service.log_tail(200)
     finally:
         service.stop()

@@ -204,7 +204,7 @@ class _RecordingBlob:
         self.started = True
         return "https://upload/session"
 
-    def delete(self, if_generation_match: int | None = None) -> None:
+    def delete(self, if_generation_match: int | None = None, retry: object = None) -> None:
         self.deleted.append(if_generation_match)
 
 
@@ -275,10 +275,10 @@ def test_a_large_output_goes_in_growing_chunks_from_the_blocks_written(monkeypat
     assert sum(1 for b in sent if any(b is w for w in written)) >= len(written) - len(expected)
 
 
-def _written(session: _Session, blocks: list[bytes]) -> _Upload:
+def _written(session: _Session, blocks: list[bytes], retry: object = storage_mod.DEFAULT_RETRY) -> _Upload:
     """An upload to `session` with `blocks` written, not yet closed."""
     blob = _RecordingBlob(session)
-    up = _Upload(blob, "application/jsonl", blob)
+    up = _Upload(blob, "application/jsonl", blob, retry)
     for block in blocks:
         up.write(block)
     return up
@@ -293,9 +293,8 @@ def test_a_chunk_kept_in_part_gets_the_rest_sent_again(monkeypatch):
 
 def test_a_chunk_is_retried_after_a_connection_error(monkeypatch):
     monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
-    monkeypatch.setattr(storage_mod, "UPLOAD_RETRY", storage_mod.UPLOAD_RETRY.with_delay(initial=0.01, maximum=0.02))
     session, written = _Session(fail=2), _blocks(5)
-    _written(session, written).close()
+    _written(session, written, storage_mod.DEFAULT_RETRY.with_delay(initial=0.01, maximum=0.02)).close()
     assert bytes(session.data) == b"".join(written)
     first, again, third = (b"".join(blocks) for _, blocks in session.requests[:3])
     assert first == again == third == b"".join(written)[:1024]
