@@ -24,8 +24,9 @@ setup: $(VENV)/.installed
 demo: setup
 	PYTHONPATH=. $(PY) -m localdev.demo
 
+# Two processes (pytest-xdist), each with its own emulators; a file's tests stay in one, in order.
 test: setup lint lint-deploy
-	PYTHONPATH=. $(PY) -m pytest
+	PYTHONPATH=. $(PY) -m pytest -n 2 --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check worker localdev tests benchmarks

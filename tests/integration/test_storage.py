@@ -244,9 +244,10 @@ def test_a_file_of_another_format_fails_its_job_naming_the_format(store, storage
 @pytest.mark.parametrize(
     ("stored", "message"),
     [
-        (gzip.compress(b"[1]\n" * 1000)[:-30], "is gzip-compressed but ends before its compressed data does"),
-        (b"\x1f\x8b\x07" + gzip.compress(b"[1]\n")[3:], "is gzip-compressed but cannot be decompressed"),
+        (gzip.compress(b"[1]\n" * 1000, mtime=0)[:-30], "is gzip-compressed but ends before its compressed data does"),
+        (b"\x1f\x8b\x07" + gzip.compress(b"[1]\n", mtime=0)[3:], "is gzip-compressed but cannot be decompressed"),
     ],
+    ids=["cut-short", "corrupt"],
 )
 def test_a_gzip_file_cut_short_or_corrupt_fails_its_job_saying_so(store, storage_client, bucket, stored, message):
     _put(storage_client, bucket, "in/bad.jsonl.gz", stored)
