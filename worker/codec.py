@@ -5,9 +5,11 @@ Parsing and encoding lines was half of a job's time with `json` (measured by the
 orjson does both several times faster. It is strict where `json` is lenient, so each function
 falls back to `json` in exactly those cases, and results never depend on which codec ran:
 
-- input: bare `NaN`/`Infinity` (which TF Serving's REST API accepts), nesting deeper than 1024,
-  UTF-16/32 text → parsed by `json`; so is any line with a run of 19 digits, because orjson
-  silently turns integers beyond 64 bits into floats;
+- input: bare `NaN`/`Infinity` (which TF Serving's REST API accepts), UTF-16/32 text → parsed by
+  `json`; so is any line with a run of 19 digits, because orjson silently turns integers beyond
+  64 bits into floats. Arrays and objects nest at most MAX_DEPTH levels (orjson's limit): `json`
+  is asked only after that is checked, so a deeper value is a `ValueError`, never the
+  interpreter's `RecursionError`;
 - output: orjson writes non-finite floats as `null`, so any `null` in its output means the value
   is re-encoded by `json`, which spells them `"NaN"`, `"Infinity"`, `"-Infinity"` (JSON has no
   NaN, and a real null stays null); integers beyond 64 bits also go to `json`.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -42,6 +45,36 @@ def _has_19_digit_run(data: bytes) -> bool:
     return bool(run.any())
 
 
+# Arrays and objects nested deeper than this are refused: orjson's own limit. (`json` recurses
+# once per level, and would hit the interpreter's recursion limit, 1000 frames, near there.)
+MAX_DEPTH = 1024
+# A JSON string, to leave out when counting brackets (possessive: linear on any input).
+_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.S)
+
+
+def _depth_beyond_limit(raw: bytes | str) -> int:
+    """How deep arrays and objects nest in JSON text when that is deeper than MAX_DEPTH (brackets
+    inside strings not counted), else 0."""
+    text = raw if isinstance(raw, str) else raw.decode(json.detect_encoding(raw), "replace")
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return 0  # no value nests deeper than it has brackets
+    skeleton = np.frombuffer(_STRING.sub("", text).encode("utf-8", "replace"), dtype=np.uint8)
+    step = np.isin(skeleton, (0x5B, 0x7B)).astype(np.int32) - np.isin(skeleton, (0x5D, 0x7D))
+    depth = int(np.cumsum(step).max(initial=0))
+    return depth if depth > MAX_DEPTH else 0
+
+
+def _json_loads(raw: bytes | str) -> Any:
+    """`json.loads`, refusing values nested deeper than MAX_DEPTH with a ValueError."""
+    depth = _depth_beyond_limit(raw)
+    if depth:
+        raise ValueError(f"arrays and objects nest {depth} levels deep, more than the {MAX_DEPTH} read")
+    try:
+        return json.loads(raw)
+    except RecursionError:  # within MAX_DEPTH, yet deeper than this thread's stack lets `json` go
+        raise ValueError(f"arrays and objects nest too deep to read (at most {MAX_DEPTH} levels)") from None
+
+
 def loads(raw: bytes | str) -> Any:
     """A JSON value; raises ValueError (or UnicodeDecodeError) as `json.loads` would."""
     return parse(raw)[0]
@@ -55,7 +88,7 @@ def parse(raw: bytes | str) -> tuple[Any, bool]:
             return orjson.loads(raw), True
         except orjson.JSONDecodeError:
             pass
-    return _unicode(json.loads(raw)), False
+    return _unicode(_json_loads(raw)), False
 
 
 def _unicode(value: Any) -> Any:
@@ -159,9 +192,18 @@ def type_name(value: Any) -> str:
     return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
+# A value quoted in a message or a log line is cut after this many characters: a message's
+# values come from whoever sent it, and a report of them must fit a Pub/Sub message and a log entry.
+SHOWN_CHARS = 200
+
+
 def shown(value: Any) -> str:
-    """A parsed value as JSON text, for a message (`null`, `"64"`), not as Python's repr."""
+    """A parsed value as JSON text, for a message (`null`, `"64"`), not as Python's repr; cut to
+    SHOWN_CHARS characters (ending in "…")."""
     try:
-        return json.dumps(value, ensure_ascii=False)
+        text = json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError):
-        return repr(value)
+        text = repr(value)
+    except RecursionError:
+        text = f"({type_name(value)} nested too deep to show)"
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"

@@ -4,7 +4,8 @@
     ├── PermanentError        the job can never succeed as given: report FAILED, ack
     │   ├── InvalidJob        malformed job, unknown option, bad URI   (INVALID_ARGUMENT)
     │   ├── NotFound          model or input missing                   (NOT_FOUND)
-    │   └── ModelError        model present but unusable               (FAILED_PRECONDITION)
+    │   ├── ModelError        model present but unusable               (FAILED_PRECONDITION)
+    │   └── Unpublishable     a message over Pub/Sub's limits          (INVALID_ARGUMENT)
     └── TransientError        may succeed later: raise, so delivery is retried  (UNAVAILABLE)
         ├── Conflict          a write precondition failed: someone else wrote first
         └── Busy              the job (or its output) is being run elsewhere right now
@@ -43,6 +44,12 @@ class ModelError(PermanentError):
     """The model exists but cannot be loaded or served."""
 
     code = "FAILED_PRECONDITION"
+
+
+class Unpublishable(PermanentError):
+    """A message Pub/Sub would refuse, whatever the retry: over its size or attribute limits."""
+
+    code = "INVALID_ARGUMENT"
 
 
 class TransientError(WorkerError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 from worker.codec import loads, shown
 from worker.errors import InvalidJob
-from worker.jobs import Job, is_text, parse_json_object
+from worker.jobs import MAX_JOB_ID_BYTES, Job, fit_job_id, is_text, parse_json_object
 
 PUBSUB_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 STORAGE_FINALIZED = "google.cloud.storage.object.v1.finalized"
@@ -36,7 +35,8 @@ class ObjectTrigger:
 
     @property
     def job_id(self) -> str:
-        return f"{self.bucket}/{self.name}#{self.generation}"
+        """`bucket/name#generation`, shortened (with a hash of it) where it would not fit a job id."""
+        return fit_job_id(f"{self.bucket}/{self.name}#{self.generation}")
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def _with_attributes(raw: dict[str, Any], in_attributes: Mapping[str, Any]) -> d
 
 def _json_equal(text: str, value: Any) -> bool:
     try:
-        return bool(json.loads(text) == value)
+        return bool(loads(text) == value)
     except ValueError:
         return False
 
@@ -278,15 +278,15 @@ def job_id_hint(attributes: Mapping[str, Any], data: Any) -> str:
             return str(payload["job_id"])
         msg_id = message.get("messageId") or message.get("message_id")
         if msg_id:
-            return str(msg_id)
+            return fit_job_id(str(msg_id))
     if isinstance(data, Mapping) and data.get("bucket") and data.get("name"):
-        return f"{data['bucket']}/{data['name']}#{data.get('generation', '0')}"
-    return str(attributes.get("id") or "unknown")
+        return fit_job_id(f"{data['bucket']}/{data['name']}#{data.get('generation', '0')}")
+    return fit_job_id(str(attributes.get("id") or "unknown"))
 
 
 def _job_id(value: Any) -> bool:
-    """A job id to report under: non-empty text."""
-    return bool(value) and is_text(value)
+    """A job id to report under: non-empty text that fits a Pub/Sub attribute."""
+    return bool(value) and is_text(value) and len(value.encode()) <= MAX_JOB_ID_BYTES
 
 
 def describe(trigger: Trigger) -> str:

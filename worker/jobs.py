@@ -6,6 +6,7 @@ Pure data and validation; no I/O. Every parse error is an `InvalidJob` naming th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -33,6 +34,11 @@ PARTS_FOLDER = "_parts/"
 DROPPED_PARTS_SUFFIX = ".parts/"
 MAX_PARTS = 100
 LEASE_SUFFIX = ".lease"
+# A job id travels as the completion message's `job_id` attribute: Pub/Sub takes attribute values
+# of at most 1,024 bytes (https://cloud.google.com/pubsub/quotas#resource_limits).
+MAX_JOB_ID_BYTES = 1024
+# Cloud Storage's longest object name, in bytes of UTF-8 (fake-gcs-server takes longer ones).
+MAX_OBJECT_NAME_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,10 @@ class GcsUri:
             raise InvalidJob(f"{what} {shown(value)} has no valid bucket name after gs://")
         if "//" in path or path.startswith("/"):
             raise InvalidJob(f"{what} {shown(value)} has an empty path segment (//)")
+        if any(segment in (".", "..") for segment in path.split("/")):
+            # Object names are not paths: gs://b/a/../x names objects under `a/../`, and copied to
+            # disk they would land elsewhere.
+            raise InvalidJob(f"{what} {shown(value)} has a '.' or '..' segment — write the path without it")
         return cls(bucket, path)
 
     @property
@@ -208,10 +218,15 @@ class Job:
         missing = [k for k in ("model", "input", "output") if not raw.get(k)]
         if missing:
             raise InvalidJob(f"job is missing {', '.join(missing)}: a job needs model, input and output gs:// URIs")
-        job_id = raw.get("job_id") or default_job_id
+        job_id = raw.get("job_id") or fit_job_id(default_job_id)
         if not isinstance(job_id, str) or not job_id.strip():
             raise InvalidJob(f"job_id must be a non-empty string, got {shown(job_id)}")
         _check_text(job_id, "job_id")
+        if len(job_id.encode()) > MAX_JOB_ID_BYTES:
+            raise InvalidJob(
+                f"job_id {shown(job_id)} is {len(job_id.encode())} bytes of UTF-8, more than the {MAX_JOB_ID_BYTES} "
+                "a Pub/Sub attribute holds (the completion message carries it as one) — use a shorter job_id"
+            )
         model = GcsUri.parse(raw["model"], what="model")
         inp = GcsUri.parse(raw["input"], what="input")
         out = GcsUri.parse(raw["output"], what="output").as_prefix()
@@ -280,6 +295,28 @@ def piece_path(rel: str, i: int, m: int) -> str:
     """Where the part predicting piece i of m of the input file `rel` (a file cut for a job run as
     parts) writes its lines, in the job's parts folder, until they are joined into `rel`."""
     return f"pieces/{rel}/{i}-of-{m}.jsonl"
+
+
+def check_object_name(uri: GcsUri, why: str) -> None:
+    """Refuse (`InvalidJob`) an object the worker would write whose name Cloud Storage refuses."""
+    size = len(uri.path.encode())
+    if size > MAX_OBJECT_NAME_BYTES:
+        raise InvalidJob(
+            f"{why} {shown(str(uri))} would be an object name of {size} bytes, more than the {MAX_OBJECT_NAME_BYTES} "
+            "Cloud Storage takes — use a shorter output prefix or shorter input names"
+        )
+
+
+def fit_job_id(text: str) -> str:
+    """`text` as a job id of at most MAX_JOB_ID_BYTES: itself when it fits, else its beginning, "…"
+    and a hash of the whole (the same for the same text, so a redelivery finds the same job). For
+    ids the worker makes (`bucket/name#generation` of an object whose name is near 1,024 bytes)."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= MAX_JOB_ID_BYTES:
+        return text
+    tail = "…" + hashlib.sha256(data).hexdigest()[:32]
+    head = data[: MAX_JOB_ID_BYTES - len(tail.encode())].decode("utf-8", "ignore")
+    return head + tail
 
 
 def is_text(value: object) -> bool:

@@ -36,6 +36,7 @@ from worker.jobs import (
     GcsUri,
     Job,
     Options,
+    check_object_name,
     error_ratio_exceeded,
     failure,
     piece_path,
@@ -171,6 +172,7 @@ def run(
     done = _completed(job, store, own)
     if done is None:
         try:
+            check_object_name(job.lease_uri, "the job's lease")
             lease = Lease(store, job.lease_uri, job.job_id, limits.lease_s)
             lease.acquire()
         except errors.PermanentError as e:
@@ -215,7 +217,7 @@ def _dispatch(
                 f"to publish the parts to — set it, or {instead}"
             )
         inputs = store.list_inputs(job.input, exclude=job.output)
-        _check_no_overwrite(job, inputs)
+        _check_outputs(job, inputs)
         given = fanout.cuts(inputs, job.options.parts, min_piece_bytes=limits.min_piece_bytes, can_cut=store.can_cut)
     except errors.PermanentError as e:
         log.error("job %s failed: %s", job.job_id, e)
@@ -347,7 +349,7 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
     try:
         t = time.perf_counter()
         inputs = store.list_inputs(job.input, exclude=job.output)
-        _check_no_overwrite(job, inputs)
+        _check_outputs(job, inputs)
         if job.options.part is not None:
             inputs = fanout.part_files(job, store, inputs)
         timings["list_inputs_s"] = time.perf_counter() - t
@@ -473,10 +475,19 @@ def _completion(manifest: dict[str, Any], max_bytes: int) -> bytes:
     return json.dumps({**manifest, "files": files[:kept], "files_omitted": len(files) - kept}).encode()
 
 
-def _check_no_overwrite(job: Job, inputs: list[Any]) -> None:
+def _check_outputs(job: Job, inputs: list[Any]) -> None:
+    """Every input's mirrored output is a plain path under the output prefix, and no input's."""
     names = {(f.uri.bucket, f.uri.path) for f in inputs}
     for f in inputs:
         out = job.output.child(f.rel)
+        if any(segment in ("", ".", "..") for segment in f.rel.split("/")):
+            # Cloud Storage would take the name; any tool copying the outputs to disk would write
+            # such a file outside the output folder.
+            raise errors.InvalidJob(
+                f"input {f.uri} would be mirrored as {out}, whose name below the output has a '.', '..' or empty "
+                "segment — rename that object (or move it out of the input)"
+            )
+        check_object_name(out, f"the output of {f.uri}")
         if (out.bucket, out.path) in names:
             raise errors.InvalidJob(
                 f"output {out} would overwrite input {f.uri} — choose an output prefix outside the input"

@@ -34,6 +34,8 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY, ConditionalRetryPolicy, is_generation_specified
 
+from worker import codec
+from worker.codec import shown
 from worker.errors import Conflict, InvalidJob, ModelError, NotFound, PermanentError, TransientError
 from worker.jobs import GcsUri, is_upload_part
 from worker.media import TIMEOUTS_S, DataCorrupted, MediaTransport
@@ -219,11 +221,15 @@ def _replaced_is_transient(f: InputFile) -> Iterator[None]:
 
 
 def _safe_join(root: str, rel: str) -> str:
-    """`root/rel`, refusing names that would land outside `root` (`..`, absolute paths)."""
-    norm = posixpath.normpath(rel)
-    if norm.startswith("/") or norm == ".." or norm.startswith("../") or "\\" in rel:
-        raise ModelError(f"model object name {rel!r} would escape the model folder; refusing to download it")
-    return os.path.join(root, *norm.split("/"))
+    """`root/rel` for a model object named `rel` in its folder, refusing any name that is not a
+    plain path below it: a `.`, `..` or empty segment, a backslash, or a leading `/`."""
+    segments = rel.split("/")
+    if "\\" in rel or any(segment in ("", ".", "..") for segment in segments):
+        raise ModelError(
+            f"model object name {shown(rel)} is not a plain path in the model folder (it has a '.', '..' or empty "
+            "segment, or a backslash): refusing to download it — rename or delete that object"
+        )
+    return os.path.join(root, *segments)
 
 
 class GcsStore:
@@ -512,7 +518,7 @@ class GcsStore:
         except (NotFound, Conflict):
             return None  # deleted or replaced between the two calls: as good as absent this time
         try:
-            value = json.loads(data)
+            value = codec.loads(data)
         except ValueError:
             log.warning("%s is not JSON; ignoring its content", uri)
             value = None

@@ -163,6 +163,62 @@ def test_background_events_are_read_and_other_requests_refused(fuzz_worker: tupl
     assert requests.get(url + "/", timeout=60).status_code == 400
 
 
+def _deep(depth: int) -> bytes:
+    return b'{"model": ' * depth + b"1" + b"}" * depth
+
+
+# Jobs without a job_id of their own (or with one too long to be used): reported under the
+# message id, so each report is known for the message's.
+jobs_of_messages = jobs.map(lambda j: {k: v for k, v in j.items() if k != "job_id"})
+# Message data Pub/Sub delivers as it was published: anything at all.
+hostile_data = st.one_of(
+    st.binary(max_size=60),
+    st.integers(1000, 1200).map(lambda n: b"[" * n + b"]" * n),
+    st.integers(1000, 1200).map(_deep),
+    jobs_of_messages.map(lambda j: json.dumps(j).encode()).flatmap(
+        lambda b: st.integers(0, len(b)).map(lambda k: b[:k])
+    ),
+    st.builds(
+        lambda job, n, ch: json.dumps({**job, "job_id": ch * n}).encode(),
+        jobs_of_messages,
+        st.integers(1025, 3000),  # characters: over 1,024 bytes
+        st.sampled_from(["x", "é", "\u20ac"]),
+    ),
+    st.binary(min_size=2, max_size=40).map(lambda b: b"\xff\xfe" + b),  # UTF-16 BOM, odd bytes after it
+)
+hostile_attributes = st.one_of(
+    st.dictionaries(
+        st.sampled_from(["model", "input", "output", "options", "other"]),
+        st.one_of(st.text(max_size=20), st.integers(1020, 1500).map(lambda n: "a" * n)),
+        max_size=3,
+    ),
+    st.integers(1025, 5000).map(lambda n: {"job_id": "j" * n}),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=hostile_data, attrs=hostile_attributes)
+def test_every_deliverable_message_gets_one_failed_completion_within_pubsub_s_limits(
+    fuzz_worker: tuple[str, PubSubTopology], data: bytes, attrs: dict[str, str]
+) -> None:
+    """A push of any message data and attributes (no `eventType`: a job message, however broken)
+    is acknowledged with exactly one FAILED completion, under an id real Pub/Sub takes. (Before the
+    property test below, which leaves reports on the results topic.)"""
+    url, topology = fuzz_worker
+    message_id = uuid.uuid4().hex
+    message = {"data": base64.b64encode(data).decode(), "attributes": attrs, "messageId": message_id}
+    r = requests.post(url + "/", json={"message": message, "subscription": "projects/p/subscriptions/s"}, timeout=60)
+    assert r.status_code == 200, (r.status_code, r.text[:500])
+    done = topology.completions(1, timeout_s=30)
+    assert len(done) == 1
+    [(report, report_attrs)] = done
+    assert report_attrs["status"] == "FAILED", report
+    assert all(len(v.encode()) <= 1024 for v in report_attrs.values()) and len(report_attrs) <= 100
+    assert len(json.dumps(report).encode()) < 10_000_000
+    # This message's report, not a second report of an earlier one.
+    assert report_attrs["job_id"] == report["job_id"] == message_id, (report_attrs, report)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ce=events, binary=st.booleans())
 def test_no_event_gets_a_5xx(fuzz_worker: tuple[str, PubSubTopology], ce: tuple[str, Any], binary: bool) -> None:

@@ -364,10 +364,17 @@ def test_a_model_path_without_a_saved_model_says_what_it_holds_instead(store, st
         assert str(raised.value) == message.format(b=bucket)
 
 
-def test_model_names_cannot_escape(tmp_path):
-    with pytest.raises(errors.ModelError, match="would escape"):
-        _safe_join(str(tmp_path), "../../etc/passwd")
-    assert _safe_join(str(tmp_path), "variables/v.index").endswith("variables/v.index")
+@pytest.mark.parametrize(
+    "name", ["../../etc/passwd", "variables/..", "variables/.", "./saved_model.pb", "a//b", "/etc/x", "a\\..\\b", ".."]
+)
+def test_model_names_cannot_escape_or_name_the_folder_itself(tmp_path, name):
+    with pytest.raises(errors.ModelError, match="is not a plain path in the model folder"):
+        _safe_join(str(tmp_path), name)
+
+
+def test_model_names_below_the_folder_are_joined(tmp_path):
+    assert _safe_join(str(tmp_path), "variables/v.index") == str(tmp_path / "variables" / "v.index")
+    assert _safe_join(str(tmp_path), "assets/..vocab") == str(tmp_path / "assets" / "..vocab")
 
 
 @pytest.mark.parametrize(("pool", "dropped"), [(10, True), (24, False)])

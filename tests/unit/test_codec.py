@@ -149,3 +149,36 @@ def test_a_big_integer_anywhere_in_a_big_batch_is_read_exactly(where):
     batch[where] = b"[0.1234, 123456789012345678901, 2]"
     assert codec.parse_strict(batch) is None  # orjson would read it as a float
     assert codec.parse_many(batch)[where][0] == [0.1234, 123456789012345678901, 2]
+
+
+@pytest.mark.parametrize("depth", [1025, 1100, 100_000])
+@pytest.mark.parametrize("shape", ["[{}]", '{{"a":{}}}', "[NaN,{}]"])
+def test_values_nested_beyond_the_limit_are_a_value_error_whichever_codec_reads_them(depth: int, shape: str) -> None:
+    """orjson refuses beyond 1024 levels; `json` (after it, for NaN) would raise RecursionError near
+    1000: both are the worker's ValueError naming the limit, never the interpreter's error."""
+    text = "1"
+    for _ in range(depth):
+        text = shape.format(text)
+    for raw in (text.encode(), text):
+        with pytest.raises(ValueError, match=f"nest {depth} levels deep, more than the 1024 read"):
+            codec.loads(raw)
+    assert isinstance(codec.parse_many([text.encode()])[0], ValueError)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    raw = json.dumps(["[" * 2000, {"a": "{" * 2000}, math.nan]).encode()  # NaN: read by `json`
+    assert codec.loads(raw)[0] == "[" * 2000
+
+
+def test_values_nested_within_the_limit_are_read() -> None:
+    assert codec.loads(b"[" * 1024 + b"]" * 1024) is not None
+    assert codec.loads(b"[" * 900 + b"NaN" + b"]" * 900) is not None
+
+
+def test_a_shown_value_is_cut_to_a_bounded_length() -> None:
+    assert codec.shown("x" * 10) == '"xxxxxxxxxx"'
+    assert codec.shown("x" * 10_000) == '"' + "x" * (codec.SHOWN_CHARS - 1) + "…"
+    deep: list[object] = []
+    for _ in range(5000):
+        deep = [deep]
+    assert codec.shown(deep) == "(array nested too deep to show)"

@@ -162,3 +162,42 @@ def test_job_message_data_completed_by_attributes():
         events.from_cloud_event(CE_PUBSUB, _pubsub(json.dumps({**JOB, "model": "gs://a/"}).encode(), attrs))
     with pytest.raises(errors.InvalidJob, match="'options' twice"):
         events.from_cloud_event(CE_PUBSUB, _pubsub(data, {**attrs, "options": '{"batch_size": 6}'}))
+
+
+def test_a_job_id_over_pubsub_s_attribute_limit_is_refused_and_reported_under_the_message_id():
+    """The completion carries the job id as an attribute: at most 1,024 bytes in Pub/Sub."""
+    fits = "é" * 512  # 1,024 bytes
+    trigger = events.from_cloud_event(CE_PUBSUB, _pubsub(json.dumps({**JOB, "job_id": fits}).encode()))
+    assert isinstance(trigger, events.JobTrigger) and trigger.job.job_id == fits
+    for too_long in ("x" * 1025, "é" * 513, "x" * 2**20):
+        for body in (
+            _pubsub(json.dumps({**JOB, "job_id": too_long}).encode()),
+            _pubsub(None, {**JOB, "job_id": too_long}),
+        ):
+            with pytest.raises(
+                errors.InvalidJob, match=r"is \d+ bytes of UTF-8, more than the 1024 a Pub/Sub attribute"
+            ):
+                events.from_cloud_event(CE_PUBSUB, body)
+            assert events.job_id_hint(CE_PUBSUB, body) == "42"
+    with pytest.raises(errors.InvalidJob) as raised:
+        events.from_query({**JOB, "job_id": "x" * 2**20}, default_job_id="http-1")
+    assert len(str(raised.value)) < 500  # the id is quoted cut short, not whole
+
+
+def test_the_id_of_an_object_whose_name_is_near_1024_bytes_is_shortened_the_same_way_each_time():
+    name = "in/" + "n" * 1017  # 1,020 bytes: bucket/name#generation is more than 1,024
+    trigger = events.object_trigger({"bucket": "bkt", "name": name, "generation": "1700000000000001"})
+    job_id = trigger.job_id
+    assert len(job_id.encode()) == 1024 and job_id.startswith("bkt/in/nnn") and "…" in job_id
+    again = events.object_trigger({"bucket": "bkt", "name": name, "generation": "1700000000000001"})
+    other = events.object_trigger({"bucket": "bkt", "name": name, "generation": "1700000000000002"})
+    assert again.job_id == job_id != other.job_id
+    short = events.object_trigger({"bucket": "bkt", "name": "in/a.jsonl", "generation": "7"})
+    assert short.job_id == "bkt/in/a.jsonl#7"
+
+
+@pytest.mark.parametrize("field", ["model", "input", "output"])
+@pytest.mark.parametrize("path", ["a/../b/", "a/./b", "..", "a/.."])
+def test_uris_with_dot_segments_are_refused(field, path):
+    with pytest.raises(errors.InvalidJob, match=r"has a '\.' or '\.\.' segment — write the path without it"):
+        events.from_cloud_event(CE_PUBSUB, _pubsub(json.dumps({**JOB, field: f"gs://bkt/{path}"}).encode()))
