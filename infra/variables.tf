@@ -166,7 +166,7 @@ variable "max_delivery_attempts" {
 }
 
 variable "worker_env" {
-  description = "More worker settings (README's configuration table), e.g. { WORKER_BATCH_SIZE = \"128\" }."
+  description = "More worker settings (docs/configuration.md), e.g. { WORKER_BATCH_SIZE = \"128\" }."
   type        = map(string)
   default     = {}
   validation {

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from worker.errors import InvalidJob
 from worker.jobs import Options, parse_json_object
 
-# (environment variable, field, description) — also the README's configuration table.
+# (environment variable, field, description) — also the table of docs/configuration.md.
 ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ("GOOGLE_CLOUD_PROJECT", "project", "Project of the results topic (also used by the client libraries)."),
     (

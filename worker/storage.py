@@ -44,14 +44,11 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 4 * 1024 * 1024
 # Resumable upload chunks must be multiples of 256 KiB. Each chunk is a request: fewer of them
-# means fewer round trips to Cloud Storage, and fake-gcs-server copies the object so far on each
-# (on a 100 MB input, see the README's benchmarks). An open output holds at most one chunk (and
-# one block): 16 MiB holds what 8 MiB did through the client library's writer, which holds two.
-# The chunks grow to it from FIRST_CHUNK_BYTES (8, 16, 16 … MiB); an output smaller than the first
-# chunk is sent in one request when complete, as the client library sends an object of up to 8 MiB
-# (its multipart limit). A first chunk of 2 MiB, doubling, put a 10 MB job's output (16 MB) in 4
-# requests instead of 2, and the job took 0.36–0.37 s instead of 0.31–0.33 s (two runs of 20
-# alternating, in process, MLP; see the README's benchmarks).
+# means fewer round trips to Cloud Storage. An open output holds at most one chunk (and one
+# block): 16 MiB holds what 8 MiB did through the client library's writer, which holds two. The
+# chunks grow to it from FIRST_CHUNK_BYTES (8, 16, 16 … MiB); an output smaller than the first
+# chunk is sent in one request when complete, as the client library sends an object of up to
+# 8 MiB (its multipart limit). docs/benchmarks.md has the measurements behind these sizes.
 WRITE_CHUNK_BYTES = 16 * 1024 * 1024
 # What a piece of a file reads past its end, a request at a time, for the rest of its last line.
 TAIL_CHUNK_BYTES = 64 * 1024

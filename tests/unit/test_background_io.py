@@ -223,7 +223,7 @@ def test_a_small_output_is_one_request(monkeypatch):
 
 
 def test_an_output_under_8_mib_is_one_request_and_a_larger_one_goes_in_chunks_of_8_then_16_mib():
-    """The sizes the README promises (the client library's multipart limit is 8 MiB)."""
+    """The sizes worker/storage.py states (the client library's multipart limit is 8 MiB)."""
     mib = 1024 * 1024
     block = b"x" * (mib // 4)
     small = _RecordingBlob()

@@ -1,8 +1,9 @@
-"""The README and `--help` document every setting the worker reads, with its default; the README
-holds the latest benchmark tables."""
+"""The docs and `--help` document every setting the worker reads, with its default; the benchmarks
+doc holds the latest tables; the README stays a short front door whose links all lead somewhere."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,14 @@ import pytest
 from worker.cli import build_parser
 from worker.config import ENV_VARS, Settings
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+CONFIGURATION = ROOT / "docs" / "configuration.md"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 
 
-def test_every_setting_is_in_the_readme_configuration_table():
-    table = [line for line in README.read_text().splitlines() if line.startswith("| `")]
+def test_every_setting_is_in_the_configuration_table():
+    table = [line for line in CONFIGURATION.read_text().splitlines() if line.startswith("| `")]
     missing = [var for var, _, _ in ENV_VARS if not any(f"`{var}`" in row for row in table)]
     assert missing == []
 
@@ -22,7 +26,7 @@ def test_every_setting_is_in_the_readme_configuration_table():
 def _default_cells() -> dict[str, str]:
     """The configuration table's default cell of each variable."""
     cells = {}
-    for line in README.read_text().splitlines():
+    for line in CONFIGURATION.read_text().splitlines():
         if line.startswith("| `"):
             variables, default = line.split("|")[1:3]
             for var in variables.replace("`", "").split(","):
@@ -30,7 +34,7 @@ def _default_cells() -> dict[str, str]:
     return cells
 
 
-def test_the_readme_s_defaults_are_the_worker_s():
+def test_the_configuration_table_s_defaults_are_the_worker_s():
     cells, defaults = _default_cells(), Settings()
     for var, name, _ in ENV_VARS:
         default = getattr(defaults, name)
@@ -55,13 +59,12 @@ def test_help_gives_every_setting_with_its_default(capsys: pytest.CaptureFixture
     assert f"WORKER_BATCH_SIZE or {defaults.batch_size})" in " ".join(text.split())
 
 
-def test_the_readme_holds_the_benchmark_tables_of_every_model():
-    """The README's benchmark section is the latest run's tables, under the benchmark's own
-    headings, with the columns it prints now (an update once left the prose without them)."""
+def test_the_benchmarks_doc_holds_the_tables_of_every_model():
+    """docs/benchmarks.md holds the latest run's tables, under the benchmark's own headings, with
+    the columns it prints now."""
     from benchmarks.run import MODEL_TEXT
 
-    text = README.read_text()
-    section = text[text.index("## Benchmarks") : text.index("\n## ", text.index("## Benchmarks") + 1)]
+    section = BENCHMARKS.read_text()
     for model, description in MODEL_TEXT.items():
         heading = f"#### {model} ({description})"
         assert heading in section, heading
@@ -70,3 +73,28 @@ def test_the_readme_holds_the_benchmark_tables_of_every_model():
         assert "| input | worker, event (warm) | floor beside it | ÷ floor | storage alone |" in part
         rows = [line for line in part.splitlines()[:40] if line.startswith(("| 10MB", "| 100MB"))]
         assert len(rows) >= 3 * 2, (model, rows)  # 10 MB, its tree and 100 MB, in both tables
+
+
+def test_the_readme_is_a_short_front_door():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300 and len(text.encode()) <= 15 * 1024
+    assert "make demo" in text and "make test" in text
+
+
+@pytest.mark.parametrize("doc", [README, ROOT / "DEVELOPMENT.md", *sorted((ROOT / "docs").glob("*.md"))])
+def test_every_relative_link_leads_to_a_file_and_heading_that_exist(doc):
+    text = doc.read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (doc.parent / path).resolve() if path else doc
+        assert linked.exists(), f"{doc.name} links to {target}"
+        if anchor:
+            headings = [_anchor(h) for h in re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.M)]
+            assert anchor in headings, f"{doc.name} links to {target}: no such heading"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lowercase, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")

@@ -151,10 +151,11 @@ def test_variables_are_described_and_the_example_sets_only_known_ones(config):
     assert required <= assigned, required - assigned
 
 
-def test_the_readme_deploy_commands_read_outputs_that_exist(config):
-    readme = (INFRA.parent / "README.md").read_text()
-    used = set(re.findall(r"terraform output -raw (\w+)", readme))
-    assert used, "the README's deploy section reads terraform outputs"
+@pytest.mark.parametrize("doc", ["README.md", "docs/deploy.md"])
+def test_the_deploy_commands_read_outputs_that_exist(config, doc):
+    text = (INFRA.parent / doc).read_text()
+    used = set(re.findall(r"terraform output -raw (\w+)", text))
+    assert used, f"the deploy commands of {doc} read terraform outputs"
     assert used - set(config["output"]) == set()
 
 
