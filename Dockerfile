@@ -2,8 +2,10 @@
 #
 # Serving backend, chosen at build time with --build-arg SERVING=…:
 #   tfserving  (default) the real tensorflow_model_server, copied from the official image whose
-#              version matches tensorflow-cpu in requirements.txt (tests/unit/test_dockerfile.py checks)
-#   tensorflow TensorFlow in-process only, for registries that cannot pull tensorflow/serving
+#              version matches tensorflow-cpu in requirements-tensorflow.txt (test_dockerfile.py
+#              checks); no TensorFlow in Python: the worker never imports it behind TF Serving
+#   tensorflow TensorFlow in-process only (requirements-tensorflow.txt), for registries that cannot
+#              pull tensorflow/serving
 ARG TF_SERVING_VERSION=2.21.0
 ARG SERVING=tfserving
 
@@ -31,6 +33,8 @@ COPY --from=tfserving-binary /usr/bin/tensorflow_model_server /usr/local/bin/ten
 ENV WORKER_SERVING=tfserving
 
 FROM base AS serving-tensorflow
+COPY requirements-tensorflow.txt .
+RUN pip install --no-cache-dir -r requirements-tensorflow.txt
 ENV WORKER_SERVING=tensorflow
 
 # A stage of this file picked by SERVING, not a registry image: there is no tag to pin.

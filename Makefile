@@ -8,7 +8,7 @@ CHECKOV_VERSION := 3.3.30
 
 .PHONY: setup demo test lint lint-deploy
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-tensorflow.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt

@@ -170,6 +170,8 @@ resource "google_cloud_run_v2_service" "worker" {
           memory = var.memory
         }
         cpu_idle = true
+        # More CPU while an instance starts: the Python runtime, the worker and its first model.
+        startup_cpu_boost = true
       }
       dynamic "env" {
         for_each = { for k, v in local.worker_env : k => v if v != "" }

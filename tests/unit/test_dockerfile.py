@@ -32,7 +32,9 @@ def test_copied_files_exist_and_entry_point_matches():
 
 def test_tf_serving_version_matches_tensorflow_in_requirements():
     serving = re.search(r"^ARG TF_SERVING_VERSION=(\d+\.\d+)\.\d+$", DOCKERFILE, flags=re.M)
-    tensorflow = re.search(r"^tensorflow-cpu==(\d+\.\d+)\.\d+$", (ROOT / "requirements.txt").read_text(), flags=re.M)
+    tensorflow = re.search(
+        r"^tensorflow-cpu==(\d+\.\d+)\.\d+$", (ROOT / "requirements-tensorflow.txt").read_text(), flags=re.M
+    )
     assert serving and tensorflow
     assert serving.group(1) == tensorflow.group(1)
     assert "FROM tensorflow/serving:${TF_SERVING_VERSION} AS tfserving-binary" in DOCKERFILE
@@ -77,3 +79,34 @@ def test_the_image_holds_the_workers_bytecode_so_that_a_cold_start_compiles_none
     subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, check=True)
     after = loaded_from()
     assert len(after) == len(before) and all(path.endswith(".pyc") for path in after)
+
+
+def _requirements(name: str) -> dict[str, str]:
+    """A requirements file's packages and pinned versions, with those of the files it includes."""
+    pins: dict[str, str] = {}
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            pins.update(_requirements(line[3:].strip()))
+        elif line:
+            package, sep, version = line.partition("==")
+            assert sep and re.fullmatch(r"[\w.]+", version), f"{name}: {line!r} is not pinned exactly"
+            pins[package.lower()] = version
+    return pins
+
+
+def test_the_tf_serving_image_installs_no_tensorflow_and_the_in_process_one_adds_only_it():
+    """The default image pulls no 1.3 GB of TensorFlow it never imports (test_lean_worker.py
+    proves that it does not); the in-process image adds TensorFlow and nothing else."""
+    lean, full = _requirements("requirements.txt"), _requirements("requirements-tensorflow.txt")
+    assert not [p for p in lean if p.startswith("tensorflow")]
+    assert set(full) - set(lean) == {"tensorflow-cpu"}
+    assert {p: full[p] for p in lean} == lean
+    assert set(_requirements("requirements-dev.txt")) >= set(full)
+    base = re.search(r"^FROM python:\S+ AS base\n(.*?)(?=^FROM)", DOCKERFILE, flags=re.M | re.S)
+    assert base and "RUN pip install --no-cache-dir -r requirements.txt" in base.group(1)
+    assert "tensorflow" not in base.group(1).replace("TF_CPP_MIN_LOG_LEVEL", "")
+    stage = re.search(r"^FROM base AS serving-tensorflow\n(.*?)(?=^FROM)", DOCKERFILE, flags=re.M | re.S)
+    assert stage and "RUN pip install --no-cache-dir -r requirements-tensorflow.txt" in stage.group(1)
+    tfserving = re.search(r"^FROM base AS serving-tfserving\n(.*?)(?=^FROM)", DOCKERFILE, flags=re.M | re.S)
+    assert tfserving and "pip install" not in tfserving.group(1)

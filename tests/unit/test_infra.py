@@ -180,3 +180,11 @@ def test_the_model_disk_bound_is_a_quarter_of_the_instance_memory(tmp_path, memo
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f'"{disk_mib}"'
+
+
+def test_the_service_starts_instances_with_startup_cpu_boost(config):
+    """More CPU while an instance starts (the runtime, the worker, its first model), then the
+    CPU only while requests run."""
+    service = _resources(config, "google_cloud_run_v2_service")["worker"]
+    [resources] = service["template"][0]["containers"][0]["resources"]
+    assert resources["startup_cpu_boost"] is True and resources["cpu_idle"] is True

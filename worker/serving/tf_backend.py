@@ -58,11 +58,24 @@ def import_tensorflow() -> Any:
     not as bare lines into the worker's JSON logs."""
     with _import_lock:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        if "tensorflow" in sys.modules:
+        if sys.modules.get("tensorflow") is not None:
             return sys.modules["tensorflow"]
-        with _banners_to_debug_log():
-            import tensorflow as tf
+        try:
+            with _banners_to_debug_log():
+                import tensorflow as tf
+        except ModuleNotFoundError as e:
+            if e.name != "tensorflow":
+                raise
+            raise ModelError(TENSORFLOW_MISSING) from None
         return tf
+
+
+# The default image serves models with TF Serving and installs no TensorFlow in Python.
+TENSORFLOW_MISSING = (
+    "TensorFlow is not installed here (the TF Serving image leaves it out): the in-process backend and "
+    "`describe` need it — install requirements-tensorflow.txt (`make setup` does, and so does the image built "
+    "with --build-arg SERVING=tensorflow), or serve models with TF Serving (WORKER_SERVING=tfserving)"
+)
 
 
 @contextlib.contextmanager
