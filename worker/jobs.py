@@ -398,14 +398,22 @@ def failure(code: str, message: str) -> dict[str, str]:
 
 
 def error_ratio_exceeded(options: Options, totals: Counts, first: dict[str, Any] | None) -> dict[str, str] | None:
-    """The job's failure when more of its instances failed than `max_error_ratio` allows; `first`
-    is its first error line (input, line, message)."""
-    if options.max_error_ratio is None or not totals.instances:
+    """The job's failure from its counts: instances of which none could be predicted, or more of them
+    failed than `max_error_ratio` allows; `first` is its first error line (input, line, message)."""
+    if not totals.instances:
+        return None
+    where = f"; the first, line {first['line']} of {first['input']}: {first['message']}" if first else ""
+    if not totals.predictions:
+        return failure(
+            "INVALID_ARGUMENT",
+            f"none of the {totals.instances} instances could be predicted{where} — see the error lines in the "
+            "output files",
+        )
+    if options.max_error_ratio is None:
         return None
     ratio = totals.errors / totals.instances
     if ratio <= options.max_error_ratio:
         return None
-    where = f"; the first, line {first['line']} of {first['input']}: {first['message']}" if first else ""
     return failure(
         "INVALID_ARGUMENT",
         f"{totals.errors} of {totals.instances} instances ({ratio:.1%}) could not be predicted, more "

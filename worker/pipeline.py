@@ -12,6 +12,7 @@ import contextvars
 import functools
 import json
 import logging
+import re
 import threading
 import time
 import weakref
@@ -878,9 +879,19 @@ def _not_json_hint(raw: bytes) -> str:
         try:
             codec.parse(b"[" + text + b"]")
         except ValueError:
-            return ""
-        return " — comma-separated values (CSV?) make one instance when written as a JSON array: [v1, v2, …]"
+            pass
+        else:
+            return " — comma-separated values (CSV?) make one instance when written as a JSON array: [v1, v2, …]"
+    if _CSV_HEADER.fullmatch(text):
+        return (
+            " — a row of column names (a CSV header?): each line of JSON lines is one instance, an array "
+            '[v1, v2, …] or an object {"column": v, …}'
+        )
     return ""
+
+
+# Two or more comma-separated names, bare or double-quoted: a CSV file's header row.
+_CSV_HEADER = re.compile(rb'\s*(?:[A-Za-z_][\w .-]*|"[^"]*")\s*(?:,\s*(?:[A-Za-z_][\w .-]*|"[^"]*")\s*)+')
 
 
 # Keys of a TF Serving request body: a whole request written as one line. (Not its columnar

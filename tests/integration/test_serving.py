@@ -299,6 +299,8 @@ def test_a_file_all_of_a_shape_or_type_the_model_does_not_take_costs_one_call_pe
                 _job(model_uris[model.get(case, "mlp")], f"gs://{bucket}/{case}/in.jsonl", out, batch_size=100)
             )
             assert len(calls) == 3, (case, serving)  # 3 batches of 100
+            assert outcome.status == "FAILED", (case, serving)  # no instance could be predicted
+            assert outcome.manifest["error"]["message"].startswith("none of the 300 instances could be predicted")
             assert outcome.manifest["totals"] == {
                 "lines": 300, "instances": 300, "predictions": 0, "errors": 300, "skipped": 0
             }, (case, serving)  # fmt: skip

@@ -184,6 +184,25 @@ def _run(store: FakeStore, job: Job, predictor: SumPredictor | None = None, batc
     return outcome, pub
 
 
+def test_a_job_none_of_whose_instances_could_be_predicted_fails_with_its_first_error():
+    """A CSV file read as JSON lines, say: every line an error line, written (nothing is lost), and
+    the job FAILED saying why, not PARTIALLY_SUCCEEDED. A job of blank lines alone has nothing to fail."""
+    store = FakeStore({"bkt/in/f.jsonl": b"id,a,b\n1,2,3\n\n4,5,6\n"})
+    outcome, pub = _run(store, _job())
+    assert outcome.status == "FAILED"
+    assert outcome.manifest["totals"] == {"lines": 4, "instances": 3, "predictions": 0, "errors": 3, "skipped": 1}
+    assert outcome.manifest["error"]["code"] == "INVALID_ARGUMENT"
+    assert outcome.manifest["error"]["message"].startswith(
+        "none of the 3 instances could be predicted; the first, line 1 of gs://bkt/in/f.jsonl: line 1 is not valid JSON"
+    )
+    assert "a row of column names (a CSV header?)" in outcome.manifest["error"]["message"]
+    assert len(store.lines("bkt/out/f.jsonl")) == 3
+    assert pub.messages == [(outcome.manifest, {"job_id": "j1", "status": "FAILED"})]
+
+    store = FakeStore({"bkt/in/f.jsonl": b"\n  \n"})
+    assert _run(store, _job())[0].status == "SUCCEEDED"
+
+
 def test_one_bad_instance_costs_one_line_and_counts_add_up(caplog):
     lines = [json.dumps([k, 1]) for k in range(10)]
     lines[5] = json.dumps({"bad": True})
@@ -240,7 +259,8 @@ def test_the_jobs_first_error_is_the_first_in_input_order_and_a_clean_job_has_no
 
 
 def test_common_slips_in_input_files_say_what_to_fix():
-    # A whole TF Serving request on one line, an indented JSON file, CSV: each error says what to fix.
+    # A whole TF Serving request on one line, an indented JSON file, CSV rows and a CSV header: each
+    # error says what to fix.
     lines = [
         json.dumps({"instances": [[1, 2]]}),
         json.dumps({"signature_name": "serving_default", "instances": [[1, 2]]}),
@@ -269,7 +289,8 @@ def test_common_slips_in_input_files_say_what_to_fix():
     assert messages[3].startswith("line 4 is not valid JSON: ") and "—" not in messages[3]
     csv = " — comma-separated values (CSV?) make one instance when written as a JSON array: [v1, v2, …]"
     assert messages[5].startswith("line 6 is not valid JSON: ") and messages[5].endswith(csv)
-    assert messages[6].startswith("line 7 is not valid JSON: ") and "—" not in messages[6]
+    header = " — a row of column names (a CSV header?): each line of JSON lines is one instance, an array [v1, v2, …]"
+    assert messages[6].startswith("line 7 is not valid JSON: ") and header in messages[6]
     assert messages[7] == "instances must be lists"
     assert out[8] == {"instance": [1, 2], "prediction": 3}
     comma = " — remove the comma at its end (instances copied from a JSON array?): nothing separates JSON lines"
