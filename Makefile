@@ -8,10 +8,11 @@ CHECKOV_VERSION := 3.3.30
 
 .PHONY: setup demo test lint lint-deploy
 
-$(VENV)/.installed: requirements.txt requirements-tensorflow.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-tensorflow.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --editable .
 	touch $@
 
 $(CHECKOV_VENV)/.installed:

@@ -42,8 +42,10 @@ def _env_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # `embedded-tf` once installed (pip install .), `python -m worker` from a checkout.
+    installed = os.path.basename(sys.argv[0]) == "embedded-tf"
     parser = argparse.ArgumentParser(
-        prog="python -m worker",
+        prog="embedded-tf" if installed else "python -m worker",
         description="Batch predictions with a TensorFlow SavedModel over JSON-lines files in Cloud Storage.",
     )
     parser.add_argument("--version", action="version", version=f"embedded-tf {__version__}")
