@@ -16,10 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-import worker.storage as storage_mod
+import worker.storage.store as store_mod
+import worker.storage.upload as upload_mod
 from worker import errors
 from worker.jobs import GcsUri
-from worker.storage import GcsStore, _safe_join
+from worker.storage import WRITTEN_BY_KEY, GcsStore
+from worker.storage.models import _safe_join
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +80,7 @@ def _lines(store: GcsStore, f: Any) -> list[bytes]:
 
 
 def test_lines_stream_across_chunks_and_long_lines(store, storage_client, bucket, monkeypatch):
-    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 256 * 1024)
     long_line = b"z" * (700 * 1024)
     _put(storage_client, bucket, "f.jsonl", b"a\r\n" + long_line + b"\n\nmid\rdle\r\nlast")
     [f] = store.list_inputs(GcsUri(bucket, "f.jsonl"))
@@ -91,7 +93,7 @@ def test_a_line_longer_than_the_limit_is_cut_and_the_rest_of_it_never_held(store
     """A file that is one JSON document, 1.5 MiB on one line, read in chunks of 256 KiB with lines
     limited to 100 kB: the line comes cut to the limit and one byte (so it still reads as too
     long), and the lines after it come whole; the cut line's rest was dropped as it arrived."""
-    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 256 * 1024)
     limit = 100_000
     document = b"[" + b"[0.5, 1.5], " * (1536 * 1024 // 12) + b"[0]]"
     _put(storage_client, bucket, "doc.json", b"[1]\n" + document + b"\r\n[2]\n" + b"y" * 5 + b"\n" + b"w" * 200_000)
@@ -105,8 +107,8 @@ def test_after_a_line_longer_than_the_limit_the_file_is_still_read_in_whole_chun
 ):
     """The rest of the file after a cut line comes in chunks of READ_CHUNK_BYTES, not in the small
     reads a piece makes past its end for its last line."""
-    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
-    monkeypatch.setattr(storage_mod, "TAIL_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(store_mod, "TAIL_CHUNK_BYTES", 1000)
     rest = b"".join(b"[%d]\n" % i for i in range(150_000))
     _put(storage_client, bucket, "long-first.jsonl", b"z" * 300_000 + b"\n" + rest)
     [f] = store.list_inputs(GcsUri(bucket, "long-first.jsonl"))
@@ -122,7 +124,7 @@ def test_after_a_line_longer_than_the_limit_the_file_is_still_read_in_whole_chun
 
 @pytest.mark.parametrize("size", [0, 1, 256 * 1024 - 1, 256 * 1024, 256 * 1024 + 1, 3 * 256 * 1024])
 def test_every_byte_is_read_at_chunk_boundaries(store, storage_client, bucket, monkeypatch, size):
-    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 256 * 1024)
     data = b"".join(b"%07d\n" % i for i in range(size // 8 + 1))[:size]
     _put(storage_client, bucket, "edge.jsonl", data)
     [f] = store.list_inputs(GcsUri(bucket, "edge.jsonl"))
@@ -162,7 +164,7 @@ def test_a_file_with_a_byte_order_mark_is_read_as_utf8_text(store, storage_clien
     """Windows PowerShell's `>` writes UTF-16 with a byte order mark and CRLF line endings: read
     split on bytes, every line kept a NUL byte and the mark stayed on the first. Read chunks of an
     odd size (characters cut across them) give the same lines as a UTF-8 file would."""
-    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024 + 1)
+    monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 256 * 1024 + 1)
     lines = [f'{{"text": "naïve café ☕ {i}"}}' for i in range(20_000)]
     text = "\r\n".join(lines) + "\r\n"
     stored = text.encode(encoding) if encoding != "utf-16-be" else codecs.BOM_UTF16_BE + text.encode(encoding)
@@ -183,7 +185,7 @@ def test_a_gzip_file_stored_as_it_is_is_read_decompressed(store, storage_client,
     """A `.jsonl.gz` stored without Content-Encoding (a BigQuery export with GZIP compression, say),
     made of two gzip members (`cat a.gz b.gz`): every line is read once, decompressed, in pieces no
     larger than a read chunk however much the data expands."""
-    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 256 * 1024)
     data = b"".join(b"[%d, 0.5]\n" % i for i in range(lines)) + b"[0, 0]\n" * lines * 4  # the tail compresses 500:1
     half = len(data) // 3
     _put(storage_client, bucket, "in/z.jsonl.gz", gzip.compress(data[:half]) + gzip.compress(data[half:]))
@@ -260,7 +262,7 @@ def test_a_gzip_file_cut_short_or_corrupt_fails_its_job_saying_so(store, storage
 def test_a_gzip_encoded_input_is_read_decompressed(either_store, storage_client, bucket, monkeypatch, lines):
     """An object stored with Content-Encoding gzip (`gcloud storage cp --gzip-local`, `gsutil cp -Z`)
     is served decompressed, whole, longer than its listed size: every line is read, once."""
-    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 256 * 1024)
     data = b"".join(b"[%d, 0.5]\n" % i for i in range(lines))
     blob = storage_client.bucket(bucket).blob("in/z.jsonl")
     blob.content_encoding = "gzip"
@@ -277,7 +279,7 @@ def test_a_gzip_encoded_input_is_read_decompressed(either_store, storage_client,
 
 # The second is over one upload chunk (a quarter more), in writes of about 1 kB.
 @pytest.mark.parametrize(
-    "blocks", [[b"small\n"], [b"x" * 1000 + b"\n"] * (storage_mod.WRITE_CHUNK_BYTES * 5 // 4 // 1001)]
+    "blocks", [[b"small\n"], [b"x" * 1000 + b"\n"] * (upload_mod.WRITE_CHUNK_BYTES * 5 // 4 // 1001)]
 )
 def test_outputs_small_and_past_one_upload_chunk_are_exact(store, storage_client, bucket, blocks):
     uri = GcsUri(bucket, "out/exact.jsonl")
@@ -293,8 +295,8 @@ def test_outputs_small_and_past_one_upload_chunk_are_exact(store, storage_client
 def test_outputs_at_upload_chunk_boundaries_are_exact_and_checked(store, storage_client, bucket, monkeypatch, size):
     """Chunks of 256 KiB, 512 KiB, then 1 MiB, cut from blocks of uneven sizes (one bigger than a
     chunk), the last one exact or empty; the object's CRC32C is the one the upload computed."""
-    monkeypatch.setattr(storage_mod, "FIRST_CHUNK_BYTES", 256 * 1024)
-    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024 * 1024)
+    monkeypatch.setattr(upload_mod, "FIRST_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(upload_mod, "WRITE_CHUNK_BYTES", 1024 * 1024)
     data = os.urandom(size)
     cuts = [c for c in (0, 1, 1000, 70_000, 70_001, 400_000) if c < size] + [size]
     uri = GcsUri(bucket, "out/edges.jsonl")
@@ -309,7 +311,7 @@ def test_outputs_at_upload_chunk_boundaries_are_exact_and_checked(store, storage
 def test_failed_output_never_appears(store, storage_client, bucket):
     uri = GcsUri(bucket, "out/f.jsonl")
     with pytest.raises(RuntimeError), store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
-        w.write(b"x" * (storage_mod.WRITE_CHUNK_BYTES + 1024 * 1024))  # more than one upload chunk already sent
+        w.write(b"x" * (upload_mod.WRITE_CHUNK_BYTES + 1024 * 1024))  # more than one upload chunk already sent
         raise RuntimeError("job died")
     assert storage_client.bucket(bucket).get_blob("out/f.jsonl") is None
     with pytest.raises(RuntimeError), store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
@@ -433,8 +435,8 @@ def test_a_file_read_in_pieces_gives_each_line_to_one_piece_whole_with_its_numbe
     `\\r\\n`, in a long line, and at chunk boundaries: read as pieces with ranged reads, the
     pieces' lines are the file's in order, each once and whole; the lines before each piece are
     counted as they are numbered in the file. A UTF-8 byte order mark goes with the first piece."""
-    monkeypatch.setattr(storage_mod, "READ_CHUNK_BYTES", 256 * 1024)
-    monkeypatch.setattr(storage_mod, "TAIL_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(store_mod, "TAIL_CHUNK_BYTES", 1000)
     lines = [b"[%d, 0.5]" % i for i in range(60_000)]
     lines[30_000] = b"z" * 300_000
     data = codecs.BOM_UTF8 + b"\r\n".join(lines[:100]) + b"\r\n" + b"\n".join(lines[100:]) + b"\n"
@@ -485,7 +487,7 @@ def test_pieces_are_composed_into_one_object_that_appears_whole(store, storage_c
     store.compose(sources, GcsUri(bucket, "out/f.jsonl"), scratch=scratch, job_id="j", content_type="application/jsonl")
     blob = storage_client.bucket(bucket).get_blob("out/f.jsonl")
     assert blob.download_as_bytes() == b"".join(b"%d\n" % i for i in range(count))
-    assert blob.metadata == {storage_mod.WRITTEN_BY_KEY: "j"} and blob.content_type == "application/jsonl"
+    assert blob.metadata == {WRITTEN_BY_KEY: "j"} and blob.content_type == "application/jsonl"
     assert store.written_by(GcsUri(bucket, "out/f.jsonl")) == "j" and store.written_by(scratch.child("x")) is None
     # The groups joined first are removed (the sources too in Cloud Storage; fake-gcs-server keeps them).
     assert not [name for name in store.names_under(scratch) if "group-" in name]

@@ -14,9 +14,11 @@ import google_crc32c
 import pytest
 import requests
 
-import worker.storage as storage_mod
+import worker.storage.upload as upload_mod
 from worker import errors
-from worker.storage import BackgroundWriter, _owned_lines, _prefetched, _Upload
+from worker.storage.background import BackgroundWriter, _prefetched
+from worker.storage.formats import _owned_lines
+from worker.storage.upload import Upload
 
 
 def _reader(chunks: list[bytes | Exception]):
@@ -194,7 +196,7 @@ class _RecordingBlob:
     metadata = None
 
     def upload(self, bucket: str, name: str, blocks: Iterable[bytes], *, content_type: str, metadata: dict) -> dict:
-        """The media transport's single-request upload (`_Upload` is given the blob as its transport)."""
+        """The media transport's single-request upload (`Upload` is given the blob as its transport)."""
         self.single = data = b"".join(blocks)
         crc = self._crc or base64.b64encode(google_crc32c.Checksum(data).digest()).decode()
         return {"crc32c": crc, "generation": "3"}
@@ -213,9 +215,9 @@ def _blocks(n: int, size: int = 300) -> list[bytes]:
 
 
 def test_a_small_output_is_one_request(monkeypatch):
-    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(upload_mod, "WRITE_CHUNK_BYTES", 1024)
     small = _RecordingBlob()
-    up = _Upload(small, "application/jsonl", small)
+    up = Upload(small, "application/jsonl", small)
     up.write(b"a" * 600)
     up.write(b"b" * 400)
     up.close()
@@ -223,17 +225,17 @@ def test_a_small_output_is_one_request(monkeypatch):
 
 
 def test_an_output_under_8_mib_is_one_request_and_a_larger_one_goes_in_chunks_of_8_then_16_mib():
-    """The sizes worker/storage.py states (the client library's multipart limit is 8 MiB)."""
+    """The sizes worker/storage/upload.py states (the client library's multipart limit is 8 MiB)."""
     mib = 1024 * 1024
     block = b"x" * (mib // 4)
     small = _RecordingBlob()
-    up = _Upload(small, "application/jsonl", small)
+    up = Upload(small, "application/jsonl", small)
     for _ in range(31):  # 7.75 MiB
         up.write(block)
     up.close()
     assert small.single is not None and len(small.single) == 31 * len(block) and not small.started
     large = _RecordingBlob()
-    up = _Upload(large, "application/jsonl", large)
+    up = Upload(large, "application/jsonl", large)
     for _ in range(4 * 8 + 4 * 16 + 4 * 16 + 1):  # 8 + 16 + 16 MiB and a block
         up.write(block)
     up.close()
@@ -250,10 +252,10 @@ def test_an_output_under_8_mib_is_one_request_and_a_larger_one_goes_in_chunks_of
 
 @pytest.mark.parametrize("n", [4, 10, 24, 41])  # 1,200 / 3,000 / 7,200 / 12,300 bytes
 def test_a_large_output_goes_in_growing_chunks_from_the_blocks_written(monkeypatch, n):
-    monkeypatch.setattr(storage_mod, "FIRST_CHUNK_BYTES", 1024)
-    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(upload_mod, "FIRST_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(upload_mod, "WRITE_CHUNK_BYTES", 4096)
     blob = _RecordingBlob()
-    up = _Upload(blob, "application/jsonl", blob)
+    up = Upload(blob, "application/jsonl", blob)
     written = _blocks(n)
     for block in written:
         up.write(block)
@@ -275,33 +277,33 @@ def test_a_large_output_goes_in_growing_chunks_from_the_blocks_written(monkeypat
     assert sum(1 for b in sent if any(b is w for w in written)) >= len(written) - len(expected)
 
 
-def _written(session: _Session, blocks: list[bytes], retry: object = storage_mod.DEFAULT_RETRY) -> _Upload:
+def _written(session: _Session, blocks: list[bytes], retry: object = upload_mod.DEFAULT_RETRY) -> Upload:
     """An upload to `session` with `blocks` written, not yet closed."""
     blob = _RecordingBlob(session)
-    up = _Upload(blob, "application/jsonl", blob, retry)
+    up = Upload(blob, "application/jsonl", blob, retry)
     for block in blocks:
         up.write(block)
     return up
 
 
 def test_a_chunk_kept_in_part_gets_the_rest_sent_again(monkeypatch):
-    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(upload_mod, "WRITE_CHUNK_BYTES", 1024)
     session, written = _Session(keep=700), _blocks(10)
     _written(session, written).close()
     assert bytes(session.data) == b"".join(written)
 
 
 def test_a_chunk_is_retried_after_a_connection_error(monkeypatch):
-    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(upload_mod, "WRITE_CHUNK_BYTES", 1024)
     session, written = _Session(fail=2), _blocks(5)
-    _written(session, written, storage_mod.DEFAULT_RETRY.with_delay(initial=0.01, maximum=0.02)).close()
+    _written(session, written, upload_mod.DEFAULT_RETRY.with_delay(initial=0.01, maximum=0.02)).close()
     assert bytes(session.data) == b"".join(written)
     first, again, third = (b"".join(blocks) for _, blocks in session.requests[:3])
     assert first == again == third == b"".join(written)[:1024]
 
 
 def test_an_object_stored_with_another_crc32c_is_deleted_and_the_job_retried(monkeypatch):
-    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(upload_mod, "WRITE_CHUNK_BYTES", 1024)
     up = _written(_Session(crc="AAAAAA=="), _blocks(5))
     with pytest.raises(errors.TransientError, match=r"CRC32C \(AAAAAA==\) is not the one of the bytes sent"):
         up.close()
@@ -310,7 +312,7 @@ def test_an_object_stored_with_another_crc32c_is_deleted_and_the_job_retried(mon
 
 def test_a_small_output_stored_with_another_crc32c_is_deleted_and_the_job_retried():
     blob = _RecordingBlob(crc="AAAAAA==")
-    up = _Upload(blob, "application/jsonl", blob)
+    up = Upload(blob, "application/jsonl", blob)
     up.write(b"small\n")
     with pytest.raises(errors.TransientError, match=r"CRC32C \(AAAAAA==\) is not the one of the bytes sent"):
         up.close()
@@ -318,13 +320,13 @@ def test_a_small_output_stored_with_another_crc32c_is_deleted_and_the_job_retrie
 
 
 def test_an_abandoned_output_cancels_its_upload(monkeypatch):
-    monkeypatch.setattr(storage_mod, "WRITE_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(upload_mod, "WRITE_CHUNK_BYTES", 1024)
     blob = _RecordingBlob()
-    up = _Upload(blob, "application/jsonl", blob)
+    up = Upload(blob, "application/jsonl", blob)
     up.write(b"x" * 1000)
     up.terminate()
     assert blob.single is None and not blob.started  # nothing was started, nothing to cancel
-    up = _Upload(blob, "application/jsonl", blob)
+    up = Upload(blob, "application/jsonl", blob)
     up.write(b"x" * 1500)
     up.terminate()
     assert blob.session.deleted == ["https://upload/session"] and blob.single is None

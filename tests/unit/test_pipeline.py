@@ -22,7 +22,8 @@ from worker import errors, pipeline
 from worker.jobs import GcsUri, Job, Options
 from worker.pipeline import Limits, ModelHandle, dumps_line, run
 from worker.serving import BatchRejected
-from worker.storage import InputFile, _owned_lines
+from worker.storage import InputFile
+from worker.storage.formats import _owned_lines
 
 
 @dataclass(frozen=True)
