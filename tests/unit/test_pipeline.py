@@ -674,7 +674,7 @@ def test_a_completion_too_big_for_pubsub_lists_the_files_that_fit_and_how_many_i
     assert manifest["manifest"] == "gs://bkt/out/_manifest.json" and len(manifest["files"]) == 300
 
     bound = small.sizes[0] // 3
-    monkeypatch.setattr(pipeline, "COMPLETION_MAX_BYTES", bound)
+    monkeypatch.setattr(pipeline.job, "COMPLETION_MAX_BYTES", bound)
     store = FakeStore({f"bkt/in/part-{k:04d}.jsonl": b"[1]\n" for k in range(300)})
     big = RawPublished()
     run(_job(), store=store, models=FakeModels(SumPredictor()), publisher=big, limits=Limits())

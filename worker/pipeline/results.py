@@ -1,0 +1,95 @@
+"""A run's results: its files' counts, the manifest (its commit point) and the completion
+message made from it, cut to what any subscriber can receive."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from worker.jobs import (
+    Counts,
+    FileResult,
+    Job,
+)
+from worker.pipeline.ports import ModelHandle
+
+# Manifest metadata set once its completion message is published: a redelivery of a completed
+# job re-publishes only when this is missing (the publish failed after the manifest was written).
+PUBLISHED_KEY = "embedded-tf-completion-published"
+# A completion message lists a job's files up to this size (some 4,000 files of 250 bytes each).
+# Pub/Sub refuses messages over 10 MB, and gRPC clients at their default settings refuse to
+# receive one over 4 MiB (the Python subscriber on the emulator does): subscribers of any kind
+# should be able to read a completion.
+COMPLETION_MAX_BYTES = 1024 * 1024
+
+
+@dataclass
+class _Run:
+    started: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(default_factory=dict)
+    files: list[FileResult] = field(default_factory=list)
+    totals: Counts = field(default_factory=Counts)
+    handle: ModelHandle | None = None
+    error: dict[str, str] | None = None
+
+
+def _completion(manifest: dict[str, Any], max_bytes: int) -> bytes:
+    """The manifest as a completion message's data. One beyond `max_bytes` (a job of tens of
+    thousands of files) lists the files that fit, in order, and in `files_omitted` how many it
+    leaves out: the manifest (at `manifest`) lists them all."""
+    data = json.dumps(manifest).encode()
+    if len(data) <= max_bytes:
+        return data
+    files = manifest.get("files") or []
+    # Room for the files: what the rest takes, with the largest count of omitted files it can say.
+    room = max_bytes - len(json.dumps({**manifest, "files": [], "files_omitted": len(files)}).encode())
+    kept = 0
+    for f in files:
+        room -= len(json.dumps(f).encode()) + 2  # and its separator
+        if room < 0:
+            break
+        kept += 1
+    return json.dumps({**manifest, "files": files[:kept], "files_omitted": len(files) - kept}).encode()
+
+
+def _first_error(files: list[FileResult]) -> dict[str, Any] | None:
+    """The job's first error line, in input order: which file, which line, and why."""
+    for f in files:
+        if f.first_error is not None:
+            return {"input": f.input, "line": f.first_error[0], "message": f.first_error[1]}
+    return None
+
+
+def _manifest(job: Job, status: str, state: _Run) -> dict[str, Any]:
+    handle, started, error = state.handle, state.started, state.error
+    finished = time.time()
+    manifest: dict[str, Any] = {
+        "job_id": job.job_id,
+        "status": status,
+        "model": {
+            "uri": str(job.model),
+            "resolved": str(handle.uri) if handle else None,
+            "version": handle.version if handle else None,
+            "signature_name": job.options.signature_name,
+        },
+        "input": str(job.input),
+        "output": str(job.output),
+        "manifest": str(job.manifest_uri),
+        "options": job.options.to_json(),
+        "files": [f.to_json() for f in state.files],
+        "totals": state.totals.to_json(),
+        **({"first_error": first} if (first := _first_error(state.files)) else {}),
+        "started_at": _iso(started),
+        "finished_at": _iso(finished),
+        "timings": {"total_s": round(finished - started, 3), **{k: round(v, 3) for k, v in state.timings.items()}},
+    }
+    if error:
+        manifest["error"] = error
+    return manifest
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
