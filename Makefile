@@ -25,9 +25,10 @@ setup: $(VENV)/.installed
 demo: setup
 	PYTHONPATH=. $(PY) -m localdev.demo
 
-# Two processes (pytest-xdist), each with its own emulators; a file's tests stay in one, in order.
+# Three processes (pytest-xdist), each with its own emulators (most tests wait on them, not on the
+# CPU); a file's tests stay in one process, in order.
 test: setup lint lint-deploy
-	PYTHONPATH=. $(PY) -m pytest -n 2 --dist loadfile
+	PYTHONPATH=. $(PY) -m pytest -n 3 --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check worker localdev tests benchmarks
