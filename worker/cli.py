@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    logs.setup(settings.log_level)
+    logs.setup(settings.log_level, settings.log_format)
     if args.command == "describe":
         return _describe(args, settings)
     from worker.runtime import Runtime
@@ -153,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         rt.close()
     print(json.dumps(outcome.manifest, indent=2))
-    return EXIT_FAILED if outcome.status == STATUS_FAILED else 0
+    if outcome.status == STATUS_FAILED:
+        error = outcome.manifest.get("error") or {}
+        print(f"error: job {job.job_id} FAILED ({error.get('code')}): {error.get('message')}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def _describe(args: argparse.Namespace, settings: Settings) -> int:

@@ -114,10 +114,17 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
         "room, and a model larger than this fails its job.",
     ),
     ("WORKER_LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
+    (
+        "WORKER_LOG_FORMAT",
+        "log_format",
+        "json (JSON lines for Cloud Logging), text (time, level, message), or auto: text when stderr is a "
+        "terminal, else json.",
+    ),
 )
 
 SERVING_CHOICES = ("auto", "tfserving", "tensorflow")
 REQUEST_FORMATS = ("row", "columnar")
+LOG_FORMATS = ("auto", "json", "text")
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,7 @@ class Settings:
     max_models: int = 2
     max_model_disk_mb: int = 2048
     log_level: str = "INFO"
+    log_format: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -171,6 +179,8 @@ class Settings:
         settings = cls(**kw)  # type: ignore[arg-type]
         if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"WORKER_LOG_LEVEL={settings.log_level!r} is not a log level")
+        if settings.log_format not in LOG_FORMATS:
+            raise ValueError(f"WORKER_LOG_FORMAT={settings.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
         if settings.serving not in SERVING_CHOICES:
             raise ValueError(f"WORKER_SERVING={settings.serving!r} is not one of {', '.join(SERVING_CHOICES)}")
         if settings.request_format not in REQUEST_FORMATS:

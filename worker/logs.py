@@ -1,4 +1,5 @@
-"""JSON-lines logging that Cloud Logging reads (`severity`, `message`), with the job id bound per job."""
+"""Logging: JSON lines that Cloud Logging reads (`severity`, `message`), with the job id bound per
+job; or, for a person at a terminal, plain lines of time, level and message."""
 
 from __future__ import annotations
 
@@ -29,12 +30,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup(level: str = "INFO") -> None:
-    """Route the root logger to stderr as JSON lines. Idempotent."""
+class TextFormatter(logging.Formatter):
+    """`12:01:02 INFO message` — for a terminal; the job id is in the CLI's own output."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def setup(level: str = "INFO", fmt: str = "json") -> None:
+    """Route the root logger to stderr: JSON lines, or text lines (`fmt` "text", or "auto" when
+    stderr is a terminal). Idempotent."""
+    text = fmt == "text" or (fmt == "auto" and sys.stderr.isatty())
+    formatter: logging.Formatter = TextFormatter() if text else JsonFormatter()
     root = logging.getLogger()
-    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+    ours = [h for h in root.handlers if isinstance(h.formatter, (JsonFormatter, TextFormatter))]
+    if ours:
+        ours[0].setFormatter(formatter)
+    else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(level.upper())
     for noisy in ("urllib3", "google", "absl", "tensorflow"):

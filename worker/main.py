@@ -45,7 +45,7 @@ def runtime() -> Runtime:
     with _runtime_lock:
         if _runtime is None:
             settings = Settings.from_env(os.environ)
-            logs.setup(settings.log_level)
+            logs.setup(settings.log_level, settings.log_format)
             _runtime = Runtime.from_settings(settings)
             atexit.register(_runtime.close)  # stop model servers when the worker process exits
         return _runtime
