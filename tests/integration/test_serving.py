@@ -638,9 +638,9 @@ def test_a_server_busy_for_longer_than_the_worker_waits_fails_the_job_as_transie
     runs, the other's is answered 503 until the worker stops asking (BUSY_GIVE_UP_S, 60 s, made
     short here). The job fails as transient, to be delivered again, and the server was never
     restarted (a restart would kill the request that was running)."""
-    from worker.serving import tfserving
+    from worker.serving.tfserving import process
 
-    monkeypatch.setattr(tfserving, "BUSY_GIVE_UP_S", 0.3)
+    monkeypatch.setattr(process, "BUSY_GIVE_UP_S", 0.3)
     monkeypatch.setenv("STANDIN_DELAY_MS_PER_INSTANCE", "1000")
     params = tmp_path / "batching.txt"
     params.write_text("num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 0 }\n")

@@ -42,7 +42,7 @@ def test_pip_install_gives_the_embedded_tf_command(tmp_path):
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(ROOT)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
-    assert (target / "worker" / "serving" / "tfserving.py").exists()
+    assert (target / "worker" / "serving" / "tfserving" / "rest.py").exists()
     env = {**os.environ, "PYTHONPATH": str(target)}
     for argv in (["--help"], ["run", "--help"], ["--version"]):
         done = subprocess.run(
