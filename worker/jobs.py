@@ -307,6 +307,12 @@ def check_object_name(uri: GcsUri, why: str) -> None:
         )
 
 
+def is_plain_path(name: str) -> bool:
+    """Whether a `/`-separated name is a plain path below its folder: no empty, `.` or `..`
+    segment (Cloud Storage takes them; a copy of the objects to disk would resolve them)."""
+    return not any(segment in ("", ".", "..") for segment in name.split("/"))
+
+
 def fit_job_id(text: str) -> str:
     """`text` as a job id of at most MAX_JOB_ID_BYTES: itself when it fits, else its beginning, "…"
     and a hash of the whole (the same for the same text, so a redelivery finds the same job). For

@@ -21,6 +21,7 @@ from worker.jobs import (
     check_object_name,
     error_ratio_exceeded,
     failure,
+    is_plain_path,
 )
 from worker.lease import Lease
 from worker.pipeline.batching import _BatchSize
@@ -299,7 +300,7 @@ def _check_outputs(job: Job, inputs: list[Any]) -> None:
     names = {(f.uri.bucket, f.uri.path) for f in inputs}
     for f in inputs:
         out = job.output.child(f.rel)
-        if any(segment in ("", ".", "..") for segment in f.rel.split("/")):
+        if not is_plain_path(f.rel):
             # Cloud Storage would take the name; any tool copying the outputs to disk would write
             # such a file outside the output folder.
             raise errors.InvalidJob(

@@ -13,7 +13,7 @@ from typing import Any
 
 from worker.codec import shown
 from worker.errors import ModelError, NotFound
-from worker.jobs import GcsUri
+from worker.jobs import GcsUri, is_plain_path
 from worker.media import MediaTransport
 from worker.storage.errors import translate_errors
 from worker.storage.values import SAVED_MODEL_FILES, LocalModel, ModelSource
@@ -43,7 +43,7 @@ def _safe_join(root: str, rel: str) -> str:
     """`root/rel` for a model object named `rel` in its folder, refusing any name that is not a
     plain path below it: a `.`, `..` or empty segment, a backslash, or a leading `/`."""
     segments = rel.split("/")
-    if "\\" in rel or any(segment in ("", ".", "..") for segment in segments):
+    if "\\" in rel or not is_plain_path(rel):
         raise ModelError(
             f"model object name {shown(rel)} is not a plain path in the model folder (it has a '.', '..' or empty "
             "segment, or a backslash): refusing to download it — rename or delete that object"
