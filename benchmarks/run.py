@@ -453,15 +453,15 @@ def storage_alone_s(env: Env, uri: str, out_bytes: int, repeat: int) -> float:
     fake-gcs-server costs alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from worker.jobs import GcsUri
+    from worker.jobs import Uri
     from worker.storage import GcsStore
 
     store = GcsStore.from_environment("bench", concurrent_requests=16)
-    inputs = store.list_inputs(GcsUri.parse(uri))
+    inputs = store.list_inputs(Uri.parse(uri))
     ratio = out_bytes / sum(f.size for f in inputs)
 
     def one(f: Any, out: str) -> None:
-        with store.open_output(GcsUri.parse(out + f.rel), job_id="bench", content_type="application/jsonl") as sink:
+        with store.open_output(Uri.parse(out + f.rel), job_id="bench", content_type="application/jsonl") as sink:
             for block in store.read_blocks(f):
                 sink.write(b"x" * int((sum(map(len, block)) + len(block)) * ratio))
 

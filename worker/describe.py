@@ -14,21 +14,21 @@ from typing import Any
 
 from worker import codec
 from worker.errors import ModelError
-from worker.jobs import GcsUri
+from worker.jobs import Uri
 from worker.serving import BatchRejected, TooBig
 from worker.serving.tf_backend import TensorFlowModel, TensorFlowSignature, serving_type
 
 _FLOATS = ("float", "double", "half", "bfloat16")
 
 
-def describe(store: Any, model: str, work_dir: str, signature_name: str | None = None) -> dict[str, Any]:
-    """The model at `model` (a gs:// URI) described: every signature, or `signature_name` alone."""
-    source = store.resolve_model(GcsUri.parse(model, what="model"))
+def describe(store: Any, model: Uri, work_dir: str, signature_name: str | None = None) -> dict[str, Any]:
+    """The model at `model` described: every signature, or `signature_name` alone."""
+    source = store.resolve_model(model)
     local = store.fetch_model(source, work_dir)
     loaded = TensorFlowModel(local.path, description=str(local.uri))
     names = [signature_name] if signature_name else loaded.signature_names()
     return {
-        "model": model,
+        "model": str(model),
         "resolved": str(local.uri),
         "version": local.version,
         "signatures": {name: _signature(loaded.signature(name)) for name in names},

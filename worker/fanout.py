@@ -37,8 +37,8 @@ from worker.jobs import (
     STATUS_PARTIAL,
     STATUS_SUCCEEDED,
     Counts,
-    GcsUri,
     Job,
+    Uri,
     error_ratio_exceeded,
     failure,
     part_manifest_path,
@@ -213,7 +213,7 @@ def part_messages(job: Job, n: int) -> list[tuple[bytes, dict[str, str]]]:
     return messages
 
 
-def part_manifests(whole: Job, n: int) -> list[GcsUri]:
+def part_manifests(whole: Job, n: int) -> list[Uri]:
     return [whole.parts_folder.child(part_manifest_path(k, n)) for k in range(1, n + 1)]
 
 
@@ -315,31 +315,31 @@ def join_pieces(whole: Job, store: Any, parts: list[dict[str, Any]]) -> list[str
     missing: list[str] = []
     for output, cut in pieces(parts).items():
         m = cut[0]["of"][1]
-        objects = [GcsUri.parse(str(p["object"])) for p in cut]
+        objects = [Uri.parse(str(p["object"])) for p in cut]
         if [p["of"][0] for p in cut] != list(range(1, m + 1)):
             missing.append(f"{output}: {m - len(cut)} of its {m} pieces were not predicted")
             continue
         folder = _folder(objects)
         if not (absent := _absent(store, folder, objects)):
             try:
-                store.compose(objects, GcsUri.parse(output), scratch=folder, job_id=whole.job_id, content_type=JSONL)
+                store.compose(objects, Uri.parse(output), scratch=folder, job_id=whole.job_id, content_type=JSONL)
             except errors.WorkerError:
                 if not (absent := _absent(store, folder, objects)):  # else joined by another part meanwhile
                     raise
         # Pieces are deleted as they are joined: gone, with the output this job's, they were joined.
-        if absent and store.written_by(GcsUri.parse(output)) != whole.job_id:
+        if absent and store.written_by(Uri.parse(output)) != whole.job_id:
             missing.append(f"{output}: its piece {absent[0]} is not there")
             continue
         log.info("job %s: %s joined from %d pieces", whole.job_id, output, m)
     return missing
 
 
-def _folder(objects: list[GcsUri]) -> GcsUri:
+def _folder(objects: list[Uri]) -> Uri:
     """The folder of a cut file's pieces (`<parts folder>/pieces/<file>/`)."""
-    return GcsUri(objects[0].bucket, objects[0].path.rpartition("/")[0] + "/")
+    return objects[0].with_path(objects[0].path.rpartition("/")[0] + "/")
 
 
-def _absent(store: Any, folder: GcsUri, objects: list[GcsUri]) -> list[str]:
+def _absent(store: Any, folder: Uri, objects: list[Uri]) -> list[str]:
     there = store.names_under(folder)
     return [str(o) for o in objects if o.path not in there]
 
@@ -349,7 +349,7 @@ def remove_pieces(store: Any, parts: list[dict[str, Any]]) -> None:
     deletes them as it joins them, but for a file of more pieces than one request joins (and an
     emulator that keeps sources). A listing of each file's pieces, not a delete per piece."""
     for cut in pieces(parts).values():
-        objects = [GcsUri.parse(str(p["object"])) for p in cut]
+        objects = [Uri.parse(str(p["object"])) for p in cut]
         absent = set(_absent(store, _folder(objects), objects))
         for o in objects:
             if str(o) not in absent:

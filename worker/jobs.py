@@ -1,4 +1,4 @@
-"""Value types of a job: `GcsUri`, `Options`, `Job`, and the counts and manifest of a run.
+"""Value types of a job: `Uri`, `Options`, `Job`, and the counts and manifest of a run.
 
 Pure data and validation; no I/O. Every parse error is an `InvalidJob` naming the field and the fix.
 """
@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,14 +42,17 @@ MAX_OBJECT_NAME_BYTES = 1024
 
 
 @dataclass(frozen=True)
-class GcsUri:
-    """`gs://bucket/path`; `path` may be empty (the bucket root) or end in `/` (a prefix)."""
+class Uri:
+    """Where a job reads or writes: `gs://bucket/path`, `path` empty (the bucket root) or ending in
+    `/` (a prefix); or, for the command line's runs on local files, an absolute local path (scheme
+    `file`, no bucket; a folder's ends in `/`). Jobs from messages and events are `gs://` only."""
 
     bucket: str
     path: str
+    scheme: str = "gs"
 
     @classmethod
-    def parse(cls, value: object, *, what: str = "URI") -> GcsUri:
+    def parse(cls, value: object, *, what: str = "URI") -> Uri:
         if not isinstance(value, str) or not value:
             raise InvalidJob(f"{what} must be a gs:// URI string, got {shown(value)}")
         if not value.startswith("gs://"):
@@ -70,19 +73,35 @@ class GcsUri:
             raise InvalidJob(f"{what} {shown(value)} has a '.' or '..' segment — write the path without it")
         return cls(bucket, path)
 
+    @classmethod
+    def local(cls, path: str, *, folder: bool) -> Uri:
+        """An absolute local path: a file's, or a folder's (then ending in `/`)."""
+        if not path.startswith("/"):
+            raise InvalidJob(f"local path {shown(path)} must be absolute")
+        _check_text(path, "local path")
+        return cls("", path.rstrip("/") + "/" if folder else path, scheme="file")
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == "file"
+
+    def with_path(self, path: str) -> Uri:
+        """Another object (or prefix) of the same bucket, or another local path."""
+        return dataclasses.replace(self, path=path)
+
     @property
     def is_prefix(self) -> bool:
         return self.path == "" or self.path.endswith("/")
 
-    def as_prefix(self) -> GcsUri:
+    def as_prefix(self) -> Uri:
         """The same location read as a folder: `gs://b/out` → `gs://b/out/`."""
-        return self if self.is_prefix else GcsUri(self.bucket, self.path + "/")
+        return self if self.is_prefix else self.with_path(self.path + "/")
 
-    def child(self, rel: str) -> GcsUri:
-        return GcsUri(self.bucket, self.as_prefix().path + rel)
+    def child(self, rel: str) -> Uri:
+        return self.with_path(self.as_prefix().path + rel)
 
     def __str__(self) -> str:
-        return f"gs://{self.bucket}/{self.path}"
+        return self.path if self.is_local else f"gs://{self.bucket}/{self.path}"
 
 
 _INSTANCE_TYPES = ("object", "array")
@@ -192,17 +211,20 @@ class Job:
     """One batch prediction: a model, its input file(s), where predictions go."""
 
     job_id: str
-    model: GcsUri
-    input: GcsUri
-    output: GcsUri
+    model: Uri
+    input: Uri
+    output: Uri
     options: Options = field(default_factory=Options)
     # Where the manifest goes when not `<output>/_manifest.json` (one per file for dropped files,
     # so files dropped together into one folder do not share, and race for, one manifest).
-    manifest: GcsUri | None = None
+    manifest: Uri | None = None
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], *, default_job_id: str) -> Job:
-        """Build a job from a decoded job message (keys: model, input, output, job_id, options)."""
+    def from_mapping(
+        cls, raw: Mapping[str, Any], *, default_job_id: str, locate: Callable[[object, str], Uri] | None = None
+    ) -> Job:
+        """Build a job from a decoded job message (keys: model, input, output, job_id, options);
+        `locate(value, field)` reads model, input and output (default: gs:// URIs only)."""
         options = raw.get("options")
         if isinstance(options, str):
             # Message attributes are strings: options arrive as JSON text there.
@@ -227,16 +249,17 @@ class Job:
                 f"job_id {shown(job_id)} is {len(job_id.encode())} bytes of UTF-8, more than the {MAX_JOB_ID_BYTES} "
                 "a Pub/Sub attribute holds (the completion message carries it as one) — use a shorter job_id"
             )
-        model = GcsUri.parse(raw["model"], what="model")
-        inp = GcsUri.parse(raw["input"], what="input")
-        out = GcsUri.parse(raw["output"], what="output").as_prefix()
+        parse = locate or (lambda value, what: Uri.parse(value, what=what))
+        model = parse(raw["model"], "model")
+        inp = parse(raw["input"], "input")
+        out = parse(raw["output"], "output").as_prefix()
         if inp.path == "" and inp.bucket == out.bucket and out.path == "":
             raise InvalidJob(f"output {out} is the input bucket's root: outputs would be read as input")
-        manifest = GcsUri.parse(raw["manifest"], what="manifest") if part_of_dropped else None
+        manifest = Uri.parse(raw["manifest"], what="manifest") if part_of_dropped else None
         return cls(job_id=job_id, model=model, input=inp, output=out, options=Options.parse(options), manifest=manifest)
 
     @property
-    def manifest_uri(self) -> GcsUri:
+    def manifest_uri(self) -> Uri:
         if self.options.part is not None:
             return self.parts_folder.child(part_manifest_path(*self.options.part))
         if self.manifest is not None:
@@ -244,19 +267,19 @@ class Job:
         return self.output.child(MANIFEST_NAME)
 
     @property
-    def parts_folder(self) -> GcsUri:
+    def parts_folder(self) -> Uri:
         """Where a job run as parts, and each of its parts, keeps the parts' shares and manifests and
         the pieces of cut files: `<output>/_parts/`, or beside a dropped file's manifest (files
         dropped into one folder share their output folder)."""
         if self.manifest is None:
             return self.output.child(PARTS_FOLDER)
-        return GcsUri(self.manifest.bucket, self.manifest.path.removesuffix(".json") + DROPPED_PARTS_SUFFIX)
+        return self.manifest.with_path(self.manifest.path.removesuffix(".json") + DROPPED_PARTS_SUFFIX)
 
     @property
-    def lease_uri(self) -> GcsUri:
+    def lease_uri(self) -> Uri:
         """The lease object that keeps two runs of this job (or two jobs on its manifest) apart."""
         m = self.manifest_uri
-        return GcsUri(m.bucket, m.path + LEASE_SUFFIX)
+        return m.with_path(m.path + LEASE_SUFFIX)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -297,7 +320,7 @@ def piece_path(rel: str, i: int, m: int) -> str:
     return f"pieces/{rel}/{i}-of-{m}.jsonl"
 
 
-def check_object_name(uri: GcsUri, why: str) -> None:
+def check_object_name(uri: Uri, why: str) -> None:
     """Refuse (`InvalidJob`) an object the worker would write whose name Cloud Storage refuses."""
     size = len(uri.path.encode())
     if size > MAX_OBJECT_NAME_BYTES:

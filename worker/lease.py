@@ -22,15 +22,15 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from worker import errors
-from worker.jobs import GcsUri
+from worker.jobs import Uri
 
 log = logging.getLogger(__name__)
 
 
 class LeaseStore(Protocol):
-    def read_json(self, uri: GcsUri) -> Any | None: ...  # StoredJson-like: .value, .generation
-    def write_json(self, uri: GcsUri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int: ...
-    def delete(self, uri: GcsUri, *, if_generation_match: int | None = None) -> None: ...
+    def read_json(self, uri: Uri) -> Any | None: ...  # StoredJson-like: .value, .generation
+    def write_json(self, uri: Uri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int: ...
+    def delete(self, uri: Uri, *, if_generation_match: int | None = None) -> None: ...
 
 
 def _holder_id() -> str:
@@ -48,7 +48,7 @@ class Lease:
     def __init__(
         self,
         store: LeaseStore,
-        uri: GcsUri,
+        uri: Uri,
         job_id: str,
         ttl_s: float,
         *,

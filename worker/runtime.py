@@ -12,22 +12,33 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from worker import errors, events, logs
 from worker.config import Settings
-from worker.jobs import MANIFEST_NAME, STATUS_FAILED, GcsUri, Job, failure, is_upload_part, parse_json_object
+from worker.jobs import MANIFEST_NAME, STATUS_FAILED, Job, Uri, failure, is_upload_part, parse_json_object
 from worker.notify import PubSubPublisher
-from worker.pipeline import Limits, ModelHandle, Outcome, ProgressFn, Publisher, give_up_part, run
+from worker.pipeline import Limits, ModelHandle, Outcome, ProgressFn, Publisher, Store, give_up_part, run
 from worker.serving import LoadedModel, ServingStats
 from worker.serving.cache import ModelCache
-from worker.storage import WRITTEN_BY_KEY, GcsStore
+from worker.storage import WRITTEN_BY_KEY, GcsStore, LocalModel, ModelSource
 
 log = logging.getLogger(__name__)
 
 JOB_FILE_SUFFIX = ".job.json"
 # Under the output prefix: one manifest per dropped input file, mirroring its path.
 MANIFESTS_FOLDER = "_manifests/"
+
+
+class ModelStore(Protocol):
+    def resolve_model(self, model: Uri) -> ModelSource: ...
+    def fetch_model(self, source: ModelSource, work_dir: str) -> LocalModel: ...
+
+
+class JobStore(Store, ModelStore, Protocol):
+    """All a runtime needs of storage: `GcsStore`, or `LocalStore` for the command line's local paths."""
+
+    def read_bytes(self, uri: Uri) -> bytes: ...
 
 
 class StoreModelProvider:
@@ -37,7 +48,7 @@ class StoreModelProvider:
 
     def __init__(
         self,
-        store: GcsStore,
+        store: ModelStore,
         load: Callable[[str, str], LoadedModel],
         work_dir: str,
         *,
@@ -59,7 +70,7 @@ class StoreModelProvider:
         return self._cache.stats
 
     @contextlib.contextmanager
-    def load(self, model: GcsUri) -> Iterator[ModelHandle]:
+    def load(self, model: Uri) -> Iterator[ModelHandle]:
         with contextlib.ExitStack() as stack:
             with self._disk_lock:
                 source = self._store.resolve_model(model)
@@ -131,20 +142,27 @@ def make_loader(settings: Settings, stats: ServingStats) -> Callable[[str, str],
 @dataclass
 class Runtime:
     settings: Settings
-    store: GcsStore
+    store: JobStore
     models: StoreModelProvider
     publisher: Publisher | None
     dispatcher: Publisher | None = None  # the jobs topic, for the parts of a job run as parts
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, publish: bool = True) -> Runtime:
-        store = GcsStore.from_environment(
-            settings.project,
-            download_threads=settings.download_threads,
-            # A download and an upload per file in flight, model files, leases and manifests.
-            concurrent_requests=2 * settings.file_concurrency + settings.download_threads + 4,
-            retry_s=settings.storage_retry_seconds,
-        )
+    def from_settings(cls, settings: Settings, *, publish: bool = True, local: bool = False) -> Runtime:
+        """The runtime of a process; with `local`, of the command line's run on local paths."""
+        store: JobStore
+        if local:
+            from worker.storage.local import LocalStore
+
+            store = LocalStore()
+        else:
+            store = GcsStore.from_environment(
+                settings.project,
+                download_threads=settings.download_threads,
+                # A download and an upload per file in flight, model files, leases and manifests.
+                concurrent_requests=2 * settings.file_concurrency + settings.download_threads + 4,
+                retry_s=settings.storage_retry_seconds,
+            )
         stats = ServingStats()
         models = StoreModelProvider(
             store,
@@ -211,7 +229,7 @@ class Runtime:
             return None
         default_output = self.settings.default_output
         if default_output and default_output.startswith("gs://"):
-            out = GcsUri.parse(default_output, what="WORKER_OUTPUT").as_prefix()
+            out = Uri.parse(default_output, what="WORKER_OUTPUT").as_prefix()
             if out.bucket == obj.bucket and obj.name.startswith(out.path):
                 log.info("ignoring %s: under the output prefix %s", uri, out)
                 return None
@@ -221,7 +239,7 @@ class Runtime:
             log.info("ignoring %s: a part of a parallel composite upload, not a file", uri)
             return None
         if obj.name.endswith(JOB_FILE_SUFFIX):
-            raw = parse_json_object(self.store.read_bytes(GcsUri(obj.bucket, obj.name)), what=f"job file {uri}")
+            raw = parse_json_object(self.store.read_bytes(Uri(obj.bucket, obj.name)), what=f"job file {uri}")
             return Job.from_mapping(raw, default_job_id=obj.job_id)
         return self._input_file_job(obj, uri)
 
@@ -229,7 +247,7 @@ class Runtime:
         """A dropped input file: `WORKER_INPUT/a/b.jsonl` → `WORKER_OUTPUT/a/b.jsonl`, or
         `<output metadata>/b.jsonl`; its manifest is `<output>/_manifests/<same path>.json`."""
         settings = self.settings
-        inputs = GcsUri.parse(settings.input_prefix, what="WORKER_INPUT").as_prefix() if settings.input_prefix else None
+        inputs = Uri.parse(settings.input_prefix, what="WORKER_INPUT").as_prefix() if settings.input_prefix else None
         if inputs is not None and (obj.bucket != inputs.bucket or not obj.name.startswith(inputs.path)):
             log.info("ignoring %s: not under the input prefix %s (WORKER_INPUT)", uri, inputs)
             return None
@@ -244,7 +262,7 @@ class Runtime:
             rel = posixpath.basename(obj.name)
         else:
             rel = obj.name[len(inputs.path) :] if inputs is not None else obj.name
-        out = GcsUri.parse(output, what="output").as_prefix()
+        out = Uri.parse(output, what="output").as_prefix()
         folder = posixpath.dirname(rel)
         raw: dict[str, Any] = {"model": model, "input": uri, "output": str(out.child(folder + "/" if folder else ""))}
         if obj.metadata.get("options"):

@@ -6,23 +6,27 @@ from __future__ import annotations
 import json
 import os
 import pty
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from localdev import models
+from worker.cli.common import NO_CREDENTIALS
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run_cli(argv: list[str], env: dict[str, str], *, terminal: bool) -> tuple[int, str, str]:
+def _run_cli(argv: list[str], env: dict[str, str], *, terminal: bool, timeout: float = 120) -> tuple[int, str, str]:
     """Run `python -m worker ARGV`; its stderr a terminal (a pseudo-terminal) or a pipe."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     command = [sys.executable, "-m", "worker", *argv]
     if not terminal:
-        done = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
         return done.returncode, done.stdout, done.stderr
     leader, follower = pty.openpty()
     proc = subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=follower, text=True)
@@ -78,3 +82,93 @@ def test_an_unknown_log_format_is_a_usage_error(tmp_path):
         terminal=False,
     )
     assert code == 2 and err.strip() == "error: WORKER_LOG_FORMAT='xml' is not one of auto, json, text"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _no_cloud(tmp_path: Path) -> dict[str, str]:
+    """No credentials anywhere: a fresh home and gcloud folder, no key file, no metadata server
+    probed (NO_GCE_CHECK), no emulator."""
+    return {
+        "HOME": str(tmp_path),
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+        "GOOGLE_APPLICATION_CREDENTIALS": "",
+        "NO_GCE_CHECK": "true",
+        "STORAGE_EMULATOR_HOST": "",
+        "PUBSUB_EMULATOR_HOST": "",
+        "WORKER_WORK_DIR": str(tmp_path / "work"),
+    }
+
+
+@pytest.mark.parametrize("command", ["describe", "run", "submit"])
+def test_no_credentials_is_one_line_saying_how_to_log_in(tmp_path, command):
+    argv = ["--model", "gs://bkt/model/"]
+    if command != "describe":
+        argv += ["--input", "gs://bkt/in/", "--output", "gs://bkt/out/"]
+    if command == "submit":
+        argv += ["--topic", "projects/p/topics/jobs"]
+    code, out, err = _run_cli([command, *argv], _no_cloud(tmp_path), terminal=False)
+    assert (code, out) == (2, ""), err
+    assert err.strip() == f"error: {NO_CREDENTIALS}"
+    assert "gcloud auth application-default login" in err
+
+
+@pytest.mark.parametrize(
+    ("command", "variable"),
+    [("run", "STORAGE_EMULATOR_HOST"), ("describe", "STORAGE_EMULATOR_HOST"), ("submit", "PUBSUB_EMULATOR_HOST")],
+)
+def test_an_emulator_that_refuses_connections_is_named_at_once(tmp_path, command, variable):
+    """Not after the client libraries' minutes of retries: the subprocess is given 60 s at most."""
+    port = _closed_port()
+    value = f"http://127.0.0.1:{port}" if variable == "STORAGE_EMULATOR_HOST" else f"127.0.0.1:{port}"
+    argv = ["--model", "gs://bkt/model/"]
+    if command != "describe":
+        argv += ["--input", "gs://bkt/in/", "--output", "gs://bkt/out/"]
+    if command == "submit":
+        argv += ["--topic", "projects/p/topics/jobs"]
+    env = {**_no_cloud(tmp_path), variable: value}
+    code, out, err = _run_cli([command, *argv], env, terminal=False, timeout=60)
+    assert (code, out) == (75, ""), err
+    assert err.strip() == (
+        f"error (transient, try again): cannot connect to 127.0.0.1:{port}, which {variable} names (Connection "
+        f"refused) — start the emulator, or unset {variable}"
+    )
+
+
+def test_the_common_options_are_flags(model_dirs, tmp_path):
+    """--key-field, --excluded-fields, --output-format and --max-error-ratio reach the job (its
+    manifest's options) and act on its lines; a flag overrides the same key of --options."""
+    rows = [{"id": f"r{k}", "x": x, "note": "n"} for k, x in enumerate(models.mlp_instances(4))]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    argv = ["run", "--model", str(model_dirs["mlp"]), "--input", str(tmp_path / "in.jsonl"), "--quiet"]
+    flags = ["--key-field", "id", "--excluded-fields", "note", "--max-error-ratio", "0.5"]
+    code, out, err = _run_cli(
+        [*argv, "--output", str(tmp_path / "o1"), *flags, "--options", '{"key_field": "other", "batch_size": 2}'],
+        _no_cloud(tmp_path),
+        terminal=False,
+    )
+    assert code == 0, err
+    manifest = json.loads(out)
+    assert manifest["options"] == {
+        "batch_size": 2, "key_field": "id", "excluded_fields": ["note"], "max_error_ratio": 0.5,
+    }  # fmt: skip
+    lines = [json.loads(line) for line in (tmp_path / "o1" / "in.jsonl").read_text().splitlines()]
+    assert [line["key"] for line in lines] == ["r0", "r1", "r2", "r3"]
+    assert all(len(line["prediction"]) == 3 for line in lines)
+
+    code, out, err = _run_cli(
+        [*argv, "--output", str(tmp_path / "o2"), "--output-format", "predictions", "--included-fields", "x"],
+        _no_cloud(tmp_path),
+        terminal=False,
+    )
+    assert code == 0, err
+    assert json.loads(out)["options"] == {"output_format": "predictions", "included_fields": ["x"]}
+    bare = [json.loads(line) for line in (tmp_path / "o2" / "in.jsonl").read_text().splitlines()]
+    assert len(bare) == 4 and all(isinstance(p, list) and len(p) == 3 for p in bare)
+
+    code, _, err = _run_cli([*argv, "--output", str(tmp_path / "o3"), "--max-error-ratio", "2"], {}, terminal=False)
+    assert code == 2 and err.strip() == "error: option max_error_ratio must be a number from 0 to 1, got 2.0"

@@ -58,7 +58,7 @@ def test_cli_runs_a_job_and_prints_the_manifest(gcs_host, storage_client, bucket
 
     bad = _cli("--model", "s3://x/y", *args[2:], gcs_host=gcs_host, work_dir=str(tmp_path))
     assert bad.returncode == 2
-    assert "is not a gs:// URI" in bad.stderr
+    assert "is neither a gs:// URI nor a local path" in bad.stderr
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 import worker.storage.store as store_mod
 import worker.storage.upload as upload_mod
 from worker import errors
-from worker.jobs import GcsUri
+from worker.jobs import Uri
 from worker.storage import WRITTEN_BY_KEY, GcsStore
 from worker.storage.models import _safe_join
 
@@ -56,19 +56,19 @@ def test_single_object_is_exact_and_prefix_skips_output(store, storage_client, b
     gsutil = "in/42/gsutil/tmp/parallel_composite_uploads/for_details_see/gsutil_help_cp/9a7c"
     for name in ("in/a.json", "in/a.json.bak", "in/sub/b.json", "in/out/old.json", "in/dir/", gcloud, gsutil):
         _put(storage_client, bucket, name)
-    [one] = store.list_inputs(GcsUri(bucket, "in/a.json"))
+    [one] = store.list_inputs(Uri(bucket, "in/a.json"))
     assert (one.uri.path, one.rel) == ("in/a.json", "a.json")
-    files = store.list_inputs(GcsUri(bucket, "in/"), exclude=GcsUri(bucket, "in/out/"))
+    files = store.list_inputs(Uri(bucket, "in/"), exclude=Uri(bucket, "in/out/"))
     assert [f.rel for f in files] == ["a.json", "a.json.bak", "sub/b.json"]
 
 
 def test_a_wildcard_input_is_not_expanded_and_the_error_names_the_prefix_to_give(store, storage_client, bucket):
     _put(storage_client, bucket, "in/a.jsonl")
     _put(storage_client, bucket, "in/star*.jsonl")  # a name may hold a * of its own: read as it is
-    [f] = store.list_inputs(GcsUri(bucket, "in/star*.jsonl"))
+    [f] = store.list_inputs(Uri(bucket, "in/star*.jsonl"))
     assert f.rel == "star*.jsonl"
     with pytest.raises(errors.NotFound) as raised:
-        store.list_inputs(GcsUri(bucket, "in/*.jsonl"))
+        store.list_inputs(Uri(bucket, "in/*.jsonl"))
     assert str(raised.value) == (
         f"input gs://{bucket}/in/*.jsonl does not exist, and wildcards (* ? [) are not expanded — give the prefix "
         f"the inputs are under, ending in / (gs://{bucket}/in/, say): every object under it is an input"
@@ -83,7 +83,7 @@ def test_lines_stream_across_chunks_and_long_lines(store, storage_client, bucket
     monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 256 * 1024)
     long_line = b"z" * (700 * 1024)
     _put(storage_client, bucket, "f.jsonl", b"a\r\n" + long_line + b"\n\nmid\rdle\r\nlast")
-    [f] = store.list_inputs(GcsUri(bucket, "f.jsonl"))
+    [f] = store.list_inputs(Uri(bucket, "f.jsonl"))
     blocks = list(store.read_blocks(f))
     assert [line for block in blocks for line in block] == [b"a", long_line, b"", b"mid\rdle", b"last"]
     assert all(blocks), "no empty block"
@@ -97,7 +97,7 @@ def test_a_line_longer_than_the_limit_is_cut_and_the_rest_of_it_never_held(store
     limit = 100_000
     document = b"[" + b"[0.5, 1.5], " * (1536 * 1024 // 12) + b"[0]]"
     _put(storage_client, bucket, "doc.json", b"[1]\n" + document + b"\r\n[2]\n" + b"y" * 5 + b"\n" + b"w" * 200_000)
-    [f] = store.list_inputs(GcsUri(bucket, "doc.json"))
+    [f] = store.list_inputs(Uri(bucket, "doc.json"))
     lines = [line for block in store.read_blocks(f, max_line_bytes=limit) for line in block]
     assert lines == [b"[1]", document[: limit + 1], b"[2]", b"yyyyy", b"w" * (limit + 1)]
 
@@ -111,7 +111,7 @@ def test_after_a_line_longer_than_the_limit_the_file_is_still_read_in_whole_chun
     monkeypatch.setattr(store_mod, "TAIL_CHUNK_BYTES", 1000)
     rest = b"".join(b"[%d]\n" % i for i in range(150_000))
     _put(storage_client, bucket, "long-first.jsonl", b"z" * 300_000 + b"\n" + rest)
-    [f] = store.list_inputs(GcsUri(bucket, "long-first.jsonl"))
+    [f] = store.list_inputs(Uri(bucket, "long-first.jsonl"))
     reads = []
     real = store._media.read
     monkeypatch.setattr(
@@ -127,17 +127,17 @@ def test_every_byte_is_read_at_chunk_boundaries(store, storage_client, bucket, m
     monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 256 * 1024)
     data = b"".join(b"%07d\n" % i for i in range(size // 8 + 1))[:size]
     _put(storage_client, bucket, "edge.jsonl", data)
-    [f] = store.list_inputs(GcsUri(bucket, "edge.jsonl"))
+    [f] = store.list_inputs(Uri(bucket, "edge.jsonl"))
     assert b"\n".join(_lines(store, f)) + (b"\n" if data.endswith(b"\n") else b"") == data
 
 
 def test_a_file_replaced_after_listing_is_never_mixed_and_retried(store, storage_client, bucket):
     _put(storage_client, bucket, "v.jsonl", b"old\n")
-    [f] = store.list_inputs(GcsUri(bucket, "v.jsonl"))
+    [f] = store.list_inputs(Uri(bucket, "v.jsonl"))
     _put(storage_client, bucket, "v.jsonl", b"new, and longer\n")
     with pytest.raises(errors.TransientError, match=r"v.jsonl was replaced or deleted while it was read"):
         list(_lines(store, f))
-    [again] = store.list_inputs(GcsUri(bucket, "v.jsonl"))
+    [again] = store.list_inputs(Uri(bucket, "v.jsonl"))
     assert list(_lines(store, again)) == [b"new, and longer"]
 
 
@@ -149,10 +149,10 @@ ODD_NAMES = ["in/a b+c%20d.jsonl", "in/q?x=1#frag.jsonl", "in/données/é ü.jso
 def test_objects_with_any_name_are_read_and_written_exactly(either_store, storage_client, bucket, name):
     store = either_store
     _put(storage_client, bucket, name, b"[1]\n[2]\n")
-    [f] = store.list_inputs(GcsUri(bucket, name))
+    [f] = store.list_inputs(Uri(bucket, name))
     assert _lines(store, f) == [b"[1]", b"[2]"]
     out = "out/" + name
-    with store.open_output(GcsUri(bucket, out), job_id="j", content_type="application/jsonl") as w:
+    with store.open_output(Uri(bucket, out), job_id="j", content_type="application/jsonl") as w:
         w.write(b"answer\n")
     blob = storage_client.bucket(bucket).get_blob(out)
     assert blob.download_as_bytes() == b"answer\n"
@@ -169,13 +169,13 @@ def test_a_file_with_a_byte_order_mark_is_read_as_utf8_text(store, storage_clien
     text = "\r\n".join(lines) + "\r\n"
     stored = text.encode(encoding) if encoding != "utf-16-be" else codecs.BOM_UTF16_BE + text.encode(encoding)
     _put(storage_client, bucket, "in/win.jsonl", stored)
-    [f] = store.list_inputs(GcsUri(bucket, "in/win.jsonl"))
+    [f] = store.list_inputs(Uri(bucket, "in/win.jsonl"))
     assert _lines(store, f) == [line.encode() for line in lines]
 
 
 def test_a_file_whose_byte_order_mark_lies_fails_its_job_saying_so(store, storage_client, bucket):
     _put(storage_client, bucket, "in/odd.jsonl", codecs.BOM_UTF16_LE + b"[\x001\x00]\x00\n")  # one byte short
-    [f] = store.list_inputs(GcsUri(bucket, "in/odd.jsonl"))
+    [f] = store.list_inputs(Uri(bucket, "in/odd.jsonl"))
     with pytest.raises(errors.InvalidJob, match=f"^input gs://{bucket}/in/odd.jsonl begins as utf-16 text"):
         _lines(store, f)
 
@@ -189,7 +189,7 @@ def test_a_gzip_file_stored_as_it_is_is_read_decompressed(store, storage_client,
     data = b"".join(b"[%d, 0.5]\n" % i for i in range(lines)) + b"[0, 0]\n" * lines * 4  # the tail compresses 500:1
     half = len(data) // 3
     _put(storage_client, bucket, "in/z.jsonl.gz", gzip.compress(data[:half]) + gzip.compress(data[half:]))
-    [f] = store.list_inputs(GcsUri(bucket, "in/z.jsonl.gz"))
+    [f] = store.list_inputs(Uri(bucket, "in/z.jsonl.gz"))
     blocks = list(store.read_blocks(f))
     assert b"\n".join(line for block in blocks for line in block) + b"\n" == data
     assert max(sum(map(len, block)) + len(block) for block in blocks) <= 2 * 256 * 1024
@@ -238,7 +238,7 @@ def _npy(rows: list[list[float]]) -> bytes:
 def test_a_file_of_another_format_fails_its_job_naming_the_format(store, storage_client, bucket, tmp_path, make, what):
     """Not an error line per record of garbage: the job says what the file is and what to write instead."""
     _put(storage_client, bucket, "in/data", make(tmp_path))
-    [f] = store.list_inputs(GcsUri(bucket, "in/data"))
+    [f] = store.list_inputs(Uri(bucket, "in/data"))
     with pytest.raises(errors.InvalidJob, match=f"^input gs://{bucket}/in/data is {what}, not JSON lines — "):
         _lines(store, f)
 
@@ -253,7 +253,7 @@ def test_a_file_of_another_format_fails_its_job_naming_the_format(store, storage
 )
 def test_a_gzip_file_cut_short_or_corrupt_fails_its_job_saying_so(store, storage_client, bucket, stored, message):
     _put(storage_client, bucket, "in/bad.jsonl.gz", stored)
-    [f] = store.list_inputs(GcsUri(bucket, "in/bad.jsonl.gz"))
+    [f] = store.list_inputs(Uri(bucket, "in/bad.jsonl.gz"))
     with pytest.raises(errors.InvalidJob, match=f"^input gs://{bucket}/in/bad.jsonl.gz {message}"):
         _lines(store, f)
 
@@ -267,7 +267,7 @@ def test_a_gzip_encoded_input_is_read_decompressed(either_store, storage_client,
     blob = storage_client.bucket(bucket).blob("in/z.jsonl")
     blob.content_encoding = "gzip"
     blob.upload_from_string(gzip.compress(data), content_type="application/jsonl")
-    [f] = either_store.list_inputs(GcsUri(bucket, "in/z.jsonl"))
+    [f] = either_store.list_inputs(Uri(bucket, "in/z.jsonl"))
     assert f.size < len(data)
     blocks = list(either_store.read_blocks(f))
     assert b"\n".join(line for block in blocks for line in block) + b"\n" == data
@@ -282,7 +282,7 @@ def test_a_gzip_encoded_input_is_read_decompressed(either_store, storage_client,
     "blocks", [[b"small\n"], [b"x" * 1000 + b"\n"] * (upload_mod.WRITE_CHUNK_BYTES * 5 // 4 // 1001)]
 )
 def test_outputs_small_and_past_one_upload_chunk_are_exact(store, storage_client, bucket, blocks):
-    uri = GcsUri(bucket, "out/exact.jsonl")
+    uri = Uri(bucket, "out/exact.jsonl")
     with store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
         for block in blocks:
             w.write(block)
@@ -299,7 +299,7 @@ def test_outputs_at_upload_chunk_boundaries_are_exact_and_checked(store, storage
     monkeypatch.setattr(upload_mod, "WRITE_CHUNK_BYTES", 1024 * 1024)
     data = os.urandom(size)
     cuts = [c for c in (0, 1, 1000, 70_000, 70_001, 400_000) if c < size] + [size]
-    uri = GcsUri(bucket, "out/edges.jsonl")
+    uri = Uri(bucket, "out/edges.jsonl")
     with store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
         for a, b in itertools.pairwise(cuts):
             w.write(data[a:b])
@@ -309,7 +309,7 @@ def test_outputs_at_upload_chunk_boundaries_are_exact_and_checked(store, storage
 
 
 def test_failed_output_never_appears(store, storage_client, bucket):
-    uri = GcsUri(bucket, "out/f.jsonl")
+    uri = Uri(bucket, "out/f.jsonl")
     with pytest.raises(RuntimeError), store.open_output(uri, job_id="j", content_type="application/jsonl") as w:
         w.write(b"x" * (upload_mod.WRITE_CHUNK_BYTES + 1024 * 1024))  # more than one upload chunk already sent
         raise RuntimeError("job died")
@@ -330,13 +330,13 @@ def test_model_versions_highest_wins(store, storage_client, bucket, model_dirs, 
     for version in ("3", "12"):
         upload_folder(storage_client, model_dirs["mlp"], bucket, f"m/{version}")
     _put(storage_client, bucket, "m/notes/readme.txt")
-    source = store.resolve_model(GcsUri(bucket, "m"))
+    source = store.resolve_model(Uri(bucket, "m"))
     files = [p for p in model_dirs["mlp"].rglob("*") if p.is_file()]
     assert source.size == sum(p.stat().st_size for p in files) and len(source.blobs) == len(files)
     local = store.fetch_model(source, str(tmp_path))
     assert (local.version, str(local.uri)) == (12, f"gs://{bucket}/m/12/")
     assert os.path.isfile(os.path.join(local.path, "saved_model.pb"))
-    again = store.fetch_model(store.resolve_model(GcsUri(bucket, "m/12/")), str(tmp_path))
+    again = store.fetch_model(store.resolve_model(Uri(bucket, "m/12/")), str(tmp_path))
     assert again.path == local.path  # unchanged model: reused, not downloaded again
 
 
@@ -362,7 +362,7 @@ def test_a_model_path_without_a_saved_model_says_what_it_holds_instead(store, st
     }
     for path, message in cases.items():
         with pytest.raises(errors.ModelError) as raised:
-            store.resolve_model(GcsUri(bucket, path))
+            store.resolve_model(Uri(bucket, path))
         assert str(raised.value) == message.format(b=bucket)
 
 
@@ -387,7 +387,7 @@ def test_connections_are_kept_for_every_request_in_flight(storage_client, bucket
 
     _put(storage_client, bucket, "big.bin", b"x" * (4 * 1024 * 1024))
     store = GcsStore.from_environment(None, concurrent_requests=pool)
-    [f] = store.list_inputs(GcsUri(bucket, "big.bin"))
+    [f] = store.list_inputs(Uri(bucket, "big.bin"))
     start = threading.Barrier(20)
     sizes: list[int] = []
 
@@ -413,7 +413,7 @@ def test_the_environment_is_read_once_when_it_names_no_proxy(gcs_host, storage_c
     _put(storage_client, bucket, "once.jsonl", b"[1]\n")
     # A proxy named afterwards (a closed port) is not consulted on each request.
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    [f] = store.list_inputs(GcsUri(bucket, "once.jsonl"))
+    [f] = store.list_inputs(Uri(bucket, "once.jsonl"))
     assert _lines(store, f) == [b"[1]"]
 
 
@@ -441,7 +441,7 @@ def test_a_file_read_in_pieces_gives_each_line_to_one_piece_whole_with_its_numbe
     lines[30_000] = b"z" * 300_000
     data = codecs.BOM_UTF8 + b"\r\n".join(lines[:100]) + b"\r\n" + b"\n".join(lines[100:]) + b"\n"
     _put(storage_client, bucket, "in/cut.jsonl", data)
-    [f] = store.list_inputs(GcsUri(bucket, "in/cut.jsonl"))
+    [f] = store.list_inputs(Uri(bucket, "in/cut.jsonl"))
     assert store.can_cut(f)
     long_at = data.index(b"z" * 1000)
     cuts = sorted({1, 2, 700, data.index(b"\r\n", 500) + 1, long_at + 5, long_at + 300_001, 256 * 1024, 512 * 1024})
@@ -465,7 +465,7 @@ def test_only_a_file_read_as_stored_utf8_lines_can_be_cut(store, storage_client,
     blob = storage_client.bucket(bucket).blob("in/encoded.jsonl")
     blob.content_encoding = "gzip"
     blob.upload_from_string(gzip.compress(b"[1]\n[2]\n" * 100), content_type="application/jsonl")
-    files = {f.rel: store.can_cut(f) for f in store.list_inputs(GcsUri(bucket, "in/"))}
+    files = {f.rel: store.can_cut(f) for f in store.list_inputs(Uri(bucket, "in/"))}
     assert files == {
         "plain.jsonl": True,
         "tiny.jsonl": True,
@@ -480,14 +480,14 @@ def test_only_a_file_read_as_stored_utf8_lines_can_be_cut(store, storage_client,
 def test_pieces_are_composed_into_one_object_that_appears_whole(store, storage_client, bucket, count):
     """Up to 32 sources in one request; more in groups first, under the scratch prefix, removed after;
     the output marked as the job's."""
-    sources = [GcsUri(bucket, f"out/_parts/pieces/f.jsonl/{i}-of-{count}.jsonl") for i in range(1, count + 1)]
+    sources = [Uri(bucket, f"out/_parts/pieces/f.jsonl/{i}-of-{count}.jsonl") for i in range(1, count + 1)]
     for i, uri in enumerate(sources):
         _put(storage_client, bucket, uri.path, b"%d\n" % i)
-    scratch = GcsUri(bucket, "out/_parts/pieces/f.jsonl/")
-    store.compose(sources, GcsUri(bucket, "out/f.jsonl"), scratch=scratch, job_id="j", content_type="application/jsonl")
+    scratch = Uri(bucket, "out/_parts/pieces/f.jsonl/")
+    store.compose(sources, Uri(bucket, "out/f.jsonl"), scratch=scratch, job_id="j", content_type="application/jsonl")
     blob = storage_client.bucket(bucket).get_blob("out/f.jsonl")
     assert blob.download_as_bytes() == b"".join(b"%d\n" % i for i in range(count))
     assert blob.metadata == {WRITTEN_BY_KEY: "j"} and blob.content_type == "application/jsonl"
-    assert store.written_by(GcsUri(bucket, "out/f.jsonl")) == "j" and store.written_by(scratch.child("x")) is None
+    assert store.written_by(Uri(bucket, "out/f.jsonl")) == "j" and store.written_by(scratch.child("x")) is None
     # The groups joined first are removed (the sources too in Cloud Storage; fake-gcs-server keeps them).
     assert not [name for name in store.names_under(scratch) if "group-" in name]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from worker.cli import build_parser
+from worker.cli.parser import _DESCRIBE, _EVENTS_ONLY, _SUBMIT
 from worker.config import ENV_VARS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,17 +47,30 @@ def test_the_configuration_table_s_defaults_are_the_worker_s():
             assert cells[var] == str(default), var
 
 
-def test_help_gives_every_setting_with_its_default(capsys: pytest.CaptureFixture[str]):
+@pytest.mark.parametrize("command", ["run", "describe", "submit"])
+def test_each_command_s_help_gives_the_settings_that_apply_to_it_with_their_defaults(
+    capsys: pytest.CaptureFixture[str], command: str
+):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["run", "--help"])
+        build_parser().parse_args([command, "--help"])
     text = capsys.readouterr().out
     defaults = Settings()
     environment = text.split("environment (default in brackets):")[1].splitlines()
+    listed = {line.split()[0] for line in environment if line.startswith("  ")}
+    applies = {
+        "run": {var for var, _, _ in ENV_VARS} - _EVENTS_ONLY | {"STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST"},
+        "describe": _DESCRIBE | {"STORAGE_EMULATOR_HOST"},
+        "submit": _SUBMIT | {"PUBSUB_EMULATOR_HOST"},
+    }[command]
+    assert listed == applies
     for var, name, _ in ENV_VARS:
-        line = next(line for line in environment if line.strip().startswith(var + " "))
-        default = getattr(defaults, name)
-        assert (f"[{default}]" in line) == (default not in ("", 0)), line
-    assert f"WORKER_BATCH_SIZE or {defaults.batch_size})" in " ".join(text.split())
+        if var in listed:
+            line = next(line for line in environment if line.strip().startswith(var + " "))
+            default = getattr(defaults, name)
+            assert (f"[{default}]" in line) == (default not in ("", 0)), line
+    if command == "run":
+        assert f"WORKER_BATCH_SIZE or {defaults.batch_size})" in " ".join(text.split())
+        assert "WORKER_MODEL " not in text and "WORKER_GIVE_UP_AFTER_SECONDS" not in text
 
 
 def test_the_benchmarks_doc_holds_the_tables_of_every_model():

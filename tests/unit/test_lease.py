@@ -8,10 +8,10 @@ import pytest
 
 from tests.unit.test_pipeline import FakeStore
 from worker import errors
-from worker.jobs import GcsUri
+from worker.jobs import Uri
 from worker.lease import Lease
 
-URI = GcsUri("bkt", "out/_manifest.json.lease")
+URI = Uri("bkt", "out/_manifest.json.lease")
 
 
 def _wait_for(condition, timeout_s: float = 5.0) -> None:

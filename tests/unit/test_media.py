@@ -19,7 +19,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 import worker.media as media_mod
 from worker import errors
-from worker.jobs import GcsUri
+from worker.jobs import Uri
 from worker.media import MediaTransport
 from worker.storage import GcsStore
 
@@ -149,13 +149,13 @@ def test_a_403_says_which_role_to_grant_on_which_bucket(server, monkeypatch):
     store = GcsStore.from_environment("p")
     server.otherwise = _forbidden("storage.objects.list")
     with pytest.raises(errors.PermanentError) as raised:
-        store.list_inputs(GcsUri("data", "in/"))
+        store.list_inputs(Uri("data", "in/"))
     assert str(raised.value).endswith(
         "— grant the worker's service account roles/storage.objectViewer on gs://data: it lacks storage.objects.list"
     )
     server.otherwise = _forbidden("storage.objects.create")
     with pytest.raises(errors.PermanentError) as raised:
-        store.write_json(GcsUri("out", "o/_manifest.json"), {}, job_id="j")
+        store.write_json(Uri("out", "o/_manifest.json"), {}, job_id="j")
     assert str(raised.value).startswith("writing gs://out/o/_manifest.json: permission denied (")
     assert str(raised.value).endswith(
         "— grant the worker's service account roles/storage.objectUser on gs://out: it lacks storage.objects.create"

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker import errors, pipeline
-from worker.jobs import GcsUri, Job, Options
+from worker.jobs import Job, Options, Uri
 from worker.pipeline import Limits, ModelHandle, dumps_line, run
 from worker.serving import BatchRejected
 from worker.storage import InputFile
@@ -44,7 +44,7 @@ class FakeStore:
         self.lines_before_calls = 0
         self._lock = threading.Lock()
 
-    def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[InputFile]:
+    def list_inputs(self, input_uri: Uri, *, exclude: Uri | None = None) -> list[InputFile]:
         key = f"{input_uri.bucket}/{input_uri.path}"
         if not input_uri.is_prefix:
             if key not in self.objects:
@@ -53,7 +53,7 @@ class FakeStore:
                 InputFile(input_uri, input_uri.path.rsplit("/", 1)[-1], len(self.objects[key]), self.generation(key))
             ]
         return [
-            InputFile(GcsUri(input_uri.bucket, k.split("/", 1)[1]), k[len(key) :], len(v), self.generation(k))
+            InputFile(Uri(input_uri.bucket, k.split("/", 1)[1]), k[len(key) :], len(v), self.generation(k))
             for k, v in sorted(self.objects.items())
             if k.startswith(key)
         ]
@@ -76,11 +76,11 @@ class FakeStore:
         self.lines_before_calls += 1
         return self.objects[f"{f.uri.bucket}/{f.uri.path}"][: f.start - 1].count(b"\n") + 1 if f.start else 0
 
-    def names_under(self, prefix: GcsUri) -> set[str]:
+    def names_under(self, prefix: Uri) -> set[str]:
         key = f"{prefix.bucket}/{prefix.path}"
         return {k.split("/", 1)[1] for k in self.objects if k.startswith(key)}
 
-    def compose(self, sources: list[GcsUri], uri: GcsUri, *, scratch: GcsUri, job_id: str, content_type: str) -> None:
+    def compose(self, sources: list[Uri], uri: Uri, *, scratch: Uri, job_id: str, content_type: str) -> None:
         """As Cloud Storage composes with deleteSourceObjects: the sources go."""
         if gone := [s for s in sources if f"{s.bucket}/{s.path}" not in self.objects]:
             raise errors.NotFound(f"composing {uri}: {gone[0]} does not exist")
@@ -88,17 +88,17 @@ class FakeStore:
         self.objects[key] = b"".join(self.objects.pop(f"{s.bucket}/{s.path}") for s in sources)
         self.metadata[key] = {"embedded-tf-job": job_id}
 
-    def written_by(self, uri: GcsUri) -> str | None:
+    def written_by(self, uri: Uri) -> str | None:
         key = f"{uri.bucket}/{uri.path}"
         return self.metadata.get(key, {}).get("embedded-tf-job") if key in self.objects else None
 
     @contextlib.contextmanager
-    def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[io.BytesIO]:
+    def open_output(self, uri: Uri, *, job_id: str, content_type: str) -> Iterator[io.BytesIO]:
         buf = io.BytesIO()
         yield buf
         self.objects[f"{uri.bucket}/{uri.path}"] = buf.getvalue()
 
-    def write_json(self, uri: GcsUri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int:
+    def write_json(self, uri: Uri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int:
         key = f"{uri.bucket}/{uri.path}"
         with self._lock:
             if if_generation_match is not None and self.generations.get(key, 0) != if_generation_match:
@@ -109,17 +109,17 @@ class FakeStore:
             self.metadata[key] = {}
             return self.generations[key]
 
-    def read_json(self, uri: GcsUri) -> Stored | None:
+    def read_json(self, uri: Uri) -> Stored | None:
         key = f"{uri.bucket}/{uri.path}"
         with self._lock:
             if key not in self.objects:
                 return None
             return Stored(json.loads(self.objects[key]), self.generations[key], dict(self.metadata.get(key, {})))
 
-    def mark(self, uri: GcsUri, key: str, value: str) -> None:
+    def mark(self, uri: Uri, key: str, value: str) -> None:
         self.metadata.setdefault(f"{uri.bucket}/{uri.path}", {})[key] = value
 
-    def delete(self, uri: GcsUri, *, if_generation_match: int | None = None) -> None:
+    def delete(self, uri: Uri, *, if_generation_match: int | None = None) -> None:
         key = f"{uri.bucket}/{uri.path}"
         with self._lock:
             if if_generation_match is not None and self.generations.get(key, 0) != if_generation_match:
@@ -152,7 +152,7 @@ class FakeModels:
         self.predictor_ = predictor
 
     @contextlib.contextmanager
-    def load(self, model: GcsUri) -> Iterator[ModelHandle]:
+    def load(self, model: Uri) -> Iterator[ModelHandle]:
         outer = self
 
         class Loaded:
@@ -814,7 +814,7 @@ class SlowStore(FakeStore):
             yield [line]
 
     @contextlib.contextmanager
-    def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[io.BytesIO]:
+    def open_output(self, uri: Uri, *, job_id: str, content_type: str) -> Iterator[io.BytesIO]:
         with super().open_output(uri, job_id=job_id, content_type=content_type) as buf:
             yield buf
             time.sleep(self.store_delay_s)
@@ -1071,7 +1071,7 @@ def test_the_parts_predict_the_files_shared_at_dispatch_whatever_the_input_holds
     assert _run_part(store, parts[0], pub).manifest["totals"]["instances"] == 5
     # A large file added: shared now, it would go to part 1 and a.jsonl to part 2 (a second time).
     store.objects["bkt/in/e.jsonl"] = b"\n".join(b"[%d]" % k for k in range(10))
-    now = pipeline.fanout.share(store.list_inputs(GcsUri("bkt", "in/")), 2, 2)
+    now = pipeline.fanout.share(store.list_inputs(Uri("bkt", "in/")), 2, 2)
     assert [f.rel for f in now] == ["a.jsonl", "b.jsonl", "c.jsonl", "d.jsonl"]
     del store.objects["bkt/in/d.jsonl"]
     with caplog.at_level(logging.WARNING, logger="worker.fanout"):
@@ -1084,8 +1084,8 @@ def test_the_parts_predict_the_files_shared_at_dispatch_whatever_the_input_holds
     assert manifest["totals"]["instances"] == 9 and "bkt/out/e.jsonl" not in store.objects
 
     # Failed, then sent again with the input changed: the parts keep their files.
-    store.write_json(GcsUri("bkt", "out/_manifest.json"), {**manifest, "status": "FAILED"}, job_id="big")
-    store.write_json(GcsUri("bkt", "out/_parts/part-2-of-2.json"), {**done.manifest, "status": "FAILED"}, job_id="x")
+    store.write_json(Uri("bkt", "out/_manifest.json"), {**manifest, "status": "FAILED"}, job_id="big")
+    store.write_json(Uri("bkt", "out/_parts/part-2-of-2.json"), {**done.manifest, "status": "FAILED"}, job_id="x")
     store.objects["bkt/in/d.jsonl"] = b"[1]"
     parts, pub, outcome = _parts_of(store, {"parts": 2})
     assert outcome.manifest["files"] == 4
@@ -1164,7 +1164,7 @@ def test_pieces_joined_before_the_jobs_manifest_could_be_written_count_as_joined
     class ManifestFailsOnce(FakeStore):
         failed = False
 
-        def write_json(self, uri: GcsUri, value: Any, **kw: Any) -> int:
+        def write_json(self, uri: Uri, value: Any, **kw: Any) -> int:
             if uri.path == "out/_manifest.json" and not self.failed:
                 self.failed = True
                 raise errors.TransientError("writing gs://bkt/out/_manifest.json: 503")
@@ -1198,7 +1198,7 @@ def test_a_large_file_that_cannot_be_read_in_pieces_goes_whole_to_one_part_sayin
 def _dropped(rel: str, options: dict[str, Any]) -> Job:
     """The job of a file dropped at in/<rel>, as the runtime makes it: its manifest of its own."""
     job = _job(options, job_id=f"bkt/in/{rel}#1", inp=f"gs://bkt/in/{rel}")
-    return dataclasses.replace(job, manifest=GcsUri("bkt", f"out/_manifests/{rel}.json"))
+    return dataclasses.replace(job, manifest=Uri("bkt", f"out/_manifests/{rel}.json"))
 
 
 def test_dropped_files_run_as_parts_keep_their_parts_apart_beside_their_own_manifests():
@@ -1290,7 +1290,7 @@ def test_a_piece_of_a_file_replaced_after_the_dispatch_fails_its_part_and_the_jo
     store = FakeStore({"bkt/in/big.jsonl": b"\n".join(b"[%d]" % k for k in range(40))})
     parts, pub, _ = _parts_of(store, {"parts": 2}, limits=Limits(4, min_piece_bytes=10))
     assert _run_part(store, parts[0], pub).status == "SUCCEEDED"
-    store.write_json(GcsUri("bkt", "in/big.jsonl"), [1, 2], job_id="someone")  # a new generation
+    store.write_json(Uri("bkt", "in/big.jsonl"), [1, 2], job_id="someone")  # a new generation
     assert _run_part(store, parts[1], pub).status == "FAILED"
     [(manifest, attrs)] = pub.messages
     assert attrs["status"] == "FAILED"
@@ -1321,9 +1321,9 @@ def test_pieces_gone_before_they_are_joined_fail_the_job_unless_another_part_joi
     class Racing(FakeStore):
         """The other part combines the job while this one composes."""
 
-        def compose(self, sources: list[GcsUri], uri: GcsUri, **kw: Any) -> None:
+        def compose(self, sources: list[Uri], uri: Uri, **kw: Any) -> None:
             whole = {**json.loads(self.objects["bkt/out/_parts/part-1-of-2.json"]), "job_id": "big"}
-            self.write_json(GcsUri("bkt", "out/_manifest.json"), {**whole, "status": "SUCCEEDED"}, job_id="big")
+            self.write_json(Uri("bkt", "out/_manifest.json"), {**whole, "status": "SUCCEEDED"}, job_id="big")
             for s in sources:
                 del self.objects[f"{s.bucket}/{s.path}"]
             super().compose(sources, uri, **kw)

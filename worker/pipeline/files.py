@@ -58,6 +58,12 @@ class _Tracker:
             if self._progress is not None:
                 self._progress(JobProgress(self.files_done, self.files, self.bytes_read, self.bytes_total, self.lines))
 
+    def announce(self, stage: str) -> None:
+        """Report a stage before the first batch (the model's download and load)."""
+        if self._progress is not None:
+            with self._lock:
+                self._progress(JobProgress(0, self.files, 0, self.bytes_total, 0, stage))
+
     def stop(self) -> None:
         with self._lock:
             self._stopped = True

@@ -241,13 +241,14 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
         log.info("job %s: %d input file(s), %d bytes", job.job_id, len(inputs), sum(f.length for f in inputs))
 
         t = time.perf_counter()
+        tracker = _Tracker(job.job_id, inputs, progress)
+        tracker.announce("loading model")
         with models.load(job.model) as handle:
             state.handle = handle
             predictor = handle.model.predictor(job.options.signature_name)
             timings["model_load_s"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            tracker = _Tracker(job.job_id, inputs, progress)
             batch_size = _BatchSize(job, limits, predictor)
 
             def one(f: Any) -> FileResult:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import google_crc32c
 
 from worker.errors import InvalidJob
-from worker.jobs import GcsUri
+from worker.jobs import Uri
 
 # How a gzip file begins; no JSON text does (0x1f is a control character).
 GZIP_MAGIC = b"\x1f\x8b"
@@ -20,6 +20,31 @@ GZIP_MAGIC = b"\x1f\x8b"
 def _without_cr(lines: list[bytes]) -> list[bytes]:
     """The lines of a CRLF file without their CR."""
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def split_lines(text: Iterator[bytes], max_line_bytes: int) -> Iterator[list[bytes]]:
+    """The lines of `text` (UTF-8 chunks) without their endings (`\n` or `\r\n`), a list per
+    chunk. A line that grows past `max_line_bytes` across chunks is cut to `max_line_bytes + 1`
+    bytes (so it still reads as too long) and the rest of it is dropped as it arrives: memory stays
+    bounded by the chunk and the limit, whatever the file holds."""
+    pending = b""
+    cut = False  # `pending` is the start of a line longer than the limit
+    for chunk in text:
+        if cut:
+            end = chunk.find(b"\n")
+            if end < 0:
+                continue  # still inside the long line: dropped
+            yield [pending]
+            pending, cut, chunk = b"", False, chunk[end + 1 :]
+        data = pending + chunk
+        lines = data.split(b"\n")
+        pending = lines.pop()
+        if len(pending) > max_line_bytes:
+            pending, cut = pending[: max_line_bytes + 1], True
+        if lines:
+            yield _without_cr(lines) if b"\r" in data else lines
+    if pending:
+        yield _without_cr([pending])
 
 
 def _owned_lines(chunks: Iterator[bytes], pos: int, start: int, end: int) -> Iterator[bytes]:
@@ -48,7 +73,7 @@ def _owned_lines(chunks: Iterator[bytes], pos: int, start: int, end: int) -> Ite
             yield chunk
 
 
-def _gunzipped(chunks: Iterator[bytes], uri: GcsUri, chunk_bytes: int) -> Iterator[bytes]:
+def _gunzipped(chunks: Iterator[bytes], uri: Uri, chunk_bytes: int) -> Iterator[bytes]:
     """The chunks as they are; or, when the first begins as gzip does (a `.gz` file stored as it
     is, without Content-Encoding), what they decompress to, in pieces of at most `chunk_bytes`
     (a file that expands a thousandfold stays bounded), member after member (`cat a.gz b.gz`)."""
@@ -119,7 +144,7 @@ def _other_format(first: bytes) -> tuple[str, str] | None:
     return None
 
 
-def _as_utf8(chunks: Iterator[bytes], uri: GcsUri) -> Iterator[bytes]:
+def _as_utf8(chunks: Iterator[bytes], uri: Uri) -> Iterator[bytes]:
     """The chunks as they are; or, when the first begins with a byte order mark, their text as
     UTF-8 without it: a file saved as UTF-16 (Windows PowerShell's `>` and `Out-File` write it)
     has a NUL byte beside every character, and a UTF-8 one's mark would stay on its first line.

@@ -8,12 +8,13 @@ import os
 import posixpath
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from worker.codec import shown
 from worker.errors import ModelError, NotFound
-from worker.jobs import GcsUri, is_plain_path
+from worker.jobs import Uri, is_plain_path
 from worker.media import MediaTransport
 from worker.storage.errors import translate_errors
 from worker.storage.values import SAVED_MODEL_FILES, LocalModel, ModelSource
@@ -51,25 +52,35 @@ def _safe_join(root: str, rel: str) -> str:
     return os.path.join(root, *segments)
 
 
-def resolve_model(client: Any, retry: Any, model: GcsUri) -> ModelSource:
-    """Find the version folder `model` designates and list its objects.
+def model_base(model: Uri) -> Uri:
+    """The folder `model` names: itself, or the folder of the saved_model.pb it names."""
+    leaf = posixpath.basename(model.path)
+    base = model.with_path(model.path[: -len(leaf)]) if leaf in SAVED_MODEL_FILES else model
+    return base.as_prefix()
 
-    `model` may be the version folder itself (holding saved_model.pb, or saved_model.pbtxt), or
-    a base path of numeric version folders, where the highest version wins as in TF Serving.
-    """
-    base = model
-    leaf = posixpath.basename(base.path)
-    if leaf in SAVED_MODEL_FILES:
-        base = GcsUri(base.bucket, base.path[: -len(leaf)])
-    base = base.as_prefix()
+
+def resolve_model(client: Any, retry: Any, model: Uri) -> ModelSource:
+    """Find the version folder `model` designates and list its objects (see `choose_version`)."""
+    base = model_base(model)
     bucket = client.bucket(base.bucket)
     with translate_errors(f"reading model {model}", bucket):
         blobs = list(client.list_blobs(base.bucket, prefix=base.path, retry=retry))
         if not blobs and not model.is_prefix and bucket.get_blob(model.path, retry=retry) is not None:
-            raise ModelError(
-                f"model {model} is one object, not a folder{_not_saved_model(model.path)} — point `model` at "
-                "the folder that holds saved_model.pb and variables/"
-            )
+            raise one_object(model)
+    return choose_version(model, base, blobs)
+
+
+def one_object(model: Uri) -> ModelError:
+    return ModelError(
+        f"model {model} is one object, not a folder{_not_saved_model(model.path)} — point `model` at "
+        "the folder that holds saved_model.pb and variables/"
+    )
+
+
+def choose_version(model: Uri, base: Uri, blobs: list[Any]) -> ModelSource:
+    """The version folder `model` designates among `blobs` (each with a `name` under `base.path`,
+    a `size` and a `generation`): `base` itself when it holds saved_model.pb (or
+    saved_model.pbtxt), else the highest of its numeric version folders holding one, as in TF Serving."""
     if not blobs:
         raise NotFound(f"model {model} does not exist: no object under {base} — check the path")
     rel_names = {b.name[len(base.path) :]: b for b in blobs}
@@ -102,8 +113,20 @@ def resolve_model(client: Any, retry: Any, model: GcsUri) -> ModelSource:
     return ModelSource.of(folder, version, [b for b in blobs if b.name.startswith(folder.path)])
 
 
-def fetch_model(media: MediaTransport, download_threads: int, source: ModelSource, work_dir: str) -> LocalModel:
-    """Download the model's version folder under `work_dir`, reusing an identical earlier copy."""
+def gcs_download(media: MediaTransport) -> Callable[[Any, str], None]:
+    """A model object of Cloud Storage downloaded to a local path, checked by its CRC32C."""
+
+    def download(blob: Any, path: str) -> None:
+        with translate_errors(f"downloading model file gs://{blob.bucket.name}/{blob.name}"):
+            url = media.download_url(blob.bucket.name, blob.name, blob.generation)
+            media.download(url, path, crc32c=blob.crc32c)
+
+    return download
+
+
+def fetch_model(source: ModelSource, work_dir: str, copy: Callable[[Any, str], None], *, threads: int) -> LocalModel:
+    """Copy the model's version folder under `work_dir` (`copy(object, local path)`, `threads` at
+    a time), reusing an identical earlier copy: the folder appears whole or not at all."""
     folder, version, blobs, fingerprint = source.folder, source.version, source.blobs, source.fingerprint
     dest = os.path.join(work_dir, "models", fingerprint)
     if any(os.path.isfile(os.path.join(dest, name)) for name in SAVED_MODEL_FILES):
@@ -118,16 +141,14 @@ def fetch_model(media: MediaTransport, download_threads: int, source: ModelSourc
             if not rel or rel.endswith("/"):
                 continue
             targets.append((b, _safe_join(staging, rel)))
-        log.info("downloading model %s: %d files, %d bytes", folder, len(targets), source.size)
+        log.info("fetching model %s: %d files, %d bytes", folder, len(targets), source.size)
 
         def fetch(item: tuple[Any, str]) -> None:
             blob, path = item
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with translate_errors(f"downloading model file gs://{blob.bucket.name}/{blob.name}"):
-                url = media.download_url(blob.bucket.name, blob.name, blob.generation)
-                media.download(url, path, crc32c=blob.crc32c)
+            copy(blob, path)
 
-        with ThreadPoolExecutor(max_workers=download_threads) as pool:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(fetch, targets))
         try:
             os.rename(staging, dest)

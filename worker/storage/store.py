@@ -20,7 +20,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY, ConditionalRetryPolicy, is
 
 from worker import codec
 from worker.errors import Conflict, InvalidJob, NotFound, TransientError
-from worker.jobs import GcsUri, is_upload_part
+from worker.jobs import Uri, is_upload_part
 from worker.media import MediaTransport
 from worker.storage import models, upload
 from worker.storage.background import BackgroundWriter, _prefetched
@@ -32,7 +32,7 @@ from worker.storage.formats import (
     _gunzipped,
     _other_format,
     _owned_lines,
-    _without_cr,
+    split_lines,
 )
 from worker.storage.values import WRITTEN_BY_KEY, InputFile, LocalModel, ModelSource, StoredJson
 
@@ -81,7 +81,7 @@ class GcsStore:
 
     # -- inputs ------------------------------------------------------------------------------
 
-    def list_inputs(self, input_uri: GcsUri, *, exclude: GcsUri | None = None) -> list[InputFile]:
+    def list_inputs(self, input_uri: Uri, *, exclude: Uri | None = None) -> list[InputFile]:
         """The object `input_uri` names, or every object under it when it ends in `/`.
 
         Folder placeholders (names ending in `/`) and anything under `exclude` (the job's output
@@ -98,7 +98,7 @@ class GcsStore:
                     folder = input_uri.path[:wildcard].rpartition("/")[0]
                     raise NotFound(
                         f"input {input_uri} does not exist, and wildcards (* ? [) are not expanded — give the "
-                        f"prefix the inputs are under, ending in / ({GcsUri(input_uri.bucket, folder).as_prefix()}, "
+                        f"prefix the inputs are under, ending in / ({Uri(input_uri.bucket, folder).as_prefix()}, "
                         "say): every object under it is an input"
                     )
                 if blob is None:
@@ -123,18 +123,16 @@ class GcsStore:
     @staticmethod
     def _input_file(blob: Any, rel: str) -> InputFile:
         return InputFile(
-            uri=GcsUri(blob.bucket.name, blob.name),
+            uri=Uri(blob.bucket.name, blob.name),
             rel=rel,
             size=int(blob.size or 0),
             generation=int(blob.generation or 0),
         )
 
     def read_blocks(self, f: InputFile, *, max_line_bytes: int = 16 * 2**20) -> Iterator[list[bytes]]:
-        """Yield the object's lines without their line endings (`\n` or `\r\n`), a list per
-        downloaded chunk, reading it in bounded chunks, the next chunk downloaded in a thread while
-        this one is processed. A line that grows past `max_line_bytes` across chunks is cut to
-        `max_line_bytes + 1` bytes (so it still reads as too long) and the rest of it is dropped
-        as it arrives: memory stays bounded by the chunk and the limit, whatever the file holds.
+        """Yield the object's lines without their line endings, a list per downloaded chunk
+        (`split_lines`), reading it in bounded chunks, the next chunk downloaded in a thread while
+        this one is processed.
 
         The generation read at listing time is pinned, so a file replaced mid-job is not mixed.
         """
@@ -176,30 +174,13 @@ class GcsStore:
         with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
             chunks = _prefetched(read, name=f"download {f.uri}", more=more)
             try:
-                pending = b""
-                cut = False  # `pending` is the start of a line longer than the limit
                 if f.piece is None:
                     text = _as_utf8(_gunzipped(chunks, f.uri, READ_CHUNK_BYTES), f.uri)
                 elif f.start == 0:  # the file's first piece: its byte order mark goes
                     text = _as_utf8(_owned_lines(chunks, 0, 0, stop), f.uri)
                 else:
                     text = _owned_lines(chunks, first, f.start, stop)
-                for chunk in text:
-                    if cut:
-                        end = chunk.find(b"\n")
-                        if end < 0:
-                            continue  # still inside the long line: dropped
-                        yield [pending]
-                        pending, cut, chunk = b"", False, chunk[end + 1 :]
-                    data = pending + chunk
-                    lines = data.split(b"\n")
-                    pending = lines.pop()
-                    if len(pending) > max_line_bytes:
-                        pending, cut = pending[: max_line_bytes + 1], True
-                    if lines:
-                        yield _without_cr(lines) if b"\r" in data else lines
-                if pending:
-                    yield _without_cr([pending])
+                yield from split_lines(text, max_line_bytes)
             finally:
                 chunks.close()  # its reading thread stopped first, then the stream it reads
                 if whole is not None:
@@ -243,13 +224,13 @@ class GcsStore:
             with ThreadPoolExecutor(max_workers=min(self._download_threads, len(starts))) as pool:
                 return sum(pool.map(newlines, starts)) + 1
 
-    def names_under(self, prefix: GcsUri) -> set[str]:
+    def names_under(self, prefix: Uri) -> set[str]:
         """The names of the objects under `prefix` (a folder's, ending in /)."""
         with translate_errors(f"listing {prefix}"):
             names = self._client.list_blobs(prefix.bucket, prefix=prefix.path, retry=self._retry)
             return {blob.name for blob in names}
 
-    def compose(self, sources: list[GcsUri], uri: GcsUri, *, scratch: GcsUri, job_id: str, content_type: str) -> None:
+    def compose(self, sources: list[Uri], uri: Uri, *, scratch: Uri, job_id: str, content_type: str) -> None:
         """Write at `uri` the objects `sources` (of its bucket) end to end, as one object that
         appears whole, deleting the sources as it does (`deleteSourceObjects`: at once, without the
         days a bucket's soft delete would keep and bill them). More than Cloud Storage joins in one
@@ -268,7 +249,7 @@ class GcsStore:
                 self.delete(into)  # where `deleteSourceObjects` is not honoured (fake-gcs-server ignores it)
 
     def _compose(
-        self, bucket: Any, sources: list[GcsUri], uri: GcsUri, *, job_id: str, content_type: str, delete: bool
+        self, bucket: Any, sources: list[Uri], uri: Uri, *, job_id: str, content_type: str, delete: bool
     ) -> None:
         blob = bucket.blob(uri.path)
         blob.metadata = {WRITTEN_BY_KEY: job_id}
@@ -277,7 +258,7 @@ class GcsStore:
             [bucket.blob(s.path) for s in sources], delete_source_objects=delete or None, retry=self._compose_retry
         )
 
-    def written_by(self, uri: GcsUri) -> str | None:
+    def written_by(self, uri: Uri) -> str | None:
         """The job that wrote the object (its `embedded-tf-job` metadata); None when it does not
         exist or another program wrote it."""
         with translate_errors(f"reading {uri}"):
@@ -287,7 +268,7 @@ class GcsStore:
     # -- outputs -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def open_output(self, uri: GcsUri, *, job_id: str, content_type: str) -> Iterator[BackgroundWriter]:
+    def open_output(self, uri: Uri, *, job_id: str, content_type: str) -> Iterator[BackgroundWriter]:
         """A binary stream to `uri`, visible only once the block exits normally; on an exception
         no object appears. Uploading runs in a thread of its own, so the next batches are
         predicted while the last ones are sent."""
@@ -305,7 +286,7 @@ class GcsStore:
                 sink.terminate()
                 raise
 
-    def write_json(self, uri: GcsUri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int:
+    def write_json(self, uri: Uri, value: Any, *, job_id: str, if_generation_match: int | None = None) -> int:
         """Write `value` as one object (a single-request upload, so preconditions apply);
         `if_generation_match=0` creates only if absent. Returns the new generation; a failed
         precondition raises `Conflict`."""
@@ -320,7 +301,7 @@ class GcsStore:
             )
         return int(blob.generation or 0)
 
-    def read_json(self, uri: GcsUri) -> StoredJson | None:
+    def read_json(self, uri: Uri) -> StoredJson | None:
         """The object decoded, with its generation and metadata (value None when it is not JSON);
         None when it does not exist."""
         try:
@@ -339,7 +320,7 @@ class GcsStore:
             value = None
         return StoredJson(value, int(blob.generation or 0), dict(blob.metadata or {}))
 
-    def mark(self, uri: GcsUri, key: str, value: str) -> None:
+    def mark(self, uri: Uri, key: str, value: str) -> None:
         """Add one custom metadata entry to an existing object (its content and generation stay)."""
         blob = self._client.bucket(uri.bucket).blob(uri.path)
         with translate_errors(f"updating metadata of {uri}"):
@@ -347,7 +328,7 @@ class GcsStore:
             blob.metadata = {**(blob.metadata or {}), key: value}
             blob.patch(retry=self._retry)
 
-    def delete(self, uri: GcsUri, *, if_generation_match: int | None = None) -> None:
+    def delete(self, uri: Uri, *, if_generation_match: int | None = None) -> None:
         """Delete the object if it still is that generation; absent already is fine."""
         blob = self._client.bucket(uri.bucket).blob(uri.path)
         try:
@@ -356,20 +337,20 @@ class GcsStore:
         except NotFound:
             pass
 
-    def read_bytes(self, uri: GcsUri) -> bytes:
+    def read_bytes(self, uri: Uri) -> bytes:
         with translate_errors(f"reading {uri}"):
             data: bytes = self._client.bucket(uri.bucket).blob(uri.path).download_as_bytes(retry=self._retry)
             return data
 
     # -- models ------------------------------------------------------------------------------
 
-    def resolve_model(self, model: GcsUri) -> ModelSource:
+    def resolve_model(self, model: Uri) -> ModelSource:
         """The version folder `model` designates, listed (see `worker.storage.models`)."""
         return models.resolve_model(self._client, self._retry, model)
 
     def fetch_model(self, source: ModelSource, work_dir: str) -> LocalModel:
         """The model's version folder on local disk under `work_dir` (see `worker.storage.models`)."""
-        return models.fetch_model(self._media, self._download_threads, source, work_dir)
+        return models.fetch_model(source, work_dir, models.gcs_download(self._media), threads=self._download_threads)
 
 
 def _read_environment_once(session: requests.Session, environ: Mapping[str, str]) -> None:

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from worker.jobs import GcsUri
+from worker.jobs import Uri
 
 # The file that makes a folder a SavedModel: binary, or text (as TF 1's builders could write it
 # with as_text=True); TensorFlow and TF Serving load either.
@@ -18,7 +18,7 @@ WRITTEN_BY_KEY = "embedded-tf-job"
 
 @dataclass(frozen=True)
 class InputFile:
-    uri: GcsUri
+    uri: Uri
     rel: str  # path relative to the input prefix: where its output goes under the output prefix
     size: int
     generation: int
@@ -47,14 +47,14 @@ class StoredJson:
 class ModelSource:
     """A model's version folder in Cloud Storage, as listed: what `fetch_model` downloads."""
 
-    folder: GcsUri
+    folder: Uri
     version: int | None
     blobs: list[Any]
     fingerprint: str  # changes when any object of the model changes
     size: int  # bytes of its objects: what it takes on local disk
 
     @classmethod
-    def of(cls, folder: GcsUri, version: int | None, blobs: list[Any]) -> ModelSource:
+    def of(cls, folder: Uri, version: int | None, blobs: list[Any]) -> ModelSource:
         names = "\n".join(sorted(f"{b.name}#{b.generation}" for b in blobs))
         fingerprint = hashlib.sha256(names.encode()).hexdigest()[:20]
         return cls(folder, version, blobs, fingerprint, sum(int(b.size or 0) for b in blobs))
@@ -62,7 +62,7 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class LocalModel:
-    uri: GcsUri  # the version folder that was fetched
+    uri: Uri  # the version folder that was fetched
     version: int | None
     path: str  # local folder holding saved_model.pb (or .pbtxt)
     fingerprint: str  # changes when any object of the model changes
