@@ -62,6 +62,7 @@ class Lease:
         self.holder = _holder_id()
         self.generation = 0
         self._lost: str | None = None
+        self._renewing = threading.Lock()  # one renewal at a time: the background one, or check()'s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -105,7 +106,14 @@ class Lease:
             raise errors.Busy(f"lease {self.uri}: {why}; this delivery will be retried") from None
 
     def _renew_loop(self) -> None:
-        while not self._stop.wait(self._ttl_s / 3):
+        while not self._stop.wait(self._ttl_s / 3) and self._renew():
+            pass
+
+    def _renew(self) -> bool:
+        """Rewrite the lease if it is still ours; False once it is not (another run took it over)."""
+        with self._renewing:
+            if self._lost:
+                return False
             try:
                 self.generation = self._store.write_json(
                     self.uri, self._body(), job_id=self._job_id, if_generation_match=self.generation
@@ -113,12 +121,16 @@ class Lease:
             except errors.Conflict:
                 self._lost = f"lease {self.uri} was taken over by another run (this one stalled past its expiry)"
                 log.error("%s", self._lost)
-                return
+                return False
             except errors.WorkerError as e:
                 log.warning("could not renew lease %s (will retry): %s", self.uri, e)
+            return True
 
     def check(self) -> None:
-        """Raise `errors.Busy` if another run has taken the lease over."""
+        """Raise `errors.Busy` if another run has taken the lease over. The lease is renewed here
+        once more: a run that stalled past its expiry since the last renewal (another run may be
+        predicting the job meanwhile) learns it before it writes the manifest and publishes."""
+        self._renew()
         if self._lost:
             raise errors.Busy(self._lost)
 

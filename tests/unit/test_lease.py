@@ -53,3 +53,25 @@ def test_a_lease_object_without_an_expiry_counts_as_expired():
     store = FakeStore({"bkt/" + URI.path: b"[]"})
     with Lease(store, URI, "j", ttl_s=60) as lease:
         assert lease.generation > 1
+
+
+def test_a_holder_that_stalled_past_its_expiry_learns_it_at_check_before_its_next_renewal():
+    """Between two renewals (a third of the ttl apart) another run may take over an expired lease;
+    check() renews once more, so the stalled run does not write the manifest and publish too."""
+    store = FakeStore({})
+    lease = Lease(store, URI, "j", ttl_s=600)  # its background renewal is 200 s away
+    lease.acquire()
+    store.write_json(URI, {"job_id": "j", "holder": "someone else", "expires_at": time.time() + 60}, job_id="j")
+    taken = store.generations["bkt/" + URI.path]
+    with pytest.raises(errors.Busy, match="taken over"):
+        lease.check()
+    lease.release()
+    assert store.generations["bkt/" + URI.path] == taken
+
+
+def test_check_renews_a_lease_still_held():
+    store = FakeStore({})
+    with Lease(store, URI, "j", ttl_s=600) as lease:
+        first = lease.generation
+        lease.check()
+        assert lease.generation != first and store.generations["bkt/" + URI.path] == lease.generation
