@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from localdev import models
+from tests.conftest import PROJECT, write_lines
 from worker.cli.common import NO_CREDENTIALS
 
 pytestmark = pytest.mark.integration
@@ -172,3 +173,62 @@ def test_the_common_options_are_flags(model_dirs, tmp_path):
 
     code, _, err = _run_cli([*argv, "--output", str(tmp_path / "o3"), "--max-error-ratio", "2"], {}, terminal=False)
     assert code == 2 and err.strip() == "error: option max_error_ratio must be a number from 0 to 1, got 2.0"
+
+
+def test_submit_wait_prints_its_own_job_s_completion_and_exits_as_run_does(
+    worker_service, gcs_host, pubsub_host, storage_client, bucket, model_uris
+):
+    """Two `submit --wait` at once, against the Pub/Sub emulator and a served worker: each prints
+    its own job's completion (the emulator applies no subscription filter: each sees both) and
+    exits 0 or 1 as `run` would; their temporary subscriptions are gone afterwards."""
+    from google.cloud import pubsub_v1
+
+    _, _, topo = worker_service
+    write_lines(storage_client, f"gs://{bucket}/in/a.jsonl", [json.dumps(r) for r in models.mlp_instances(5)])
+    env = {"STORAGE_EMULATOR_HOST": gcs_host, "PUBSUB_EMULATOR_HOST": pubsub_host, "GOOGLE_CLOUD_PROJECT": PROJECT}
+    env |= {"WORKER_JOBS_TOPIC": topo.jobs_topic, "WORKER_RESULTS_TOPIC": topo.results_topic}
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+
+    def submit(job_id: str, inp: str) -> subprocess.Popen[str]:
+        argv = ["submit", "--wait", "--timeout", "120", "--job-id", job_id, "--model", model_uris["mlp"]]
+        argv += ["--input", inp, "--output", f"gs://{bucket}/out-{job_id}/"]
+        command = [sys.executable, "-m", "worker", *argv]
+        return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    good, bad = submit("wait-good", f"gs://{bucket}/in/"), submit("wait-bad", f"gs://{bucket}/none/")
+    out, err = good.communicate(timeout=150)
+    assert good.returncode == 0, err
+    completion = json.loads(out)
+    assert (completion["job_id"], completion["status"]) == ("wait-good", "SUCCEEDED")
+    assert completion["totals"]["predictions"] == 5
+    assert f"submitted job wait-good; waiting for its completion on {topo.results_topic}" in err
+    out, err = bad.communicate(timeout=150)
+    assert bad.returncode == 1 and json.loads(out)["job_id"] == "wait-bad", err
+    assert err.splitlines()[-1] == (
+        f"error: job wait-bad FAILED (NOT_FOUND): input gs://{bucket}/none/ matches no object — check the prefix "
+        "and that files were uploaded"
+    )
+    subscriber = pubsub_v1.SubscriberClient()
+    names = [s.name for s in subscriber.list_subscriptions(request={"project": f"projects/{PROJECT}"})]
+    assert not [name for name in names if "/embedded-tf-wait-" in name]
+    # The shared results subscription got both completions too: taken, for the tests after this one.
+    assert sorted(data["job_id"] for data, _ in topo.completions(2)) == ["wait-bad", "wait-good"]
+
+
+def test_submit_without_wait_prints_the_job_and_where_its_manifest_will_be(pubsub_host, tmp_path):
+    from google.cloud import pubsub_v1
+
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topic = publisher.create_topic(name=publisher.topic_path(PROJECT, "submit-jobs")).name
+    sub = subscriber.create_subscription(name=subscriber.subscription_path(PROJECT, "submit-jobs"), topic=topic).name
+    env = {"PUBSUB_EMULATOR_HOST": pubsub_host, "GOOGLE_CLOUD_PROJECT": PROJECT, "WORKER_WORK_DIR": str(tmp_path)}
+    argv = ["submit", "--topic", "submit-jobs", "--model", "gs://bkt/m/", "--input", "gs://bkt/in/"]
+    code, out, err = _run_cli([*argv, "--output", "gs://bkt/out", "--key-field", "id"], env, terminal=False)
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["topic"] == topic and printed["manifest"] == "gs://bkt/out/_manifest.json"
+    [received] = subscriber.pull(request={"subscription": sub, "max_messages": 5}, timeout=30).received_messages
+    assert json.loads(received.message.data) == {
+        "job_id": printed["job_id"], "model": "gs://bkt/m/", "input": "gs://bkt/in/", "output": "gs://bkt/out/",
+        "options": {"key_field": "id"},
+    }  # fmt: skip
