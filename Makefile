@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CHECKOV_VENV := .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: setup demo test lint lint-deploy
+.PHONY: setup demo local test lint lint-deploy
 
 $(VENV)/.installed: requirements.txt requirements-tensorflow.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ setup: $(VENV)/.installed
 
 demo: setup
 	PYTHONPATH=. $(PY) -m localdev.demo
+
+# The emulators and a served worker, kept running until Ctrl-C; `source .local-cloud.env` elsewhere.
+local: setup
+	PYTHONPATH=. $(PY) -m localdev.local
 
 # Three processes (pytest-xdist), each with its own emulators (most tests wait on them, not on the
 # CPU); a file's tests stay in one process, in order.
