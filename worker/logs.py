@@ -8,10 +8,12 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _job_fields: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("job_fields", default=None)
+# While a progress bar is drawn on stderr: how a log line is written above it instead of into it.
+_write_through: Callable[[str], None] | None = None
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,6 +39,32 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines to stderr, through the progress bar's writer while there is one (`above_bar`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        write = _write_through
+        if write is None:
+            super().emit(record)
+            return
+        try:
+            write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def above_bar(write: Callable[[str], None]) -> Iterator[None]:
+    """Inside the block, log lines go through `write` (a progress bar's: it clears the bar, writes
+    the line and draws the bar again below it)."""
+    global _write_through
+    _write_through = write
+    try:
+        yield
+    finally:
+        _write_through = None
+
+
 def setup(level: str = "INFO", fmt: str = "json") -> None:
     """Route the root logger to stderr: JSON lines, or text lines (`fmt` "text", or "auto" when
     stderr is a terminal). Idempotent."""
@@ -47,7 +75,7 @@ def setup(level: str = "INFO", fmt: str = "json") -> None:
     if ours:
         ours[0].setFormatter(formatter)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler(sys.stderr)
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(level.upper())

@@ -3,12 +3,16 @@ Cloud Logging otherwise, or when asked), and one plain `error:` line when the jo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
+import re
 import socket
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,7 @@ def _run_cli(argv: list[str], env: dict[str, str], *, terminal: bool, timeout: f
         done = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
         return done.returncode, done.stdout, done.stderr
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's size
     proc = subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=follower, text=True)
     os.close(follower)
     err = b""
@@ -232,3 +237,20 @@ def test_submit_without_wait_prints_the_job_and_where_its_manifest_will_be(pubsu
         "job_id": printed["job_id"], "model": "gs://bkt/m/", "input": "gs://bkt/in/", "output": "gs://bkt/out/",
         "options": {"key_field": "id"},
     }  # fmt: skip
+
+
+def test_at_a_terminal_log_lines_go_above_the_progress_bar_which_starts_at_the_model_s_load(
+    gcs_host, storage_client, bucket, model_uris, tmp_path
+):
+    write_lines(storage_client, f"gs://{bucket}/in/a.jsonl", [json.dumps(r) for r in models.mlp_instances(20)])
+    env = {"STORAGE_EMULATOR_HOST": gcs_host, "WORKER_WORK_DIR": str(tmp_path), "WORKER_LOG_FORMAT": ""}
+    argv = ["run", "--model", model_uris["mlp"], "--input", f"gs://{bucket}/in/", "--output", f"gs://{bucket}/o/"]
+    code, out, err = _run_cli(argv, env, terminal=True)
+    assert code == 0 and json.loads(out)["status"] == "SUCCEEDED", err
+    assert "loading model:" in err and "predicting:" in err  # the bar's stage, on its left
+    logged = [line for line in err.splitlines() if " INFO " in line]
+    assert any("fetching model" in line for line in logged), err  # logged while the bar is drawn
+    for line in logged:
+        # What is left after the last carriage return is the log line alone: the bar was cleared
+        # before it was written, and drawn again on the next line.
+        assert re.match(r"\d\d:\d\d:\d\d INFO ", line.rsplit("\r", 1)[-1]), repr(line)

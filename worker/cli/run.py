@@ -4,12 +4,13 @@ printed on stdout; and `describe`: what a model takes and gives."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from typing import Any
 
-from worker import errors
+from worker import errors, logs
 from worker.cli.common import (
     EXIT_FAILED,
     EXIT_TRANSIENT,
@@ -31,6 +32,7 @@ class ProgressBar:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._bar: Any = None
+        self._logs = contextlib.ExitStack()
 
     def __call__(self, p: JobProgress) -> None:
         if not self.enabled:
@@ -39,6 +41,7 @@ class ProgressBar:
             from tqdm import tqdm
 
             self._bar = tqdm(total=p.bytes_total, unit="B", unit_scale=True, file=sys.stderr, desc=p.stage)
+            self._logs.enter_context(logs.above_bar(lambda line: tqdm.write(line, file=sys.stderr)))
         if self._bar.desc != p.stage:
             self._bar.set_description_str(p.stage)
         self._bar.update(min(p.bytes_read, p.bytes_total) - self._bar.n)
@@ -46,6 +49,7 @@ class ProgressBar:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._logs.close()
             self._bar.close()
             self._bar = None
 
