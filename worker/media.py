@@ -2,10 +2,9 @@
 input and the single-request upload of a small output — and for downloading model files.
 
 They go through the storage client's own connection pools, credentials and retry policy, but
-not through requests and the client library's media classes, which cost about 1 ms of CPU per
-request (measured on 100 kB objects: a read 1.55–1.74 against 0.56–0.70 ms here, an upload
-1.32–1.65 against 0.75–0.81 ms) and read a response 8 kB at a time (4 MiB: 9 against 2.2 ms; a
-64 MB model file: 0.16 against 0.03 s): on a tree of small files, a fifth of the job's time.
+not through requests and the client library's media classes, which add about a millisecond of
+CPU to every request and read a response 8 kB at a time: on a tree of small files, a job makes
+two requests per file, and that work would be a large share of its time.
 With proxy variables in the environment requests sends them, keeping its per-URL proxy rules.
 `storage` hands it the client's session, endpoint and retry policy: this module does not import
 the client library.

@@ -40,7 +40,7 @@ def check_limits(topic_path: str, data: bytes, attributes: dict[str, str]) -> No
                 f"attribute {key!r} of {len(value.encode())} bytes: Pub/Sub takes values of at most "
                 f"{MAX_ATTRIBUTE_VALUE_BYTES} bytes"
             )
-    if len(data) > MAX_REQUEST_BYTES - 1024:  # else measured: the encoding adds a few bytes
+    if len(data) > MAX_REQUEST_BYTES - 1024:  # else it fits: the encoding adds a few bytes
         from google.pubsub_v1 import types
 
         message = types.PubsubMessage(data=data, attributes=attributes)

@@ -19,10 +19,9 @@ log = logging.getLogger(__name__)
 
 # Container objects allocated (less those freed) between two collections of the youngest
 # generation; Python's default is 700. A batch of 1024 parsed instances alone allocates over a
-# thousand lists, and with 8 files in flight each young collection walked the 8 batches being
-# worked on, over and over: at 20,000 and at 50,000 the tree of 100 small files took 13% and 8%
-# less time than at 700, alternating per job in one process (measured). Objects without reference cycles are
-# freed by reference counting either way; only cyclic garbage waits longer.
+# thousand lists, so with 8 files in flight each young collection would walk the 8 batches being
+# worked on, over and over. Objects without reference cycles are freed by reference counting
+# either way; only cyclic garbage waits longer.
 YOUNG_COLLECTION_THRESHOLD = 50_000
 
 
@@ -31,9 +30,8 @@ def settle_collector() -> None:
 
     Everything alive now (TensorFlow, the loaded models) is taken out of the collector's sight.
     With TensorFlow loaded a process holds about 300,000 tracked objects, and every full
-    collection, which batches of parsed instances set off every few seconds, walked all of them:
-    100–140 ms with every thread stopped, in 1 of 6 jobs of 10 MB and 2 of 3 trees of 100 files
-    (measured). Frozen, a full collection takes 1–2 ms. What is frozen is still freed by
+    collection, which batches of parsed instances set off every few seconds, would walk all of
+    them with every thread stopped; frozen, they are not walked. What is frozen is still freed by
     reference counting; its reference cycles (a closed model's) wait for the next call, which
     unfreezes and collects everything first. Young collections are spaced out
     (YOUNG_COLLECTION_THRESHOLD)."""

@@ -76,7 +76,7 @@ def rows_from_array(name: str, arr: np.ndarray, n: int) -> list[Any]:
     if arr.dtype == np.float32:
         arr = tf_serving_floats(arr)
     elif arr.dtype.kind == "f" and arr.dtype.itemsize < 8:
-        # The same Python floats, exactly, and 4× sooner: NumPy's tolist is slow on float32.
+        # The same Python floats, exactly, and sooner: NumPy's tolist is slow on float32.
         arr = arr.astype(np.float64)
     # Non-finite floats stay floats here; the output encoder spells them as strings.
     rows: list[Any] = arr.tolist()

@@ -189,9 +189,9 @@ class TensorFlowSignature:
         spec = self.inputs[name]
         if spec.dtype in self._floats:
             try:
-                # TensorFlow reads nested lists of numbers 4-5× faster than NumPy does (0.09 against
-                # 0.45 ms for 1024 × 16). It refuses strings, nulls, objects and ragged lists (NumPy's
-                # route below then says why) and gives the values NumPy's would, except that integers
+                # TensorFlow reads nested lists of numbers several times faster than NumPy does. It
+                # refuses strings, nulls, objects and ragged lists (NumPy's route below then says
+                # why) and gives the values NumPy's would, except that integers
                 # beyond 64 bits become the nearest float, and float32 subnormals zero, as
                 # TensorFlow's kernels flush them anyway. What it takes that TF Serving refuses
                 # (booleans, lossy integers, overflows) is refused after, by `numbers`.

@@ -355,7 +355,7 @@ class GcsStore:
 
 def _read_environment_once(session: requests.Session, environ: Mapping[str, str]) -> None:
     """requests looks through the environment on every request: proxy variables, ~/.netrc, CA
-    bundles (on a tree of small files, 12% of the worker's CPU, measured). Without proxy variables
+    bundles (on a tree of small files, a noticeable share of the worker's CPU). Without proxy variables
     there is nothing there to honour per request: take the CA bundle once and stop looking. With
     any, requests keeps its own per-URL proxy rules (NO_PROXY)."""
     if any(key.lower().endswith("_proxy") for key in environ):
