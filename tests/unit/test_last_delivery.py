@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from worker import errors, events, main
+from worker import delivery, errors, events
 from worker.config import Settings
 from worker.jobs import Job
 
@@ -30,9 +30,9 @@ def _push(attempt: Any) -> dict[str, Any]:
 
 
 class FakeRuntime:
-    """Our Runtime's surface that `main` uses: it fails every job with `error`."""
+    """Our Runtime's surface that `delivery` uses: it fails every job with `error`."""
 
-    def __init__(self, error: Exception, max_delivery_attempts: int) -> None:
+    def __init__(self, error: Exception, max_delivery_attempts: int = 5) -> None:
         self.settings = Settings(max_delivery_attempts=max_delivery_attempts)
         self.error = error
         self.reports: list[tuple[str, errors.WorkerError, dict[str, Any]]] = []
@@ -57,13 +57,8 @@ class FakeRuntime:
 
 
 @pytest.fixture
-def runtime_of(monkeypatch: pytest.MonkeyPatch):
-    def make(error: Exception, max_delivery_attempts: int = 5) -> FakeRuntime:
-        fake = FakeRuntime(error, max_delivery_attempts)
-        monkeypatch.setattr(main, "_runtime", fake)
-        return fake
-
-    return make
+def runtime_of():
+    return FakeRuntime
 
 
 @pytest.mark.parametrize(
@@ -86,7 +81,7 @@ def test_delivery_attempt_is_read_from_the_push_body(body: Any, expected: int | 
 def test_a_transient_failure_on_the_last_delivery_publishes_failed_and_is_still_retried(runtime_of):
     rt = runtime_of(errors.TransientError("model server exited with code 3"))
     with pytest.raises(errors.TransientError):  # not acknowledged: Pub/Sub dead-letters the message
-        main._handle(dict(ATTRIBUTES), _push(5))
+        delivery.deliver(rt, dict(ATTRIBUTES), _push(5))
     [(job_id, error, context)] = rt.reports
     assert job_id == "j-1"
     assert error.code == "UNAVAILABLE"
@@ -109,7 +104,7 @@ def test_a_dropped_file_s_notification_on_its_last_delivery_reports_the_object_s
         "deliveryAttempt": 5,
     }
     with pytest.raises(errors.TransientError):
-        main._handle({**ATTRIBUTES, "id": "43"}, body)
+        delivery.deliver(rt, {**ATTRIBUTES, "id": "43"}, body)
     [(job_id, error, context)] = rt.reports
     assert job_id == "bkt/in/a.jsonl#7"
     assert str(error).startswith("storage unavailable — gave up after 5 deliveries")
@@ -124,7 +119,7 @@ def test_the_part_of_a_job_run_as_parts_is_reported_with_its_job(runtime_of):
     body = _push(5)
     body["message"]["data"] = base64.b64encode(json.dumps(part).encode()).decode()
     with pytest.raises(errors.TransientError):
-        main._handle(dict(ATTRIBUTES), body)
+        delivery.deliver(rt, dict(ATTRIBUTES), body)
     [(job_id, _, _)] = rt.reports
     [job] = rt.jobs
     assert job_id == "j-1/part-2-of-3" and job.options.part == (2, 3)
@@ -133,7 +128,7 @@ def test_the_part_of_a_job_run_as_parts_is_reported_with_its_job(runtime_of):
 def test_a_redelivery_past_the_last_one_reports_too(runtime_of):
     rt = runtime_of(errors.TransientError("storage unavailable"))
     with pytest.raises(errors.TransientError):
-        main._handle(dict(ATTRIBUTES), _push(6))  # dead-lettering is best effort
+        delivery.deliver(rt, dict(ATTRIBUTES), _push(6))  # dead-lettering is best effort
     assert len(rt.reports) == 1
 
 
@@ -149,7 +144,7 @@ def test_a_redelivery_past_the_last_one_reports_too(runtime_of):
 def test_no_failed_completion_while_the_job_may_still_complete(runtime_of, error, attempt, max_attempts):
     rt = runtime_of(error, max_attempts)
     with pytest.raises(type(error)):
-        main._handle(dict(ATTRIBUTES), _push(attempt))
+        delivery.deliver(rt, dict(ATTRIBUTES), _push(attempt))
     assert rt.reports == []
 
 
@@ -161,7 +156,7 @@ def test_a_failed_publish_on_the_last_delivery_leaves_the_cause_to_be_raised(run
 
     rt.report_failure = cannot_publish  # type: ignore[method-assign]
     with pytest.raises(errors.TransientError, match="storage unavailable"):
-        main._handle(dict(ATTRIBUTES), _push(5))
+        delivery.deliver(rt, dict(ATTRIBUTES), _push(5))
 
 
 class HeldRuntime(FakeRuntime):
@@ -183,11 +178,10 @@ class HeldRuntime(FakeRuntime):
 
 @pytest.fixture
 def held(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(main, "LEASE_WAIT_MARGIN_S", 0.05)
+    monkeypatch.setattr(delivery, "LEASE_WAIT_MARGIN_S", 0.05)
 
     def make(held_s: float, **kw: Any) -> HeldRuntime:
         fake = HeldRuntime(held_s, **kw)
-        monkeypatch.setattr(main, "_runtime", fake)
         return fake
 
     return make
@@ -197,7 +191,7 @@ def test_on_the_last_delivery_a_job_held_by_a_dead_run_is_taken_over_once_its_le
     """No later delivery would come to take it over: the job ran nowhere and went to the
     dead-letter topic without a completion message."""
     rt = held(0.3, holder_alive=False)
-    main._handle(dict(ATTRIBUTES), _push(5))  # acknowledged: the job ran here
+    delivery.deliver(rt, dict(ATTRIBUTES), _push(5))  # acknowledged: the job ran here
     assert len(rt.runs) == 2 and rt.runs[1] >= rt.expires
     assert rt.reports == []
 
@@ -205,7 +199,7 @@ def test_on_the_last_delivery_a_job_held_by_a_dead_run_is_taken_over_once_its_le
 def test_on_the_last_delivery_a_job_whose_holder_renews_its_lease_is_left_to_it(held, caplog):
     rt = held(0.3, holder_alive=True)
     with pytest.raises(errors.Busy):  # dead-lettered; the live run publishes the completion
-        main._handle(dict(ATTRIBUTES), _push(5))
+        delivery.deliver(rt, dict(ATTRIBUTES), _push(5))
     assert len(rt.runs) == 2 and rt.reports == []
     assert "that run publishes the job's completion" in caplog.text
 
@@ -214,7 +208,7 @@ def test_before_the_last_delivery_a_held_job_is_retried_by_pub_sub_without_waiti
     rt = held(30, holder_alive=False)
     started = time.time()
     with pytest.raises(errors.Busy):
-        main._handle(dict(ATTRIBUTES), _push(4))
+        delivery.deliver(rt, dict(ATTRIBUTES), _push(4))
     assert len(rt.runs) == 1 and time.time() - started < 5
 
 
@@ -222,7 +216,7 @@ def test_the_wait_for_a_lease_is_bounded_by_the_lease_time(held):
     """An expiry far ahead (another instance's clock, a corrupt lease) waits one lease time at most."""
     rt = held(3600, holder_alive=False, lease_seconds=0)
     with pytest.raises(errors.Busy):
-        main._handle(dict(ATTRIBUTES), _push(5))
+        delivery.deliver(rt, dict(ATTRIBUTES), _push(5))
     assert len(rt.runs) == 2 and rt.runs[1] - rt.runs[0] < 5
 
 
@@ -269,7 +263,7 @@ def test_an_eventarc_storage_event_failing_near_the_end_of_its_retries_publishes
     dropped file that failed transiently every time was dropped after a day with no completion."""
     rt = runtime_of(errors.TransientError("storage unavailable"), max_delivery_attempts=0)
     sent = time.time() - (DAY_S - 1800)
-    main._handle({**STORAGE_EVENT, "time": _rfc3339(sent)}, dict(OBJECT))  # no raise: acknowledged
+    delivery.deliver(rt, {**STORAGE_EVENT, "time": _rfc3339(sent)}, dict(OBJECT))  # no raise: acknowledged
     [(job_id, error, context)] = rt.reports
     assert job_id == "bkt/in/a.jsonl#7"
     assert error.code == "UNAVAILABLE"
@@ -284,7 +278,7 @@ def test_a_job_message_through_eventarc_near_the_end_of_its_retries_says_to_publ
     rt = runtime_of(errors.TransientError("model server exited with code 3"), max_delivery_attempts=0)
     body = _push(None)
     body["message"]["publishTime"] = _rfc3339(time.time() - 23.2 * 3600)
-    main._handle({**ATTRIBUTES, "time": body["message"]["publishTime"]}, body)
+    delivery.deliver(rt, {**ATTRIBUTES, "time": body["message"]["publishTime"]}, body)
     [(job_id, error, _)] = rt.reports
     assert job_id == "j-1"
     assert str(error).endswith(
@@ -312,7 +306,7 @@ def test_an_event_not_near_the_end_of_its_redeliveries_is_left_to_be_redelivered
     rt = runtime_of(errors.TransientError("storage unavailable"), max_delivery_attempts=0)
     attributes = dict(STORAGE_EVENT) if age_s is None else {**STORAGE_EVENT, "time": _rfc3339(time.time() - age_s)}
     with pytest.raises(errors.TransientError):
-        main._handle(attributes, dict(OBJECT))
+        delivery.deliver(rt, attributes, dict(OBJECT))
     assert rt.reports == []
 
 
@@ -322,7 +316,7 @@ def test_the_delivery_count_decides_first_where_the_subscription_dead_letters(ru
     body = _push(5)
     body["message"]["publishTime"] = _rfc3339(time.time() - DAY_S)
     with pytest.raises(errors.TransientError):
-        main._handle(dict(ATTRIBUTES), body)
+        delivery.deliver(rt, dict(ATTRIBUTES), body)
     [(_, error, context)] = rt.reports
     assert "gave up after 5 deliveries (max_delivery_attempts)" in str(error) and context["delivery_attempt"] == 5
 
@@ -336,7 +330,7 @@ def test_an_old_event_whose_failure_cannot_be_published_is_not_acknowledged(runt
 
     rt.report_failure = cannot_publish  # type: ignore[method-assign]
     with pytest.raises(errors.TransientError, match="storage unavailable"):
-        main._handle({**STORAGE_EVENT, "time": _rfc3339(time.time() - DAY_S)}, dict(OBJECT))
+        delivery.deliver(rt, {**STORAGE_EVENT, "time": _rfc3339(time.time() - DAY_S)}, dict(OBJECT))
 
 
 def test_an_old_event_of_a_job_held_by_another_run_is_redelivered_without_waiting(held):
@@ -346,7 +340,7 @@ def test_an_old_event_of_a_job_held_by_another_run_is_redelivered_without_waitin
     rt.settings = Settings(lease_seconds=120)  # no delivery count: the event's age decides
     started = time.time()
     with pytest.raises(errors.Busy):
-        main._handle({**ATTRIBUTES, "time": _rfc3339(time.time() - 23.5 * 3600)}, _push(None))
+        delivery.deliver(rt, {**ATTRIBUTES, "time": _rfc3339(time.time() - 23.5 * 3600)}, _push(None))
     assert len(rt.runs) == 1 and time.time() - started < 5
     assert rt.reports == []
 
@@ -354,7 +348,7 @@ def test_an_old_event_of_a_job_held_by_another_run_is_redelivered_without_waitin
 def test_the_age_after_which_the_worker_gives_up_is_configurable(runtime_of):
     rt = runtime_of(errors.TransientError("storage unavailable"), max_delivery_attempts=0)
     rt.settings = Settings.from_env({"WORKER_GIVE_UP_AFTER_SECONDS": "600"})
-    main._handle({**STORAGE_EVENT, "time": _rfc3339(time.time() - 700)}, dict(OBJECT))
+    delivery.deliver(rt, {**STORAGE_EVENT, "time": _rfc3339(time.time() - 700)}, dict(OBJECT))
     [(_, error, _)] = rt.reports
     assert "gave up after retrying for 12 minutes (WORKER_GIVE_UP_AFTER_SECONDS)" in str(error)
 
@@ -366,8 +360,8 @@ def test_a_job_file_given_up_on_is_reported_under_the_job_id_it_holds(runtime_of
     rt.job_files = {"jobs/nightly.job.json": {**JOB, "job_id": "nightly-42"}}
     job_file = {**STORAGE_EVENT, "subject": "objects/jobs/nightly.job.json", "time": _rfc3339(time.time() - DAY_S)}
     resource = {"bucket": "bkt", "name": "jobs/nightly.job.json", "generation": "3"}
-    main._handle(job_file, dict(resource))
+    delivery.deliver(rt, job_file, dict(resource))
     rt.job_files = {"jobs/nightly.job.json": errors.TransientError("storage unavailable")}
-    main._handle(job_file, dict(resource))
+    delivery.deliver(rt, job_file, dict(resource))
     assert [job_id for job_id, _, _ in rt.reports] == ["nightly-42", "bkt/jobs/nightly.job.json#3"]
     assert str(rt.reports[0][1]).endswith("the event is acknowledged; upload the object again once the cause is fixed")
