@@ -66,8 +66,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def _measure_in(
     args: argparse.Namespace, client: Any, tmp: Path, gcs_host: str, proxies: list[subprocess.Popen[str]]
 ) -> dict[str, Any]:
+    from worker.app import Runtime
     from worker.jobs import Job
-    from worker.runtime import Runtime
 
     for name in ("bench-models", "bench-data"):
         client.create_bucket(name)

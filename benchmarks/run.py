@@ -400,9 +400,9 @@ def worker_without_storage_runs(env: Env, cfg: Config, model: str, floor_now: Ca
     """The event runs' jobs through the worker's pipeline in this process, with every input's
     bytes from memory and every output discarded, each job just after a pass of the floor: what
     the worker does beyond the floor, storage I/O left out."""
+    from worker.app import Runtime
     from worker.jobs import Job
     from worker.pipeline import run
-    from worker.runtime import Runtime
 
     settings = dataclasses.replace(
         Settings.from_env(os.environ),

@@ -25,10 +25,10 @@ from functions_framework.exceptions import EventConversionException
 from werkzeug.exceptions import HTTPException
 
 from worker import codec, delivery, errors, events, logs
+from worker.app import Runtime
 from worker.codec import shown
 from worker.config import Settings
 from worker.jobs import STATUS_FAILED
-from worker.runtime import Runtime
 
 log = logging.getLogger("worker")
 

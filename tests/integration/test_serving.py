@@ -22,10 +22,10 @@ from localdev import emulators, models
 from tests.conftest import make_bucket, read_lines, write_lines
 from tests.outputs import assert_same_output_lines, assert_same_predictions, close_to
 from worker import errors
+from worker.app import Runtime
 from worker.config import Settings
 from worker.jobs import Job
 from worker.pipeline import JobProgress
-from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 

@@ -55,7 +55,7 @@ class ProgressBar:
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.runtime import Runtime
+    from worker.app import Runtime
 
     try:
         job = job_of(args, local=True)
@@ -89,22 +89,17 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def describe_command(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.app import store_for
     from worker.describe import describe
 
     try:
         model = locate(args.model, "model")
     except errors.InvalidJob as e:
         raise CommandError(str(e), EXIT_USAGE) from None
-    if model.is_local:
-        from worker.storage.local import LocalStore
-
-        store: Any = LocalStore()
-    else:
-        from worker.storage import GcsStore
-
+    if not model.is_local:
         check_reachable(os.environ, "STORAGE_EMULATOR_HOST")
         check_credentials(os.environ, "STORAGE_EMULATOR_HOST")
-        store = GcsStore.from_environment(settings.project, retry_s=settings.storage_retry_seconds)
+    store = store_for(settings, local=model.is_local)
     try:
         described = describe(store, model, settings.work_dir, args.signature_name)
     except errors.InvalidJob as e:

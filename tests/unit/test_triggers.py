@@ -1,16 +1,26 @@
-"""How a finalized object becomes a job (or nothing), from the worker's configuration."""
+"""How a finalized object becomes a job (or nothing), from the worker's configuration (`worker.triggers`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from worker import errors, events
+from worker import errors, events, triggers
 from worker.config import Settings
-from worker.runtime import Runtime
+from worker.jobs import Job
 
 
-def _runtime(**settings: str) -> Runtime:
-    return Runtime(Settings(**settings), store=None, models=None, publisher=None)  # type: ignore[arg-type]
+class _Configured:
+    """`triggers.job_for_object` with one configuration: `.job_for_object(obj)`."""
+
+    def __init__(self, **settings: str) -> None:
+        self.settings = Settings(**settings)  # type: ignore[arg-type]
+
+    def job_for_object(self, obj: events.ObjectTrigger) -> Job | None:
+        return triggers.job_for_object(obj, self.settings, read=lambda uri: b"")
+
+
+def _runtime(**settings: str) -> _Configured:
+    return _Configured(**settings)
 
 
 def _obj(name: str, bucket: str = "drop", **metadata: str) -> events.ObjectTrigger:
