@@ -30,12 +30,10 @@ from datetime import datetime
 from itertools import pairwise
 from typing import Any, Protocol
 
-from worker import errors
+from worker import errors, manifest
 from worker.jobs import (
     JSONL,
     STATUS_FAILED,
-    STATUS_PARTIAL,
-    STATUS_SUCCEEDED,
     Counts,
     Job,
     Uri,
@@ -240,40 +238,27 @@ def combined(whole: Job, parts: list[dict[str, Any]]) -> dict[str, Any]:
     for p in parts:
         counts = p.get("totals") or {}
         totals.add(Counts(**{key: int(counts.get(key, 0)) for key in Counts().to_json()}))
-    first = next(({"input": f["input"], **f["first_error"]} for f in files if f.get("first_error")), None)
     failed = next(((k, p) for k, p in enumerate(parts, start=1) if p.get("status") == STATUS_FAILED), None)
     error: dict[str, str] | None
     if failed is not None:
         cause = failed[1].get("error") or {}
         error = failure(str(cause.get("code", "UNKNOWN")), f"part {failed[0]} of {n}: {cause.get('message', '')}")
     else:
-        error = error_ratio_exceeded(whole.options, totals, first)
-    manifest: dict[str, Any] = {
-        "job_id": whole.job_id,
-        "status": STATUS_FAILED if error else STATUS_PARTIAL if totals.errors else STATUS_SUCCEEDED,
-        "model": parts[0].get("model"),
-        "input": str(whole.input),
-        "output": str(whole.output),
-        "manifest": str(whole.manifest_uri),
-        "options": whole.options.to_json(),
-        "files": files,
-        "totals": totals.to_json(),
-        **({"first_error": first} if first else {}),
-        "started_at": (started := min(str(p.get("started_at", "")) for p in parts)),
-        "finished_at": (finished := max(str(p.get("finished_at", "")) for p in parts)),
-        "timings": {"total_s": _seconds_between(started, finished)},
-        "parts": [
-            {
-                "manifest": str(uri),
-                "status": p.get("status"),
-                "timings": p.get("timings"),
-            }
+        error = error_ratio_exceeded(whole.options, totals, manifest.first_error(files))
+    started = min(str(p.get("started_at", "")) for p in parts)
+    finished = max(str(p.get("finished_at", "")) for p in parts)
+    return manifest.build(
+        whole,
+        model=parts[0].get("model"),
+        files=files,
+        totals=totals,
+        times=(started, finished, {"total_s": _seconds_between(started, finished)}),
+        error=error,
+        parts=[
+            {"manifest": str(uri), "status": p.get("status"), "timings": p.get("timings")}
             for uri, p in zip(part_manifests(whole, n), parts, strict=True)
         ],
-    }
-    if error:
-        manifest["error"] = error
-    return manifest
+    )
 
 
 def _file_order(f: dict[str, Any]) -> tuple[str, int]:

@@ -14,8 +14,6 @@ from worker import errors, fanout
 from worker.jobs import (
     STATUS_DISPATCHED,
     STATUS_FAILED,
-    STATUS_PARTIAL,
-    STATUS_SUCCEEDED,
     FileResult,
     Job,
     check_object_name,
@@ -269,8 +267,8 @@ def _execute(job: Job, store: Store, models: ModelProvider, limits: Limits, prog
 def _finish(job: Job, store: Store, publisher: Publisher | None, state: _Run) -> Outcome:
     """Write the manifest (the job's commit point), then publish the completion message."""
     totals = state.totals
-    status = STATUS_FAILED if state.error else STATUS_PARTIAL if totals.errors else STATUS_SUCCEEDED
-    manifest = _manifest(job, status, state)
+    manifest = _manifest(job, state)
+    status = manifest["status"]
     written = False
     try:
         store.write_json(job.manifest_uri, manifest, job_id=job.job_id)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from worker import manifest
 from worker.jobs import (
     Counts,
     FileResult,
@@ -57,38 +58,27 @@ def _completion(manifest: dict[str, Any], max_bytes: int) -> bytes:
 
 def _first_error(files: list[FileResult]) -> dict[str, Any] | None:
     """The job's first error line, in input order: which file, which line, and why."""
-    for f in files:
-        if f.first_error is not None:
-            return {"input": f.input, "line": f.first_error[0], "message": f.first_error[1]}
-    return None
+    return manifest.first_error([f.to_json() for f in files if f.first_error is not None])
 
 
-def _manifest(job: Job, status: str, state: _Run) -> dict[str, Any]:
-    handle, started, error = state.handle, state.started, state.error
+def _manifest(job: Job, state: _Run) -> dict[str, Any]:
+    handle, started = state.handle, state.started
     finished = time.time()
-    manifest: dict[str, Any] = {
-        "job_id": job.job_id,
-        "status": status,
-        "model": {
-            "uri": str(job.model),
-            "resolved": str(handle.uri) if handle else None,
-            "version": handle.version if handle else None,
-            "signature_name": job.options.signature_name,
-        },
-        "input": str(job.input),
-        "output": str(job.output),
-        "manifest": str(job.manifest_uri),
-        "options": job.options.to_json(),
-        "files": [f.to_json() for f in state.files],
-        "totals": state.totals.to_json(),
-        **({"first_error": first} if (first := _first_error(state.files)) else {}),
-        "started_at": _iso(started),
-        "finished_at": _iso(finished),
-        "timings": {"total_s": round(finished - started, 3), **{k: round(v, 3) for k, v in state.timings.items()}},
+    model = {
+        "uri": str(job.model),
+        "resolved": str(handle.uri) if handle else None,
+        "version": handle.version if handle else None,
+        "signature_name": job.options.signature_name,
     }
-    if error:
-        manifest["error"] = error
-    return manifest
+    timings = {"total_s": round(finished - started, 3), **{k: round(v, 3) for k, v in state.timings.items()}}
+    return manifest.build(
+        job,
+        model=model,
+        files=[f.to_json() for f in state.files],
+        totals=state.totals,
+        times=(_iso(started), _iso(finished), timings),
+        error=state.error,
+    )
 
 
 def _iso(ts: float) -> str:
