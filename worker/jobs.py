@@ -137,52 +137,13 @@ class Options:
                 f"unknown option(s) {', '.join(map(repr, unknown))}; supported options are: {', '.join(offered)}"
             )
         kw: dict[str, Any] = {}
-        if "batch_size" in raw and raw["batch_size"] is not None:
-            bs = raw["batch_size"]
-            if isinstance(bs, bool) or not isinstance(bs, int) or not 1 <= bs <= 100_000:
-                raise InvalidJob(f"option batch_size must be an integer from 1 to 100000, got {shown(bs)}")
-            kw["batch_size"] = bs
-        for name in ("signature_name", "key_field"):
-            if name in raw and raw[name] is not None:
-                if not isinstance(raw[name], str) or not raw[name]:
-                    raise InvalidJob(f"option {name} must be a non-empty string, got {shown(raw[name])}")
-                kw[name] = raw[name]
-        for name in ("included_fields", "excluded_fields"):
-            if name in raw and raw[name] is not None:
-                val = raw[name]
-                if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
-                    raise InvalidJob(f"option {name} must be a list of field names, got {shown(val)}")
-                kw[name] = tuple(val)
-        if raw.get("instance_type") is not None:
-            if raw["instance_type"] not in _INSTANCE_TYPES:
-                choices = ", ".join(_INSTANCE_TYPES)
-                raise InvalidJob(f"option instance_type must be one of {choices}, got {shown(raw['instance_type'])}")
-            kw["instance_type"] = raw["instance_type"]
-        if raw.get("output_format") is not None:
-            if raw["output_format"] not in _OUTPUT_FORMATS:
-                choices = ", ".join(_OUTPUT_FORMATS)
-                raise InvalidJob(f"option output_format must be one of {choices}, got {shown(raw['output_format'])}")
-            kw["output_format"] = raw["output_format"]
-        if raw.get("max_error_ratio") is not None:
-            ratio = raw["max_error_ratio"]
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-                raise InvalidJob(f"option max_error_ratio must be a number from 0 to 1, got {shown(ratio)}")
-            kw["max_error_ratio"] = float(ratio)
-        if raw.get("parts") is not None:
-            parts = raw["parts"]
-            if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= MAX_PARTS:
-                raise InvalidJob(f"option parts must be an integer from 1 to {MAX_PARTS}, got {shown(parts)}")
-            kw["parts"] = parts
-        if raw.get("part") is not None:
-            part = raw["part"]
-            if (
-                not isinstance(part, list)
-                or len(part) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in part)
-                or not 1 <= part[0] <= part[1] <= MAX_PARTS
-            ):
-                raise InvalidJob(f"option part must be [k, n] with 1 <= k <= n <= {MAX_PARTS}, got {shown(part)}")
-            kw["part"] = (part[0], part[1])
+        for name, (valid, what, convert) in _OPTION_RULES.items():
+            value = raw.get(name)
+            if value is None:
+                continue
+            if not valid(value):
+                raise InvalidJob(f"option {name} must be {what}, got {shown(value)}")
+            kw[name] = convert(value)
         opts = cls(**kw)
         if opts.parts is not None and opts.part is not None:
             raise InvalidJob("options parts and part cannot be used together: part is set by the worker on each part")
@@ -201,6 +162,46 @@ class Options:
             if value != f.default:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_part(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(_is_int(v) for v in value)
+        and 1 <= value[0] <= value[1] <= MAX_PARTS
+    )
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# Each option: whether a value is valid, what a valid one is (for the error), and the value kept.
+_OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
+    "batch_size": (lambda v: _is_int(v) and 1 <= v <= 100_000, "an integer from 1 to 100000", _same),
+    "signature_name": (lambda v: isinstance(v, str) and bool(v), "a non-empty string", _same),
+    "key_field": (lambda v: isinstance(v, str) and bool(v), "a non-empty string", _same),
+    "included_fields": (_is_names, "a list of field names", tuple),
+    "excluded_fields": (_is_names, "a list of field names", tuple),
+    "instance_type": (lambda v: v in _INSTANCE_TYPES, f"one of {', '.join(_INSTANCE_TYPES)}", _same),
+    "output_format": (lambda v: v in _OUTPUT_FORMATS, f"one of {', '.join(_OUTPUT_FORMATS)}", _same),
+    "max_error_ratio": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1", float),
+    "parts": (lambda v: _is_int(v) and 1 <= v <= MAX_PARTS, f"an integer from 1 to {MAX_PARTS}", _same),
+    "part": (_is_part, f"[k, n] with 1 <= k <= n <= {MAX_PARTS}", tuple),
+}
 
 
 _JOB_KEYS = {"model", "input", "output", "job_id", "options"}
