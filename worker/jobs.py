@@ -106,6 +106,8 @@ class Uri:
 
 _INSTANCE_TYPES = ("object", "array")
 _OUTPUT_FORMATS = ("results", "predictions")
+# The input formats read (Vertex AI batch prediction's names).
+INPUT_FORMATS = ("jsonl", "csv")
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class Options:
     excluded_fields: tuple[str, ...] | None = None
     instance_type: str | None = None
     output_format: str = "results"
+    input_format: str | None = None  # else by the file's name: `.csv` (or `.csv.gz`) is CSV, the rest JSON lines
     max_error_ratio: float | None = None
     parts: int | None = None  # run the job as this many part jobs, on as many instances
     part: tuple[int, int] | None = None  # (k, n): this job is part k of n (set by the worker)
@@ -198,6 +201,7 @@ _OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]
     "excluded_fields": (_is_names, "a list of field names", tuple),
     "instance_type": (lambda v: v in _INSTANCE_TYPES, f"one of {', '.join(_INSTANCE_TYPES)}", _same),
     "output_format": (lambda v: v in _OUTPUT_FORMATS, f"one of {', '.join(_OUTPUT_FORMATS)}", _same),
+    "input_format": (lambda v: v in INPUT_FORMATS, f"one of {', '.join(INPUT_FORMATS)}", _same),
     "max_error_ratio": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1", float),
     "parts": (lambda v: _is_int(v) and 1 <= v <= MAX_PARTS, f"an integer from 1 to {MAX_PARTS}", _same),
     "part": (_is_part, f"[k, n] with 1 <= k <= n <= {MAX_PARTS}", tuple),
@@ -319,6 +323,20 @@ def piece_path(rel: str, i: int, m: int) -> str:
     """Where the part predicting piece i of m of the input file `rel` (a file cut for a job run as
     parts) writes its lines, in the job's parts folder, until they are joined into `rel`."""
     return f"pieces/{rel}/{i}-of-{m}.jsonl"
+
+
+def input_format_of(options: Options, rel: str) -> str:
+    """How an input file is read: its job's `input_format`, else by its name — `.csv` (or
+    `.csv.gz`) is CSV, anything else JSON lines."""
+    if options.input_format is not None:
+        return options.input_format
+    return "csv" if rel.lower().endswith((".csv", ".csv.gz")) else "jsonl"
+
+
+def output_name(rel: str, input_format: str) -> str:
+    """The output of the input file `rel`, below the output prefix: its own name for JSON lines
+    (whatever its extension), `.jsonl` appended for any other format — outputs are JSON lines."""
+    return rel if input_format == "jsonl" else rel + ".jsonl"
 
 
 def check_object_name(uri: Uri, why: str) -> None:

@@ -60,7 +60,8 @@ def test_bad_jobs_fail_with_actionable_messages(worker_service, storage_client, 
     assert errors["unknown-option"] == {
         "code": "INVALID_ARGUMENT",
         "message": "unknown option(s) 'batch_sise'; supported options are: batch_size, excluded_fields, "
-        "included_fields, instance_type, key_field, max_error_ratio, output_format, parts, signature_name",
+        "included_fields, input_format, instance_type, key_field, max_error_ratio, output_format, parts, "
+        "signature_name",
     }
     assert errors["http-uri"] == {
         "code": "INVALID_ARGUMENT",

@@ -17,8 +17,12 @@ from worker.jobs import (
     Counts,
     FileResult,
     Job,
+    Uri,
+    input_format_of,
+    output_name,
     piece_path,
 )
+from worker.pipeline.csv_rows import CsvRows
 from worker.pipeline.files import _Tracker
 from worker.pipeline.isolation import _ONE_SHAPE_PER_CALL, _predict, _predict_entries
 from worker.pipeline.lines import _OPEN, _Entry, _entry, _format, _hint_request_bodies, _TooLong
@@ -37,17 +41,14 @@ def _run_file(
     limits: Limits,
     tracker: _Tracker,
 ) -> FileResult:
-    out_uri = job.output.child(f.rel)
-    result = FileResult(input=str(f.uri), output=str(out_uri))
-    if f.piece is not None:  # its lines go to an object of their own, joined into `out_uri` once all are
-        out_uri = job.parts_folder.child(piece_path(f.rel, *f.piece))
-        result.piece = {"of": list(f.piece), "bytes": [f.start, f.end], "object": str(out_uri)}
+    read_as = input_format_of(job.options, f.rel)
+    out_uri, result = _output_of(job, f, read_as)
     # Lines of the file before this piece's first, read only when an error line is to name its line.
     lines_before = functools.cache(lambda: store.lines_before(f) if f.start else 0)
     counts = result.counts
-    options = job.options
-    plain = options.key_field is None and options.included_fields is None and options.excluded_fields is None
-    results_format = options.output_format != "predictions"
+    # A CSV file's rows read as JSON lines; its options name its header's columns once it is read.
+    rows = CsvRows(job.options) if read_as == "csv" else None
+    results_format = job.options.output_format != "predictions"
     # Lines and bytes already told to the tracker.
     lines_told = bytes_told = 0
     # The batch being filled: its non-blank lines, their line numbers, and their bytes.
@@ -62,6 +63,8 @@ def _run_file(
         out = _Waits(output)
 
         def flush() -> None:
+            options = job.options if rows is None else rows.options
+            plain = options.key_field is None and options.included_fields is None and options.excluded_fields is None
             plain_outcome = None
             if plain:
                 plain_outcome = _flush_plain(pending, predictor, counts, out, results_format=results_format)
@@ -109,7 +112,8 @@ def _run_file(
         # Lines come in blocks (a downloaded chunk's worth) and are cut into batches as lists:
         # at a few microseconds per instance, a Python step per line is a cost worth avoiding.
         max_batch_bytes, max_line_bytes = limits.max_batch_bytes, limits.max_line_bytes
-        for block in out.blocks(store.read_blocks(f, max_line_bytes=max_line_bytes)):
+        blocks = store.read_blocks(f, max_line_bytes=max_line_bytes)
+        for block in out.blocks(blocks if rows is None else rows.blocks(blocks)):
             if max(map(len, block), default=0) > max_line_bytes:
                 block = [_TooLong(raw, max_line_bytes) if len(raw) > max_line_bytes else raw for raw in block]
             first = counts.lines + 1
@@ -154,6 +158,16 @@ def _run_file(
         time.perf_counter() - started, result.input_wait_s, result.output_wait_s,
     )  # fmt: skip
     return result
+
+
+def _output_of(job: Job, f: Any, read_as: str) -> tuple[Uri, FileResult]:
+    """Where the file's output lines go, and its result so far (naming its output)."""
+    out_uri = job.output.child(output_name(f.rel, read_as))
+    result = FileResult(input=str(f.uri), output=str(out_uri))
+    if f.piece is not None:  # its lines go to an object of their own, joined into `out_uri` once all are
+        out_uri = job.parts_folder.child(piece_path(f.rel, *f.piece))
+        result.piece = {"of": list(f.piece), "bytes": [f.start, f.end], "object": str(out_uri)}
+    return out_uri, result
 
 
 class _Waits:

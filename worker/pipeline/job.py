@@ -19,7 +19,9 @@ from worker.jobs import (
     check_object_name,
     error_ratio_exceeded,
     failure,
+    input_format_of,
     is_plain_path,
+    output_name,
 )
 from worker.lease import Lease
 from worker.pipeline.batching import _BatchSize
@@ -111,7 +113,13 @@ def _dispatch(
             )
         inputs = store.list_inputs(job.input, exclude=job.output)
         _check_outputs(job, inputs)
-        given = fanout.cuts(inputs, job.options.parts, min_piece_bytes=limits.min_piece_bytes, can_cut=store.can_cut)
+        given = fanout.cuts(
+            inputs,
+            job.options.parts,
+            min_piece_bytes=limits.min_piece_bytes,
+            # JSON lines alone are cut into pieces: a CSV file's pieces would need its header.
+            can_cut=lambda f: input_format_of(job.options, f.rel) == "jsonl" and store.can_cut(f),
+        )
     except errors.PermanentError as e:
         log.error("job %s failed: %s", job.job_id, e)
         return _finish(job, store, publisher, _Run(error=failure(e.code, str(e))))
@@ -298,7 +306,7 @@ def _check_outputs(job: Job, inputs: list[Any]) -> None:
     """Every input's mirrored output is a plain path under the output prefix, and no input's."""
     names = {(f.uri.bucket, f.uri.path) for f in inputs}
     for f in inputs:
-        out = job.output.child(f.rel)
+        out = job.output.child(output_name(f.rel, input_format_of(job.options, f.rel)))
         if not is_plain_path(f.rel):
             # Cloud Storage would take the name; any tool copying the outputs to disk would write
             # such a file outside the output folder.

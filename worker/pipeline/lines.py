@@ -11,6 +11,7 @@ from worker import codec
 from worker.jobs import (
     Options,
 )
+from worker.pipeline.csv_rows import Unreadable
 
 
 @dataclass(slots=True)
@@ -28,6 +29,8 @@ class _Entry:
 def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, options: Options) -> _Entry:
     """The entry of a line that is not valid JSON, or of an instance under key/fields options
     (plain valid lines are made inline, in `_run_file`)."""
+    if isinstance(raw, Unreadable):
+        return _Entry(raw.preview, error=f"line {lineno} {raw.why}")
     if isinstance(raw, _TooLong):
         return _Entry(
             raw.preview,
