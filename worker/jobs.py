@@ -107,7 +107,13 @@ class Uri:
 _INSTANCE_TYPES = ("object", "array")
 _OUTPUT_FORMATS = ("results", "predictions")
 # The input formats read (Vertex AI batch prediction's names).
-INPUT_FORMATS = ("jsonl", "csv")
+INPUT_FORMATS = ("jsonl", "csv", "tf-record", "tf-record-gzip")
+# Formats known by a file's name (`input_format` not given), by the end of the name.
+_FORMATS_BY_NAME = (
+    ((".csv", ".csv.gz"), "csv"),
+    ((".tfrecord", ".tfrecords"), "tf-record"),
+    ((".tfrecord.gz", ".tfrecords.gz"), "tf-record-gzip"),
+)
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,7 @@ class Options:
     excluded_fields: tuple[str, ...] | None = None
     instance_type: str | None = None
     output_format: str = "results"
-    input_format: str | None = None  # else by the file's name: `.csv` (or `.csv.gz`) is CSV, the rest JSON lines
+    input_format: str | None = None  # else by the file's name (`input_format_of`)
     max_error_ratio: float | None = None
     parts: int | None = None  # run the job as this many part jobs, on as many instances
     part: tuple[int, int] | None = None  # (k, n): this job is part k of n (set by the worker)
@@ -327,10 +333,12 @@ def piece_path(rel: str, i: int, m: int) -> str:
 
 def input_format_of(options: Options, rel: str) -> str:
     """How an input file is read: its job's `input_format`, else by its name — `.csv` (or
-    `.csv.gz`) is CSV, anything else JSON lines."""
+    `.csv.gz`) is CSV, `.tfrecord` (or `.tfrecords`, and either `.gz`) TFRecord, anything else
+    JSON lines."""
     if options.input_format is not None:
         return options.input_format
-    return "csv" if rel.lower().endswith((".csv", ".csv.gz")) else "jsonl"
+    name = rel.lower()
+    return next((fmt for ends, fmt in _FORMATS_BY_NAME if name.endswith(ends)), "jsonl")
 
 
 def output_name(rel: str, input_format: str) -> str:

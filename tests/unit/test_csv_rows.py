@@ -9,7 +9,8 @@ import json
 import pytest
 
 from worker.jobs import Options
-from worker.pipeline.csv_rows import CsvRows, RowError, Unreadable, cells
+from worker.pipeline.csv_rows import CsvRows, RowError, cells
+from worker.pipeline.lines import Unreadable
 
 
 def test_quoted_cells_are_strings_and_the_others_numbers():

@@ -20,24 +20,11 @@ from typing import Any
 
 from worker import codec
 from worker.jobs import Options
+from worker.pipeline.lines import Unreadable
 
 # A number as JSON writes one; Python's int() and float() also take "1_000", " 1", "inf", "nan".
 _INTEGER = re.compile(rb"-?(?:0|[1-9][0-9]*)")
 _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
-
-
-class Unreadable(bytes):
-    """An input line that cannot be an instance, in place of its text: not JSON by construction
-    (no batch takes it as an instance), with the line to show and why, for its error line."""
-
-    preview: str
-    why: str
-
-    def __new__(cls, raw: bytes, why: str) -> Unreadable:
-        line = super().__new__(cls, b"\x01an unreadable line\x01")
-        line.preview = raw.decode("utf-8", errors="replace")
-        line.why = why
-        return line
 
 
 class RowError(ValueError):

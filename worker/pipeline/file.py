@@ -27,6 +27,7 @@ from worker.pipeline.files import _Tracker
 from worker.pipeline.isolation import _ONE_SHAPE_PER_CALL, _predict, _predict_entries
 from worker.pipeline.lines import _OPEN, _Entry, _entry, _format, _hint_request_bodies, _TooLong
 from worker.pipeline.ports import Limits, Sink, Store
+from worker.pipeline.tf_records import record_blocks
 from worker.serving import BatchRejected, Predictor
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,7 @@ def _run_file(
         # Lines come in blocks (a downloaded chunk's worth) and are cut into batches as lists:
         # at a few microseconds per instance, a Python step per line is a cost worth avoiding.
         max_batch_bytes, max_line_bytes = limits.max_batch_bytes, limits.max_line_bytes
-        blocks = store.read_blocks(f, max_line_bytes=max_line_bytes)
-        for block in out.blocks(blocks if rows is None else rows.blocks(blocks)):
+        for block in out.blocks(_blocks(f, read_as, rows, store, max_line_bytes)):
             if max(map(len, block), default=0) > max_line_bytes:
                 block = [_TooLong(raw, max_line_bytes) if len(raw) > max_line_bytes else raw for raw in block]
             first = counts.lines + 1
@@ -158,6 +158,14 @@ def _run_file(
         time.perf_counter() - started, result.input_wait_s, result.output_wait_s,
     )  # fmt: skip
     return result
+
+
+def _blocks(f: Any, read_as: str, rows: CsvRows | None, store: Store, max_line_bytes: int) -> Iterator[list[bytes]]:
+    """The file's lines, a block at a time; a CSV file's rows and a TFRecord file's records as JSON lines."""
+    if read_as.startswith("tf-record"):
+        return record_blocks(store.read_data(f), f.uri, max_line_bytes)
+    blocks = store.read_blocks(f, max_line_bytes=max_line_bytes)
+    return blocks if rows is None else rows.blocks(blocks)
 
 
 def _output_of(job: Job, f: Any, read_as: str) -> tuple[Uri, FileResult]:

@@ -117,7 +117,8 @@ def _dispatch(
             inputs,
             job.options.parts,
             min_piece_bytes=limits.min_piece_bytes,
-            # JSON lines alone are cut into pieces: a CSV file's pieces would need its header.
+            # JSON lines alone are cut into pieces: a CSV file's would need its header, a TFRecord
+            # file's to begin at a record.
             can_cut=lambda f: input_format_of(job.options, f.rel) == "jsonl" and store.can_cut(f),
         )
     except errors.PermanentError as e:

@@ -11,7 +11,6 @@ from worker import codec
 from worker.jobs import (
     Options,
 )
-from worker.pipeline.csv_rows import Unreadable
 
 
 @dataclass(slots=True)
@@ -55,6 +54,20 @@ def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, optio
     if options.key_field is None and (options.included_fields or options.excluded_fields):
         shown = feed
     return _Entry(shown, label, feed=feed)
+
+
+class Unreadable(bytes):
+    """An input line that cannot be an instance, in place of its text: not JSON by construction
+    (no batch takes it as an instance), with the line to show and why, for its error line."""
+
+    preview: str
+    why: str
+
+    def __new__(cls, raw: bytes, why: str) -> Unreadable:
+        line = super().__new__(cls, b"\x01an unreadable line\x01")
+        line.preview = raw.decode("utf-8", errors="replace")
+        line.why = why
+        return line
 
 
 class _TooLong(bytes):

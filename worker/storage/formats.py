@@ -134,14 +134,18 @@ def _other_format(first: bytes) -> tuple[str, str] | None:
     if first.startswith(b"BZh") and first[4:10] == b"1AY&SY":
         return "bzip2-compressed", "decompress it, or compress it with gzip, which the worker reads"
     # A TFRecord file begins with a record's length (8 bytes) and their masked CRC32C (4 bytes).
-    if len(first) >= 12:
-        crc = google_crc32c.value(first[:8])
-        if (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF == int.from_bytes(first[8:12], "little"):
-            return "a TFRecord file", (
-                f"{_EXPORT_JSON}: each tf.Example's features as an object of {{name: value}}, or, for a model "
-                'that parses serialized tf.Example protos, each record as {"b64": "<the record, base64>"}'
-            )
+    if len(first) >= 12 and tfrecord_crc(first[:8]) == int.from_bytes(first[8:12], "little"):
+        return "a TFRecord file", (
+            'read it as one with the job option "input_format": "tf-record" ("tf-record-gzip" when it is '
+            'gzip-compressed), or name it *.tfrecord: each record is then the instance {"b64": "<the record>"}'
+        )
     return None
+
+
+def tfrecord_crc(data: bytes) -> int:
+    """TFRecord's checksum of a record's length or data: CRC32C, rotated right by 15 bits, plus a constant."""
+    crc = int(google_crc32c.value(data))
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _as_utf8(chunks: Iterator[bytes], uri: Uri) -> Iterator[bytes]:

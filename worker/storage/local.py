@@ -120,6 +120,15 @@ class LocalStore:
             finally:
                 chunks.close()
 
+    def read_data(self, f: InputFile) -> Iterator[bytes]:
+        """The file's bytes (gzip-compressed ones decompressed), in bounded chunks."""
+        with open(f.uri.path, "rb") as file:
+            chunks = _prefetched(lambda: file.read(READ_CHUNK_BYTES), name=f"read {f.uri}")
+            try:
+                yield from _gunzipped(chunks, f.uri, READ_CHUNK_BYTES)
+            finally:
+                chunks.close()
+
     def can_cut(self, f: InputFile) -> bool:
         raise InvalidJob(NO_PARTS)
 

@@ -10,9 +10,9 @@ import json
 import logging
 import os
 import posixpath
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 from google.cloud import storage
@@ -37,6 +37,8 @@ from worker.storage.formats import (
 from worker.storage.values import WRITTEN_BY_KEY, InputFile, LocalModel, ModelSource, StoredJson
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 READ_CHUNK_BYTES = 4 * 1024 * 1024
 # What a piece of a file reads past its end, a request at a time, for the rest of its last line.
@@ -136,6 +138,26 @@ class GcsStore:
 
         The generation read at listing time is pinned, so a file replaced mid-job is not mixed.
         """
+
+        def lines(chunks: Iterator[bytes], first: int, stop: int) -> Iterator[list[bytes]]:
+            if f.piece is None:
+                text = _as_utf8(_gunzipped(chunks, f.uri, READ_CHUNK_BYTES), f.uri)
+            elif f.start == 0:  # the file's first piece: its byte order mark goes
+                text = _as_utf8(_owned_lines(chunks, 0, 0, stop), f.uri)
+            else:
+                text = _owned_lines(chunks, first, f.start, stop)
+            return split_lines(text, max_line_bytes)
+
+        return self._stream(f, lines)
+
+    def read_data(self, f: InputFile) -> Iterator[bytes]:
+        """Yield the whole object's bytes (gzip-compressed ones decompressed), in bounded chunks,
+        read ahead as `read_blocks` reads them: for files of records rather than lines."""
+        return self._stream(f, lambda chunks, first, stop: _gunzipped(chunks, f.uri, READ_CHUNK_BYTES))
+
+    def _stream(self, f: InputFile, decode: Callable[[Iterator[bytes], int, int], Iterator[T]]) -> Iterator[T]:
+        """What `decode(chunks, first, stop)` makes of the object's chunks: its bytes from `first`
+        (a piece reads from the byte before its start) to past `stop` (the end of its last line)."""
         url = self._media.download_url(f.uri.bucket, f.uri.path, f.generation or None)
         # A piece reads from the byte before its start (the end of the line before it, or of a
         # line it is cut through), and past its end only to the end of its last line.
@@ -174,13 +196,7 @@ class GcsStore:
         with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
             chunks = _prefetched(read, name=f"download {f.uri}", more=more)
             try:
-                if f.piece is None:
-                    text = _as_utf8(_gunzipped(chunks, f.uri, READ_CHUNK_BYTES), f.uri)
-                elif f.start == 0:  # the file's first piece: its byte order mark goes
-                    text = _as_utf8(_owned_lines(chunks, 0, 0, stop), f.uri)
-                else:
-                    text = _owned_lines(chunks, first, f.start, stop)
-                yield from split_lines(text, max_line_bytes)
+                yield from decode(chunks, first, stop)
             finally:
                 chunks.close()  # its reading thread stopped first, then the stream it reads
                 if whole is not None:
