@@ -78,3 +78,16 @@ def test_rows_that_cannot_be_read_become_unreadable_lines_and_blank_lines_stay_b
 
 def test_a_header_alone_is_one_skipped_line():
     assert _read(CsvRows(Options()), [b"a,b"]) == [b""]
+
+
+@pytest.mark.parametrize("line", [b"1,2", b" -1.5 , 3e2", b"0,-0.0001", b"12345678901234567890123,1", b"1,true"])
+def test_a_row_of_numbers_reads_as_the_cell_by_cell_reading_does(line: bytes):
+    """Rows without quotes are read whole as a JSON array when JSON reads them as numbers alone;
+    anything else (a bare `true`, an integer beyond 64 bits) goes cell by cell."""
+    [_, got] = _read(CsvRows(Options()), [b"a,b", line])
+    try:
+        want = cells(line)
+    except RowError as e:
+        assert isinstance(got, Unreadable) and got.why == f"not a CSV row: {e}"
+    else:
+        assert json.loads(got) == want

@@ -24,6 +24,8 @@ from worker.pipeline.lines import Unreadable
 
 # A number as JSON writes one; Python's int() and float() also take "1_000", " 1", "inf", "nan".
 _INTEGER = re.compile(rb"-?(?:0|[1-9][0-9]*)")
+# The bytes of a row of numbers: digits, signs, points, exponents, commas and blanks.
+_NUMBER_BYTES = b"0123456789+-.eE, \t"
 _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 
 
@@ -123,6 +125,16 @@ class CsvRows:
 
     def _row(self, raw: bytes, *, objects: bool) -> bytes:
         assert self.header is not None
+        if not objects and not raw.translate(None, _NUMBER_BYTES) and raw.count(b",") + 1 == len(self.header):
+            # A row of numbers alone is a JSON array once bracketed, when JSON reads it so.
+            line = b"[" + raw.strip() + b"]"
+            try:
+                _, strict = codec.parse(line)
+            except ValueError:
+                pass  # read cell by cell below, which says which cell is wrong
+            else:
+                if strict:
+                    return line
         try:
             values = cells(raw)
         except RowError as e:

@@ -16,7 +16,6 @@ import base64
 import struct
 from collections.abc import Iterator
 
-from worker import codec
 from worker.errors import InvalidJob
 from worker.pipeline.lines import Unreadable
 from worker.storage.formats import tfrecord_crc
@@ -66,7 +65,7 @@ def record_blocks(chunks: Iterator[bytes], where: object, max_record_bytes: int)
             if tfrecord_crc(data) != data_crc:
                 out.append(Unreadable(b"", f"(the record at byte {at:,}) fails its checksum: it is corrupt"))
             else:
-                out.append(codec.dumps({"b64": base64.b64encode(data).decode("ascii")}))
+                out.append(b'{"b64":"' + base64.b64encode(data) + b'"}')
             del buffer[:end]
             at += end
         if out:
