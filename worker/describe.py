@@ -45,6 +45,7 @@ def _signature(sig: TensorFlowSignature) -> dict[str, Any]:
         "outputs": outputs,
         "example_instance": example,
         "example_line": codec.dumps(example).decode(),  # as a line of an input file
+        **other_formats(inputs),
     }
     try:
         [prediction] = sig.predict([example])
@@ -52,6 +53,36 @@ def _signature(sig: TensorFlowSignature) -> dict[str, Any]:
     except (BatchRejected, TooBig, ModelError) as e:  # as the example's error line (or job) would say
         described["example_error"] = str(e)
     return described
+
+
+_NUMBERS = (*_FLOATS, "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def other_formats(inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """How the signature's instances can come in the other input formats: a CSV header and row
+    when every instance is a row of numbers (one input, a vector of them; or numbers, one per input,
+    keyed by the header), and a note on TFRecord when its one input is a string per instance (a
+    serialized tf.Example, say)."""
+    shapes = {name: t["shape"] for name, t in inputs.items()}
+    numeric = all(t["dtype"] in _NUMBERS for t in inputs.values())
+    if len(inputs) == 1:
+        [(name, tensor)] = inputs.items()
+        shape = shapes[name]
+        if numeric and shape is not None and len(shape) == 2 and shape[1] > 0:
+            header = ",".join(f"c{k}" for k in range(shape[1]))
+            row = ",".join(codec.dumps(_example([], tensor["dtype"])).decode() for _ in range(shape[1]))
+            return {"example_csv": f"{header}\n{row}\n"}
+        if tensor["dtype"] == "string" and shape == [-1]:
+            return {
+                "example_tf_record": 'each record of a TFRecord file (*.tfrecord, or input_format "tf-record") is '
+                'sent as {"b64": "<the record>"}: a serialized tf.Example, say'
+            }
+        return {}
+    if numeric and all(shape == [-1] for shape in shapes.values()):
+        header = ",".join(inputs)
+        row = ",".join(codec.dumps(_example([], t["dtype"])).decode() for t in inputs.values())
+        return {"example_csv": f"{header}\n{row}\n", "example_csv_options": {"instance_type": "object"}}
+    return {}
 
 
 def _tensor(shape: Any, dtype: str) -> dict[str, Any]:

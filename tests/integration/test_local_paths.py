@@ -155,3 +155,11 @@ def test_describe_reads_a_local_model(model_dirs, tmp_path):
     assert described["resolved"] == f"{model_dirs['mlp']}/" and described["version"] is None
     assert sig["inputs"] == {"x": {"dtype": "float", "shape": [-1, 16]}}
     assert len(sig["example_prediction"]) == 3  # the one output, unwrapped as in output lines
+    # Its CSV example is a file that a job reads and predicts.
+    assert sig["example_csv"] == ",".join(f"c{k}" for k in range(16)) + "\n" + ",".join(["0.0"] * 16) + "\n"
+    (tmp_path / "example.csv").write_text(sig["example_csv"])
+    argv = ["run", "--model", str(model_dirs["mlp"]), "--input", str(tmp_path / "example.csv")]
+    code, out, err = _cli(
+        [*argv, "--output", str(tmp_path / "out"), "--quiet"], {**NO_CLOUD, "WORKER_WORK_DIR": str(tmp_path)}
+    )
+    assert code == 0 and json.loads(out)["totals"]["predictions"] == 1, err
