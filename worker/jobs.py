@@ -107,7 +107,7 @@ class Uri:
 _INSTANCE_TYPES = ("object", "array")
 _OUTPUT_FORMATS = ("results", "predictions")
 # The input formats read (Vertex AI batch prediction's names).
-INPUT_FORMATS = ("jsonl", "csv", "tf-record", "tf-record-gzip")
+INPUT_FORMATS = ("jsonl", "csv", "tf-record", "tf-record-gzip", "file-list")
 # Formats known by a file's name (`input_format` not given), by the end of the name.
 _FORMATS_BY_NAME = (
     ((".csv", ".csv.gz"), "csv"),
@@ -334,7 +334,7 @@ def piece_path(rel: str, i: int, m: int) -> str:
 def input_format_of(options: Options, rel: str) -> str:
     """How an input file is read: its job's `input_format`, else by its name — `.csv` (or
     `.csv.gz`) is CSV, `.tfrecord` (or `.tfrecords`, and either `.gz`) TFRecord, anything else
-    JSON lines."""
+    JSON lines (a file list is never guessed: a `.txt` of URIs is named by the option)."""
     if options.input_format is not None:
         return options.input_format
     name = rel.lower()

@@ -23,6 +23,7 @@ from worker.jobs import (
     piece_path,
 )
 from worker.pipeline.csv_rows import CsvRows
+from worker.pipeline.file_lists import entry_blocks
 from worker.pipeline.files import _Tracker
 from worker.pipeline.isolation import _ONE_SHAPE_PER_CALL, _predict, _predict_entries
 from worker.pipeline.lines import _OPEN, _Entry, _entry, _format, _hint_request_bodies, _TooLong
@@ -65,7 +66,9 @@ def _run_file(
 
         def flush() -> None:
             options = job.options if rows is None else rows.options
-            plain = options.key_field is None and options.included_fields is None and options.excluded_fields is None
+            plain = read_as != "file-list" and (  # a file-list entry's line shows its URI
+                options.key_field is None and options.included_fields is None and options.excluded_fields is None
+            )
             plain_outcome = None
             if plain:
                 plain_outcome = _flush_plain(pending, predictor, counts, out, results_format=results_format)
@@ -165,6 +168,8 @@ def _blocks(f: Any, read_as: str, rows: CsvRows | None, store: Store, max_line_b
     if read_as.startswith("tf-record"):
         return record_blocks(store.read_data(f), f.uri, max_line_bytes)
     blocks = store.read_blocks(f, max_line_bytes=max_line_bytes)
+    if read_as == "file-list":  # a file's bytes in base64 fit in a line of max_line_bytes
+        return entry_blocks(blocks, store.read_at_most, local=f.uri.is_local, max_bytes=max_line_bytes * 3 // 4 - 16)
     return blocks if rows is None else rows.blocks(blocks)
 
 

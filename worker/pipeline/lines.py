@@ -41,7 +41,7 @@ def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, optio
         error = f"line {lineno} is not valid JSON: {parsed}{_not_json_hint(raw)}"
         return _Entry(raw.decode("utf-8", errors="replace"), error=error)
     value, _ = parsed
-    shown: Any = value
+    shown: Any = raw.uri if isinstance(raw, Fetched) else value
     if options.key_field is not None:
         if not isinstance(value, dict) or options.key_field not in value:
             return _Entry(value, error=f"line {lineno} has no key field {options.key_field!r}")
@@ -68,6 +68,17 @@ class Unreadable(bytes):
         line.preview = raw.decode("utf-8", errors="replace")
         line.why = why
         return line
+
+
+class Fetched(bytes):
+    """The JSON line of a file-list entry, `{"b64": …}`, with the URI its output line shows."""
+
+    uri: str
+
+    def __new__(cls, line: bytes, uri: str) -> Fetched:
+        fetched = super().__new__(cls, line)
+        fetched.uri = uri
+        return fetched
 
 
 class _TooLong(bytes):

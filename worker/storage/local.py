@@ -223,6 +223,16 @@ class LocalStore:
                 os.unlink(uri.path)
             self._metadata.pop(uri.path, None)
 
+    def read_at_most(self, uri: Uri, limit: int) -> bytes:
+        """The file's bytes, but no more than `limit + 1` of them; `NotFound` when it does not exist."""
+        try:
+            with open(uri.path, "rb") as file:
+                return file.read(limit + 1)
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFound(f"reading {uri}: it does not exist") from None
+        except OSError as e:
+            raise InvalidJob(f"reading {uri}: {e.strerror}") from None
+
     def read_bytes(self, uri: Uri) -> bytes:
         try:
             with open(uri.path, "rb") as file:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import requests
+from google.api_core import exceptions as gexc
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY, ConditionalRetryPolicy, is_generation_specified
 
@@ -352,6 +353,23 @@ class GcsStore:
                 blob.delete(if_generation_match=if_generation_match, retry=self._retry)
         except NotFound:
             pass
+
+    def read_at_most(self, uri: Uri, limit: int) -> bytes:
+        """The object's bytes, but no more than `limit + 1` of them (more than `limit`: too large to
+        take whole), read in one request; `NotFound` when it does not exist."""
+        url = self._media.download_url(uri.bucket, uri.path, None)
+        with translate_errors(f"reading {uri}", self._client.bucket(uri.bucket)):
+            try:
+                reply = self._media.read(url, 0, limit)
+            except gexc.RequestRangeNotSatisfiable:
+                return b""  # an empty object has no byte 0
+        if reply.stream is None:
+            return reply.data
+        try:
+            data: bytes = reply.stream.read(limit + 1)
+            return data
+        finally:
+            reply.stream.close()
 
     def read_bytes(self, uri: Uri) -> bytes:
         with translate_errors(f"reading {uri}"):
