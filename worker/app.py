@@ -11,7 +11,8 @@ from typing import Any, Protocol
 
 from worker import errors, events, logs, triggers
 from worker.config import Settings
-from worker.jobs import STATUS_FAILED, Job, Uri, failure
+from worker.jobs import STATUS_FAILED, Job, Uri
+from worker.manifest import failure
 from worker.models import ModelStore, StoreModelProvider, make_loader
 from worker.notify import PubSubPublisher
 from worker.pipeline import Limits, Outcome, ProgressFn, Publisher, Store, give_up_part, run

@@ -31,17 +31,8 @@ from itertools import pairwise
 from typing import Any, Protocol
 
 from worker import errors, manifest
-from worker.jobs import (
-    JSONL,
-    STATUS_FAILED,
-    Counts,
-    Job,
-    Uri,
-    error_ratio_exceeded,
-    failure,
-    part_manifest_path,
-    shares_path,
-)
+from worker.jobs import JSONL, STATUS_FAILED, Job, Uri, part_manifest_path, shares_path
+from worker.manifest import Counts, error_ratio_exceeded, failure
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,9 @@ lines = instances + skipped, instances = predictions + errors.
     file.py       one file: blocks → batches → output lines
     batching.py   how many instances go in one call
     lines.py      a line → an entry → an output line; hints for common slips
+    csv_rows.py   CSV rows as JSON lines (Vertex AI's rules)
+    tf_records.py TFRecord records as JSON lines of {"b64": …}
+    file_lists.py a file list's entries as JSON lines of their files' bytes
     isolation.py  finding the instances a model refuses
     results.py    the run's state, the manifest and the completion message
     ports.py      the protocols and values at the pipeline's edges

@@ -12,16 +12,8 @@ from itertools import accumulate, chain, repeat
 from typing import Any, Literal
 
 from worker import codec
-from worker.jobs import (
-    JSONL,
-    Counts,
-    FileResult,
-    Job,
-    Uri,
-    input_format_of,
-    output_name,
-    piece_path,
-)
+from worker.jobs import JSONL, Job, Uri, input_format_of, output_name, piece_path
+from worker.manifest import Counts, FileResult
 from worker.pipeline.csv_rows import CsvRows
 from worker.pipeline.file_lists import entry_blocks
 from worker.pipeline.files import _Tracker

@@ -11,9 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from worker.jobs import (
-    FileResult,
-)
+from worker.manifest import FileResult
 from worker.pipeline.ports import JobProgress, ProgressFn
 from worker.pipeline.results import _Run
 

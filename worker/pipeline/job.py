@@ -14,16 +14,14 @@ from worker import errors, fanout
 from worker.jobs import (
     STATUS_DISPATCHED,
     STATUS_FAILED,
-    FileResult,
     Job,
     check_object_name,
-    error_ratio_exceeded,
-    failure,
     input_format_of,
     is_plain_path,
     output_name,
 )
 from worker.lease import Lease
+from worker.manifest import FileResult, error_ratio_exceeded, failure
 from worker.pipeline.batching import _BatchSize
 from worker.pipeline.file import _run_file
 from worker.pipeline.files import _run_files, _Tracker

@@ -10,11 +10,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker import manifest
-from worker.jobs import (
-    Counts,
-    FileResult,
-    Job,
-)
+from worker.jobs import Job
+from worker.manifest import Counts, FileResult
 from worker.pipeline.ports import ModelHandle
 
 # Manifest metadata set once its completion message is published: a redelivery of a completed
