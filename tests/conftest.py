@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -91,6 +93,23 @@ def reference() -> Any:
         return list(cache[key].predict(instances))
 
     return predict
+
+
+def run_local_cli(
+    argv: list[str], work_dir: Path, *, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m worker ARGV` on local paths as a person runs it: no emulator, no credentials and
+    no metadata server probed (NO_GCE_CHECK)."""
+    base = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
+    root = str(Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *argv],
+        env={**base, "PYTHONPATH": root, "NO_GCE_CHECK": "true", "WORKER_WORK_DIR": str(work_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cwd,
+    )
 
 
 def write_lines(client: Any, uri: str, lines: list[str]) -> None:

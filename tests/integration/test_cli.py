@@ -254,3 +254,34 @@ def test_at_a_terminal_log_lines_go_above_the_progress_bar_which_starts_at_the_m
         # What is left after the last carriage return is the log line alone: the bar was cleared
         # before it was written, and drawn again on the next line.
         assert re.match(r"\d\d:\d\d:\d\d INFO ", line.rsplit("\r", 1)[-1]), repr(line)
+
+
+def test_a_job_none_of_whose_lines_could_be_predicted_fails_with_its_first_error_and_the_csv_hint(model_dirs, tmp_path):
+    """CSV rows in a file read as JSON lines (not named *.csv): every line an error, so the job is
+    FAILED (exit 1), its error line quoting the first error line and what to do about it."""
+    (tmp_path / "rows.txt").write_text("f0,f1,f2\n1,2,3\n4,5,6\n")
+    argv = ["run", "--model", str(model_dirs["mlp"]), "--input", str(tmp_path / "rows.txt")]
+    code, out, err = _run_cli([*argv, "--output", str(tmp_path / "out"), "--job-id", "all-bad", "--quiet"],
+                              _no_cloud(tmp_path), terminal=False)  # fmt: skip
+    assert code == 1 and json.loads(out)["status"] == "FAILED", err
+    last = err.splitlines()[-1]
+    assert last.startswith(
+        f"error: job all-bad FAILED (INVALID_ARGUMENT): none of the 3 instances could be predicted; the first, "
+        f"line 1 of {tmp_path}/rows.txt: line 1 is not valid JSON"
+    ), last
+    assert "a row of column names (a CSV header?)" in last
+
+
+@pytest.mark.parametrize(
+    ("command", "listed", "not_listed"),
+    [
+        ("run", ["WORKER_BATCH_SIZE", "STORAGE_EMULATOR_HOST", "--key-field"], ["WORKER_MODEL ", "WORKER_GIVE_UP"]),
+        ("describe", ["WORKER_WORK_DIR", "STORAGE_EMULATOR_HOST"], ["WORKER_BATCH_SIZE", "PUBSUB_EMULATOR_HOST"]),
+        ("submit", ["WORKER_JOBS_TOPIC", "PUBSUB_EMULATOR_HOST", "--wait"], ["WORKER_WORK_DIR", "STORAGE_EMULATOR"]),
+    ],
+)
+def test_each_command_s_help_lists_the_settings_that_apply_to_it(tmp_path, command, listed, not_listed):
+    code, out, err = _run_cli([command, "--help"], {}, terminal=False)
+    assert code == 0, err
+    assert all(text in out for text in listed), out
+    assert not any(text in out for text in not_listed), out

@@ -7,15 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from localdev import models
-from tests.conftest import read_lines
+from tests.conftest import read_lines, run_local_cli
 from tests.outputs import assert_same_output_lines, assert_same_predictions
 
 pytestmark = pytest.mark.integration
@@ -102,16 +99,8 @@ def test_csv_files_through_a_pubsub_job_and_through_local_paths(
 
     # The same file and job through local paths: the same output lines.
     (tmp_path / "export.csv").write_bytes(files["sheet/export.csv"])
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
     argv = ["run", "--model", str(model_dirs["mlp"]), "--input", str(tmp_path / "export.csv")]
-    argv += ["--output", str(tmp_path / "out"), "--key-field", "id", "--quiet"]
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", *argv],
-        env={**env, "PYTHONPATH": str(ROOT), "NO_GCE_CHECK": "true", "WORKER_WORK_DIR": str(tmp_path / "work")},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    done = run_local_cli([*argv, "--output", str(tmp_path / "out"), "--key-field", "id", "--quiet"], tmp_path / "work")
     assert done.returncode == 0, done.stderr
     local = [json.loads(line) for line in (tmp_path / "out" / "export.csv.jsonl").read_text().splitlines()]
     assert_same_output_lines(local, keyed_lines)

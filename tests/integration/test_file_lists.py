@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_lines
+from tests.conftest import read_lines, run_local_cli
 
 pytestmark = pytest.mark.integration
 
@@ -58,23 +55,10 @@ def test_a_list_of_local_paths_through_the_cli(model_dirs, tmp_path):
     (tmp_path / "a.bin").write_bytes(b"abc")
     (tmp_path / "big.bin").write_bytes(b"x" * 3000)
     (tmp_path / "list.txt").write_text(f"{tmp_path}/a.bin\nbig.bin\n{tmp_path}/none.bin\n")
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
     argv = ["run", "--model", str(model_dirs["strings"]), "--input", str(tmp_path / "list.txt"), "--quiet"]
     argv += ["--output", str(tmp_path / "out"), "--options", '{"input_format": "file-list"}']
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", *argv],
-        env={
-            **env,
-            "PYTHONPATH": str(ROOT),
-            "NO_GCE_CHECK": "true",
-            "WORKER_WORK_DIR": str(tmp_path / "work"),
-            "WORKER_MAX_LINE_BYTES": "2000",
-        },
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,  # a relative path in the list is read from the working folder
-    )
+    # A relative path in the list is read from the working folder.
+    done = run_local_cli(argv, tmp_path / "work", cwd=tmp_path, WORKER_MAX_LINE_BYTES="2000")
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in (tmp_path / "out" / "list.txt.jsonl").read_text().splitlines()]
     assert lines[0] == {"instance": f"{tmp_path}/a.bin", "prediction": _length(b"abc")}

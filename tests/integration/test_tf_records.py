@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from localdev import models
-from tests.conftest import read_lines
+from tests.conftest import read_lines, run_local_cli
 from tests.outputs import assert_same_output_lines, close_to
 
 pytestmark = pytest.mark.integration
@@ -104,15 +100,8 @@ def test_tfrecord_files_through_a_pubsub_job_and_through_local_paths(worker_serv
     local_in.mkdir()
     for name in ("a.tfrecord", "b.tfrecord.gz", "damaged.tfrecord"):
         (local_in / name).write_bytes((tmp_path / name).read_bytes())
-    env: dict[str, Any] = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
     argv = ["run", "--model", str(tmp_path / "model"), "--input", str(local_in), "--output", str(tmp_path / "out")]
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", *argv, "--quiet"],
-        env={**env, "PYTHONPATH": str(ROOT), "NO_GCE_CHECK": "true", "WORKER_WORK_DIR": str(tmp_path / "work")},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    done = run_local_cli([*argv, "--quiet"], tmp_path / "work")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["totals"] == manifest["totals"]
     for name, remote in (("a.tfrecord", a), ("b.tfrecord.gz", b), ("damaged.tfrecord", bad)):

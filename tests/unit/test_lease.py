@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.unit.test_pipeline import FakeStore
+from tests.unit.fakes import FakeStore
 from worker import errors
 from worker.jobs import Uri
 from worker.lease import Lease
