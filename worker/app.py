@@ -15,7 +15,8 @@ from worker.jobs import STATUS_FAILED, Job, Uri
 from worker.manifest import failure
 from worker.models import ModelStore, StoreModelProvider, make_loader
 from worker.notify import PubSubPublisher
-from worker.pipeline import Limits, Outcome, ProgressFn, Publisher, Store, give_up_part, run
+from worker.parts import give_up_part, run
+from worker.pipeline import Limits, Outcome, ProgressFn, Publisher, Store
 from worker.serving import ServingStats
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from typing import Any
 
 from worker import errors
 from worker.jobs import Job, Uri
-from worker.pipeline import Limits, ModelHandle, run
+from worker.parts import run
+from worker.pipeline import Limits, ModelHandle
 from worker.serving import BatchRejected
 from worker.storage import InputFile
 from worker.storage.formats import _owned_lines

@@ -4,6 +4,7 @@ declared dependencies take exactly the versions the image installs (requirements
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -37,12 +38,20 @@ def test_the_declared_dependencies_take_the_pinned_versions():
 def test_pip_install_gives_the_embedded_tf_command(tmp_path):
     """Installed without dependencies into a folder (this environment has them), the command runs
     from the installed copy, subpackages included."""
-    target = tmp_path / "site"
+    # From a copy of the tree: setuptools builds in the source folder, and a build/ left there by
+    # an earlier install would hand on modules pyproject no longer lists.
+    source, target = tmp_path / "source", tmp_path / "site"
+    shutil.copytree(ROOT / "worker", source / "worker", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(ROOT)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
-    assert (target / "worker" / "serving" / "tfserving" / "rest.py").exists()
+    # Every module of the checkout's package is in the installed copy (a subpackage left out of
+    # pyproject's list would be missing).
+    modules = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "worker").rglob("*.py"))
+    assert modules and [m for m in modules if not (target / m).exists()] == []
     env = {**os.environ, "PYTHONPATH": str(target)}
     for argv in (["--help"], ["run", "--help"], ["--version"]):
         done = subprocess.run(

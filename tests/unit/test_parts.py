@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from tests.unit.fakes import FakeModels, FakeStore, Published, SumPredictor, make_job, run_job
-from worker import errors, pipeline
+from worker import errors
 from worker.jobs import Job, Uri
-from worker.pipeline import Limits, run
+from worker.parts import give_up_part, plan, run
+from worker.pipeline import Limits
 from worker.storage import InputFile
 
 
@@ -88,10 +89,10 @@ def test_the_parts_predict_the_files_shared_at_dispatch_whatever_the_input_holds
     assert _run_part(store, parts[0], pub).manifest["totals"]["instances"] == 5
     # A large file added: shared now, it would go to part 1 and a.jsonl to part 2 (a second time).
     store.objects["bkt/in/e.jsonl"] = b"\n".join(b"[%d]" % k for k in range(10))
-    now = pipeline.fanout.share(store.list_inputs(Uri("bkt", "in/")), 2, 2)
+    now = plan.share(store.list_inputs(Uri("bkt", "in/")), 2, 2)
     assert [f.rel for f in now] == ["a.jsonl", "b.jsonl", "c.jsonl", "d.jsonl"]
     del store.objects["bkt/in/d.jsonl"]
-    with caplog.at_level(logging.WARNING, logger="worker.fanout"):
+    with caplog.at_level(logging.WARNING, logger="worker.parts.plan"):
         done = _run_part(store, parts[1], pub)
     assert [f["input"] for f in done.manifest["files"]] == ["gs://bkt/in/b.jsonl", "gs://bkt/in/c.jsonl"]
     assert "big/part-2-of-2: 1 of its 3 files were deleted after the job was dispatched (d.jsonl)" in caplog.text
@@ -166,11 +167,11 @@ def test_shares_kept_with_a_piece_that_makes_no_sense_are_not_taken_as_this_jobs
     whole = make_job({"parts": 2}, job_id="big")
     good = {"rel": "b", "piece": [1, 2], "bytes": [0, 5], "generation": 3}
     value = {"job_id": "big", "input": "gs://bkt/in/", "shares": [[good], ["c"]]}
-    assert pipeline.fanout._shares(value, whole, 2) == [
-        [pipeline.fanout.Cut("b", 5, 3, (1, 2), 0, 5)],
-        [pipeline.fanout.Cut("c", 0)],
+    assert plan._shares(value, whole, 2) == [
+        [plan.Cut("b", 5, 3, (1, 2), 0, 5)],
+        [plan.Cut("c", 0)],
     ]
-    assert pipeline.fanout._shares({**value, "shares": [[good], [kept]]}, whole, 2) is None
+    assert plan._shares({**value, "shares": [[good], [kept]]}, whole, 2) is None
 
 
 def test_pieces_joined_before_the_jobs_manifest_could_be_written_count_as_joined_when_it_is_retried():
@@ -204,7 +205,7 @@ def test_a_large_file_that_cannot_be_read_in_pieces_goes_whole_to_one_part_sayin
     caplog: pytest.LogCaptureFixture,
 ):
     store = FakeStore({"bkt/in/big.jsonl.gz": b"\x1f\x8b" + b"\0" * 100, "bkt/in/small.jsonl": b"[1]"})
-    with caplog.at_level(logging.WARNING, logger="worker.fanout"):
+    with caplog.at_level(logging.WARNING, logger="worker.parts.plan"):
         parts, _, outcome = _parts_of(store, {"parts": 3}, limits=Limits(4, min_piece_bytes=10))
     assert len(parts) == 2 and outcome.manifest["files"] == 2
     assert json.loads(store.objects["bkt/out/_parts/files-of-2.json"])["shares"] == [["big.jsonl.gz"], ["small.jsonl"]]
@@ -300,7 +301,7 @@ def test_a_part_message_names_a_manifest_only_for_a_part():
         Job.from_mapping(raw, default_job_id="j")
     part = Job.from_mapping({**raw, "options": json.dumps({"part": [1, 2]})}, default_job_id="j/part-1-of-2")
     assert str(part.manifest_uri) == "gs://bkt/m.parts/part-1-of-2.json"
-    assert str(pipeline.fanout.whole_job(part).manifest_uri) == "gs://bkt/m.json"
+    assert str(plan.whole_job(part).manifest_uri) == "gs://bkt/m.json"
 
 
 def test_a_piece_of_a_file_replaced_after_the_dispatch_fails_its_part_and_the_job_saying_so():
@@ -359,7 +360,7 @@ def test_parts_published_without_kept_shares_share_the_input_as_listed_when_they
     store = FakeStore({"bkt/in/a.jsonl": b"[1]\n[2]", "bkt/in/b.jsonl": b"[3]"})
     parts, pub, _ = _parts_of(store, {"parts": 2})
     del store.objects["bkt/out/_parts/files-of-2.json"]
-    with caplog.at_level(logging.WARNING, logger="worker.fanout"):
+    with caplog.at_level(logging.WARNING, logger="worker.parts.plan"):
         assert [len(_run_part(store, part, pub).manifest["files"]) for part in parts] == [1, 1]
     assert "big/part-1-of-2: no shares kept at gs://bkt/out/_parts/files-of-2.json" in caplog.text
     [(manifest, attrs)] = pub.messages
@@ -482,7 +483,7 @@ def test_a_part_given_up_on_fails_the_job_and_succeeding_when_sent_again_replace
     parts, _, _ = _parts_of(store, {"parts": 2})
     pub = Published()
     _run_part(store, parts[0], pub)
-    pipeline.give_up_part(parts[1], store, pub, {"code": "UNAVAILABLE", "message": "storage unavailable"})
+    give_up_part(parts[1], store, pub, {"code": "UNAVAILABLE", "message": "storage unavailable"})
     [(manifest, attrs)] = pub.messages
     assert attrs == {"job_id": "big", "status": "FAILED"}
     assert manifest["error"] == {"code": "UNAVAILABLE", "message": "part 2 of 2: storage unavailable"}

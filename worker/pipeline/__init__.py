@@ -17,10 +17,9 @@ lines = instances + skipped, instances = predictions + errors.
     ports.py      the protocols and values at the pipeline's edges
 """
 
-from worker import fanout
 from worker.pipeline import job
 from worker.pipeline.batching import PROBE_BATCHES
-from worker.pipeline.job import give_up_part, run
+from worker.pipeline.job import run
 from worker.pipeline.lines import dumps_line
 from worker.pipeline.ports import (
     JobProgress,
@@ -50,8 +49,6 @@ __all__ = [
     "Store",
     "_completion",
     "dumps_line",
-    "fanout",
-    "give_up_part",
     "job",
     "run",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 
 from worker.manifest import FileResult
 from worker.pipeline.ports import JobProgress, ProgressFn
-from worker.pipeline.results import _Run
+from worker.pipeline.results import RunState
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class _Tracker:
 
 
 def _run_files(
-    one: Callable[[Any], FileResult], inputs: list[Any], concurrency: int, state: _Run, tracker: _Tracker
+    one: Callable[[Any], FileResult], inputs: list[Any], concurrency: int, state: RunState, tracker: _Tracker
 ) -> None:
     """Run `one` over the inputs, up to `concurrency` files at a time, recording each result in
     input order. The first failure stops the other files (their outputs are abandoned) and is raised."""

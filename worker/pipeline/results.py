@@ -25,7 +25,7 @@ COMPLETION_MAX_BYTES = 1024 * 1024
 
 
 @dataclass
-class _Run:
+class RunState:
     started: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
     files: list[FileResult] = field(default_factory=list)
@@ -58,7 +58,7 @@ def _first_error(files: list[FileResult]) -> dict[str, Any] | None:
     return manifest.first_error([f.to_json() for f in files if f.first_error is not None])
 
 
-def _manifest(job: Job, state: _Run) -> dict[str, Any]:
+def _manifest(job: Job, state: RunState) -> dict[str, Any]:
     handle, started = state.handle, state.started
     finished = time.time()
     model = {

@@ -26,13 +26,11 @@ import heapq
 import json
 import logging
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from itertools import pairwise
 from typing import Any, Protocol
 
-from worker import errors, manifest
-from worker.jobs import JSONL, STATUS_FAILED, Job, Uri, part_manifest_path, shares_path
-from worker.manifest import Counts, error_ratio_exceeded, failure
+from worker import errors
+from worker.jobs import Job, Uri, part_manifest_path, shares_path
 
 log = logging.getLogger(__name__)
 
@@ -206,145 +204,6 @@ def part_manifests(whole: Job, n: int) -> list[Uri]:
     return [whole.parts_folder.child(part_manifest_path(k, n)) for k in range(1, n + 1)]
 
 
-def parts_done(whole: Job, store: Any) -> list[dict[str, Any]] | None:
-    """Every part's manifest, in part order, when all parts of `whole` have written theirs."""
-    n = whole.options.parts or 1
-    parts = []
-    for k, uri in enumerate(part_manifests(whole, n), start=1):
-        stored = store.read_json(uri)
-        value = stored.value if stored is not None else None
-        if not isinstance(value, dict) or value.get("job_id") != part_id(whole.job_id, k, n):
-            return None
-        parts.append(value)
-    return parts
-
-
-def combined(whole: Job, parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The whole job's manifest from its parts' (in part order): their files in input order, their
-    counts summed, FAILED when a part failed (its error, naming the part) or when the job's errors
-    exceed max_error_ratio, and its times from the first start to the last finish."""
-    n = len(parts)
-    files = _joined(sorted((f for p in parts for f in p.get("files") or []), key=_file_order))
-    totals = Counts()
-    for p in parts:
-        counts = p.get("totals") or {}
-        totals.add(Counts(**{key: int(counts.get(key, 0)) for key in Counts().to_json()}))
-    failed = next(((k, p) for k, p in enumerate(parts, start=1) if p.get("status") == STATUS_FAILED), None)
-    error: dict[str, str] | None
-    if failed is not None:
-        cause = failed[1].get("error") or {}
-        error = failure(str(cause.get("code", "UNKNOWN")), f"part {failed[0]} of {n}: {cause.get('message', '')}")
-    else:
-        error = error_ratio_exceeded(whole.options, totals, manifest.first_error(files))
-    started = min(str(p.get("started_at", "")) for p in parts)
-    finished = max(str(p.get("finished_at", "")) for p in parts)
-    return manifest.build(
-        whole,
-        model=parts[0].get("model"),
-        files=files,
-        totals=totals,
-        times=(started, finished, {"total_s": _seconds_between(started, finished)}),
-        error=error,
-        parts=[
-            {"manifest": str(uri), "status": p.get("status"), "timings": p.get("timings")}
-            for uri, p in zip(part_manifests(whole, n), parts, strict=True)
-        ],
-    )
-
-
-def _file_order(f: dict[str, Any]) -> tuple[str, int]:
-    piece = f.get("piece")
-    return str(f.get("input")), piece["of"][0] if isinstance(piece, dict) else 0
-
-
-def _joined(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The parts' file entries (in input order, a file's pieces in order), the pieces of each cut
-    file as one entry: its output, its counts summed, its first error line, how many pieces."""
-    out: list[dict[str, Any]] = []
-    for f in files:
-        piece = f.get("piece")
-        if not isinstance(piece, dict):
-            out.append(f)
-            continue
-        if not out or out[-1].get("input") != f.get("input") or "pieces" not in out[-1]:
-            out.append({"input": f.get("input"), "output": f.get("output"), "pieces": piece["of"][1]})
-        joined = out[-1]
-        for key in Counts().to_json():
-            joined[key] = joined.get(key, 0) + int(f.get(key, 0))
-        if "first_error" in f and "first_error" not in joined:
-            joined["first_error"] = f["first_error"]
-    return out
-
-
-def pieces(parts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The pieces the parts predicted, by the output they are joined into, in order."""
-    by_output: dict[str, list[dict[str, Any]]] = {}
-    cut = (f for p in parts for f in p.get("files") or [] if isinstance(f.get("piece"), dict))
-    for f in sorted(cut, key=_file_order):
-        by_output.setdefault(str(f["output"]), []).append(f["piece"])
-    return by_output
-
-
-def join_pieces(whole: Job, store: Any, parts: list[dict[str, Any]]) -> list[str]:
-    """Join the pieces of each cut file into its output, once every part has predicted its own.
-    Returns the pieces that are not there to join (none when all went well)."""
-    missing: list[str] = []
-    for output, cut in pieces(parts).items():
-        m = cut[0]["of"][1]
-        objects = [Uri.parse(str(p["object"])) for p in cut]
-        if [p["of"][0] for p in cut] != list(range(1, m + 1)):
-            missing.append(f"{output}: {m - len(cut)} of its {m} pieces were not predicted")
-            continue
-        folder = _folder(objects)
-        if not (absent := _absent(store, folder, objects)):
-            try:
-                store.compose(objects, Uri.parse(output), scratch=folder, job_id=whole.job_id, content_type=JSONL)
-            except errors.WorkerError:
-                if not (absent := _absent(store, folder, objects)):  # else joined by another part meanwhile
-                    raise
-        # Pieces are deleted as they are joined: gone, with the output this job's, they were joined.
-        if absent and store.written_by(Uri.parse(output)) != whole.job_id:
-            missing.append(f"{output}: its piece {absent[0]} is not there")
-            continue
-        log.info("job %s: %s joined from %d pieces", whole.job_id, output, m)
-    return missing
-
-
-def _folder(objects: list[Uri]) -> Uri:
-    """The folder of a cut file's pieces (`<parts folder>/pieces/<file>/`)."""
-    return objects[0].with_path(objects[0].path.rpartition("/")[0] + "/")
-
-
-def _absent(store: Any, folder: Uri, objects: list[Uri]) -> list[str]:
-    there = store.names_under(folder)
-    return [str(o) for o in objects if o.path not in there]
-
-
-def remove_pieces(store: Any, parts: list[dict[str, Any]]) -> None:
-    """Delete what is left of the pieces once joined and the job's manifest written: Cloud Storage
-    deletes them as it joins them, but for a file of more pieces than one request joins (and an
-    emulator that keeps sources). A listing of each file's pieces, not a delete per piece."""
-    for cut in pieces(parts).values():
-        objects = [Uri.parse(str(p["object"])) for p in cut]
-        absent = set(_absent(store, _folder(objects), objects))
-        for o in objects:
-            if str(o) not in absent:
-                store.delete(o)
-
-
-def write_combined(whole: Job, store: Any, manifest: dict[str, Any], *, replacing: int = 0) -> bool:
-    """Write the whole job's manifest where none is (or where it is still generation `replacing`);
-    False when another part wrote it first."""
-    try:
-        store.write_json(whole.manifest_uri, manifest, job_id=whole.job_id, if_generation_match=replacing)
-    except errors.Conflict:
-        log.info("job %s: another part wrote the job's manifest", whole.job_id)
-        return False
-    return True
-
-
-def _seconds_between(start: str, end: str) -> float | None:
-    try:
-        return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 3)
-    except ValueError:
-        return None
+def value_of(stored: Any) -> dict[str, Any]:
+    """A stored manifest's value, when it is an object."""
+    return stored.value if isinstance(stored.value, dict) else {}

@@ -1,0 +1,84 @@
+"""A job with `parts` published as its part jobs (see `worker.parts`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from worker import errors
+from worker.jobs import STATUS_DISPATCHED, STATUS_FAILED, Job, input_format_of
+from worker.manifest import failure
+from worker.parts import plan
+from worker.pipeline import Limits, Outcome, Publisher, Store
+from worker.pipeline.job import check_outputs, completed, finish
+from worker.pipeline.results import RunState
+
+log = logging.getLogger(__name__)
+
+
+def dispatch(
+    job: Job, store: Store, publisher: Publisher | None, dispatcher: Publisher | None, limits: Limits
+) -> Outcome | None:
+    """Publish `job`'s parts to the jobs topic: as many as it asks for, at most one per file or
+    piece of a file (a file larger than a part's share is cut into pieces, see `worker.parts`).
+    None for a dropped file that makes one part (too small to cut, or not UTF-8 lines), never
+    dispatched before: `parts` in WORKER_OPTIONS is for the large ones, and a small one is
+    predicted here, whole, as without it (not one part a trip through Pub/Sub away)."""
+    done = completed(job, store, publisher)
+    if done is not None:
+        return done
+    assert job.options.parts is not None
+    try:
+        if dispatcher is None:
+            instead = (
+                "drop parts from the file's `options` metadata (or from WORKER_OPTIONS)"
+                if job.manifest is not None
+                else "send the job without parts"
+            )
+            raise errors.InvalidJob(
+                "option parts needs the worker's WORKER_JOBS_TOPIC (the topic its job messages come from), "
+                f"to publish the parts to — set it, or {instead}"
+            )
+        inputs = store.list_inputs(job.input, exclude=job.output)
+        check_outputs(job, inputs)
+        given = plan.cuts(
+            inputs,
+            job.options.parts,
+            min_piece_bytes=limits.min_piece_bytes,
+            # JSON lines alone are cut into pieces: a CSV file's would need its header, a TFRecord
+            # file's to begin at a record.
+            can_cut=lambda f: input_format_of(job.options, f.rel) == "jsonl" and store.can_cut(f),
+        )
+    except errors.PermanentError as e:
+        log.error("job %s failed: %s", job.job_id, e)
+        return finish(job, store, publisher, RunState(error=failure(e.code, str(e))))
+    n = min(job.options.parts, len(given))
+    if n == 1 and job.manifest is not None and not store.names_under(job.parts_folder):
+        log.info("job %s: %s makes one part (not cut into pieces): predicted here, whole", job.job_id, job.input)
+        return None
+    shares = plan.fixed_shares(job, store, given, n)
+    files = len({c.rel for s in shares for c in s})
+    cut = sorted({c.rel for s in shares for c in s if c.piece is not None})
+    if cut:
+        log.info(
+            "job %s: %d file(s) cut into pieces at line starts for the parts to share (%s%s)",
+            job.job_id, len(cut), cut[0], ", …" if len(cut) > 1 else "",
+        )  # fmt: skip
+    # An earlier run's manifest (FAILED, or another job's) is removed, for the parts to create the
+    # new one; so are the manifests of its parts that failed, which run again: the whole job is
+    # combined only once they have.
+    for uri in (job.manifest_uri, *plan.part_manifests(job, n)):
+        stale = store.read_json(uri)
+        if stale is not None and (uri == job.manifest_uri or plan.value_of(stale).get("status") == STATUS_FAILED):
+            with contextlib.suppress(errors.Conflict):
+                store.delete(uri, if_generation_match=stale.generation)
+    for data, attributes in plan.part_messages(job, n):
+        dispatcher.publish(data, attributes)
+    log.info(
+        "job %s: %d input file(s) published as %d parts; the last to finish writes %s",
+        job.job_id, files, n, job.manifest_uri,
+    )  # fmt: skip
+    dispatched = {"job_id": job.job_id, "status": STATUS_DISPATCHED, "parts": n, "files": files}
+    return Outcome(
+        {**dispatched, "input": str(job.input), "output": str(job.output), "manifest": str(job.manifest_uri)}
+    )
