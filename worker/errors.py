@@ -3,6 +3,7 @@
     WorkerError
     ├── PermanentError        the job can never succeed as given: report FAILED, ack
     │   ├── InvalidJob        malformed job, unknown option, bad URI   (INVALID_ARGUMENT)
+    │   │   └── OtherFormat   an input read as JSON lines is of another format
     │   ├── NotFound          model or input missing                   (NOT_FOUND)
     │   ├── ModelError        model present but unusable               (FAILED_PRECONDITION)
     │   └── Unpublishable     a message over Pub/Sub's limits          (INVALID_ARGUMENT)
@@ -44,6 +45,14 @@ class ModelError(PermanentError):
     """The model exists but cannot be loaded or served."""
 
     code = "FAILED_PRECONDITION"
+
+
+class OtherFormat(InvalidJob):
+    """An input file read as JSON lines is of another format (`kind`: "tf-record", …, or None)."""
+
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Unpublishable(PermanentError):

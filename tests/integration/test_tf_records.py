@@ -45,12 +45,14 @@ def test_tfrecord_files_through_a_pubsub_job_and_through_local_paths(worker_serv
     plain = _examples([(0.5, 1.5), (2.0, 3.0), (-1.0, 1.0)], tmp_path / "a.tfrecord")
     zipped = _examples([(1.0, 1.0), (4.0, 0.25)], tmp_path / "b.tfrecord.gz", "GZIP")
     _examples([(10.0, 5.0)], tmp_path / "part-00000")
+    # No extension, no option: recognised as TFRecord by its first record's checksums.
+    _examples([(7.0, 0.5)], tmp_path / "part-00001")
     # A copy of a.tfrecord whose second record's data is damaged: that record's checksum fails.
     damaged = bytearray((tmp_path / "a.tfrecord").read_bytes())
     second = 12 + len(plain[0]) + 4 + 12  # past the first record and the second's length
     damaged[second + 3] ^= 0xFF
     (tmp_path / "damaged.tfrecord").write_bytes(bytes(damaged))
-    for name in ("a.tfrecord", "b.tfrecord.gz", "damaged.tfrecord", "part-00000"):
+    for name in ("a.tfrecord", "b.tfrecord.gz", "damaged.tfrecord", "part-00000", "part-00001"):
         where = "other" if name == "part-00000" else "in"
         storage_client.bucket(bucket).blob(f"{where}/{name}").upload_from_filename(str(tmp_path / name))
 
@@ -66,7 +68,10 @@ def test_tfrecord_files_through_a_pubsub_job_and_through_local_paths(worker_serv
     assert attrs["status"] == "PARTIALLY_SUCCEEDED", manifest
     files = {f["input"].rsplit("/", 1)[1]: f for f in manifest["files"]}
     assert files["b.tfrecord.gz"]["output"] == f"gs://{bucket}/out/b.tfrecord.gz.jsonl"
-    assert manifest["totals"] == {"lines": 8, "instances": 8, "predictions": 7, "errors": 1, "skipped": 0}
+    assert manifest["totals"] == {"lines": 9, "instances": 9, "predictions": 8, "errors": 1, "skipped": 0}
+    assert files["part-00001"]["output"] == f"gs://{bucket}/out/part-00001.jsonl"
+    assert read_lines(storage_client, f"gs://{bucket}/out/part-00001.jsonl")[0]["prediction"] == 7.5
+    assert storage_client.bucket(bucket).get_blob("out/part-00001") is None  # the read as JSON lines left nothing
 
     a = read_lines(storage_client, f"gs://{bucket}/out/a.tfrecord.jsonl")
     assert [line["instance"] for line in a] == [_b64(r) for r in plain]  # each record, as sent
@@ -98,7 +103,7 @@ def test_tfrecord_files_through_a_pubsub_job_and_through_local_paths(worker_serv
     # The same input through local paths: the same output lines.
     local_in = tmp_path / "in"
     local_in.mkdir()
-    for name in ("a.tfrecord", "b.tfrecord.gz", "damaged.tfrecord"):
+    for name in ("a.tfrecord", "b.tfrecord.gz", "damaged.tfrecord", "part-00001"):
         (local_in / name).write_bytes((tmp_path / name).read_bytes())
     argv = ["run", "--model", str(tmp_path / "model"), "--input", str(local_in), "--output", str(tmp_path / "out")]
     done = run_local_cli([*argv, "--quiet"], tmp_path / "work")

@@ -8,11 +8,12 @@ import logging
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from itertools import accumulate, chain, repeat
 from typing import Any, Literal
 
-from worker import codec
-from worker.jobs import JSONL, Job, Uri, input_format_of, output_name, piece_path
+from worker import codec, errors
+from worker.jobs import JSONL, Job, Uri, check_object_name, input_format_of, output_name, piece_path
 from worker.manifest import Counts, FileResult
 from worker.pipeline.csv_rows import CsvRows
 from worker.pipeline.file_lists import entry_blocks
@@ -27,6 +28,30 @@ log = logging.getLogger(__name__)
 
 
 def _run_file(
+    job: Job,
+    f: Any,
+    store: Store,
+    predictor: Predictor,
+    batch_size: Callable[[], int],
+    limits: Limits,
+    tracker: _Tracker,
+) -> FileResult:
+    """One input file predicted, read as its job or its name says; a file read as JSON lines that
+    turns out to be TFRecord (its first record's framing checks out), and that no `input_format`
+    names, is read again as TFRecord: its first read stopped before any output line was written,
+    and that output was abandoned."""
+    try:
+        return _run_file_as(job, f, store, predictor, batch_size, limits, tracker)
+    except errors.OtherFormat as e:
+        if e.kind != "tf-record" or job.options.input_format is not None or f.piece:
+            raise
+    log.info('%s is a TFRecord file: reading it as one (each record the instance {"b64": …})', f.uri)
+    as_records = replace(job, options=replace(job.options, input_format="tf-record"))
+    check_object_name(as_records.output.child(output_name(f.rel, "tf-record")), f"the output of {f.uri}")
+    return _run_file_as(as_records, f, store, predictor, batch_size, limits, tracker)
+
+
+def _run_file_as(
     job: Job,
     f: Any,
     store: Store,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import google_crc32c
 
-from worker.errors import InvalidJob
+from worker.errors import InvalidJob, OtherFormat
 from worker.jobs import Uri
 
 # How a gzip file begins; no JSON text does (0x1f is a control character).
@@ -157,7 +157,8 @@ def _as_utf8(chunks: Iterator[bytes], uri: Uri) -> Iterator[bytes]:
     first = next(chunks, b"")
     other = _other_format(first)
     if other is not None:
-        raise InvalidJob(f"input {uri} is {other[0]}, not JSON lines — {other[1]}")
+        kind = "tf-record" if other[0] == "a TFRecord file" else None
+        raise OtherFormat(f"input {uri} is {other[0]}, not JSON lines — {other[1]}", kind=kind)
     encoding = next((name for mark, name in _BYTE_ORDER_MARKS if first.startswith(mark)), None)
     if encoding in (None, "utf-8-sig"):
         rest = first[len(codecs.BOM_UTF8) :] if encoding else first  # UTF-8 already: only its mark goes
