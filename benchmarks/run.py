@@ -456,7 +456,7 @@ def storage_alone_s(env: Env, uri: str, out_bytes: int, repeat: int) -> float:
     from worker.jobs import Uri
     from worker.storage import GcsStore
 
-    store = GcsStore.from_environment("bench", concurrent_requests=16)
+    store = GcsStore.from_environment("bench", environ=os.environ, concurrent_requests=16)
     inputs = store.list_inputs(Uri.parse(uri))
     ratio = out_bytes / sum(f.size for f in inputs)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +39,7 @@ def store_for(settings: Settings, *, local: bool = False) -> JobStore:
 
     return GcsStore.from_environment(
         settings.project,
+        environ=os.environ,
         download_threads=settings.download_threads,
         # A download and an upload per file in flight, model files, leases and manifests.
         concurrent_requests=2 * settings.file_concurrency + settings.download_threads + 4,

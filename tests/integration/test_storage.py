@@ -41,7 +41,7 @@ def either_store(request, gcs_host, monkeypatch):
     if request.param == "requests":
         monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    store = GcsStore.from_environment("local")
+    store = GcsStore.from_environment("local", environ=os.environ)
     assert store._client._http.trust_env == (request.param == "requests")
     return store
 
@@ -386,7 +386,7 @@ def test_connections_are_kept_for_every_request_in_flight(storage_client, bucket
     import threading
 
     _put(storage_client, bucket, "big.bin", b"x" * (4 * 1024 * 1024))
-    store = GcsStore.from_environment(None, concurrent_requests=pool)
+    store = GcsStore.from_environment(None, environ=os.environ, concurrent_requests=pool)
     [f] = store.list_inputs(Uri(bucket, "big.bin"))
     start = threading.Barrier(20)
     sizes: list[int] = []
@@ -409,7 +409,7 @@ def test_the_environment_is_read_once_when_it_names_no_proxy(gcs_host, storage_c
     for key in [k for k in os.environ if k.lower().endswith("_proxy")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_host)
-    store = GcsStore.from_environment("local")
+    store = GcsStore.from_environment("local", environ=os.environ)
     _put(storage_client, bucket, "once.jsonl", b"[1]\n")
     # A proxy named afterwards (a closed port) is not consulted on each request.
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
@@ -421,7 +421,7 @@ def test_proxy_variables_keep_their_per_request_rules(gcs_host, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_host)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     monkeypatch.setenv("NO_PROXY", "metadata.google.internal")
-    session = GcsStore.from_environment("local")._client._http
+    session = GcsStore.from_environment("local", environ=os.environ)._client._http
     settings = session.merge_environment_settings("https://storage.googleapis.com/x", {}, None, None, None)
     assert settings["proxies"].get("https") == "http://proxy.internal:3128"
     bypassed = session.merge_environment_settings("https://metadata.google.internal/x", {}, None, None, None)

@@ -227,3 +227,21 @@ def test_a_worker_killed_mid_job_leaves_no_partial_output_and_the_retry_complete
 def _post_ignoring_death(url: str, event: dict[str, Any]) -> None:
     with contextlib.suppress(requests.RequestException):  # the worker is killed while answering
         _post(url, event)
+
+
+def test_a_dropped_csv_file_through_eventarc_writes_json_lines_beside_its_manifest(drop_world: DropWorld):
+    """A CSV file dropped into the bucket: its Eventarc event is a job like any dropped file's, read
+    by its name as CSV; its output is JSON lines (`.jsonl` appended) and starts nothing itself."""
+    w = drop_world
+    pull = w.subscribe(push=False)
+    rows = models.mlp_instances(5, seed=8)
+    w.drop("in/csv/rows.csv", [",".join(f"f{k}" for k in range(16))] + [",".join(map(str, r)) for r in rows])
+    [event] = _bridge_events(w, pull, "in/csv/rows.csv")
+    assert _post(w.worker_url, event) == 200
+    [(manifest, attrs)] = w.topology.completions(1)
+    assert attrs["status"] == "SUCCEEDED", manifest
+    assert manifest["totals"] == {"lines": 6, "instances": 5, "predictions": 5, "errors": 0, "skipped": 1}
+    assert manifest["files"][0]["output"] == f"gs://{w.bucket}/out/csv/rows.csv.jsonl"
+    assert manifest["manifest"] == f"gs://{w.bucket}/out/_manifests/csv/rows.csv.json"
+    lines = read_lines(w.gcs, f"gs://{w.bucket}/out/csv/rows.csv.jsonl")
+    assert [line["instance"] for line in lines] == rows

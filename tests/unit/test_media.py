@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -146,7 +147,7 @@ def test_a_403_says_which_role_to_grant_on_which_bucket(server, monkeypatch):
     Every request is refused alike (the client library also reads a bucket's metadata in the
     background, in a request of its own)."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
-    store = GcsStore.from_environment("p")
+    store = GcsStore.from_environment("p", environ=os.environ)
     server.otherwise = _forbidden("storage.objects.list")
     with pytest.raises(errors.PermanentError) as raised:
         store.list_inputs(Uri("data", "in/"))

@@ -8,7 +8,6 @@ import codecs
 import contextlib
 import json
 import logging
-import os
 import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -61,16 +60,26 @@ class GcsStore:
         self._retry = DEFAULT_RETRY.with_timeout(retry_s)
         self._compose_retry = ConditionalRetryPolicy(self._retry, is_generation_specified, ["query_params"])
         # Input reads, small outputs (the requests made per file) and model files.
-        self._media = MediaTransport(client._http, client._connection.API_BASE_URL, retry=self._retry)
+        # The client's authorized requests session has no public accessor (its constructor takes one
+        # only as the private `_http`): `_http` is read here, and only here (and by `upload`).
+        self._media = MediaTransport(client._http, client.api_endpoint, retry=self._retry)
 
     @classmethod
     def from_environment(
-        cls, project: str | None, *, download_threads: int = 8, concurrent_requests: int = 10, retry_s: float = RETRY_S
+        cls,
+        project: str | None,
+        *,
+        environ: Mapping[str, str],
+        download_threads: int = 8,
+        concurrent_requests: int = 10,
+        retry_s: float = RETRY_S,
     ) -> GcsStore:
-        """A client for real GCS, or for the emulator when STORAGE_EMULATOR_HOST is set, keeping
-        up to `concurrent_requests` connections alive (requests' default of 10 would drop and
-        reopen connections when more files are in flight); requests retried for up to `retry_s`."""
-        if os.environ.get("STORAGE_EMULATOR_HOST"):
+        """A client for real GCS, or for the emulator when `environ` (the process's environment,
+        handed down by the composition root) sets STORAGE_EMULATOR_HOST, keeping up to
+        `concurrent_requests` connections alive (requests' default of 10 would drop and reopen
+        connections when more files are in flight); requests retried for up to `retry_s`. (The
+        client library reads STORAGE_EMULATOR_HOST from the process's environment itself.)"""
+        if environ.get("STORAGE_EMULATOR_HOST"):
             from google.auth.credentials import AnonymousCredentials
 
             client = storage.Client(project=project or "local", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
@@ -79,7 +88,7 @@ class GcsStore:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(10, concurrent_requests))
         for scheme in ("https://", "http://"):
             client._http.mount(scheme, adapter)
-        _read_environment_once(client._http, os.environ)
+        _read_environment_once(client._http, environ)
         return cls(client, download_threads=download_threads, retry_s=retry_s)
 
     # -- inputs ------------------------------------------------------------------------------
