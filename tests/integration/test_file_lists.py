@@ -56,7 +56,7 @@ def test_a_list_of_local_paths_through_the_cli(model_dirs, tmp_path):
     (tmp_path / "big.bin").write_bytes(b"x" * 3000)
     (tmp_path / "list.txt").write_text(f"{tmp_path}/a.bin\nbig.bin\n{tmp_path}/none.bin\n")
     argv = ["run", "--model", str(model_dirs["strings"]), "--input", str(tmp_path / "list.txt"), "--quiet"]
-    argv += ["--output", str(tmp_path / "out"), "--options", '{"input_format": "file-list"}']
+    argv += ["--output", str(tmp_path / "out"), "--input-format", "file-list"]
     # A relative path in the list is read from the working folder.
     done = run_local_cli(argv, tmp_path / "work", cwd=tmp_path, WORKER_MAX_LINE_BYTES="2000")
     assert done.returncode == 0, done.stderr

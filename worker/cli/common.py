@@ -57,6 +57,7 @@ def job_of(args: argparse.Namespace, *, local: bool) -> Job:
         "instance_type": args.instance_type,
         "output_format": args.output_format,
         "max_error_ratio": args.max_error_ratio,
+        "input_format": args.input_format,
         "parts": getattr(args, "parts", None),
     }
     for name in ("included_fields", "excluded_fields"):

@@ -9,6 +9,7 @@ import sys
 
 from worker import __version__
 from worker.config import ENV_VARS, Settings
+from worker.jobs import INPUT_FORMATS
 
 MODEL_HELP = "SavedModel version folder (or a base folder of numeric versions): gs://… or a local path"
 
@@ -86,6 +87,11 @@ def _add_job_arguments(command: argparse.ArgumentParser, *, local: bool) -> None
     )
     options.add_argument(
         "--max-error-ratio", type=float, help="fail the job when more of its instances than this (0 to 1) are errors"
+    )
+    options.add_argument(
+        "--input-format",
+        choices=INPUT_FORMATS,
+        help="how input files are read (default: by name: *.csv CSV, *.tfrecord TFRecord, the rest JSON lines)",
     )
     options.add_argument("--options", help='every job option as JSON, e.g. \'{"key_field": "id"}\'')
 
