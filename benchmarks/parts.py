@@ -132,7 +132,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 cpu, started = tree_cpu_s(pids), time.perf_counter()
                 data = json.dumps({**body, "job_id": job_id, "options": options}).encode()
                 publisher.publish(jobs, data).result(timeout=60)
-                manifest = _completion(subscriber, completions, job_id)
+                manifest = completion_data(subscriber, completions, job_id)
                 took = time.perf_counter() - started
                 if manifest["status"] != "SUCCEEDED" or manifest["totals"]["instances"] != lines[inp]:
                     raise RuntimeError(f"job {job_id}: {json.dumps(manifest)[:500]}")
@@ -181,7 +181,7 @@ def _prepare(args: argparse.Namespace, client: Any, tmp: Path) -> dict[str, int]
     return {"gs://bench-data/tree/": len(lines), "gs://bench-data/one.jsonl": len(lines), "gs://bench-data/small/": 20}
 
 
-def _completion(subscriber: Any, subscription: str, job_id: str, timeout_s: float = 600) -> dict[str, Any]:
+def completion_data(subscriber: Any, subscription: str, job_id: str, timeout_s: float = 600) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         answer = subscriber.pull(subscription=subscription, max_messages=10, timeout=10)

@@ -37,7 +37,7 @@ def _holder_id() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
@@ -71,7 +71,7 @@ class Lease:
         return {
             "job_id": self._job_id,
             "holder": self.holder,
-            "renewed_at": _iso(now),
+            "renewed_at": iso_time(now),
             "expires_at": now + self._ttl_s,
             "ttl_s": self._ttl_s,
         }
@@ -90,7 +90,7 @@ class Lease:
                 if isinstance(expires, int | float) and expires > self._clock():
                     raise errors.Busy(
                         f"job {held.get('job_id')!r} is running on {held.get('holder')} (lease {self.uri} held "
-                        f"until {_iso(expires)}); this delivery will be retried",
+                        f"until {iso_time(expires)}); this delivery will be retried",
                         until=expires,
                     ) from None
                 log.warning("taking over the expired lease %s of %s", self.uri, held.get("holder"))

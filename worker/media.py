@@ -135,7 +135,7 @@ class MediaTransport:
             break
         if 200 <= reply.status < 300:
             return reply
-        raise gexc.from_http_status(reply.status, f"{method} {url}: {_error_message(reply)}")  # type: ignore[no-untyped-call]
+        raise gexc.from_http_status(reply.status, f"{method} {url}: {server_error_message(reply)}")  # type: ignore[no-untyped-call]
 
     def _transmit(
         self, method: str, url: str, headers: dict[str, str], body: bytes | None, stream_whole: bool
@@ -182,7 +182,7 @@ def _quote(segment: str) -> str:
     return urllib.parse.quote(segment, safe="")
 
 
-def _error_message(reply: Reply) -> str:
+def server_error_message(reply: Reply) -> str:
     """Cloud Storage's `{"error": {"message": …}}`, else the body's start."""
     try:
         message = reply.json()["error"]["message"]

@@ -270,14 +270,14 @@ def test_the_largest_completion_message_is_one_pubsub_takes(pubsub_host):
     message of that size, with its attributes, must be one Pub/Sub publishes and a subscriber at
     its client's default settings receives whole (over 4 MiB, the pull below is refused)."""
     from worker.notify import PubSubPublisher
-    from worker.pipeline import COMPLETION_MAX_BYTES, _completion
+    from worker.pipeline import COMPLETION_MAX_BYTES, completion_data
 
     topology = create_topology()
     files = [
         {"input": f"gs://b/in/part-{k:06d}.jsonl", "output": f"gs://b/out/part-{k:06d}.jsonl"} for k in range(150_000)
     ]
     manifest = {"job_id": "many-files", "status": "SUCCEEDED", "files": files, "totals": {"instances": 150_000}}
-    data = _completion(manifest, COMPLETION_MAX_BYTES)
+    data = completion_data(manifest, COMPLETION_MAX_BYTES)
     assert COMPLETION_MAX_BYTES - 100 < len(data) <= COMPLETION_MAX_BYTES
     PubSubPublisher(topology.results_topic).publish(data, {"job_id": "many-files", "status": "SUCCEEDED"})
     ((got, attributes),) = topology.completions(1)

@@ -17,7 +17,7 @@ from worker.parts import run
 from worker.pipeline import Limits, ModelHandle
 from worker.serving import BatchRejected
 from worker.storage import InputFile
-from worker.storage.formats import _owned_lines
+from worker.storage.formats import owned_lines
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class FakeStore:
         if f.piece is not None:  # the lines that begin in its bytes, as Cloud Storage's reads give them
             assert f.end is not None
             first = max(0, f.start - 1)
-            data = b"".join(_owned_lines(iter([data[first:]]), first, f.start, f.end))
+            data = b"".join(owned_lines(iter([data[first:]]), first, f.start, f.end))
         yield data.splitlines()
 
     def can_cut(self, f: InputFile) -> bool:

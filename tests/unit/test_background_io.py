@@ -16,8 +16,8 @@ import requests
 
 import worker.storage.upload as upload_mod
 from worker import errors
-from worker.storage.background import BackgroundWriter, _prefetched
-from worker.storage.formats import _owned_lines
+from worker.storage.background import BackgroundWriter, prefetched
+from worker.storage.formats import owned_lines
 from worker.storage.upload import Upload
 
 
@@ -35,20 +35,20 @@ def _reader(chunks: list[bytes | Exception]):
 
 def test_prefetched_yields_every_chunk_in_order():
     chunks = [bytes([i]) * 10 for i in range(1, 50)]
-    assert list(_prefetched(_reader(chunks), name="t")) == chunks
+    assert list(prefetched(_reader(chunks), name="t")) == chunks
 
 
 def test_prefetched_raises_the_readers_error_after_the_chunks_before_it():
     got = []
     with pytest.raises(ConnectionError, match="reset"):
-        for chunk in _prefetched(_reader([b"a", b"b", ConnectionError("reset")]), name="t"):
+        for chunk in prefetched(_reader([b"a", b"b", ConnectionError("reset")]), name="t"):
             got.append(chunk)
     assert got == [b"a", b"b"]
 
 
 def test_prefetched_stops_its_thread_when_the_consumer_stops_early():
     before = threading.active_count()
-    gen = _prefetched(_reader([b"x"] * 100), name="t")
+    gen = prefetched(_reader([b"x"] * 100), name="t")
     assert next(gen) == b"x"
     gen.close()
     assert threading.active_count() == before
@@ -66,12 +66,12 @@ def test_prefetched_reads_a_file_of_one_chunk_in_the_callers_thread_and_the_rest
 
         return recorded
 
-    assert list(_prefetched(read_from([b"only"]), name="t", more=lambda: False)) == [b"only"]
+    assert list(prefetched(read_from([b"only"]), name="t", more=lambda: False)) == [b"only"]
     assert threads == [threading.current_thread()]  # no thread for a file of one chunk
 
     threads.clear()
     chunks = [b"a", b"b", b"c"]
-    assert list(_prefetched(read_from(chunks), name="t", more=lambda: True)) == chunks
+    assert list(prefetched(read_from(chunks), name="t", more=lambda: True)) == chunks
     assert threads[0] is threading.current_thread()
     assert all(t is not threading.current_thread() for t in threads[1:]) and len(threads) == 4
 
@@ -340,7 +340,7 @@ def _pieces(data: bytes, cuts: list[int], chunk: int) -> list[bytes]:
     for start, end in itertools.pairwise(bounds):
         first = max(0, start - 1)
         chunks = (data[i : i + chunk] for i in range(first, len(data), chunk))
-        out.append(b"".join(_owned_lines(chunks, first, start, end)))
+        out.append(b"".join(owned_lines(chunks, first, start, end)))
     return out
 
 

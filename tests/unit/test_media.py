@@ -38,7 +38,7 @@ class _Server(http.server.ThreadingHTTPServer):
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
-    def _answer(self) -> None:
+    def read_answer(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.server.seen.append((self.command, self.path, self.headers, body))  # headers: case-insensitive
         status, headers, data = self.server.answers.pop(0) if self.server.answers else self.server.otherwise or ()
@@ -48,7 +48,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_GET = do_POST = _answer
+    do_GET = do_POST = read_answer
 
     def log_message(self, *args: Any) -> None:
         pass

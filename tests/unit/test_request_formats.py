@@ -13,29 +13,29 @@ from worker.errors import ModelError
 from worker.serving import check_outputs, count_values, values_per_instance
 from worker.serving.tfserving import (
     RestPredictor,
-    _answer,
-    _columns,
-    _declared_outputs,
-    _dims,
-    _input_shapes,
-    _input_types,
-    _rows,
+    dims_of,
+    input_shapes_of,
+    input_types_of,
+    outputs_declared,
+    read_answer,
+    rows_of,
+    to_columns,
 )
 
 
 def test_bare_instances_become_one_list_and_objects_one_list_per_input():
-    assert _columns([[1, 2], [3, 4]]) == [[1, 2], [3, 4]]
-    assert _columns([{"a": [1], "b": 2}, {"a": [3], "b": 4}]) == {"a": [[1], [3]], "b": [2, 4]}
+    assert to_columns([[1, 2], [3, 4]]) == [[1, 2], [3, 4]]
+    assert to_columns([{"a": [1], "b": 2}, {"a": [3], "b": 4}]) == {"a": [[1], [3]], "b": [2, 4]}
 
 
 def test_mixed_instances_are_not_columnar():
-    assert _columns([{"a": 1}, {"b": 2}]) is None
-    assert _columns([{"a": 1}, [2]]) is None
+    assert to_columns([{"a": 1}, {"b": 2}]) is None
+    assert to_columns([{"a": 1}, [2]]) is None
 
 
 def test_outputs_become_one_prediction_per_instance():
-    assert _rows([[0.1, 0.9], [0.5, 0.5]], 2) == [[0.1, 0.9], [0.5, 0.5]]
-    assert _rows({"total": [1, 2], "ratio": [0.5, "NaN"]}, 2) == [
+    assert rows_of([[0.1, 0.9], [0.5, 0.5]], 2) == [[0.1, 0.9], [0.5, 0.5]]
+    assert rows_of({"total": [1, 2], "ratio": [0.5, "NaN"]}, 2) == [
         {"total": 1, "ratio": 0.5},
         {"total": 2, "ratio": "NaN"},
     ]
@@ -43,9 +43,9 @@ def test_outputs_become_one_prediction_per_instance():
 
 def test_outputs_without_one_row_per_instance_are_a_model_error():
     with pytest.raises(ModelError, match="one row per instance"):
-        _rows([[1], [2]], 3)
+        rows_of([[1], [2]], 3)
     with pytest.raises(ModelError, match="one row per instance"):
-        _rows({"a": [1, 2], "b": [1]}, 2)
+        rows_of({"a": [1, 2], "b": [1]}, 2)
 
 
 def test_declared_input_shapes_are_read_from_the_servers_metadata():
@@ -76,8 +76,8 @@ def test_declared_input_shapes_are_read_from_the_servers_metadata():
         "outputs": {},
         "method_name": "tensorflow/serving/predict",
     }
-    assert _input_shapes(signature) == {"x": [16], "tokens": [None], "any": None, "scalar": None, "undeclared": None}
-    assert _input_types(signature) == {
+    assert input_shapes_of(signature) == {"x": [16], "tokens": [None], "any": None, "scalar": None, "undeclared": None}
+    assert input_types_of(signature) == {
         "x": "float32",
         "tokens": "int64",
         "any": "string",
@@ -105,7 +105,7 @@ def test_declared_outputs_are_read_from_the_servers_metadata_and_unanswerable_on
             "half": {"dtype": "DT_HALF", "tensor_shape": {"dim": [{"size": "-1", "name": ""}]}, "name": "s:5"},
         },
     }
-    declared = _declared_outputs(signature)
+    declared = outputs_declared(signature)
     assert declared == {
         "scores": ([None, 3], "float"),
         "total": ([], "float"),
@@ -139,23 +139,23 @@ def test_declared_outputs_are_read_from_the_servers_metadata_and_unanswerable_on
 def test_an_answer_with_text_that_is_not_valid_utf8_reads_it_as_bytes():
     """TF Serving writes text outputs as their bytes (bare NaN too); only the invalid strings
     become {"b64": …}, at any depth."""
-    answer = _answer(b'{"predictions": ["\xc3", "\xc3\xa9t\xc3\xa9", {"k": ["\xff\xfe", 1]}, NaN]}')
+    answer = read_answer(b'{"predictions": ["\xc3", "\xc3\xa9t\xc3\xa9", {"k": ["\xff\xfe", 1]}, NaN]}')
     first, valid, nested, nan = answer["predictions"]
     assert first == {"b64": "ww=="}
     assert valid == "été"
     assert nested == {"k": [{"b64": "//4="}, 1]}
     assert math.isnan(nan)
-    assert _answer(b'{"predictions": ["\xc3\xa9"]}') == {"predictions": ["é"]}  # the common answer
+    assert read_answer(b'{"predictions": ["\xc3\xa9"]}') == {"predictions": ["é"]}  # the common answer
 
 
 def test_the_shape_of_a_json_value_as_a_tensor():
-    assert _dims(0.5) == () and _dims("text") == () and _dims({"b64": "AA=="}) == ()
-    assert _dims([0.5] * 15) == (15,)
-    assert _dims([[1, 2, 3], [4, 5, 6]]) == (2, 3)
-    assert _dims([{"b64": "AA=="}, "a"]) == (2,)
-    assert _dims([[1], [2, 3]]) is None  # ragged
-    assert _dims([1, [2]]) is None
-    assert _dims({"x": [1]}) is None  # an object: the server judges it
+    assert dims_of(0.5) == () and dims_of("text") == () and dims_of({"b64": "AA=="}) == ()
+    assert dims_of([0.5] * 15) == (15,)
+    assert dims_of([[1, 2, 3], [4, 5, 6]]) == (2, 3)
+    assert dims_of([{"b64": "AA=="}, "a"]) == (2,)
+    assert dims_of([[1], [2, 3]]) is None  # ragged
+    assert dims_of([1, [2]]) is None
+    assert dims_of({"x": [1]}) is None  # an object: the server judges it
 
 
 def test_a_refused_batch_is_refused_for_each_instance_only_for_a_reason_they_all_share():

@@ -32,7 +32,7 @@ from worker.pipeline.ports import (
     Sink,
     Store,
 )
-from worker.pipeline.results import COMPLETION_MAX_BYTES, PUBLISHED_KEY, _completion
+from worker.pipeline.results import COMPLETION_MAX_BYTES, PUBLISHED_KEY, completion_data
 
 __all__ = [
     "COMPLETION_MAX_BYTES",
@@ -47,7 +47,7 @@ __all__ = [
     "Publisher",
     "Sink",
     "Store",
-    "_completion",
+    "completion_data",
     "dumps_line",
     "job",
     "run",

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 PROBE_BATCHES = 32
 
 
-class _BatchSize:
+class BatchSize:
     """The job's batch size (the job's, else the worker's), made smaller for a model whose
     predictions are large (an image per instance, say), so that a batch's predictions hold at
     most `limits.max_batch_output_values`, and no larger than a call of the model takes once one

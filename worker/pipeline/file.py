@@ -17,9 +17,9 @@ from worker.jobs import JSONL, Job, Uri, check_object_name, input_format_of, out
 from worker.manifest import Counts, FileResult
 from worker.pipeline.csv_rows import CsvRows
 from worker.pipeline.file_lists import entry_blocks
-from worker.pipeline.files import _Tracker
-from worker.pipeline.isolation import _ONE_SHAPE_PER_CALL, _predict, _predict_entries
-from worker.pipeline.lines import _OPEN, _Entry, _entry, _format, _hint_request_bodies, _TooLong
+from worker.pipeline.files import Tracker
+from worker.pipeline.isolation import ONE_SHAPE_PER_CALL, predict_batch, predict_entries
+from worker.pipeline.lines import OPEN, Entry, TooLong, entry_of, format_line, hint_request_bodies
 from worker.pipeline.ports import Limits, Sink, Store
 from worker.pipeline.tf_records import record_blocks
 from worker.serving import BatchRejected, Predictor
@@ -27,14 +27,14 @@ from worker.serving import BatchRejected, Predictor
 log = logging.getLogger(__name__)
 
 
-def _run_file(
+def run_file(
     job: Job,
     f: Any,
     store: Store,
     predictor: Predictor,
     batch_size: Callable[[], int],
     limits: Limits,
-    tracker: _Tracker,
+    tracker: Tracker,
 ) -> FileResult:
     """One input file predicted, read as its job or its name says; a file read as JSON lines that
     turns out to be TFRecord (its first record's framing checks out), and that no `input_format`
@@ -58,7 +58,7 @@ def _run_file_as(
     predictor: Predictor,
     batch_size: Callable[[], int],
     limits: Limits,
-    tracker: _Tracker,
+    tracker: Tracker,
 ) -> FileResult:
     read_as = input_format_of(job.options, f.rel)
     out_uri, result = _output_of(job, f, read_as)
@@ -93,24 +93,24 @@ def _run_file_as(
                 return
             parsed = codec.parse_many(pending)
             entries = [
-                _Entry(p[0], feed=p[0], raw=raw.strip() if p[1] else None)
+                Entry(p[0], feed=p[0], raw=raw.strip() if p[1] else None)
                 if plain and not isinstance(p, ValueError)
-                else _entry(p, raw, lineno, options)
+                else entry_of(p, raw, lineno, options)
                 for lineno, raw, p in zip(numbers, pending, parsed, strict=True)
             ]
             if f.start and any(e.error is not None for e in entries):  # its lines numbered as in the file
                 before = lines_before()
                 entries = [
-                    e if e.error is None else _entry(p, raw, lineno + before, options)
+                    e if e.error is None else entry_of(p, raw, lineno + before, options)
                     for e, lineno, raw, p in zip(entries, numbers, pending, parsed, strict=True)
                 ]
             # A batch the model just rejected whole is not sent whole again.
-            _predict_entries(
+            predict_entries(
                 predictor, entries, rejected=plain_outcome if isinstance(plain_outcome, BatchRejected) else None
             )
             failed = sum(1 for e in entries if e.error is not None)
             if failed:
-                _hint_request_bodies(entries)
+                hint_request_bodies(entries)
             if failed and result.first_error is None:
                 result.first_error = next(
                     (n + lines_before(), e.error) for n, e in zip(numbers, entries, strict=True) if e.error
@@ -120,13 +120,13 @@ def _run_file_as(
             counts.predictions += len(entries) - failed
             if results_format:  # the common line inline: the input line copied, the prediction encoded
                 lines = [
-                    _OPEN[e.label] + e.raw + b',"prediction":' + codec.dumps(e.prediction) + b"}"
+                    OPEN[e.label] + e.raw + b',"prediction":' + codec.dumps(e.prediction) + b"}"
                     if e.raw is not None and e.error is None
-                    else _format(e, options)
+                    else format_line(e, options)
                     for e in entries
                 ]
             else:
-                lines = [_format(e, options) for e in entries]
+                lines = [format_line(e, options) for e in entries]
             lines.append(b"")
             out.write(b"\n".join(lines))
 
@@ -135,7 +135,7 @@ def _run_file_as(
         max_batch_bytes, max_line_bytes = limits.max_batch_bytes, limits.max_line_bytes
         for block in out.blocks(_blocks(f, read_as, rows, store, max_line_bytes)):
             if max(map(len, block), default=0) > max_line_bytes:
-                block = [_TooLong(raw, max_line_bytes) if len(raw) > max_line_bytes else raw for raw in block]
+                block = [TooLong(raw, max_line_bytes) if len(raw) > max_line_bytes else raw for raw in block]
             first = counts.lines + 1
             counts.lines += len(block)
             kept = [raw for raw in block if raw and not raw.isspace()]
@@ -232,20 +232,20 @@ def _flush_plain(
     """The common batch of plain instances — every line strict JSON, the model takes them all —
     predicted and written as whole lists, without per-line bookkeeping ("done"). Otherwise nothing
     is written, and the batch then goes line by line (told how the model refused it, if it did)."""
-    if predictor in _ONE_SHAPE_PER_CALL:
+    if predictor in ONE_SHAPE_PER_CALL:
         return "one shape per call"
     values = codec.parse_strict(raws)
     if values is None:
         return "not strict JSON"
     try:
-        predictions = _predict(predictor, values)
+        predictions = predict_batch(predictor, values)
     except BatchRejected as rejected:
         return rejected  # isolated instance by instance, in `_predict_entries`
     encoded = codec.dumps_each(predictions)
     if results_format:
         # Each line is {"instance":<the input line>,"prediction":<encoded>}, joined in one C-level pass.
         parts = zip(
-            repeat(_OPEN["instance"]), map(bytes.strip, raws), repeat(b',"prediction":'), encoded, repeat(b"}\n")
+            repeat(OPEN["instance"]), map(bytes.strip, raws), repeat(b',"prediction":'), encoded, repeat(b"}\n")
         )
         out.write(b"".join(chain.from_iterable(parts)))
     else:

@@ -44,11 +44,11 @@ def entry_blocks(
             out: list[bytes] = []
             for start in range(0, len(block), FETCH_AHEAD):
                 lines = block[start : start + FETCH_AHEAD]
-                out += pool.map(lambda raw: _entry(raw, fetch, local=local, max_bytes=max_bytes), lines)
+                out += pool.map(lambda raw: entry_of(raw, fetch, local=local, max_bytes=max_bytes), lines)
             yield out
 
 
-def _entry(raw: bytes, fetch: Callable[[Uri, int], bytes], *, local: bool, max_bytes: int) -> bytes:
+def entry_of(raw: bytes, fetch: Callable[[Uri, int], bytes], *, local: bool, max_bytes: int) -> bytes:
     text = raw.decode("utf-8", errors="replace").strip()
     if not text:
         return raw

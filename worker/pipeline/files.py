@@ -24,7 +24,7 @@ class _Stopped(Exception):
     """Raised in a file's thread when another file of the job failed: its output is abandoned."""
 
 
-class _Tracker:
+class Tracker:
     """Sums progress over the job's files (called from their threads), reports it to `progress`
     and logs it every PROGRESS_LOG_INTERVAL_S; `stop()` makes every file end at its next batch."""
 
@@ -67,8 +67,8 @@ class _Tracker:
             self._stopped = True
 
 
-def _run_files(
-    one: Callable[[Any], FileResult], inputs: list[Any], concurrency: int, state: RunState, tracker: _Tracker
+def run_files(
+    one: Callable[[Any], FileResult], inputs: list[Any], concurrency: int, state: RunState, tracker: Tracker
 ) -> None:
     """Run `one` over the inputs, up to `concurrency` files at a time, recording each result in
     input order. The first failure stops the other files (their outputs are abandoned) and is raised."""

@@ -8,13 +8,13 @@ import weakref
 from typing import Any
 
 from worker import errors
-from worker.pipeline.lines import _Entry
+from worker.pipeline.lines import Entry
 from worker.serving import BATCH_ADVICE, BatchRejected, Predictor
 
 # Predictors that took a batch they refused whole one shape at a time, every shape without a
 # refusal: a model of variable-length inputs. Their batches go one shape at a time from then on,
 # without the whole-batch call each would refuse (in this job and in later ones on the warm model).
-_ONE_SHAPE_PER_CALL: weakref.WeakSet[Any] = weakref.WeakSet()
+ONE_SHAPE_PER_CALL: weakref.WeakSet[Any] = weakref.WeakSet()
 # Of the last batch each predictor refused and that was isolated, the share of its instances the
 # model refused one by one. From MOSTLY_REFUSED of them on, the next refused batch goes instance
 # by instance (n calls) rather than in halves (up to 2n - 1 calls when all are refused).
@@ -22,17 +22,17 @@ _LAST_REFUSED: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary
 MOSTLY_REFUSED = 1 / 4
 
 
-def _predict_entries(predictor: Predictor, entries: list[_Entry], *, rejected: BatchRejected | None = None) -> None:
+def predict_entries(predictor: Predictor, entries: list[Entry], *, rejected: BatchRejected | None = None) -> None:
     """Predict every entry without an error yet; `rejected`: how the model has just refused them
     all as one batch."""
     todo = [e for e in entries if e.error is None]
     if rejected is not None and len(todo) == len(entries):
         _refused(predictor, todo, rejected, grouped=False)
-    elif todo and not (predictor in _ONE_SHAPE_PER_CALL and _by_shape(predictor, todo)):
+    elif todo and not (predictor in ONE_SHAPE_PER_CALL and _by_shape(predictor, todo)):
         _predict_isolating(predictor, todo)
 
 
-def _predict(predictor: Predictor, feeds: list[Any]) -> list[Any]:
+def predict_batch(predictor: Predictor, feeds: list[Any]) -> list[Any]:
     """One prediction per instance, or ModelError; the model's BatchRejected passes through."""
     predictions = predictor.predict(feeds)
     if len(predictions) != len(feeds):
@@ -42,10 +42,10 @@ def _predict(predictor: Predictor, feeds: list[Any]) -> list[Any]:
     return predictions
 
 
-def _predict_isolating(predictor: Predictor, entries: list[_Entry], *, grouped: bool = False) -> None:
+def _predict_isolating(predictor: Predictor, entries: list[Entry], *, grouped: bool = False) -> None:
     """Predict `entries`; when the model rejects the batch, isolate what it refuses."""
     try:
-        predictions = _predict(predictor, [e.feed for e in entries])
+        predictions = predict_batch(predictor, [e.feed for e in entries])
     except BatchRejected as rejected:
         _refused(predictor, entries, rejected, grouped=grouped)
         return
@@ -53,7 +53,7 @@ def _predict_isolating(predictor: Predictor, entries: list[_Entry], *, grouped: 
         e.prediction = p
 
 
-def _refused(predictor: Predictor, entries: list[_Entry], rejected: BatchRejected, *, grouped: bool) -> None:
+def _refused(predictor: Predictor, entries: list[Entry], rejected: BatchRejected, *, grouped: bool) -> None:
     """After the model refused `entries` as one batch: a lone instance, or instances each refused
     for the same reason, are error lines; the others are isolated."""
     if len(entries) == 1 or rejected.each:
@@ -66,7 +66,7 @@ def _refused(predictor: Predictor, entries: list[_Entry], rejected: BatchRejecte
         _LAST_REFUSED[predictor] = sum(e.error is not None for e in entries) / len(entries)
 
 
-def _isolate(predictor: Predictor, entries: list[_Entry], *, grouped: bool, one_by_one: bool = False) -> None:
+def _isolate(predictor: Predictor, entries: list[Entry], *, grouped: bool, one_by_one: bool = False) -> None:
     """Predict a batch the model refused, in parts. First instances of one shape together: a model
     of variable-length inputs (token ids, say) takes only rectangular batches, as TF Serving does,
     so each length makes a batch of its own (and when every length goes through, the predictor is
@@ -75,7 +75,7 @@ def _isolate(predictor: Predictor, entries: list[_Entry], *, grouped: bool, one_
     the last refused batch was refused), each instance alone."""
     if not grouped and _by_shape(predictor, entries):
         if all(e.error is None for e in entries):
-            _ONE_SHAPE_PER_CALL.add(predictor)
+            ONE_SHAPE_PER_CALL.add(predictor)
         return
     if one_by_one:
         for e in entries:
@@ -86,9 +86,9 @@ def _isolate(predictor: Predictor, entries: list[_Entry], *, grouped: bool, one_
     _predict_isolating(predictor, entries[mid:], grouped=True)
 
 
-def _by_shape(predictor: Predictor, entries: list[_Entry]) -> bool:
+def _by_shape(predictor: Predictor, entries: list[Entry]) -> bool:
     """Predict `entries` one batch per shape, when they have several (True); else do nothing."""
-    groups: dict[Any, list[_Entry]] = {}
+    groups: dict[Any, list[Entry]] = {}
     for k, e in enumerate(entries):
         groups.setdefault(_shape_of(e.feed, k), []).append(e)
     if len(groups) == 1:

@@ -20,18 +20,18 @@ from worker.jobs import (
 )
 from worker.lease import Lease
 from worker.manifest import FileResult, error_ratio_exceeded, failure
-from worker.pipeline.batching import _BatchSize
-from worker.pipeline.file import _run_file
-from worker.pipeline.files import _run_files, _Tracker
+from worker.pipeline.batching import BatchSize
+from worker.pipeline.file import run_file
+from worker.pipeline.files import Tracker, run_files
 from worker.pipeline.ports import Limits, ModelProvider, Outcome, ProgressFn, Publisher, Store
 from worker.pipeline.results import (
     COMPLETION_MAX_BYTES,
     PUBLISHED_KEY,
     RunState,
-    _completion,
-    _first_error,
-    _iso,
-    _manifest,
+    completion_data,
+    first_error_line,
+    iso_time,
+    manifest_of,
 )
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _execute(
         log.info("job %s: %d input file(s), %d bytes", job.job_id, len(inputs), sum(f.length for f in inputs))
 
         t = time.perf_counter()
-        tracker = _Tracker(job.job_id, inputs, progress)
+        tracker = Tracker(job.job_id, inputs, progress)
         tracker.announce("loading model")
         with models.load(job.model) as handle:
             state.handle = handle
@@ -123,17 +123,17 @@ def _execute(
             timings["model_load_s"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            batch_size = _BatchSize(job, limits, predictor)
+            batch_size = BatchSize(job, limits, predictor)
 
             def one(f: Any) -> FileResult:
-                return _run_file(job, f, store, predictor, batch_size, limits, tracker)
+                return run_file(job, f, store, predictor, batch_size, limits, tracker)
 
-            _run_files(one, inputs, limits.file_concurrency, state, tracker)
+            run_files(one, inputs, limits.file_concurrency, state, tracker)
             timings["predict_s"] = time.perf_counter() - t
             timings["input_wait_s"] = sum(r.input_wait_s for r in state.files)
             timings["output_wait_s"] = sum(r.output_wait_s for r in state.files)
         if job.options.part is None:  # a part's share alone does not decide: the whole job's does
-            state.error = error_ratio_exceeded(job.options, state.totals, _first_error(state.files))
+            state.error = error_ratio_exceeded(job.options, state.totals, first_error_line(state.files))
     except errors.PermanentError as e:
         log.error("job %s failed: %s", job.job_id, e)
         state.error = failure(e.code, str(e))
@@ -143,7 +143,7 @@ def _execute(
 def finish(job: Job, store: Store, publisher: Publisher | None, state: RunState) -> Outcome:
     """Write the manifest (the job's commit point), then publish the completion message."""
     totals = state.totals
-    manifest = _manifest(job, state)
+    manifest = manifest_of(job, state)
     status = manifest["status"]
     written = False
     try:
@@ -166,10 +166,10 @@ def finish(job: Job, store: Store, publisher: Publisher | None, state: RunState)
 def publish_completion(
     job: Job, store: Store, publisher: Publisher, manifest: dict[str, Any], *, manifest_written: bool
 ) -> None:
-    data = _completion(manifest, COMPLETION_MAX_BYTES)
+    data = completion_data(manifest, COMPLETION_MAX_BYTES)
     publisher.publish(data, {"job_id": job.job_id, "status": str(manifest.get("status"))})
     if manifest_written:
-        store.mark(job.manifest_uri, PUBLISHED_KEY, _iso(time.time()))
+        store.mark(job.manifest_uri, PUBLISHED_KEY, iso_time(time.time()))
 
 
 def check_outputs(job: Job, inputs: list[Any]) -> None:

@@ -14,7 +14,7 @@ from worker.jobs import (
 
 
 @dataclass(slots=True)
-class _Entry:
+class Entry:
     """One instance line on its way to an output line."""
 
     shown: Any  # what the output line echoes: the instance, or its key
@@ -25,13 +25,13 @@ class _Entry:
     raw: bytes | None = None  # `shown` as strict JSON text, when it is the whole input line
 
 
-def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, options: Options) -> _Entry:
+def entry_of(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, options: Options) -> Entry:
     """The entry of a line that is not valid JSON, or of an instance under key/fields options
     (plain valid lines are made inline, in `_run_file`)."""
     if isinstance(raw, Unreadable):
-        return _Entry(raw.preview, error=f"line {lineno} {raw.why}")
-    if isinstance(raw, _TooLong):
-        return _Entry(
+        return Entry(raw.preview, error=f"line {lineno} {raw.why}")
+    if isinstance(raw, TooLong):
+        return Entry(
             raw.preview,
             error=f"line {lineno} is longer than {raw.limit:,} bytes (WORKER_MAX_LINE_BYTES) and was not read — is "
             "the file one JSON document (an array of every instance, say)? Write one instance per line, "
@@ -39,21 +39,21 @@ def _entry(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, optio
         )
     if isinstance(parsed, ValueError):
         error = f"line {lineno} is not valid JSON: {parsed}{_not_json_hint(raw)}"
-        return _Entry(raw.decode("utf-8", errors="replace"), error=error)
+        return Entry(raw.decode("utf-8", errors="replace"), error=error)
     value, _ = parsed
     shown: Any = raw.uri if isinstance(raw, Fetched) else value
     if options.key_field is not None:
         if not isinstance(value, dict) or options.key_field not in value:
-            return _Entry(value, error=f"line {lineno} has no key field {options.key_field!r}")
+            return Entry(value, error=f"line {lineno} has no key field {options.key_field!r}")
         shown = value[options.key_field]
     label = "key" if options.key_field is not None else "instance"
     try:
         feed = _select_fields(value, options)
     except ValueError as e:
-        return _Entry(shown, label, error=f"line {lineno}: {e}")
+        return Entry(shown, label, error=f"line {lineno}: {e}")
     if options.key_field is None and (options.included_fields or options.excluded_fields):
         shown = feed
-    return _Entry(shown, label, feed=feed)
+    return Entry(shown, label, feed=feed)
 
 
 class Unreadable(bytes):
@@ -81,14 +81,14 @@ class Fetched(bytes):
         return fetched
 
 
-class _TooLong(bytes):
+class TooLong(bytes):
     """An input line longer than the limit, in place of its text: not JSON by construction (no
     batch takes it as an instance), with the start of the line to show in its error line."""
 
     preview: str
     limit: int
 
-    def __new__(cls, raw: bytes, limit: int) -> _TooLong:
+    def __new__(cls, raw: bytes, limit: int) -> TooLong:
         line = super().__new__(cls, b"\x01a line too long\x01")
         line.preview = raw[:80].decode("utf-8", errors="replace") + "…"
         line.limit = limit
@@ -139,7 +139,7 @@ _CSV_HEADER = re.compile(rb'\s*(?:[A-Za-z_][\w .-]*|"[^"]*")\s*(?:,\s*(?:[A-Za-z
 _REQUEST_BODY_KEYS = ({"instances"}, {"signature_name", "instances"})
 
 
-def _hint_request_bodies(entries: list[_Entry]) -> None:
+def hint_request_bodies(entries: list[Entry]) -> None:
     """Add what to fix to the errors of instances that are whole TF Serving request bodies."""
     for e in entries:
         if e.error is not None and isinstance(e.feed, dict) and e.feed.keys() in _REQUEST_BODY_KEYS:
@@ -166,7 +166,7 @@ def _select_fields(value: Any, options: Options) -> Any:
     return {k: v for k, v in value.items() if k not in dropped}
 
 
-def _format(e: _Entry, options: Options) -> bytes:
+def format_line(e: Entry, options: Options) -> bytes:
     if options.output_format == "predictions":
         return dumps_line(e.prediction if e.error is None else {"error": _error_obj(e.error)})
     if e.raw is not None:
@@ -176,7 +176,7 @@ def _format(e: _Entry, options: Options) -> bytes:
             if e.error is None
             else b',"error":' + dumps_line(_error_obj(e.error))
         )
-        return _OPEN[e.label] + e.raw + tail + b"}"
+        return OPEN[e.label] + e.raw + tail + b"}"
     obj: dict[str, Any] = {e.label: e.shown}
     if e.error is None:
         obj["prediction"] = e.prediction
@@ -185,7 +185,7 @@ def _format(e: _Entry, options: Options) -> bytes:
     return dumps_line(obj)
 
 
-_OPEN = {"instance": b'{"instance":', "key": b'{"key":'}
+OPEN = {"instance": b'{"instance":', "key": b'{"key":'}
 
 
 def _error_obj(message: str) -> dict[str, str]:

@@ -34,7 +34,7 @@ class RunState:
     error: dict[str, str] | None = None
 
 
-def _completion(manifest: dict[str, Any], max_bytes: int) -> bytes:
+def completion_data(manifest: dict[str, Any], max_bytes: int) -> bytes:
     """The manifest as a completion message's data. One beyond `max_bytes` (a job of tens of
     thousands of files) lists the files that fit, in order, and in `files_omitted` how many it
     leaves out: the manifest (at `manifest`) lists them all."""
@@ -53,12 +53,12 @@ def _completion(manifest: dict[str, Any], max_bytes: int) -> bytes:
     return json.dumps({**manifest, "files": files[:kept], "files_omitted": len(files) - kept}).encode()
 
 
-def _first_error(files: list[FileResult]) -> dict[str, Any] | None:
+def first_error_line(files: list[FileResult]) -> dict[str, Any] | None:
     """The job's first error line, in input order: which file, which line, and why."""
     return manifest.first_error([f.to_json() for f in files if f.first_error is not None])
 
 
-def _manifest(job: Job, state: RunState) -> dict[str, Any]:
+def manifest_of(job: Job, state: RunState) -> dict[str, Any]:
     handle, started = state.handle, state.started
     finished = time.time()
     model = {
@@ -73,10 +73,10 @@ def _manifest(job: Job, state: RunState) -> dict[str, Any]:
         model=model,
         files=[f.to_json() for f in state.files],
         totals=state.totals,
-        times=(_iso(started), _iso(finished), timings),
+        times=(iso_time(started), iso_time(finished), timings),
         error=state.error,
     )
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -43,7 +43,7 @@ def settle_collector() -> None:
 
 
 @dataclass
-class _Entry:
+class Entry:
     model: LoadedModel
     path: str
     size: int = 0  # bytes of its local files
@@ -66,7 +66,7 @@ class ModelCache:
         self._max_bytes = max_bytes
         self.stats = stats or ServingStats()
         self._on_evict = on_evict  # (local path) -> None, once the evicted model is closed
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._draining_bytes = 0  # files of evicted models that a running job still uses
         self._key_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -106,7 +106,7 @@ class ModelCache:
             if close:
                 self._close(entry)
 
-    def _evict(self, *, incoming: int, incoming_bytes: int) -> list[_Entry]:
+    def _evict(self, *, incoming: int, incoming_bytes: int) -> list[Entry]:
         """Under the lock: evict least recently used models (never the most recent, which is the
         one being loaded) while the bounds are exceeded; the ones nobody uses are returned to close."""
         to_close = []
@@ -135,7 +135,7 @@ class ModelCache:
             )
         return to_close
 
-    def _acquire(self, fingerprint: str, path: str, description: str, size: int) -> _Entry:
+    def _acquire(self, fingerprint: str, path: str, description: str, size: int) -> Entry:
         if self._collect_closed:
             self._collect_closed = False
             settle_collector()
@@ -160,7 +160,7 @@ class ModelCache:
             settle_collector()
             self.stats.add("loads")
             with self._lock:
-                entry = self._entries[fingerprint] = _Entry(model, path, size, users=1)
+                entry = self._entries[fingerprint] = Entry(model, path, size, users=1)
                 to_close = self._evict(incoming=0, incoming_bytes=0)
             for old in to_close:
                 self._close(old)
@@ -171,7 +171,7 @@ class ModelCache:
         with self._lock:
             return any(e.path == path for e in self._entries.values())
 
-    def _close(self, entry: _Entry) -> None:
+    def _close(self, entry: Entry) -> None:
         close = getattr(entry.model, "close", None)
         if close is not None:
             close()

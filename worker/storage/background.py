@@ -12,7 +12,7 @@ from typing import Protocol
 WRITE_QUEUE_BLOCKS = 64
 
 
-def _prefetched(
+def prefetched(
     read: Callable[[], bytes], *, name: str, depth: int = 1, more: Callable[[], bool] = lambda: True
 ) -> Generator[bytes, None, None]:
     """The chunks `read()` returns until it returns b"", read by a thread up to `depth` ahead.

@@ -30,8 +30,8 @@ def translate_errors(what: str, bucket: Any = None) -> Iterator[None]:
     except gexc.PreconditionFailed as e:
         raise Conflict(f"{what}: changed by another writer ({e.message})") from e
     except gexc.NotFound as e:
-        if bucket is not None and _bucket_missing(bucket):
-            raise NotFound(f"{what}: {_no_bucket(bucket)}") from e
+        if bucket is not None and bucket_missing(bucket):
+            raise NotFound(f"{what}: {no_bucket(bucket)}") from e
         raise NotFound(f"{what}: not found ({e.message})") from e
     except gexc.Forbidden as e:
         raise PermanentError(f"{what}: permission denied ({e.message}) — {_grant(e.message, bucket)}") from e
@@ -66,7 +66,7 @@ def _grant(message: str, bucket: Any) -> str:
     return f"grant the worker's service account access{where}"
 
 
-def _bucket_missing(bucket: Any) -> bool:
+def bucket_missing(bucket: Any) -> bool:
     """Whether `bucket` does not exist; asked after a 404 only. False when that cannot be told
     (the service account may read objects without being allowed to read the bucket)."""
     try:
@@ -75,12 +75,12 @@ def _bucket_missing(bucket: Any) -> bool:
         return False
 
 
-def _no_bucket(bucket: Any) -> str:
+def no_bucket(bucket: Any) -> str:
     return f"bucket {bucket.name} does not exist — check the bucket name in the URI"
 
 
 @contextlib.contextmanager
-def _replaced_is_transient(f: InputFile) -> Iterator[None]:
+def replaced_is_transient(f: InputFile) -> Iterator[None]:
     """The listed generation of an input vanishing mid-read means it was replaced or deleted: a
     retry lists the input again and reads what is there then."""
     try:

@@ -47,7 +47,7 @@ def split_lines(text: Iterator[bytes], max_line_bytes: int) -> Iterator[list[byt
         yield _without_cr([pending])
 
 
-def _owned_lines(chunks: Iterator[bytes], pos: int, start: int, end: int) -> Iterator[bytes]:
+def owned_lines(chunks: Iterator[bytes], pos: int, start: int, end: int) -> Iterator[bytes]:
     """The bytes of the lines that begin in [start, end), from `chunks`, the object's bytes from
     byte `pos` on (0, or start - 1: whether a line begins at `start` is told by the byte before it).
     A file cut at any bytes into pieces read so has each of its lines in one piece, whole."""
@@ -73,7 +73,7 @@ def _owned_lines(chunks: Iterator[bytes], pos: int, start: int, end: int) -> Ite
             yield chunk
 
 
-def _gunzipped(chunks: Iterator[bytes], uri: Uri, chunk_bytes: int) -> Iterator[bytes]:
+def gunzipped(chunks: Iterator[bytes], uri: Uri, chunk_bytes: int) -> Iterator[bytes]:
     """The chunks as they are; or, when the first begins as gzip does (a `.gz` file stored as it
     is, without Content-Encoding), what they decompress to, in pieces of at most `chunk_bytes`
     (a file that expands a thousandfold stays bounded), member after member (`cat a.gz b.gz`)."""
@@ -105,7 +105,7 @@ def _gunzipped(chunks: Iterator[bytes], uri: Uri, chunk_bytes: int) -> Iterator[
 
 
 # Byte order marks, the longest first (UTF-32-LE's begins with UTF-16-LE's), and their codecs.
-_BYTE_ORDER_MARKS = (
+BYTE_ORDER_MARKS = (
     (codecs.BOM_UTF32_LE, "utf-32"),
     (codecs.BOM_UTF32_BE, "utf-32"),
     (codecs.BOM_UTF8, "utf-8-sig"),
@@ -126,7 +126,7 @@ _OTHER_FILES = (
 )
 
 
-def _other_format(first: bytes) -> tuple[str, str] | None:
+def other_format(first: bytes) -> tuple[str, str] | None:
     """What a file that begins with `first` is, when that is a format of its own, and what to do."""
     for magic, what, advice in _OTHER_FILES:
         if first.startswith(magic):
@@ -148,18 +148,18 @@ def tfrecord_crc(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def _as_utf8(chunks: Iterator[bytes], uri: Uri) -> Iterator[bytes]:
+def as_utf8(chunks: Iterator[bytes], uri: Uri) -> Iterator[bytes]:
     """The chunks as they are; or, when the first begins with a byte order mark, their text as
     UTF-8 without it: a file saved as UTF-16 (Windows PowerShell's `>` and `Out-File` write it)
     has a NUL byte beside every character, and a UTF-8 one's mark would stay on its first line.
     A file of another format (Parquet, TFRecord, …) fails its job, saying so, before a line of it
     becomes an error line."""
     first = next(chunks, b"")
-    other = _other_format(first)
+    other = other_format(first)
     if other is not None:
         kind = "tf-record" if other[0] == "a TFRecord file" else None
         raise OtherFormat(f"input {uri} is {other[0]}, not JSON lines — {other[1]}", kind=kind)
-    encoding = next((name for mark, name in _BYTE_ORDER_MARKS if first.startswith(mark)), None)
+    encoding = next((name for mark, name in BYTE_ORDER_MARKS if first.startswith(mark)), None)
     if encoding in (None, "utf-8-sig"):
         rest = first[len(codecs.BOM_UTF8) :] if encoding else first  # UTF-8 already: only its mark goes
         if rest:

@@ -26,8 +26,8 @@ from worker import codec
 from worker.errors import Conflict, InvalidJob, NotFound
 from worker.jobs import Uri
 from worker.storage import models
-from worker.storage.background import _prefetched
-from worker.storage.formats import _as_utf8, _gunzipped, split_lines
+from worker.storage.background import prefetched
+from worker.storage.formats import as_utf8, gunzipped, split_lines
 from worker.storage.values import SAVED_MODEL_FILES, WRITTEN_BY_KEY, InputFile, LocalModel, ModelSource, StoredJson
 
 log = logging.getLogger(__name__)
@@ -114,18 +114,18 @@ class LocalStore:
         """The file's lines without their endings, a list per chunk read, as `GcsStore.read_blocks`
         gives them (gzip decompressed, byte order marks honoured, other formats refused)."""
         with open(f.uri.path, "rb") as file:
-            chunks = _prefetched(lambda: file.read(READ_CHUNK_BYTES), name=f"read {f.uri}")
+            chunks = prefetched(lambda: file.read(READ_CHUNK_BYTES), name=f"read {f.uri}")
             try:
-                yield from split_lines(_as_utf8(_gunzipped(chunks, f.uri, READ_CHUNK_BYTES), f.uri), max_line_bytes)
+                yield from split_lines(as_utf8(gunzipped(chunks, f.uri, READ_CHUNK_BYTES), f.uri), max_line_bytes)
             finally:
                 chunks.close()
 
     def read_data(self, f: InputFile) -> Iterator[bytes]:
         """The file's bytes (gzip-compressed ones decompressed), in bounded chunks."""
         with open(f.uri.path, "rb") as file:
-            chunks = _prefetched(lambda: file.read(READ_CHUNK_BYTES), name=f"read {f.uri}")
+            chunks = prefetched(lambda: file.read(READ_CHUNK_BYTES), name=f"read {f.uri}")
             try:
-                yield from _gunzipped(chunks, f.uri, READ_CHUNK_BYTES)
+                yield from gunzipped(chunks, f.uri, READ_CHUNK_BYTES)
             finally:
                 chunks.close()
 

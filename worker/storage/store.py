@@ -23,15 +23,15 @@ from worker.errors import Conflict, InvalidJob, NotFound, TransientError
 from worker.jobs import Uri, is_upload_part
 from worker.media import MediaTransport
 from worker.storage import models, upload
-from worker.storage.background import BackgroundWriter, _prefetched
-from worker.storage.errors import _bucket_missing, _no_bucket, _replaced_is_transient, translate_errors
+from worker.storage.background import BackgroundWriter, prefetched
+from worker.storage.errors import bucket_missing, no_bucket, replaced_is_transient, translate_errors
 from worker.storage.formats import (
-    _BYTE_ORDER_MARKS,
+    BYTE_ORDER_MARKS,
     GZIP_MAGIC,
-    _as_utf8,
-    _gunzipped,
-    _other_format,
-    _owned_lines,
+    as_utf8,
+    gunzipped,
+    other_format,
+    owned_lines,
     split_lines,
 )
 from worker.storage.values import WRITTEN_BY_KEY, InputFile, LocalModel, ModelSource, StoredJson
@@ -103,8 +103,8 @@ class GcsStore:
         with translate_errors(f"reading input {input_uri}", bucket):
             if not input_uri.is_prefix:
                 blob = bucket.get_blob(input_uri.path, retry=self._retry)
-                if blob is None and _bucket_missing(bucket):
-                    raise NotFound(f"reading input {input_uri}: {_no_bucket(bucket)}")
+                if blob is None and bucket_missing(bucket):
+                    raise NotFound(f"reading input {input_uri}: {no_bucket(bucket)}")
                 wildcard = min((i for i in map(input_uri.path.find, "*?[") if i >= 0), default=None)
                 if blob is None and wildcard is not None:
                     folder = input_uri.path[:wildcard].rpartition("/")[0]
@@ -151,11 +151,11 @@ class GcsStore:
 
         def lines(chunks: Iterator[bytes], first: int, stop: int) -> Iterator[list[bytes]]:
             if f.piece is None:
-                text = _as_utf8(_gunzipped(chunks, f.uri, READ_CHUNK_BYTES), f.uri)
+                text = as_utf8(gunzipped(chunks, f.uri, READ_CHUNK_BYTES), f.uri)
             elif f.start == 0:  # the file's first piece: its byte order mark goes
-                text = _as_utf8(_owned_lines(chunks, 0, 0, stop), f.uri)
+                text = as_utf8(owned_lines(chunks, 0, 0, stop), f.uri)
             else:
-                text = _owned_lines(chunks, first, f.start, stop)
+                text = owned_lines(chunks, first, f.start, stop)
             return split_lines(text, max_line_bytes)
 
         return self._stream(f, lines)
@@ -163,7 +163,7 @@ class GcsStore:
     def read_data(self, f: InputFile) -> Iterator[bytes]:
         """Yield the whole object's bytes (gzip-compressed ones decompressed), in bounded chunks,
         read ahead as `read_blocks` reads them: for files of records rather than lines."""
-        return self._stream(f, lambda chunks, first, stop: _gunzipped(chunks, f.uri, READ_CHUNK_BYTES))
+        return self._stream(f, lambda chunks, first, stop: gunzipped(chunks, f.uri, READ_CHUNK_BYTES))
 
     def _stream(self, f: InputFile, decode: Callable[[Iterator[bytes], int, int], Iterator[T]]) -> Iterator[T]:
         """What `decode(chunks, first, stop)` makes of the object's chunks: its bytes from `first`
@@ -203,8 +203,8 @@ class GcsStore:
         def more() -> bool:
             return whole is not None or offset < f.size
 
-        with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
-            chunks = _prefetched(read, name=f"download {f.uri}", more=more)
+        with translate_errors(f"reading input {f.uri}"), replaced_is_transient(f):
+            chunks = prefetched(read, name=f"download {f.uri}", more=more)
             try:
                 yield from decode(chunks, first, stop)
             finally:
@@ -217,14 +217,14 @@ class GcsStore:
         UTF-8 as stored, not gzip-compressed (as stored, or served decompressed), UTF-16 or of
         another format, which only a reading from its first byte can tell (or decompress)."""
         url = self._media.download_url(f.uri.bucket, f.uri.path, f.generation or None)
-        with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
+        with translate_errors(f"reading input {f.uri}"), replaced_is_transient(f):
             reply = self._media.read(url, 0, max(1, min(f.size, 16)) - 1)
         if reply.stream is not None:
             reply.stream.close()
             return False
         head = reply.data
-        marks = [mark for mark, _ in _BYTE_ORDER_MARKS if mark != codecs.BOM_UTF8]
-        return not (head.startswith(GZIP_MAGIC) or head.startswith(tuple(marks)) or _other_format(head))
+        marks = [mark for mark, _ in BYTE_ORDER_MARKS if mark != codecs.BOM_UTF8]
+        return not (head.startswith(GZIP_MAGIC) or head.startswith(tuple(marks)) or other_format(head))
 
     def lines_before(self, f: InputFile) -> int:
         """How many lines of the file begin before the first line of the piece `f` (the number of
@@ -244,7 +244,7 @@ class GcsStore:
             return reply.data.count(b"\n")
 
         starts = range(0, f.start - 1, READ_CHUNK_BYTES)
-        with translate_errors(f"reading input {f.uri}"), _replaced_is_transient(f):
+        with translate_errors(f"reading input {f.uri}"), replaced_is_transient(f):
             if len(starts) <= 1:
                 return sum(map(newlines, starts)) + 1
             with ThreadPoolExecutor(max_workers=min(self._download_threads, len(starts))) as pool:

@@ -22,21 +22,21 @@ transiently.
     metadata.py  what the metadata says of inputs and outputs (pure)
 """
 
-from worker.serving.tfserving.metadata import _declared_outputs, _dims, _input_shapes, _input_types
+from worker.serving.tfserving.metadata import dims_of, input_shapes_of, input_types_of, outputs_declared
 from worker.serving.tfserving.model import TFServingModel
 from worker.serving.tfserving.process import ModelServer, ServerConfig
-from worker.serving.tfserving.rest import RestPredictor, _answer, _columns, _rows
+from worker.serving.tfserving.rest import RestPredictor, read_answer, rows_of, to_columns
 
 __all__ = [
     "ModelServer",
     "RestPredictor",
     "ServerConfig",
     "TFServingModel",
-    "_answer",
-    "_columns",
-    "_declared_outputs",
-    "_dims",
-    "_input_shapes",
-    "_input_types",
-    "_rows",
+    "dims_of",
+    "input_shapes_of",
+    "input_types_of",
+    "outputs_declared",
+    "read_answer",
+    "rows_of",
+    "to_columns",
 ]

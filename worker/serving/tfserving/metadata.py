@@ -10,14 +10,14 @@ from worker.serving import (
 )
 
 
-def _input_shapes(signature_def: Any) -> dict[str, list[int | None] | None]:
+def input_shapes_of(signature_def: Any) -> dict[str, list[int | None] | None]:
     """Each input's declared shape per instance, from the server's metadata (`tensor_shape`: the
     batch dimension first, -1 for any size); None where it declares none, or none per instance."""
     inputs = signature_def.get("inputs") if isinstance(signature_def, dict) else None
     return {name: dims[1:] if (dims := _declared_shape(info)) else None for name, info in (inputs or {}).items()}
 
 
-def _declared_outputs(signature_def: Any) -> dict[str, DeclaredOutput]:
+def outputs_declared(signature_def: Any) -> dict[str, DeclaredOutput]:
     """Each output's shape and type ("float", "half") as the server's metadata declares them: a
     `TensorShapeProto` with no `dim` and no `unknown_rank` is a scalar; None where not declared."""
     declared: dict[str, DeclaredOutput] = {}
@@ -58,7 +58,7 @@ _TYPES = {
 }
 
 
-def _input_types(signature_def: Any) -> dict[str, str]:
+def input_types_of(signature_def: Any) -> dict[str, str]:
     """The signature's numeric and string inputs and their types, from the server's metadata."""
     inputs = signature_def.get("inputs") if isinstance(signature_def, dict) else None
     return {
@@ -68,7 +68,7 @@ def _input_types(signature_def: Any) -> dict[str, str]:
     }
 
 
-def _dims(value: Any) -> tuple[int, ...] | None:
+def dims_of(value: Any) -> tuple[int, ...] | None:
     """The shape of a JSON value as a tensor: () for a number, a string or `{"b64": …}`; the sizes
     of nested arrays; None when they are ragged, hold other objects, or nest too deep to walk."""
     if isinstance(value, dict):
@@ -78,7 +78,7 @@ def _dims(value: Any) -> tuple[int, ...] | None:
     if not any(isinstance(v, (list, dict)) for v in value):
         return (len(value),)
     try:
-        inner = {_dims(v) for v in value}
+        inner = {dims_of(v) for v in value}
     except RecursionError:
         return None
     if len(inner) != 1 or (sub := inner.pop()) is None:

@@ -12,8 +12,8 @@ from worker.serving import (
     check_outputs,
     values_per_instance,
 )
-from worker.serving.tfserving.metadata import _declared_outputs, _input_shapes, _input_types
-from worker.serving.tfserving.process import ModelServer, ServerConfig, _error_message
+from worker.serving.tfserving.metadata import input_shapes_of, input_types_of, outputs_declared
+from worker.serving.tfserving.process import ModelServer, ServerConfig, server_error_message
 from worker.serving.tfserving.rest import RestPredictor
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class TFServingModel:
         if self._signatures is None:
             r = self.server.call("GET", "/metadata")
             if r.status_code != 200:
-                raise ModelError(f"model server metadata for {self.server.description}: {_error_message(r)}")
+                raise ModelError(f"model server metadata for {self.server.description}: {server_error_message(r)}")
             defs = r.json().get("metadata", {}).get("signature_def", {}).get("signature_def", {})
             self._signatures = {k: v for k, v in defs.items() if not k.startswith("__")}
         return self._signatures
@@ -62,15 +62,15 @@ class TFServingModel:
         if signature_name not in self._predictors:
             columnar = self.server.config.request_format == "columnar"
             signature = self._signature_defs()[signature_name]
-            declared = _declared_outputs(signature)
+            declared = outputs_declared(signature)
             check_outputs(declared, self.server.description)
             self._predictors[signature_name] = RestPredictor(
                 self.server,
                 signature_name,
                 columnar=columnar,
                 values_per_instance=values_per_instance(declared),
-                input_shapes=_input_shapes(signature),
-                input_types=_input_types(signature),
+                input_shapes=input_shapes_of(signature),
+                input_types=input_types_of(signature),
             )
         return self._predictors[signature_name]
 

@@ -212,7 +212,7 @@ class ModelServer:
                 # JSON (the same for every request), 504 for a batch too slow to finish.
                 if r.status_code < 500 or r.status_code in (MODEL_FAILED, NOT_IMPLEMENTED, TIMED_OUT):
                     return r
-                failure = f"HTTP {r.status_code}: {_error_message(r)}"
+                failure = f"HTTP {r.status_code}: {server_error_message(r)}"
                 if r.status_code == BUSY:  # up, and busy for longer than we waited: no restart
                     raise TransientError(
                         f"the model server for {self.description} was busy for {BUSY_GIVE_UP_S:g} s: {failure}"
@@ -240,7 +240,9 @@ class ModelServer:
             if r.status_code != BUSY or waited >= BUSY_GIVE_UP_S:
                 return r
             if not waited:
-                log.info("the model server for %s is busy (%s): asking again", self.description, _error_message(r))
+                log.info(
+                    "the model server for %s is busy (%s): asking again", self.description, server_error_message(r)
+                )
             time.sleep(wait)
             waited += wait
             wait = min(wait * 2, BUSY_MAX_WAIT_S)
@@ -262,7 +264,7 @@ def _ensure(path: str) -> str:
     return path
 
 
-def _error_message(r: requests.Response) -> str:
+def server_error_message(r: requests.Response) -> str:
     """TF Serving's `{"error": "…"}` message, verbatim; else the body's start."""
     try:
         body = r.json()

@@ -30,8 +30,14 @@ from worker.serving.jsonvalues import (
     not_strings,
     one_input_refusal,
 )
-from worker.serving.tfserving.metadata import _dims
-from worker.serving.tfserving.process import NOT_IMPLEMENTED, OUT_OF_MEMORY, TIMED_OUT, ModelServer, _error_message
+from worker.serving.tfserving.metadata import dims_of
+from worker.serving.tfserving.process import (
+    NOT_IMPLEMENTED,
+    OUT_OF_MEMORY,
+    TIMED_OUT,
+    ModelServer,
+    server_error_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +87,7 @@ class RestPredictor:
         return predictions
 
     def _predict_once(self, instances: list[Any]) -> list[Any]:
-        columns = _columns(instances) if self._columnar else None
+        columns = to_columns(instances) if self._columnar else None
         try:
             if columns is None:
                 predictions: list[Any] = self._call(
@@ -95,7 +101,7 @@ class RestPredictor:
                 raise
             # Each instance alone would be refused just the same: the pipeline need not try them.
             raise BatchRejected(refusal, each=True) from e
-        return _rows(outputs, len(instances))
+        return rows_of(outputs, len(instances))
 
     def _shared_refusal(self, instances: list[Any]) -> str | None:
         """After the server refused `instances`: when a signature of several inputs gets instances
@@ -118,7 +124,7 @@ class RestPredictor:
                 values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
             else:
                 values = [i[name] for i in instances]
-            shapes = {_dims(v) for v in values}
+            shapes = {dims_of(v) for v in values}
             if len(shapes) == 1 and (shape := shapes.pop()) is not None:
                 refusal = shape_refusal(name, self._input_shapes[name], list(shape))
                 if refusal is not None:
@@ -141,22 +147,22 @@ class RestPredictor:
         if r.status_code == NOT_IMPLEMENTED:
             raise ModelError(
                 f"the model server for {self._server.description} cannot take this model's inputs from JSON "
-                f"(HTTP 501: {_error_message(r)}) — {JSON_INPUT_ADVICE}"
+                f"(HTTP 501: {server_error_message(r)}) — {JSON_INPUT_ADVICE}"
             )
         if r.status_code == TIMED_OUT:
             timeout = f"WORKER_PREDICT_TIMEOUT_SECONDS ({self._server.config.predict_timeout_s:g} s)"
-            raise TooBig(f"took longer than {timeout}", _error_message(r), "raise WORKER_PREDICT_TIMEOUT_SECONDS")
+            raise TooBig(f"took longer than {timeout}", server_error_message(r), "raise WORKER_PREDICT_TIMEOUT_SECONDS")
         if r.status_code == OUT_OF_MEMORY:
-            raise TooBig("ran out of memory", _error_message(r), MEMORY_ADVICE)
-        if r.status_code == 400 and (over := _OVER_BATCH_LIMIT.search(_error_message(r))):
+            raise TooBig("ran out of memory", server_error_message(r), MEMORY_ADVICE)
+        if r.status_code == 400 and (over := _OVER_BATCH_LIMIT.search(server_error_message(r))):
             limit = int(over.group(2))
             raise TooBig(
                 f"takes at most {limit} instances a request", over.group(0), BATCH_LIMIT_ADVICE, fits=max(1, limit)
             )
         if r.status_code != 200:
-            raise BatchRejected(_error_message(r))
+            raise BatchRejected(server_error_message(r))
         try:
-            answer = _answer(r.content)[key]
+            answer = read_answer(r.content)[key]
         except (ValueError, KeyError, TypeError) as e:
             raise ModelError(f"the model server answered without {key}: {r.text[:300]}") from e
         if key == "predictions" and not isinstance(answer, list):
@@ -164,7 +170,7 @@ class RestPredictor:
         return answer
 
 
-def _answer(content: bytes) -> Any:
+def read_answer(content: bytes) -> Any:
     """TF Serving's answer, bare NaN included. It writes a string output as its bytes, valid UTF-8
     or not (rapidjson, unvalidated): a string that is not valid UTF-8 is read as its bytes,
     `{"b64": …}`, as the in-process backend gives it."""
@@ -174,7 +180,7 @@ def _answer(content: bytes) -> Any:
         return invalid_text_as_b64(json.loads(content.decode("utf-8", "surrogateescape")))
 
 
-def _columns(instances: list[Any]) -> Any:
+def to_columns(instances: list[Any]) -> Any:
     """Row instances as columnar `inputs`: a list when the instances are bare values, an object of
     lists when they are objects with the same keys; None when they mix (sent as rows instead)."""
     if all(isinstance(i, dict) for i in instances):
@@ -187,7 +193,7 @@ def _columns(instances: list[Any]) -> Any:
     return list(instances)
 
 
-def _rows(outputs: Any, n: int) -> list[Any]:
+def rows_of(outputs: Any, n: int) -> list[Any]:
     """Columnar `outputs` (one list, or an object of lists) as one prediction per instance."""
     if isinstance(outputs, dict):
         if not all(isinstance(v, list) and len(v) == n for v in outputs.values()):
