@@ -333,7 +333,7 @@ def test_an_abandoned_output_cancels_its_upload(monkeypatch):
 
 
 def _pieces(data: bytes, cuts: list[int], chunk: int) -> list[bytes]:
-    """The bytes `_owned_lines` gives each piece of `data` cut at `cuts`, fed `chunk` bytes at a time
+    """The bytes `owned_lines` gives each piece of `data` cut at `cuts`, fed `chunk` bytes at a time
     from the byte before the piece's start (as `read_blocks` reads a piece)."""
     bounds = [0, *cuts, len(data)]
     out = []

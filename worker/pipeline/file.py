@@ -240,7 +240,7 @@ def _flush_plain(
     try:
         predictions = predict_batch(predictor, values)
     except BatchRejected as rejected:
-        return rejected  # isolated instance by instance, in `_predict_entries`
+        return rejected  # isolated instance by instance, in `predict_entries`
     encoded = codec.dumps_each(predictions)
     if results_format:
         # Each line is {"instance":<the input line>,"prediction":<encoded>}, joined in one C-level pass.

@@ -27,7 +27,7 @@ class Entry:
 
 def entry_of(parsed: tuple[Any, bool] | ValueError, raw: bytes, lineno: int, options: Options) -> Entry:
     """The entry of a line that is not valid JSON, or of an instance under key/fields options
-    (plain valid lines are made inline, in `_run_file`)."""
+    (plain valid lines are made inline, in `run_file`)."""
     if isinstance(raw, Unreadable):
         return Entry(raw.preview, error=f"line {lineno} {raw.why}")
     if isinstance(raw, TooLong):
