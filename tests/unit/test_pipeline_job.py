@@ -462,3 +462,18 @@ def test_every_line_is_answered_in_order_whichever_path_its_batch_takes(kinds, c
     assert totals["lines"] == len(lines) and totals["skipped"] == kinds.count("blank")
     assert totals["predictions"] == kinds.count("ok")
     assert totals["errors"] == kinds.count("rejected") + kinds.count("bad")
+
+
+def test_a_delivery_while_the_holder_publishes_the_completion_waits_instead_of_sending_it_again():
+    """The manifest is written and its completion not yet marked published, by a run that still
+    holds the lease (it is publishing): another delivery must not publish it a second time."""
+    store = FakeStore({"bkt/in/f.jsonl": b"[1]\n"})
+    first = Published()
+    run(make_job(), store=store, models=FakeModels(SumPredictor()), publisher=first, limits=Limits())
+    manifest_key = "bkt/out/_manifest.json"
+    store.metadata[manifest_key] = {}  # as between the manifest's write and its published mark
+    _held_lease(store, make_job(), expires_in_s=60)
+    second = Published()
+    with pytest.raises(errors.Busy):
+        run(make_job(), store=store, models=FakeModels(SumPredictor()), publisher=second, limits=Limits())
+    assert second.messages == []

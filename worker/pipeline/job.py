@@ -54,7 +54,7 @@ def run(
     publishes no completion of its own, unless nothing can be written to its output."""
     part = job.options.part is not None
     own = None if part else publisher  # who hears of this job's own completion
-    done = completed(job, store, own)
+    done = completed(job, store, own, leased=False)
     if done is None:
         try:
             check_object_name(job.lease_uri, "the job's lease")
@@ -76,9 +76,11 @@ def run(
     return done
 
 
-def completed(job: Job, store: Store, publisher: Publisher | None) -> Outcome | None:
+def completed(job: Job, store: Store, publisher: Publisher | None, *, leased: bool = True) -> Outcome | None:
     """The earlier outcome when this job already completed (FAILED runs are retried: the cause may
-    have been fixed). Re-publishes its completion if that was never confirmed."""
+    have been fixed). Re-publishes its completion if that was never confirmed — only under the
+    job's lease (`leased`): without it, the run that wrote the manifest may be publishing it right
+    now, and this delivery would send the completion a second time; None then, to take the lease."""
     stored = store.read_json(job.manifest_uri)
     if stored is None:
         return None
@@ -88,6 +90,8 @@ def completed(job: Job, store: Store, publisher: Publisher | None) -> Outcome | 
     if previous.get("status") == STATUS_FAILED:
         return None
     if publisher is not None and PUBLISHED_KEY not in stored.metadata:
+        if not leased:
+            return None
         log.warning("job %s completed but its completion was not confirmed published: publishing it", job.job_id)
         publish_completion(job, store, publisher, previous, manifest_written=True)
     else:
