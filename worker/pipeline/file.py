@@ -3,7 +3,6 @@ written as output lines in input order; its counts and waits."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from bisect import bisect_left
@@ -13,7 +12,7 @@ from itertools import accumulate, chain, repeat
 from typing import Any, Literal
 
 from worker import codec, errors
-from worker.jobs import JSONL, Job, Uri, check_object_name, input_format_of, output_name, piece_path
+from worker.jobs import JSONL, Job, Options, Uri, check_object_name, input_format_of, output_name, piece_path
 from worker.manifest import Counts, FileResult
 from worker.pipeline.csv_rows import CsvRows
 from worker.pipeline.file_lists import entry_blocks
@@ -41,153 +40,187 @@ def run_file(
     names, is read again as TFRecord: its first read stopped before any output line was written,
     and that output was abandoned."""
     try:
-        return _run_file_as(job, f, store, predictor, batch_size, limits, tracker)
+        return FileRun(job, f, store, predictor, batch_size, limits, tracker).run()
     except errors.OtherFormat as e:
         if e.kind != "tf-record" or job.options.input_format is not None or f.piece:
             raise
     log.info('%s is a TFRecord file: reading it as one (each record the instance {"b64": …})', f.uri)
     as_records = replace(job, options=replace(job.options, input_format="tf-record"))
     check_object_name(as_records.output.child(output_name(f.rel, "tf-record")), f"the output of {f.uri}")
-    return _run_file_as(as_records, f, store, predictor, batch_size, limits, tracker)
+    return FileRun(as_records, f, store, predictor, batch_size, limits, tracker).run()
 
 
-def _run_file_as(
-    job: Job,
-    f: Any,
-    store: Store,
-    predictor: Predictor,
-    batch_size: Callable[[], int],
-    limits: Limits,
-    tracker: Tracker,
-) -> FileResult:
-    read_as = input_format_of(job.options, f.rel)
-    out_uri, result = _output_of(job, f, read_as)
-    # Lines of the file before this piece's first, read only when an error line is to name its line.
-    lines_before = functools.cache(lambda: store.lines_before(f) if f.start else 0)
-    counts = result.counts
-    # A CSV file's rows read as JSON lines; its options name its header's columns once it is read.
-    rows = CsvRows(job.options) if read_as == "csv" else None
-    results_format = job.options.output_format != "predictions"
-    # Lines and bytes already told to the tracker.
-    lines_told = bytes_told = 0
-    # The batch being filled: its non-blank lines, their line numbers, and their bytes.
-    pending: list[bytes] = []
-    numbers: list[int] = []
-    pending_bytes = 0
-    where = f"{f.uri} (bytes {f.start:,} to {f.end:,}, piece {f.piece[0]} of {f.piece[1]})" if f.piece else f.uri
-    log.info("%s (%d bytes) → %s", where, f.length, out_uri)
-    started = time.perf_counter()
+class FileRun:
+    """One input file read as `input_format_of` says, its lines cut into batches, predicted and
+    written as output lines in input order, with the counts, first error and waits of its result."""
 
-    with store.open_output(out_uri, job_id=job.job_id, content_type=JSONL) as output:
-        out = _Waits(output)
+    def __init__(
+        self,
+        job: Job,
+        f: Any,
+        store: Store,
+        predictor: Predictor,
+        batch_size: Callable[[], int],
+        limits: Limits,
+        tracker: Tracker,
+    ) -> None:
+        self.job, self.f, self.store, self.predictor = job, f, store, predictor
+        self.batch_size, self.limits, self.tracker = batch_size, limits, tracker
+        self.read_as = input_format_of(job.options, f.rel)
+        self.out_uri, self.result = _output_of(job, f, self.read_as)
+        # A CSV file's rows read as JSON lines; its options name its header's columns once it is read.
+        self.rows = CsvRows(job.options) if self.read_as == "csv" else None
+        self.results_format = job.options.output_format != "predictions"
+        # Lines and bytes already told to the tracker.
+        self.lines_told = self.bytes_told = 0
+        # The batch being filled: its non-blank lines, their line numbers, and their bytes.
+        self.pending: list[bytes] = []
+        self.numbers: list[int] = []
+        self.pending_bytes = 0
+        self._lines_before: int | None = None
 
-        def flush() -> None:
-            options = job.options if rows is None else rows.options
-            plain = read_as != "file-list" and (  # a file-list entry's line shows its URI
-                options.key_field is None and options.included_fields is None and options.excluded_fields is None
-            )
-            plain_outcome = None
-            if plain:
-                plain_outcome = _flush_plain(pending, predictor, counts, out, results_format=results_format)
-            if plain_outcome == "done":
-                return
-            parsed = codec.parse_many(pending)
-            entries = [
-                Entry(p[0], feed=p[0], raw=raw.strip() if p[1] else None)
-                if plain and not isinstance(p, ValueError)
-                else entry_of(p, raw, lineno, options)
-                for lineno, raw, p in zip(numbers, pending, parsed, strict=True)
-            ]
-            if f.start and any(e.error is not None for e in entries):  # its lines numbered as in the file
-                before = lines_before()
-                entries = [
-                    e if e.error is None else entry_of(p, raw, lineno + before, options)
-                    for e, lineno, raw, p in zip(entries, numbers, pending, parsed, strict=True)
-                ]
-            # A batch the model just rejected whole is not sent whole again.
-            predict_entries(
-                predictor, entries, rejected=plain_outcome if isinstance(plain_outcome, BatchRejected) else None
-            )
-            failed = sum(1 for e in entries if e.error is not None)
-            if failed:
-                hint_request_bodies(entries)
-            if failed and result.first_error is None:
-                result.first_error = next(
-                    (n + lines_before(), e.error) for n, e in zip(numbers, entries, strict=True) if e.error
-                )
-            counts.instances += len(entries)
-            counts.errors += failed
-            counts.predictions += len(entries) - failed
-            if results_format:  # the common line inline: the input line copied, the prediction encoded
-                lines = [
-                    OPEN[e.label] + e.raw + b',"prediction":' + codec.dumps(e.prediction) + b"}"
-                    if e.raw is not None and e.error is None
-                    else format_line(e, options)
-                    for e in entries
-                ]
-            else:
-                lines = [format_line(e, options) for e in entries]
-            lines.append(b"")
-            out.write(b"\n".join(lines))
-
-        # Lines come in blocks (a downloaded chunk's worth) and are cut into batches as lists:
-        # at a few microseconds per instance, a Python step per line is a cost worth avoiding.
-        max_batch_bytes, max_line_bytes = limits.max_batch_bytes, limits.max_line_bytes
-        for block in out.blocks(_blocks(f, read_as, rows, store, max_line_bytes)):
-            if max(map(len, block), default=0) > max_line_bytes:
-                block = [TooLong(raw, max_line_bytes) if len(raw) > max_line_bytes else raw for raw in block]
-            first = counts.lines + 1
-            counts.lines += len(block)
-            kept = [raw for raw in block if raw and not raw.isspace()]
-            if len(kept) == len(block):
-                kept_numbers: list[int] | range = range(first, first + len(block))
-            else:
-                counts.skipped += len(block) - len(kept)
-                kept_numbers = [first + i for i, raw in enumerate(block) if raw and not raw.isspace()]
-            start = 0
-            while start < len(kept):
-                # Take lines up to the batch's size, or up to the line that reaches its byte bound.
-                size = batch_size()
-                end = min(len(kept), start + max(0, size - len(pending)))
-                sizes = list(accumulate(map(len, kept[start:end]), initial=pending_bytes))
-                end = start + min(bisect_left(sizes, max_batch_bytes, lo=1), end - start)
-                pending += kept[start:end]
-                numbers += kept_numbers[start:end]
-                pending_bytes = sizes[end - start]
-                start = end
-                if len(pending) >= size or pending_bytes >= max_batch_bytes:
-                    flush()
-                    tracker.advance(numbers[-1] - lines_told, pending_bytes + len(pending))
-                    lines_told, bytes_told = numbers[-1], bytes_told + pending_bytes + len(pending)
-                    pending, numbers, pending_bytes = [], [], 0
-        if pending:
-            flush()
-        last_batch = time.perf_counter()
-    # After the last batch: the rest of the output sent, and stored.
-    result.input_wait_s, result.output_wait_s = out.input_s, out.output_s + time.perf_counter() - last_batch
-    tracker.advance(counts.lines - lines_told, max(0, f.length - bytes_told), file_done=True)
-    if result.first_error is not None:
-        log.warning(
-            "%s: %d of %d instances could not be predicted (error lines in %s); the first, line %d: %s",
-            f.uri, counts.errors, counts.instances, out_uri, *result.first_error,
+    def run(self) -> FileResult:
+        f, result = self.f, self.result
+        where = f"{f.uri} (bytes {f.start:,} to {f.end:,}, piece {f.piece[0]} of {f.piece[1]})" if f.piece else f.uri
+        log.info("%s (%d bytes) → %s", where, f.length, self.out_uri)
+        started = time.perf_counter()
+        with self.store.open_output(self.out_uri, job_id=self.job.job_id, content_type=JSONL) as output:
+            out = _Waits(output)
+            for block in out.blocks(self._blocks()):
+                self._take(block, out)
+            if self.pending:
+                self._flush(out)
+            last_batch = time.perf_counter()
+        # After the last batch: the rest of the output sent, and stored.
+        result.input_wait_s, result.output_wait_s = out.input_s, out.output_s + time.perf_counter() - last_batch
+        counts = result.counts
+        self.tracker.advance(counts.lines - self.lines_told, max(0, f.length - self.bytes_told), file_done=True)
+        if result.first_error is not None:
+            log.warning(
+                "%s: %d of %d instances could not be predicted (error lines in %s); the first, line %d: %s",
+                f.uri, counts.errors, counts.instances, self.out_uri, *result.first_error,
+            )  # fmt: skip
+        log.info(
+            "%s → %s: %d instances, %d predictions, %d errors, %d skipped in %.2fs (of which waiting for input "
+            "%.2fs, for the output to be stored %.2fs)",
+            f.uri, self.out_uri, counts.instances, counts.predictions, counts.errors, counts.skipped,
+            time.perf_counter() - started, result.input_wait_s, result.output_wait_s,
         )  # fmt: skip
-    log.info(
-        "%s → %s: %d instances, %d predictions, %d errors, %d skipped in %.2fs (of which waiting for input %.2fs, "
-        "for the output to be stored %.2fs)",
-        f.uri, out_uri, counts.instances, counts.predictions, counts.errors, counts.skipped,
-        time.perf_counter() - started, result.input_wait_s, result.output_wait_s,
-    )  # fmt: skip
-    return result
+        return result
 
+    def _blocks(self) -> Iterator[list[bytes]]:
+        """The file's lines, a block at a time; a CSV file's rows and a TFRecord file's records as JSON lines."""
+        f, store, max_line_bytes = self.f, self.store, self.limits.max_line_bytes
+        if self.read_as.startswith("tf-record"):
+            return record_blocks(store.read_data(f), f.uri, max_line_bytes)
+        blocks = store.read_blocks(f, max_line_bytes=max_line_bytes)
+        if self.read_as == "file-list":  # a file's bytes in base64 fit in a line of max_line_bytes
+            max_bytes = max_line_bytes * 3 // 4 - 16
+            return entry_blocks(blocks, store.read_at_most, local=f.uri.is_local, max_bytes=max_bytes)
+        return blocks if self.rows is None else self.rows.blocks(blocks)
 
-def _blocks(f: Any, read_as: str, rows: CsvRows | None, store: Store, max_line_bytes: int) -> Iterator[list[bytes]]:
-    """The file's lines, a block at a time; a CSV file's rows and a TFRecord file's records as JSON lines."""
-    if read_as.startswith("tf-record"):
-        return record_blocks(store.read_data(f), f.uri, max_line_bytes)
-    blocks = store.read_blocks(f, max_line_bytes=max_line_bytes)
-    if read_as == "file-list":  # a file's bytes in base64 fit in a line of max_line_bytes
-        return entry_blocks(blocks, store.read_at_most, local=f.uri.is_local, max_bytes=max_line_bytes * 3 // 4 - 16)
-    return blocks if rows is None else rows.blocks(blocks)
+    def _lines_before_piece(self) -> int:
+        """Lines of the file before this piece's first: read only when an error line is to name its line."""
+        if self._lines_before is None:
+            self._lines_before = self.store.lines_before(self.f) if self.f.start else 0
+        return self._lines_before
+
+    def _take(self, block: list[bytes], out: _Waits) -> None:
+        """A block of lines counted and added to the batch, each batch predicted once full.
+
+        Lines come in blocks (a downloaded chunk's worth) and are cut into batches as lists: at a
+        few microseconds per instance, a Python step per line is a cost worth avoiding."""
+        max_batch_bytes, max_line_bytes = self.limits.max_batch_bytes, self.limits.max_line_bytes
+        counts = self.result.counts
+        if max(map(len, block), default=0) > max_line_bytes:
+            block = [TooLong(raw, max_line_bytes) if len(raw) > max_line_bytes else raw for raw in block]
+        first = counts.lines + 1
+        counts.lines += len(block)
+        kept = [raw for raw in block if raw and not raw.isspace()]
+        if len(kept) == len(block):
+            kept_numbers: list[int] | range = range(first, first + len(block))
+        else:
+            counts.skipped += len(block) - len(kept)
+            kept_numbers = [first + i for i, raw in enumerate(block) if raw and not raw.isspace()]
+        start = 0
+        while start < len(kept):
+            # Take lines up to the batch's size, or up to the line that reaches its byte bound.
+            size = self.batch_size()
+            end = min(len(kept), start + max(0, size - len(self.pending)))
+            sizes = list(accumulate(map(len, kept[start:end]), initial=self.pending_bytes))
+            end = start + min(bisect_left(sizes, max_batch_bytes, lo=1), end - start)
+            self.pending += kept[start:end]
+            self.numbers += kept_numbers[start:end]
+            self.pending_bytes = sizes[end - start]
+            start = end
+            if len(self.pending) >= size or self.pending_bytes >= max_batch_bytes:
+                self._flush(out)
+                sent = self.pending_bytes + len(self.pending)
+                self.tracker.advance(self.numbers[-1] - self.lines_told, sent)
+                self.lines_told, self.bytes_told = self.numbers[-1], self.bytes_told + sent
+                self.pending, self.numbers, self.pending_bytes = [], [], 0
+
+    def _flush(self, out: Sink) -> None:
+        """The pending batch predicted and written: as whole lists when it is plain (every line
+        strict JSON, taken whole by the model), else line by line."""
+        options = self.job.options if self.rows is None else self.rows.options
+        plain = self.read_as != "file-list" and (  # a file-list entry's line shows its URI
+            options.key_field is None and options.included_fields is None and options.excluded_fields is None
+        )
+        plain_outcome = None
+        if plain:
+            counts = self.result.counts
+            plain_outcome = _flush_plain(self.pending, self.predictor, counts, out, results_format=self.results_format)
+        if plain_outcome == "done":
+            return
+        entries = self._entries(options, plain=plain)
+        # A batch the model just rejected whole is not sent whole again.
+        rejected = plain_outcome if isinstance(plain_outcome, BatchRejected) else None
+        predict_entries(self.predictor, entries, rejected=rejected)
+        self._count(entries)
+        if self.results_format:  # the common line inline: the input line copied, the prediction encoded
+            lines = [
+                OPEN[e.label] + e.raw + b',"prediction":' + codec.dumps(e.prediction) + b"}"
+                if e.raw is not None and e.error is None
+                else format_line(e, options)
+                for e in entries
+            ]
+        else:
+            lines = [format_line(e, options) for e in entries]
+        lines.append(b"")
+        out.write(b"\n".join(lines))
+
+    def _entries(self, options: Options, *, plain: bool) -> list[Entry]:
+        """The pending lines as entries; an unreadable line's error names its line in the file."""
+        parsed = codec.parse_many(self.pending)
+        entries = [
+            Entry(p[0], feed=p[0], raw=raw.strip() if p[1] else None)
+            if plain and not isinstance(p, ValueError)
+            else entry_of(p, raw, lineno, options)
+            for lineno, raw, p in zip(self.numbers, self.pending, parsed, strict=True)
+        ]
+        if self.f.start and any(e.error is not None for e in entries):  # its lines numbered as in the file
+            before = self._lines_before_piece()
+            entries = [
+                e if e.error is None else entry_of(p, raw, lineno + before, options)
+                for e, lineno, raw, p in zip(entries, self.numbers, self.pending, parsed, strict=True)
+            ]
+        return entries
+
+    def _count(self, entries: list[Entry]) -> None:
+        """A predicted batch counted; its first error line kept, named by its line in the file."""
+        counts, result = self.result.counts, self.result
+        failed = sum(1 for e in entries if e.error is not None)
+        if failed:
+            hint_request_bodies(entries)
+        if failed and result.first_error is None:
+            before = self._lines_before_piece()
+            result.first_error = next(
+                (n + before, e.error) for n, e in zip(self.numbers, entries, strict=True) if e.error
+            )
+        counts.instances += len(entries)
+        counts.errors += failed
+        counts.predictions += len(entries) - failed
 
 
 def _output_of(job: Job, f: Any, read_as: str) -> tuple[Uri, FileResult]:
