@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker import codec
-from worker.serving.jsonvalues import named_inputs_refusal, rows_from_array, tf_serving_float, tf_serving_floats
+from worker.serving.jsonvalues import rows_from_array, tf_serving_float, tf_serving_floats
+from worker.serving.refusals import named_inputs_refusal
 
 
 def _nearest_float32(d: Fraction) -> np.float32:

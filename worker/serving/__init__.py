@@ -3,6 +3,14 @@
 The pipeline holds a `Predictor` and calls `predict(instances)`; it never knows which backend
 answers. `BatchRejected` means the *instances* were refused (the pipeline isolates the bad ones);
 anything else means the model or server failed.
+
+    __init__.py    the interface, the limits on a batch, one predictor per signature
+    refusals.py    why instances are refused, said the same by both backends
+    jsonvalues.py  TF Serving's JSON values to and from arrays (strings, bytes, float32 text)
+    numbers.py     numbers an input takes as TF Serving's REST API does
+    cache.py       models kept loaded, within a memory budget
+    tfserving/     TF Serving as a child process, over its REST API
+    tf_backend.py  the SavedModel run in-process by TensorFlow
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from worker.errors import ModelError
 
@@ -112,35 +120,6 @@ class BatchRejected(Exception):
         self.each = each
 
 
-def shape_refusal(name: str, want: list[int | None] | None, got: list[int]) -> str | None:
-    """Why input `name`, declared `want` per instance (None: a dimension of any size; `want` None:
-    any shape), does not take instances of shape `got`; None when it does."""
-    if want is None or (len(got) == len(want) and all(w is None or w == g for w, g in zip(want, got, strict=True))):
-        return None
-    return f"input {name!r} expects instances of shape {_shape_text(want)}, got {_shape_text(got)}"
-
-
-def numbers_refusal(name: str, dtype: str, types: str) -> str:
-    """Why numeric input `name` (of `dtype`, "float32") does not take values of these JSON types."""
-    wanted = "booleans (true or false)" if dtype == "bool" else f"{dtype} numbers"
-    return f"input {name!r} expects {wanted}, got values of JSON type {types}"
-
-
-def ragged_refusal(name: str) -> str:
-    """Why input `name` does not take instances whose nested lists differ in length, or a batch
-    of instances of several shapes."""
-    return f"input {name!r}: instances are not rectangular arrays of one shape"
-
-
-def strings_refusal(name: str, types: str) -> str:
-    """Why string input `name` does not take values of these JSON types."""
-    return f'input {name!r} expects strings (or {{"b64": …}} for bytes), got values of JSON type {types}'
-
-
-def _shape_text(dims: list[int | None] | list[int]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
-
-
 class TooBig(Exception):
     """One call's batch was too big for the model: it outlived the server's timeout, ran out of
     memory, or was over the model server's batch size limit. `what` says which ("took longer than
@@ -190,6 +169,33 @@ class SizeLimit:
         fits = min(e.fits, n - 1) if e.fits else n // 2
         self.cap = fits if self.cap is None else min(self.cap, fits)
         self._log.warning("%s: %s on %d instances: at most %d per call from now on", self._model, e, n, self.cap)
+
+
+P = TypeVar("P")
+
+
+class PerSignature(Generic[P]):
+    """A model's predictors, one per signature, each made once (files in flight may ask for it at
+    once) and kept with the model: what one learns of batch sizes lasts as long as the model."""
+
+    def __init__(self, make: Callable[[str], P]) -> None:
+        self._make = make
+        self._made: dict[str, P] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, signature_name: str) -> P:
+        with self._lock:
+            if signature_name not in self._made:
+                self._made[signature_name] = self._make(signature_name)
+            return self._made[signature_name]
+
+
+def no_signature(description: str, signature_name: str, names: list[str]) -> ModelError:
+    """A model asked for a signature it does not have."""
+    return ModelError(
+        f"model {description} has no signature {signature_name!r}; it has "
+        f"{', '.join(sorted(names)) or 'none'} — set options.signature_name"
+    )
 
 
 class Predictor(Protocol):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -20,7 +19,7 @@ def decode_strings(value: Any) -> Any:
     if isinstance(value, str):
         return value.encode("utf-8")
     if isinstance(value, dict):
-        if _is_bytes(value):
+        if is_bytes(value):
             try:
                 return base64.b64decode(value["b64"], validate=True)
             except (binascii.Error, ValueError) as e:
@@ -33,7 +32,7 @@ def decode_strings(value: Any) -> Any:
     raise BatchRejected(f'expected a string or {{"b64": …}} for a string input, got {json_type([value])}')
 
 
-def _is_bytes(value: Any) -> bool:
+def is_bytes(value: Any) -> bool:
     """Whether a JSON value is bytes as TF Serving writes them: `{"b64": "<base64 text>"}`."""
     return isinstance(value, dict) and value.keys() == {"b64"} and isinstance(value["b64"], str)
 
@@ -174,76 +173,3 @@ def tf_serving_float(value: float) -> float:
 def json_type(values: list[Any]) -> str:
     """The JSON types of `values`, as a message names them ("array", "object/string")."""
     return "/".join(sorted({type_name(v) for v in values}))
-
-
-def named_inputs_refusal(names: list[str], instance: Any) -> str | None:
-    """Why `instance` is not an object with exactly the inputs `names` that a signature of several
-    inputs takes; None when it is."""
-    if isinstance(instance, dict) and instance.keys() == set(names):
-        return None
-    got = sorted(instance) if isinstance(instance, dict) else json_type([instance])
-    return (
-        f"this model takes named inputs {names}: each instance must be an object with exactly those keys, "
-        f"got {got}{keys_hint(names, instance)}"
-    )
-
-
-def one_input_refusal(name: str, instance: dict[str, Any]) -> str:
-    """Why an object instance is refused by a signature of the one input `name` (when it is not
-    `{name: value}`, nor bytes)."""
-    return (
-        f'this model takes one input, {name!r}: an instance that is an object must be {{"{name}": …}} '
-        f'(or {{"b64": …}} for bytes), got one with keys {sorted(instance)}{keys_hint([name], instance)}'
-    )
-
-
-def keys_hint(names: list[str], instance: Any) -> str:
-    """What to do about an object instance's keys that are not the model's inputs (an id beside the
-    features, say), when it holds every input; "" otherwise."""
-    if not isinstance(instance, dict) or not set(names) <= instance.keys():
-        return ""
-    extra = sorted(set(instance) - set(names))
-    one = len(extra) == 1
-    return (
-        f": {', '.join(map(repr, extra))} {'is not an input' if one else 'are not inputs'} — name "
-        f"{'it' if one else 'one'} in options.key_field to write it as each line's key, or leave "
-        f"{'it' if one else 'them'} out with options.excluded_fields"
-    )
-
-
-def not_numbers(values: list[Any]) -> set[str]:
-    """The JSON types inside the arrays that are not numbers (booleans count as numbers here, as
-    NumPy reads them; an integer beyond 64 bits is named for what it is)."""
-    return _leaf_types_refused(values, _not_a_number)
-
-
-def not_strings(values: list[Any]) -> set[str]:
-    """The JSON types inside the arrays that are not strings (nor `{"b64": …}`, which is bytes)."""
-    return _leaf_types_refused(values, _not_a_string)
-
-
-def _not_a_number(value: Any) -> str | None:
-    if isinstance(value, int) and not -(2**63) <= value < 2**64:
-        return "integer beyond 64 bits"
-    return None if isinstance(value, (int, float)) else type_name(value)
-
-
-def _not_a_string(value: Any) -> str | None:
-    return None if isinstance(value, str) or _is_bytes(value) else type_name(value)
-
-
-def _leaf_types_refused(values: list[Any], refused: Callable[[Any], str | None]) -> set[str]:
-    """What `refused` names (a JSON type) for the values inside the arrays that an input does not take."""
-    names, stack = set(), list(values)
-    while stack:
-        value = stack.pop()
-        if isinstance(value, list):
-            stack.extend(value)
-        elif (name := refused(value)) is not None:
-            names.add(name)
-    return names
-
-
-def leaf_types(values: list[Any]) -> str:
-    """What a numeric input got instead of numbers: the JSON types inside the arrays that are not."""
-    return "/".join(sorted(not_numbers(values))) or json_type(values)

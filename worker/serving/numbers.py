@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from worker.serving import BatchRejected, numbers_refusal
+from worker.serving import BatchRejected
+from worker.serving.refusals import numbers_refusal
 
 _FLOAT_LIMITS = {  # (largest integer taken, largest magnitude taken)
     np.dtype(np.float32): (2**24 - 1, float(np.finfo(np.float32).max)),

@@ -25,24 +25,16 @@ from worker.serving import (
     MEMORY_ADVICE,
     BatchRejected,
     DeclaredOutput,
+    PerSignature,
     SizeLimit,
     TooBig,
     check_outputs,
+    no_signature,
     numbers,
-    numbers_refusal,
-    ragged_refusal,
-    shape_refusal,
-    strings_refusal,
     values_per_instance,
 )
-from worker.serving.jsonvalues import (
-    decode_strings,
-    leaf_types,
-    named_inputs_refusal,
-    not_strings,
-    one_input_refusal,
-    rows_from_array,
-)
+from worker.serving.jsonvalues import decode_strings, rows_from_array
+from worker.serving.refusals import inputs_of, not_numbers_refusal, ragged_refusal, shape_refusal, strings_refused
 
 log = logging.getLogger(__name__)
 _import_lock = threading.Lock()
@@ -113,16 +105,12 @@ class TensorFlowModel:
             self._loaded = tf.saved_model.load(path)
         except Exception as e:  # TensorFlow raises many types here; all mean "cannot load".
             raise ModelError(f"TensorFlow cannot load model {description}: {e}") from e
-        self._predictors: dict[str, TensorFlowSignature] = {}
-        self._lock = threading.Lock()
+        self.predictor = PerSignature(self._predictor)
 
-    def predictor(self, signature_name: str) -> TensorFlowSignature:
-        with self._lock:
-            if signature_name not in self._predictors:
-                predictor = self.signature(signature_name)
-                check_outputs(predictor.declared_outputs, self.description)
-                self._predictors[signature_name] = predictor
-            return self._predictors[signature_name]
+    def _predictor(self, signature_name: str) -> TensorFlowSignature:
+        predictor = self.signature(signature_name)
+        check_outputs(predictor.declared_outputs, self.description)
+        return predictor
 
     def signature_names(self) -> list[str]:
         return sorted(self._loaded.signatures)
@@ -132,10 +120,7 @@ class TensorFlowModel:
         serves a model as TF Serving does, whatever its outputs)."""
         signatures = self._loaded.signatures
         if signature_name not in signatures:
-            raise ModelError(
-                f"model {self.description} has no signature {signature_name!r}; it has "
-                f"{', '.join(sorted(signatures)) or 'none'} — set options.signature_name"
-            )
+            raise no_signature(self.description, signature_name, list(signatures))
         return TensorFlowSignature(self._tf, signatures[signature_name], description=self.description)
 
 
@@ -208,13 +193,9 @@ class TensorFlowSignature:
             try:
                 decoded = [decode_strings(v) for v in values]
             except BatchRejected as e:
-                others = not_strings(values)
-                if not others:  # all strings or {"b64": …}: one that does not decode
-                    raise BatchRejected(f"input {name!r}: {e.message}") from None
-                # When each instance holds these same types (numbers for a text input, say), each
-                # alone is refused just the same.
-                each = all(not_strings([v]) == others for v in values)
-                raise BatchRejected(strings_refusal(name, "/".join(sorted(others))), each=each) from None
+                # Other types than strings (numbers for a text input, say); else all strings or
+                # {"b64": …}, of which one does not decode.
+                raise strings_refused(name, values) or BatchRejected(f"input {name!r}: {e.message}") from None
             arr = np.asarray(decoded, dtype=object)
             # An object array takes instances of several shapes without a word (["a"] and "b" make
             # an array of 2 elements, a list and bytes): they are not one batch, not each refused.
@@ -226,12 +207,8 @@ class TensorFlowSignature:
             except ValueError:  # NumPy's message names the batch's dimensions, not the instance's
                 raise BatchRejected(ragged_refusal(name)) from None
             target = np.dtype(spec.dtype.as_numpy_dtype)
-            if arr.dtype.kind not in "biuf":
-                types = leaf_types(values)
-                # The batch made an array: its instances have one shape. When each holds these same
-                # types (numbers written as strings, say), each alone is refused just the same.
-                each = all(leaf_types([v]) == types for v in values)
-                raise BatchRejected(numbers_refusal(name, spec.dtype.name, types), each=each)
+            if arr.dtype.kind not in "biuf":  # the batch made an array: its instances have one shape
+                raise not_numbers_refusal(name, spec.dtype.name, values)
             if target.kind in "iu":
                 arr = numbers.integers(name, spec.dtype.name, values, arr, target)
             elif target.kind == "b":
@@ -274,26 +251,8 @@ class TensorFlowSignature:
 
     def outputs_once(self, instances: list[Any]) -> dict[str, np.ndarray]:
         """The signature's outputs for `instances`, in one call, as arrays."""
-        names = list(self.inputs)
-        if len(names) == 1:
-            (name,) = names
-            values = instances
-            if dict in set(map(type, instances)):  # some instances name their input: {name: value}
-                values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
-                named = next((v for v in values if isinstance(v, dict) and set(v) != {"b64"}), None)
-                if named is not None:  # not the input's name, nor bytes
-                    raise BatchRejected(
-                        one_input_refusal(name, named),
-                        # Each alone is refused just the same when all are objects of these keys.
-                        each=all(isinstance(v, dict) and v.keys() == named.keys() for v in values),
-                    )
-            feeds = {name: self._column(name, values)}
-        else:
-            refusals = [named_inputs_refusal(names, i) for i in instances]
-            first = next((r for r in refusals if r is not None), None)
-            if first is not None:
-                raise BatchRejected(first, each=all(r == first for r in refusals))
-            feeds = {name: self._column(name, [i[name] for i in instances]) for name in names}
+        inputs = inputs_of(list(self.inputs), instances)
+        feeds = {name: self._column(name, values) for name, values in inputs.items()}
         try:
             outputs = self._fn(**feeds)
         except self._tf.errors.ResourceExhaustedError as e:

@@ -8,10 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.errors import ModelError
-from worker.serving import (
-    check_outputs,
-    values_per_instance,
-)
+from worker.serving import PerSignature, check_outputs, no_signature, values_per_instance
 from worker.serving.tfserving.metadata import input_shapes_of, input_types_of, outputs_declared
 from worker.serving.tfserving.process import ModelServer, ServerConfig, server_error_message
 from worker.serving.tfserving.rest import RestPredictor
@@ -25,8 +22,7 @@ class TFServingModel:
     def __init__(self, server: ModelServer) -> None:
         self.server = server
         self._signatures: dict[str, Any] | None = None  # the server's signature_def, by name
-        # One per signature, kept with the server: what it learned of request sizes lasts as long.
-        self._predictors: dict[str, RestPredictor] = {}
+        self._predictors = PerSignature(self._predictor)
 
     @classmethod
     def start(
@@ -55,24 +51,21 @@ class TFServingModel:
     def predictor(self, signature_name: str) -> RestPredictor:
         names = self.signature_names()
         if signature_name not in names:
-            raise ModelError(
-                f"model {self.server.description} has no signature {signature_name!r}; it has "
-                f"{', '.join(names) or 'none'} — set options.signature_name"
-            )
-        if signature_name not in self._predictors:
-            columnar = self.server.config.request_format == "columnar"
-            signature = self._signature_defs()[signature_name]
-            declared = outputs_declared(signature)
-            check_outputs(declared, self.server.description)
-            self._predictors[signature_name] = RestPredictor(
-                self.server,
-                signature_name,
-                columnar=columnar,
-                values_per_instance=values_per_instance(declared),
-                input_shapes=input_shapes_of(signature),
-                input_types=input_types_of(signature),
-            )
-        return self._predictors[signature_name]
+            raise no_signature(self.server.description, signature_name, names)
+        return self._predictors(signature_name)
+
+    def _predictor(self, signature_name: str) -> RestPredictor:
+        signature = self._signature_defs()[signature_name]
+        declared = outputs_declared(signature)
+        check_outputs(declared, self.server.description)
+        return RestPredictor(
+            self.server,
+            signature_name,
+            columnar=self.server.config.request_format == "columnar",
+            values_per_instance=values_per_instance(declared),
+            input_shapes=input_shapes_of(signature),
+            input_types=input_types_of(signature),
+        )
 
     def close(self) -> None:
         self.server.close()

@@ -19,17 +19,9 @@ from worker.serving import (
     SizeLimit,
     TooBig,
     count_values,
-    numbers_refusal,
-    shape_refusal,
-    strings_refusal,
 )
-from worker.serving.jsonvalues import (
-    invalid_text_as_b64,
-    named_inputs_refusal,
-    not_numbers,
-    not_strings,
-    one_input_refusal,
-)
+from worker.serving.jsonvalues import invalid_text_as_b64
+from worker.serving.refusals import inputs_of, numbers_refused, shape_refusal, strings_refused
 from worker.serving.tfserving.metadata import dims_of
 from worker.serving.tfserving.process import (
     NOT_IMPLEMENTED,
@@ -104,42 +96,26 @@ class RestPredictor:
         return rows_of(outputs, len(instances))
 
     def _shared_refusal(self, instances: list[Any]) -> str | None:
-        """After the server refused `instances`: when a signature of several inputs gets instances
-        all alike that are not objects keyed by its inputs, that; when they all have one shape
-        that an input's declared shape does not take, that (the server's own message may name the
-        batch's size, "In[0]: [1024,15]", and so differ from one instance's); or when they all hold
-        the same JSON types other than numbers for a numeric input (numbers written as strings)."""
-        names = list(self._input_shapes)
-        if len(names) > 1:
-            refusals = {named_inputs_refusal(sorted(names), i) for i in instances}
-            if refusals != {None}:
-                # All alike without the inputs' names (lists, say): that; a mix: the server's messages.
-                return refusals.pop() if len(refusals) == 1 else None
-        elif all(isinstance(i, dict) and len(i) > 1 and names[0] in i for i in instances):
-            # The input beside other keys (an id, say), which the server takes for inputs it lacks.
-            refusals = {one_input_refusal(names[0], i) for i in instances}
-            return refusals.pop() if len(refusals) == 1 else None
-        for name in names:
-            if len(names) == 1:
-                values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
-            else:
-                values = [i[name] for i in instances]
+        """After the server refused `instances`: why, when every instance is refused alike (see
+        `worker.serving.refusals`) — instances that are not what the signature's inputs take, of
+        one shape that an input's declared shape does not take, or of JSON types an input does
+        not take; None otherwise (the server's own messages then say why, instance by instance)."""
+        try:
+            inputs = inputs_of(sorted(self._input_shapes), instances)
+        except BatchRejected as e:
+            return e.message if e.each else None
+        for name, values in inputs.items():
             shapes = {dims_of(v) for v in values}
             if len(shapes) == 1 and (shape := shapes.pop()) is not None:
                 refusal = shape_refusal(name, self._input_shapes[name], list(shape))
                 if refusal is not None:
                     return refusal
             dtype = self._input_types.get(name)
-            if dtype == "string":
-                kinds = {frozenset(not_strings([v])) for v in values}
-                if len(kinds) == 1 and (kind := kinds.pop()):
-                    return strings_refusal(name, "/".join(sorted(kind)))
-            elif dtype is not None:
-                kinds = {frozenset(not_numbers([v])) for v in values}
-                # Not for integers beyond 64 bits: a float input reads them (and refuses them only
-                # as inexact), which the server's own message says.
-                if len(kinds) == 1 and (kind := kinds.pop()) and "integer beyond 64 bits" not in kind:
-                    return numbers_refusal(name, dtype, "/".join(sorted(kind)))
+            if dtype is None:
+                continue
+            refused = strings_refused(name, values) if dtype == "string" else numbers_refused(name, dtype, values)
+            if refused is not None and refused.each:
+                return refused.message
         return None
 
     def _call(self, body: dict[str, Any], key: str) -> Any:
