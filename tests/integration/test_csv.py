@@ -104,3 +104,31 @@ def test_csv_files_through_a_pubsub_job_and_through_local_paths(
     assert done.returncode == 0, done.stderr
     local = [json.loads(line) for line in (tmp_path / "out" / "export.csv.jsonl").read_text().splitlines()]
     assert_same_output_lines(local, keyed_lines)
+
+
+def test_a_large_csv_file_is_cut_into_pieces_that_each_take_its_header(
+    worker_service, storage_client, bucket, model_uris, model_dirs, reference
+):
+    """`parts: 3` over a spreadsheet export of about 70 kB (pieces of at least 16 kB in this
+    worker), keyed by its id column: the dispatch cuts it at line starts into 3 pieces, each part
+    reads the file's header to name its rows, and the joined output is the job run whole's — every
+    row once, in order, keyed; its bad rows error lines numbered as in the file."""
+    _, _, topo = worker_service
+    rows = models.mlp_instances(500, seed=8)
+    storage_client.bucket(bucket).blob("big/export.csv").upload_from_string(_spreadsheet_csv(rows))
+    job = {"model": model_uris["mlp"], "input": f"gs://{bucket}/big/export.csv", "options": {"key_field": "id"}}
+    topo.publish_job({**job, "output": f"gs://{bucket}/big-parts/", "options": {"key_field": "id", "parts": 3}})
+    [(manifest, attrs)] = topo.completions(1)
+    topo.publish_job({**job, "output": f"gs://{bucket}/big-whole/"})
+    [(whole, _)] = topo.completions(1)
+    assert attrs["status"] == "PARTIALLY_SUCCEEDED", manifest
+    assert manifest["totals"] == whole["totals"] == {
+        "lines": 503, "instances": 502, "predictions": 500, "errors": 2, "skipped": 1
+    }  # fmt: skip
+    [entry] = manifest["files"]
+    assert entry["pieces"] == 3 and entry["first_error"] == whole["files"][0]["first_error"]
+    assert entry["first_error"]["line"] == 502
+    cut = read_lines(storage_client, f"gs://{bucket}/big-parts/export.csv.jsonl")
+    assert [line["key"] for line in cut[:500]] == [f"row {k}, batch A" for k in range(500)]
+    assert_same_predictions([line["prediction"] for line in cut[:500]], reference(model_dirs["mlp"], rows))
+    assert_same_output_lines(cut, read_lines(storage_client, f"gs://{bucket}/big-whole/export.csv.jsonl"))

@@ -442,7 +442,7 @@ def test_a_file_read_in_pieces_gives_each_line_to_one_piece_whole_with_its_numbe
     data = codecs.BOM_UTF8 + b"\r\n".join(lines[:100]) + b"\r\n" + b"\n".join(lines[100:]) + b"\n"
     _put(storage_client, bucket, "in/cut.jsonl", data)
     [f] = store.list_inputs(Uri(bucket, "in/cut.jsonl"))
-    assert store.can_cut(f)
+    assert store.can_cut(f, "jsonl")
     long_at = data.index(b"z" * 1000)
     cuts = sorted({1, 2, 700, data.index(b"\r\n", 500) + 1, long_at + 5, long_at + 300_001, 256 * 1024, 512 * 1024})
     bounds = [0, *cuts, f.size]
@@ -465,7 +465,7 @@ def test_only_a_file_read_as_stored_utf8_lines_can_be_cut(store, storage_client,
     blob = storage_client.bucket(bucket).blob("in/encoded.jsonl")
     blob.content_encoding = "gzip"
     blob.upload_from_string(gzip.compress(b"[1]\n[2]\n" * 100), content_type="application/jsonl")
-    files = {f.rel: store.can_cut(f) for f in store.list_inputs(Uri(bucket, "in/"))}
+    files = {f.rel: store.can_cut(f, "jsonl") for f in store.list_inputs(Uri(bucket, "in/"))}
     assert files == {
         "plain.jsonl": True,
         "tiny.jsonl": True,

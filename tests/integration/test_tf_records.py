@@ -112,3 +112,34 @@ def test_tfrecord_files_through_a_pubsub_job_and_through_local_paths(worker_serv
     for name, remote in (("a.tfrecord", a), ("b.tfrecord.gz", b), ("damaged.tfrecord", bad)):
         local = [json.loads(line) for line in (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()]
         assert_same_output_lines(local, remote)
+
+
+def test_a_large_tfrecord_file_is_cut_into_pieces_at_records(worker_service, storage_client, bucket, tmp_path):
+    """`parts: 3` over a file of tf.train.Examples written by TensorFlow, of about 100 kB (pieces
+    of at least 16 kB in this worker): each part finds the first record in its piece by the
+    framing, and the joined output holds every record once, in order, predicted; a damaged
+    record's error line names it by its number in the file."""
+    _, _, topo = worker_service
+    model = models.build_parse_example(tmp_path / "model" / "1")
+    models.upload_folder(storage_client, model, bucket, "big-model/1")
+    values = [(k / 8, (k % 7) / 4) for k in range(2500)]
+    records = _examples(values, tmp_path / "big.tfrecord")
+    data = bytearray((tmp_path / "big.tfrecord").read_bytes())
+    damaged = sum(12 + len(r) + 4 for r in records[:2000]) + 12  # the data of record 2001
+    data[damaged + 5] ^= 0xFF
+    storage_client.bucket(bucket).blob("big/examples.tfrecord").upload_from_string(bytes(data))
+    job = {"model": f"gs://{bucket}/big-model/", "input": f"gs://{bucket}/big/", "output": f"gs://{bucket}/big-out/"}
+    topo.publish_job({**job, "options": {"parts": 3}})
+    [(manifest, attrs)] = topo.completions(1)
+    assert attrs["status"] == "PARTIALLY_SUCCEEDED", manifest
+    assert manifest["totals"] == {"lines": 2500, "instances": 2500, "predictions": 2499, "errors": 1, "skipped": 0}
+    [entry] = manifest["files"]
+    assert entry["pieces"] == 3 and entry["output"] == f"gs://{bucket}/big-out/examples.tfrecord.jsonl"
+    assert entry["first_error"]["line"] == 2001
+    assert "fails its checksum" in entry["first_error"]["message"]
+    lines = read_lines(storage_client, f"gs://{bucket}/big-out/examples.tfrecord.jsonl")
+    good = [k for k in range(2500) if k != 2000]
+    assert len(lines) == 2500 and [lines[k]["instance"] for k in good] == [_b64(records[k]) for k in good]
+    assert all(close_to(lines[k]["prediction"], sum(values[k])) for k in good)
+    assert lines[2000]["error"]["message"].startswith("line 2001 (the record at byte ")
+    assert topo.no_more_completions() == []

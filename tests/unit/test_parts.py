@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +18,7 @@ from worker.jobs import Job, Uri
 from worker.parts import give_up_part, plan, run
 from worker.pipeline import Limits
 from worker.storage import InputFile
+from worker.storage.formats import tfrecord_crc
 
 
 def _parts_of(
@@ -150,6 +153,70 @@ def test_a_file_larger_than_a_parts_share_is_cut_into_pieces_the_parts_share_and
 
     # A part delivered again once the pieces are joined and removed: skipped, nothing published.
     assert _run_part(store, parts[0], pub).skipped and len(pub.messages) == 1
+
+
+class LengthPredictor(SumPredictor):
+    """Predicts the length of each instance as JSON: takes any instance ({"b64": …} records too)."""
+
+    def predict(self, instances: list[Any]) -> list[Any]:
+        self.calls.append(len(instances))
+        return [len(json.dumps(i)) for i in instances]
+
+
+def _frame(data: bytes, *, data_crc: int | None = None) -> bytes:
+    length = struct.pack("<Q", len(data))
+    crc = tfrecord_crc(data) if data_crc is None else data_crc
+    return length + struct.pack("<I", tfrecord_crc(length)) + data + struct.pack("<I", crc)
+
+
+@pytest.mark.parametrize("options", [{}, {"instance_type": "object", "key_field": "id"}])
+def test_a_csv_file_and_a_tf_record_file_are_cut_into_pieces_that_read_as_the_whole_files(options: dict[str, Any]):
+    """`parts: 6` over a CSV file (a byte order mark, CRLF, quoted commas, a bad row) and a TFRecord
+    file (a corrupt record): each is cut into pieces; each CSV piece names its rows by the file's
+    header, each TFRecord piece begins at a record; joined, the outputs and the manifest's files are
+    those of the job run whole, error lines numbered as in the file."""
+    rows = [b'"id","name",x'] + [b'%d,"n, %d",%d.5' % (k, k, k) for k in range(40)]
+    rows[23] = b'22,"unclosed,1.5'
+    csv_data = codecs.BOM_UTF8 + b"\r\n".join(rows) + b"\r\n"
+    records = b"".join(_frame(b"rec %d" % k, data_crc=1 if k == 25 else None) for k in range(30))
+    objects = {"bkt/in/a.csv": csv_data, "bkt/in/b.tfrecord": records}
+    alone = FakeStore(objects)
+    whole, _ = run_job(alone, make_job(options, job_id="whole"), LengthPredictor())
+
+    store = FakeStore(objects)
+    parts, pub, _ = _parts_of(store, {**options, "parts": 6}, limits=Limits(4, min_piece_bytes=10))
+    shares = json.loads(store.objects["bkt/out/_parts/files-of-6.json"])["shares"]
+    pieces = [sum(c["rel"] == rel for s in shares for c in s) for rel in ("a.csv", "b.tfrecord")]
+    assert min(pieces) >= 3 and len(parts) == 6
+    for part in parts:
+        _run_part(store, part, pub, LengthPredictor())
+    [(manifest, attrs)] = pub.messages
+    assert attrs["status"] == whole.manifest["status"]
+    assert manifest["totals"] == whole.manifest["totals"]
+    assert manifest["files"] == [{**f, "pieces": n} for f, n in zip(whole.manifest["files"], pieces, strict=True)]
+    # The bad row; the corrupt record, or (keyed by a CSV column) the first record, which has no key.
+    assert [f["first_error"]["line"] for f in manifest["files"]] == [24, 1 if options else 26]
+    assert store.lines_before_calls == 1  # the CSV piece of the bad row; a TFRecord piece counts records
+    for out in ("bkt/out/a.csv.jsonl", "bkt/out/b.tfrecord.jsonl"):
+        assert store.objects[out] == alone.objects[out]
+
+
+def test_a_tf_record_file_whose_pieces_do_not_meet_at_a_record_fails_its_job_saying_so():
+    """A record whose data is itself framed records, cut in its data: the piece that begins there
+    takes the inner records for the file's, and ends before they run into the outer record's
+    checksum. The pieces do not meet: the job FAILED, saying so, nothing joined."""
+    inner = b"".join(_frame(b"inner %d" % k) for k in range(3))
+    data = _frame(b"first") + _frame(inner) + _frame(b"last")
+    store = FakeStore({"bkt/in/b.tfrecord": data})
+    parts, pub, _ = _parts_of(store, {"parts": 3}, limits=Limits(4, min_piece_bytes=10))
+    shares = json.loads(store.objects["bkt/out/_parts/files-of-3.json"])["shares"]
+    assert sorted(c["bytes"][0] for s in shares for c in s) == [0, len(data) // 3, 2 * len(data) // 3]
+    for part in parts:
+        _run_part(store, part, pub, LengthPredictor())
+    [(manifest, attrs)] = pub.messages
+    assert attrs["status"] == "FAILED" and manifest["error"]["code"] == "INVALID_ARGUMENT"
+    assert manifest["error"]["message"].startswith("TFRecord input gs://bkt/in/b.tfrecord could not be cut at records")
+    assert "bkt/out/b.tfrecord.jsonl" not in store.objects
 
 
 @pytest.mark.parametrize(

@@ -2,18 +2,19 @@
 a job; the pipeline itself runs one job, or one part, without knowing how parts are made or joined.
 
 The job's own run (the dispatch, `dispatch.py`) lists its input, cuts each file larger than a
-part's share of the input's bytes into pieces at line starts (when it can be read in pieces:
-JSON lines stored as UTF-8), shares the files and pieces among N parts (by size, largest first,
-each to the part with the fewest bytes so far) and keeps those shares at
-`<parts folder>/files-of-N.json` (`plan.py`), then publishes N part jobs to the jobs topic
-(`WORKER_JOBS_TOPIC`): the same model, input, output and options, with `part: [k, N]` instead of
-`parts`, the job id `<job id>/part-k-of-N` (and, for a dropped file's job, its `manifest`). Every
-part predicts the files of its share, writes its outputs where the whole job would, and its
-manifest at `<parts folder>/part-k-of-N.json`; it publishes nothing itself. The part that then
-finds all N part manifests written combines them into the job's manifest (`combine.py`), after
-joining each cut file's pieces into the file's output, and publishes the job's one completion
-message. The job sent again keeps the shares of its first dispatch, so the parts that succeeded
-then and the parts that run again never hold a file twice or miss one between them.
+part's share of the input's bytes into pieces (when it can be read in pieces: JSON lines or CSV
+stored as UTF-8, cut at line starts; TFRecord stored uncompressed, at records), shares the files
+and pieces among N parts (by size, largest first, each to the part with the fewest bytes so far)
+and keeps those shares at `<parts folder>/files-of-N.json` (`plan.py`), then publishes N part jobs
+to the jobs topic (`WORKER_JOBS_TOPIC`): the same model, input, output and options, with
+`part: [k, N]` instead of `parts`, the job id `<job id>/part-k-of-N` (and, for a dropped file's job, its
+`manifest`). Every part predicts the files of its share, writes its outputs where the whole job
+would, and its manifest at `<parts folder>/part-k-of-N.json`; it publishes nothing itself. The part
+that then finds all N part manifests written combines them into the job's manifest (`combine.py`),
+after joining each cut file's pieces into the file's output (a TFRecord file's pieces once their
+records are seen to meet), and publishes the job's one completion message. The job sent again keeps
+the shares of its first dispatch, so the parts that succeeded then and the parts that run again
+never hold a file twice or miss one between them.
 
     plan.py       cuts, shares, the part jobs and where their manifests go
     dispatch.py   a job with `parts` published as its part jobs

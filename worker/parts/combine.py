@@ -98,6 +98,38 @@ def pieces(parts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return by_output
 
 
+def unframed(parts: list[dict[str, Any]]) -> str | None:
+    """Why the pieces of a TFRecord file do not meet at a record, when they do not: a piece's first
+    record is not where the piece before it found the next, or the last one's records end before
+    the file does. Data framed like records could make it so (see `worker.pipeline.tf_records`)."""
+    by_input: dict[str, list[dict[str, Any]]] = {}
+    cut = (f for p in parts for f in p.get("files") or [] if isinstance(f.get("piece"), dict))
+    for f in sorted(cut, key=_file_order):
+        if isinstance(f["piece"].get("records"), list):
+            by_input.setdefault(str(f["input"]), []).append(f["piece"])
+    for name, framed in by_input.items():
+        m = framed[0]["of"][1]
+        if [p["of"][0] for p in framed] != list(range(1, m + 1)):
+            continue  # not all there: not joined, said so by `join_pieces`
+        expected = 0
+        for p in framed:
+            first, following = p["records"]
+            if first is not None and first != expected:
+                return (
+                    f"TFRecord input {name} could not be cut at records: piece {p['of'][0]} of {m} found its first "
+                    f"record at byte {first:,}, where the piece before it found the next at byte {expected:,} (a "
+                    "record's data framed like records, or a corrupt record) — send the job again with another "
+                    "job_id and without parts"
+                )
+            expected = expected if first is None else following
+        if expected != framed[-1]["bytes"][1]:
+            return (
+                f"TFRecord input {name} could not be cut at records: its last records end at byte {expected:,} of "
+                f"{framed[-1]['bytes'][1]:,} — send the job again with another job_id and without parts"
+            )
+    return None
+
+
 def join_pieces(whole: Job, store: Any, parts: list[dict[str, Any]]) -> list[str]:
     """Join the pieces of each cut file into its output, once every part has predicted its own.
     Returns the pieces that are not there to join (none when all went well)."""
@@ -179,8 +211,12 @@ def combine(part: Job, store: Store, publisher: Publisher | None) -> None:
         log.info("job %s: part %d of %d done; others still running", whole.job_id, *part.options.part or (0, 0))
         return
     manifest = {**combined(whole, parts), "combined_by": part.job_id}
+    failed = any(p.get("status") == STATUS_FAILED for p in parts)
+    apart = None if failed else unframed(parts)
+    if apart is not None:
+        manifest = {**manifest, "status": STATUS_FAILED, "error": failure("INVALID_ARGUMENT", apart)}
     # The pieces of cut files joined into their outputs, unless a part failed (it runs again).
-    missing = [] if any(p.get("status") == STATUS_FAILED for p in parts) else join_pieces(whole, store, parts)
+    missing = [] if failed or apart else join_pieces(whole, store, parts)
     if missing:
         stored = store.read_json(whole.manifest_uri)
         earlier = value_of(stored) if stored is not None else {}

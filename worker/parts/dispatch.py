@@ -21,7 +21,7 @@ def dispatch(
 ) -> Outcome | None:
     """Publish `job`'s parts to the jobs topic: as many as it asks for, at most one per file or
     piece of a file (a file larger than a part's share is cut into pieces, see `worker.parts`).
-    None for a dropped file that makes one part (too small to cut, or not UTF-8 lines), never
+    None for a dropped file that makes one part (too small to cut, or of a kind that is not), never
     dispatched before: `parts` in WORKER_OPTIONS is for the large ones, and a small one is
     predicted here, whole, as without it (not one part a trip through Pub/Sub away)."""
     done = completed(job, store, publisher)
@@ -29,29 +29,11 @@ def dispatch(
         return done
     assert job.options.parts is not None
     try:
-        if dispatcher is None:
-            instead = (
-                "drop parts from the file's `options` metadata (or from WORKER_OPTIONS)"
-                if job.manifest is not None
-                else "send the job without parts"
-            )
-            raise errors.InvalidJob(
-                "option parts needs the worker's WORKER_JOBS_TOPIC (the topic its job messages come from), "
-                f"to publish the parts to — set it, or {instead}"
-            )
-        inputs = store.list_inputs(job.input, exclude=job.output)
-        check_outputs(job, inputs)
-        given = plan.cuts(
-            inputs,
-            job.options.parts,
-            min_piece_bytes=limits.min_piece_bytes,
-            # JSON lines alone are cut into pieces: a CSV file's would need its header, a TFRecord
-            # file's to begin at a record.
-            can_cut=lambda f: input_format_of(job.options, f.rel) == "jsonl" and store.can_cut(f),
-        )
+        given = _given(job, store, dispatcher, limits)
     except errors.PermanentError as e:
         log.error("job %s failed: %s", job.job_id, e)
         return finish(job, store, publisher, RunState(error=failure(e.code, str(e))))
+    assert dispatcher is not None
     n = min(job.options.parts, len(given))
     if n == 1 and job.manifest is not None and not store.names_under(job.parts_folder):
         log.info("job %s: %s makes one part (not cut into pieces): predicted here, whole", job.job_id, job.input)
@@ -61,17 +43,11 @@ def dispatch(
     cut = sorted({c.rel for s in shares for c in s if c.piece is not None})
     if cut:
         log.info(
-            "job %s: %d file(s) cut into pieces at line starts for the parts to share (%s%s)",
+            "job %s: %d file(s) cut into pieces (at line starts; TFRecord files at records) for the parts to share "
+            "(%s%s)",
             job.job_id, len(cut), cut[0], ", …" if len(cut) > 1 else "",
         )  # fmt: skip
-    # An earlier run's manifest (FAILED, or another job's) is removed, for the parts to create the
-    # new one; so are the manifests of its parts that failed, which run again: the whole job is
-    # combined only once they have.
-    for uri in (job.manifest_uri, *plan.part_manifests(job, n)):
-        stale = store.read_json(uri)
-        if stale is not None and (uri == job.manifest_uri or plan.value_of(stale).get("status") == STATUS_FAILED):
-            with contextlib.suppress(errors.Conflict):
-                store.delete(uri, if_generation_match=stale.generation)
+    _remove_stale(job, store, n)
     for data, attributes in plan.part_messages(job, n):
         dispatcher.publish(data, attributes)
     log.info(
@@ -82,3 +58,37 @@ def dispatch(
     return Outcome(
         {**dispatched, "input": str(job.input), "output": str(job.output), "manifest": str(job.manifest_uri)}
     )
+
+
+def _given(job: Job, store: Store, dispatcher: Publisher | None, limits: Limits) -> list[plan.Cut]:
+    """The job's input files as the parts are given them: whole, or cut into pieces."""
+    assert job.options.parts is not None
+    if dispatcher is None:
+        instead = (
+            "drop parts from the file's `options` metadata (or from WORKER_OPTIONS)"
+            if job.manifest is not None
+            else "send the job without parts"
+        )
+        raise errors.InvalidJob(
+            "option parts needs the worker's WORKER_JOBS_TOPIC (the topic its job messages come from), "
+            f"to publish the parts to — set it, or {instead}"
+        )
+    inputs = store.list_inputs(job.input, exclude=job.output)
+    check_outputs(job, inputs)
+    return plan.cuts(
+        inputs,
+        job.options.parts,
+        min_piece_bytes=limits.min_piece_bytes,
+        can_cut=lambda f: store.can_cut(f, input_format_of(job.options, f.rel)),
+    )
+
+
+def _remove_stale(job: Job, store: Store, n: int) -> None:
+    """An earlier run's manifest (FAILED, or another job's) removed, for the parts to create the
+    new one; and the manifests of its parts that failed, which run again: the whole job is
+    combined only once they have."""
+    for uri in (job.manifest_uri, *plan.part_manifests(job, n)):
+        stale = store.read_json(uri)
+        if stale is not None and (uri == job.manifest_uri or plan.value_of(stale).get("status") == STATUS_FAILED):
+            with contextlib.suppress(errors.Conflict):
+                store.delete(uri, if_generation_match=stale.generation)

@@ -1,7 +1,8 @@
 """One job run as parts on several instances: `options.parts` = N.
 
 The job's own run (the dispatch) lists its input, cuts each file larger than a part's share of the
-input's bytes into pieces at line starts (when it can be read in pieces: stored as UTF-8 lines),
+input's bytes into pieces (when it can be read in pieces: JSON lines or CSV stored as UTF-8, cut at
+line starts, each CSV piece named by the file's header; TFRecord stored uncompressed, at records),
 shares the files and pieces among N parts (by size, largest first, each to the part with the fewest
 bytes so far) and keeps those shares at `<parts folder>/files-of-N.json` (the folder
 `<output>/_parts/`, or for a dropped file's job `<output>/_manifests/<file>.parts/`), then publishes
@@ -67,8 +68,8 @@ def share(inputs: Sequence[Sized], k: int, n: int) -> list[Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Cut:
-    """What a part is given: an input file whole, or piece i of m of it (the lines that begin in
-    its bytes [start, end) of the file's generation `generation`)."""
+    """What a part is given: an input file whole, or piece i of m of it (the lines, or records,
+    that begin in its bytes [start, end) of the file's generation `generation`)."""
 
     rel: str
     size: int  # the bytes it holds
@@ -112,8 +113,9 @@ def cuts(inputs: Sequence[Any], n: int, *, min_piece_bytes: int, can_cut: Callab
             continue
         if m >= 2:
             log.warning(
-                "%s (%d bytes) is larger than a part's share but is not cut into pieces: only a file stored as UTF-8 "
-                "JSON lines is (this one is gzip-compressed, UTF-16 or of another format); one part predicts it whole",
+                "%s (%d bytes) is larger than a part's share but is not cut into pieces: only JSON lines or CSV "
+                "stored as UTF-8, or TFRecord stored uncompressed, are (this one is gzip-compressed, UTF-16, a file "
+                "list or of another format); one part predicts it whole",
                 f.uri, f.size,
             )  # fmt: skip
         out.append(Cut(f.rel, f.size, f.generation))

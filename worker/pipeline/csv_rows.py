@@ -106,6 +106,11 @@ class CsvRows:
                 out.append(self._row(raw, objects=objects))
             yield out
 
+    def take_header(self, raw: bytes) -> None:
+        """The file's header, read apart from its lines (for a piece of the file that does not begin it)."""
+        if raw.strip():
+            self._read_header(raw)
+
     @property
     def _selects(self) -> bool:
         o = self.options

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
 from itertools import accumulate, chain, repeat
 from typing import Any, Literal
@@ -20,7 +20,7 @@ from worker.pipeline.files import Tracker
 from worker.pipeline.isolation import ONE_SHAPE_PER_CALL, predict_batch, predict_entries
 from worker.pipeline.lines import OPEN, Entry, TooLong, entry_of, format_line, hint_request_bodies
 from worker.pipeline.ports import Limits, Sink, Store
-from worker.pipeline.tf_records import record_blocks
+from worker.pipeline.tf_records import Framing, record_blocks, records_before
 from worker.serving import BatchRejected, Predictor
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ class FileRun:
         self.numbers: list[int] = []
         self.pending_bytes = 0
         self._lines_before: int | None = None
+        # Where a piece of a TFRecord file finds its records, and where the next piece's begin.
+        self.framing = Framing(f.start, f.end, f.size) if f.piece and self.read_as == "tf-record" else None
 
     def run(self) -> FileResult:
         f, result = self.f, self.result
@@ -91,6 +93,8 @@ class FileRun:
             if self.pending:
                 self._flush(out)
             last_batch = time.perf_counter()
+        if self.framing is not None and result.piece is not None:  # checked against its neighbours' when joined
+            result.piece["records"] = [self.framing.first, self.framing.next]
         # After the last batch: the rest of the output sent, and stored.
         result.input_wait_s, result.output_wait_s = out.input_s, out.output_s + time.perf_counter() - last_batch
         counts = result.counts
@@ -112,17 +116,34 @@ class FileRun:
         """The file's lines, a block at a time; a CSV file's rows and a TFRecord file's records as JSON lines."""
         f, store, max_line_bytes = self.f, self.store, self.limits.max_line_bytes
         if self.read_as.startswith("tf-record"):
-            return record_blocks(store.read_data(f), f.uri, max_line_bytes)
+            return record_blocks(store.read_data(f), f.uri, max_line_bytes, self.framing)
+        if self.rows is not None and f.start:  # a piece of a CSV file: its rows are named by the file's header
+            self.rows.take_header(self._csv_header())
         blocks = store.read_blocks(f, max_line_bytes=max_line_bytes)
         if self.read_as == "file-list":  # a file's bytes in base64 fit in a line of max_line_bytes
             max_bytes = max_line_bytes * 3 // 4 - 16
             return entry_blocks(blocks, store.read_at_most, local=f.uri.is_local, max_bytes=max_bytes)
         return blocks if self.rows is None else self.rows.blocks(blocks)
 
+    def _csv_header(self) -> bytes:
+        """The first line of the file that is not blank: a CSV file's header."""
+        blocks = self.store.read_blocks(_whole(self.f), max_line_bytes=self.limits.max_line_bytes)
+        try:
+            return next((raw for block in blocks for raw in block if raw.strip()), b"")
+        finally:
+            if isinstance(blocks, Generator):
+                blocks.close()
+
     def _lines_before_piece(self) -> int:
-        """Lines of the file before this piece's first: read only when an error line is to name its line."""
+        """Lines of the file before this piece's first (records, of a TFRecord file): read only
+        when an error line is to name its line."""
         if self._lines_before is None:
-            self._lines_before = self.store.lines_before(self.f) if self.f.start else 0
+            if not self.f.start:
+                self._lines_before = 0
+            elif self.framing is not None:
+                self._lines_before = records_before(self.store.read_data(_whole(self.f)), self.framing.first or 0)
+            else:
+                self._lines_before = self.store.lines_before(self.f)
         return self._lines_before
 
     def _take(self, block: list[bytes], out: _Waits) -> None:
@@ -221,6 +242,11 @@ class FileRun:
         counts.instances += len(entries)
         counts.errors += failed
         counts.predictions += len(entries) - failed
+
+
+def _whole(f: Any) -> Any:
+    """The file a piece is of."""
+    return replace(f, piece=None, start=0, end=None)
 
 
 def _output_of(job: Job, f: Any, read_as: str) -> tuple[Uri, FileResult]:

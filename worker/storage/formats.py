@@ -142,6 +142,33 @@ def other_format(first: bytes) -> tuple[str, str] | None:
     return None
 
 
+# The formats whose files can be cut at any byte into pieces read apart (for a job run as parts):
+# lines, each in the piece it begins in (a CSV piece takes the file's header too); records, found
+# from a piece's start by their framing.
+CUT_FORMATS = ("jsonl", "csv", "tf-record")
+
+
+def can_cut_head(head: bytes, read_as: str) -> bool:
+    """Whether a file of `read_as` that begins with `head` (as stored) can be cut into pieces:
+    not gzip-compressed, and for lines, UTF-8 and not of another format."""
+    if read_as not in CUT_FORMATS or head.startswith(GZIP_MAGIC):
+        return False
+    if read_as == "tf-record":
+        return True
+    marks = tuple(mark for mark, _ in BYTE_ORDER_MARKS if mark != codecs.BOM_UTF8)
+    return not (head.startswith(marks) or other_format(head))
+
+
+def skipped(chunks: Iterator[bytes], n: int) -> Iterator[bytes]:
+    """The chunks without their first n bytes."""
+    for chunk in chunks:
+        if n >= len(chunk):
+            n -= len(chunk)
+            continue
+        yield chunk[n:] if n else chunk
+        n = 0
+
+
 def tfrecord_crc(data: bytes) -> int:
     """TFRecord's checksum of a record's length or data: CRC32C, rotated right by 15 bits, plus a constant."""
     crc = int(google_crc32c.value(data))

@@ -129,7 +129,7 @@ class LocalStore:
             finally:
                 chunks.close()
 
-    def can_cut(self, f: InputFile) -> bool:
+    def can_cut(self, f: InputFile, read_as: str) -> bool:
         raise InvalidJob(NO_PARTS)
 
     def lines_before(self, f: InputFile) -> int:

@@ -4,7 +4,6 @@ composes, and the model's files (delegated to `worker.storage.models`)."""
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import json
 import logging
@@ -26,12 +25,12 @@ from worker.storage import models, upload
 from worker.storage.background import BackgroundWriter, prefetched
 from worker.storage.errors import bucket_missing, no_bucket, replaced_is_transient, translate_errors
 from worker.storage.formats import (
-    BYTE_ORDER_MARKS,
-    GZIP_MAGIC,
+    CUT_FORMATS,
     as_utf8,
+    can_cut_head,
     gunzipped,
-    other_format,
     owned_lines,
+    skipped,
     split_lines,
 )
 from worker.storage.values import WRITTEN_BY_KEY, InputFile, LocalModel, ModelSource, StoredJson
@@ -162,7 +161,10 @@ class GcsStore:
 
     def read_data(self, f: InputFile) -> Iterator[bytes]:
         """Yield the whole object's bytes (gzip-compressed ones decompressed), in bounded chunks,
-        read ahead as `read_blocks` reads them: for files of records rather than lines."""
+        read ahead as `read_blocks` reads them: for files of records rather than lines. A piece of
+        the file gives its bytes as stored from its start to the file's end, as far as they are read."""
+        if f.piece is not None:
+            return self._stream(f, lambda chunks, first, stop: skipped(chunks, f.start - first))
         return self._stream(f, lambda chunks, first, stop: gunzipped(chunks, f.uri, READ_CHUNK_BYTES))
 
     def _stream(self, f: InputFile, decode: Callable[[Iterator[bytes], int, int], Iterator[T]]) -> Iterator[T]:
@@ -212,19 +214,20 @@ class GcsStore:
                 if whole is not None:
                     whole.close()
 
-    def can_cut(self, f: InputFile) -> bool:
-        """Whether the file can be read in pieces that begin and end at any byte: JSON lines in
-        UTF-8 as stored, not gzip-compressed (as stored, or served decompressed), UTF-16 or of
-        another format, which only a reading from its first byte can tell (or decompress)."""
+    def can_cut(self, f: InputFile, read_as: str) -> bool:
+        """Whether the file, read as `read_as`, can be read in pieces that begin and end at any
+        byte: JSON lines or CSV in UTF-8, or TFRecord, as stored — not gzip-compressed (as
+        stored, or served decompressed), UTF-16 or of another format, which only a reading from
+        its first byte can tell (or decompress)."""
+        if read_as not in CUT_FORMATS:
+            return False
         url = self._media.download_url(f.uri.bucket, f.uri.path, f.generation or None)
         with translate_errors(f"reading input {f.uri}"), replaced_is_transient(f):
             reply = self._media.read(url, 0, max(1, min(f.size, 16)) - 1)
         if reply.stream is not None:
             reply.stream.close()
             return False
-        head = reply.data
-        marks = [mark for mark, _ in BYTE_ORDER_MARKS if mark != codecs.BOM_UTF8]
-        return not (head.startswith(GZIP_MAGIC) or head.startswith(tuple(marks)) or other_format(head))
+        return can_cut_head(reply.data, read_as)
 
     def lines_before(self, f: InputFile) -> int:
         """How many lines of the file begin before the first line of the piece `f` (the number of
