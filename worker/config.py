@@ -44,8 +44,8 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
     (
         "WORKER_MIN_PIECE_BYTES",
         "min_piece_bytes",
-        "The smallest piece a job run as parts (options.parts) cuts an input file into, at line starts, when "
-        "the file is larger than a part's share of the input's bytes.",
+        "The smallest piece a job run as parts (options.parts) cuts an input file into (at line starts, or "
+        "records), when the file is larger than a part's share of the input's bytes.",
     ),
     (
         "WORKER_STORAGE_RETRY_SECONDS",
