@@ -66,22 +66,26 @@ def other_formats(inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     shapes = {name: t["shape"] for name, t in inputs.items()}
     numeric = all(t["dtype"] in _NUMBERS for t in inputs.values())
     if len(inputs) == 1:
-        [(name, tensor)] = inputs.items()
-        shape = shapes[name]
-        if numeric and shape is not None and len(shape) == 2 and shape[1] > 0:
-            header = ",".join(f"c{k}" for k in range(shape[1]))
-            row = ",".join(codec.dumps(_example([], tensor["dtype"])).decode() for _ in range(shape[1]))
-            return {"example_csv": f"{header}\n{row}\n"}
-        if tensor["dtype"] == "string" and shape == [-1]:
-            return {
-                "example_tf_record": 'each record of a TFRecord file (*.tfrecord, or input_format "tf-record") is '
-                'sent as {"b64": "<the record>"}: a serialized tf.Example, say'
-            }
-        return {}
+        return _one_input_formats(next(iter(inputs.values())), numeric=numeric)
     if numeric and all(shape == [-1] for shape in shapes.values()):
         header = ",".join(inputs)
         row = ",".join(codec.dumps(_example([], t["dtype"])).decode() for t in inputs.values())
         return {"example_csv": f"{header}\n{row}\n", "example_csv_options": {"instance_type": "object"}}
+    return {}
+
+
+def _one_input_formats(tensor: dict[str, Any], *, numeric: bool) -> dict[str, Any]:
+    """`other_formats` for a signature of one input, `tensor`."""
+    shape = tensor["shape"]
+    if numeric and shape is not None and len(shape) == 2 and shape[1] > 0:
+        header = ",".join(f"c{k}" for k in range(shape[1]))
+        row = ",".join(codec.dumps(_example([], tensor["dtype"])).decode() for _ in range(shape[1]))
+        return {"example_csv": f"{header}\n{row}\n"}
+    if tensor["dtype"] == "string" and shape == [-1]:
+        return {
+            "example_tf_record": 'each record of a TFRecord file (*.tfrecord, or input_format "tf-record") is '
+            'sent as {"b64": "<the record>"}: a serialized tf.Example, say'
+        }
     return {}
 
 

@@ -119,17 +119,8 @@ def from_pubsub_message(message: Mapping[str, Any], *, fallback_id: str = "") ->
     message_id = str(message.get("messageId") or message.get("message_id") or fallback_id)
     payload = _message_data(message.get("data"))
 
-    event_type = attrs.get("eventType")
-    if event_type is not None:
-        if event_type != "OBJECT_FINALIZE":
-            return Ignored(f"bucket notification {event_type} is not OBJECT_FINALIZE")
-        resource: dict[str, Any] = {}
-        if payload.strip():
-            resource = parse_json_object(payload, what="bucket notification payload")
-        resource.setdefault("bucket", attrs.get("bucketId"))
-        resource.setdefault("name", attrs.get("objectId"))
-        resource.setdefault("generation", attrs.get("objectGeneration"))
-        return object_trigger(resource)
+    if attrs.get("eventType") is not None:
+        return _bucket_notification(attrs, payload)
 
     in_attributes = {k: attrs[k] for k in _JOB_ATTRIBUTE_KEYS if k in attrs}
     if payload.strip():
@@ -145,6 +136,21 @@ def from_pubsub_message(message: Mapping[str, Any], *, fallback_id: str = "") ->
     if not message_id and not raw.get("job_id"):
         raise InvalidJob("job message has neither a message id nor a job_id")
     return JobTrigger(Job.from_mapping(raw, default_job_id=message_id))
+
+
+def _bucket_notification(attrs: Mapping[str, Any], payload: bytes) -> Trigger:
+    """A Cloud Storage notification to Pub/Sub: its object (in the payload, or named by the
+    attributes) when it was finalized."""
+    event_type = attrs["eventType"]
+    if event_type != "OBJECT_FINALIZE":
+        return Ignored(f"bucket notification {event_type} is not OBJECT_FINALIZE")
+    resource: dict[str, Any] = {}
+    if payload.strip():
+        resource = parse_json_object(payload, what="bucket notification payload")
+    resource.setdefault("bucket", attrs.get("bucketId"))
+    resource.setdefault("name", attrs.get("objectId"))
+    resource.setdefault("generation", attrs.get("objectGeneration"))
+    return object_trigger(resource)
 
 
 def _with_attributes(raw: dict[str, Any], in_attributes: Mapping[str, Any]) -> dict[str, Any]:

@@ -218,6 +218,32 @@ _OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]
 _JOB_KEYS = {"model", "input", "output", "job_id", "options"}
 
 
+def _check_fields(raw: Mapping[str, Any], *, part_of_dropped: bool) -> None:
+    """A job message's fields: those of a job, and model, input and output among them."""
+    unknown = sorted(set(raw) - _JOB_KEYS - ({"manifest"} if part_of_dropped else set()))
+    if unknown:
+        raise InvalidJob(
+            f"unknown job field(s) {', '.join(map(repr, unknown))}; a job has "
+            f"{', '.join(sorted(_JOB_KEYS))} (job options go inside 'options')"
+        )
+    missing = [k for k in ("model", "input", "output") if not raw.get(k)]
+    if missing:
+        raise InvalidJob(f"job is missing {', '.join(missing)}: a job needs model, input and output gs:// URIs")
+
+
+def _checked_job_id(job_id: Any) -> str:
+    """A job id as given: non-empty text of at most what a Pub/Sub attribute holds."""
+    if not isinstance(job_id, str) or not job_id.strip():
+        raise InvalidJob(f"job_id must be a non-empty string, got {shown(job_id)}")
+    _check_text(job_id, "job_id")
+    if len(job_id.encode()) > MAX_JOB_ID_BYTES:
+        raise InvalidJob(
+            f"job_id {shown(job_id)} is {len(job_id.encode())} bytes of UTF-8, more than the {MAX_JOB_ID_BYTES} "
+            "a Pub/Sub attribute holds (the completion message carries it as one) — use a shorter job_id"
+        )
+    return job_id
+
+
 @dataclass(frozen=True)
 class Job:
     """One batch prediction: a model, its input file(s), where predictions go."""
@@ -243,24 +269,8 @@ class Job:
             options = parse_json_object(options, what="options attribute")
         # The part of a dropped file's job carries where that job's manifest goes (set by the worker).
         part_of_dropped = "manifest" in raw and isinstance(options, Mapping) and "part" in options
-        unknown = sorted(set(raw) - _JOB_KEYS - ({"manifest"} if part_of_dropped else set()))
-        if unknown:
-            raise InvalidJob(
-                f"unknown job field(s) {', '.join(map(repr, unknown))}; a job has "
-                f"{', '.join(sorted(_JOB_KEYS))} (job options go inside 'options')"
-            )
-        missing = [k for k in ("model", "input", "output") if not raw.get(k)]
-        if missing:
-            raise InvalidJob(f"job is missing {', '.join(missing)}: a job needs model, input and output gs:// URIs")
-        job_id = raw.get("job_id") or fit_job_id(default_job_id)
-        if not isinstance(job_id, str) or not job_id.strip():
-            raise InvalidJob(f"job_id must be a non-empty string, got {shown(job_id)}")
-        _check_text(job_id, "job_id")
-        if len(job_id.encode()) > MAX_JOB_ID_BYTES:
-            raise InvalidJob(
-                f"job_id {shown(job_id)} is {len(job_id.encode())} bytes of UTF-8, more than the {MAX_JOB_ID_BYTES} "
-                "a Pub/Sub attribute holds (the completion message carries it as one) — use a shorter job_id"
-            )
+        _check_fields(raw, part_of_dropped=part_of_dropped)
+        job_id = _checked_job_id(raw.get("job_id") or fit_job_id(default_job_id))
         parse = locate or (lambda value, what: Uri.parse(value, what=what))
         model = parse(raw["model"], "model")
         inp = parse(raw["input"], "input")

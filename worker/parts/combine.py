@@ -107,26 +107,30 @@ def unframed(parts: list[dict[str, Any]]) -> str | None:
     for f in sorted(cut, key=_file_order):
         if isinstance(f["piece"].get("records"), list):
             by_input.setdefault(str(f["input"]), []).append(f["piece"])
-    for name, framed in by_input.items():
-        m = framed[0]["of"][1]
-        if [p["of"][0] for p in framed] != list(range(1, m + 1)):
-            continue  # not all there: not joined, said so by `join_pieces`
-        expected = 0
-        for p in framed:
-            first, following = p["records"]
-            if first is not None and first != expected:
-                return (
-                    f"TFRecord input {name} could not be cut at records: piece {p['of'][0]} of {m} found its first "
-                    f"record at byte {first:,}, where the piece before it found the next at byte {expected:,} (a "
-                    "record's data framed like records, or a corrupt record) — send the job again with another "
-                    "job_id and without parts"
-                )
-            expected = expected if first is None else following
-        if expected != framed[-1]["bytes"][1]:
+    return next(filter(None, (_gap(name, framed) for name, framed in by_input.items())), None)
+
+
+def _gap(name: str, framed: list[dict[str, Any]]) -> str | None:
+    """Where the pieces of the TFRecord file `name` do not meet at a record, if they do not."""
+    m = framed[0]["of"][1]
+    if [p["of"][0] for p in framed] != list(range(1, m + 1)):
+        return None  # not all there: not joined, said so by `join_pieces`
+    expected = 0
+    for p in framed:
+        first, following = p["records"]
+        if first is not None and first != expected:
             return (
-                f"TFRecord input {name} could not be cut at records: its last records end at byte {expected:,} of "
-                f"{framed[-1]['bytes'][1]:,} — send the job again with another job_id and without parts"
+                f"TFRecord input {name} could not be cut at records: piece {p['of'][0]} of {m} found its first "
+                f"record at byte {first:,}, where the piece before it found the next at byte {expected:,} (a "
+                "record's data framed like records, or a corrupt record) — send the job again with another "
+                "job_id and without parts"
             )
+        expected = expected if first is None else following
+    if expected != framed[-1]["bytes"][1]:
+        return (
+            f"TFRecord input {name} could not be cut at records: its last records end at byte {expected:,} of "
+            f"{framed[-1]['bytes'][1]:,} — send the job again with another job_id and without parts"
+        )
     return None
 
 
@@ -210,21 +214,7 @@ def combine(part: Job, store: Store, publisher: Publisher | None) -> None:
     if parts is None:
         log.info("job %s: part %d of %d done; others still running", whole.job_id, *part.options.part or (0, 0))
         return
-    manifest = {**combined(whole, parts), "combined_by": part.job_id}
-    failed = any(p.get("status") == STATUS_FAILED for p in parts)
-    apart = None if failed else unframed(parts)
-    if apart is not None:
-        manifest = {**manifest, "status": STATUS_FAILED, "error": failure("INVALID_ARGUMENT", apart)}
-    # The pieces of cut files joined into their outputs, unless a part failed (it runs again).
-    missing = [] if failed or apart else join_pieces(whole, store, parts)
-    if missing:
-        stored = store.read_json(whole.manifest_uri)
-        earlier = value_of(stored) if stored is not None else {}
-        if earlier.get("job_id") != whole.job_id or earlier.get("status") == STATUS_FAILED:
-            why = f"cannot join the pieces of {missing[0]} — send the job again with another job_id"
-            error = failure("NOT_FOUND", why)
-            manifest = {**manifest, "status": STATUS_FAILED, "error": error}
-        # else: the part that wrote the job's manifest (not FAILED) joined them, then removed them
+    manifest = _with_pieces_joined(whole, store, parts, {**combined(whole, parts), "combined_by": part.job_id})
     if not write_combined(whole, store, manifest) and not _replaced(whole, part, store, publisher, manifest):
         return
     if manifest["status"] != STATUS_FAILED:  # the job sent again after a FAILED one joins them again
@@ -236,6 +226,26 @@ def combine(part: Job, store: Store, publisher: Publisher | None) -> None:
         "job %s %s: %d parts, %d instances, %d predictions, %d errors",
         whole.job_id, manifest["status"], len(parts), totals["instances"], totals["predictions"], totals["errors"],
     )  # fmt: skip
+
+
+def _with_pieces_joined(
+    whole: Job, store: Store, parts: list[dict[str, Any]], manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """The pieces of cut files joined into their outputs, unless a part failed (it runs again) or a
+    TFRecord file's pieces do not meet; the job's manifest, FAILED when they could not be joined."""
+    failed = any(p.get("status") == STATUS_FAILED for p in parts)
+    apart = None if failed else unframed(parts)
+    if apart is not None:
+        return {**manifest, "status": STATUS_FAILED, "error": failure("INVALID_ARGUMENT", apart)}
+    missing = [] if failed else join_pieces(whole, store, parts)
+    if missing:
+        stored = store.read_json(whole.manifest_uri)
+        earlier = value_of(stored) if stored is not None else {}
+        if earlier.get("job_id") != whole.job_id or earlier.get("status") == STATUS_FAILED:
+            why = f"cannot join the pieces of {missing[0]} — send the job again with another job_id"
+            return {**manifest, "status": STATUS_FAILED, "error": failure("NOT_FOUND", why)}
+        # else: the part that wrote the job's manifest (not FAILED) joined them, then removed them
+    return manifest
 
 
 def _replaced(whole: Job, part: Job, store: Store, publisher: Publisher | None, manifest: dict[str, Any]) -> bool:

@@ -39,14 +39,7 @@ def dispatch(
         log.info("job %s: %s makes one part (not cut into pieces): predicted here, whole", job.job_id, job.input)
         return None
     shares = plan.fixed_shares(job, store, given, n)
-    files = len({c.rel for s in shares for c in s})
-    cut = sorted({c.rel for s in shares for c in s if c.piece is not None})
-    if cut:
-        log.info(
-            "job %s: %d file(s) cut into pieces (at line starts; TFRecord files at records) for the parts to share "
-            "(%s%s)",
-            job.job_id, len(cut), cut[0], ", …" if len(cut) > 1 else "",
-        )  # fmt: skip
+    files = _log_cuts(job, shares)
     _remove_stale(job, store, n)
     for data, attributes in plan.part_messages(job, n):
         dispatcher.publish(data, attributes)
@@ -58,6 +51,18 @@ def dispatch(
     return Outcome(
         {**dispatched, "input": str(job.input), "output": str(job.output), "manifest": str(job.manifest_uri)}
     )
+
+
+def _log_cuts(job: Job, shares: list[list[plan.Cut]]) -> int:
+    """The files cut into pieces said; how many files the shares hold."""
+    cut = sorted({c.rel for s in shares for c in s if c.piece is not None})
+    if cut:
+        log.info(
+            "job %s: %d file(s) cut into pieces (at line starts; TFRecord files at records) for the parts to share "
+            "(%s%s)",
+            job.job_id, len(cut), cut[0], ", …" if len(cut) > 1 else "",
+        )  # fmt: skip
+    return len({c.rel for s in shares for c in s})
 
 
 def _given(job: Job, store: Store, dispatcher: Publisher | None, limits: Limits) -> list[plan.Cut]:

@@ -151,14 +151,7 @@ def part_files(part: Job, store: Any, inputs: Sequence[Any]) -> list[Any]:
         log.warning("job %s: no shares kept at %s; sharing the input as listed now", part.job_id, uri)
         return share(inputs, k, n)
     listed = {f.rel: f for f in inputs}
-    for c in shares[k - 1]:
-        if c.piece is not None and (c.rel not in listed or listed[c.rel].generation != c.generation):
-            raise errors.InvalidJob(
-                f"input {whole.input.child(c.rel) if whole.input.is_prefix else whole.input} was "
-                f"{'replaced' if c.rel in listed else 'deleted'} after the job was dispatched, and this part "
-                f"predicts a piece of it (bytes {c.start:,} to {c.end:,} of generation {c.generation}) — send the "
-                "job again with another job_id"
-            )
+    _check_pieces(whole, shares[k - 1], listed)
     gone = [c.rel for c in shares[k - 1] if c.rel not in listed]
     if gone:
         log.warning(
@@ -170,6 +163,19 @@ def part_files(part: Job, store: Any, inputs: Sequence[Any]) -> list[Any]:
         dataclasses.replace(listed[c.rel], piece=c.piece, start=c.start, end=c.end) if c.piece else listed[c.rel]
         for c in sorted(given, key=lambda c: (c.rel, c.start))
     ]
+
+
+def _check_pieces(whole: Job, given: list[Cut], listed: dict[str, Any]) -> None:
+    """A piece of a file replaced or deleted since the dispatch fails the part: pieces of two
+    versions of a file cannot be joined."""
+    for c in given:
+        if c.piece is not None and (c.rel not in listed or listed[c.rel].generation != c.generation):
+            raise errors.InvalidJob(
+                f"input {whole.input.child(c.rel) if whole.input.is_prefix else whole.input} was "
+                f"{'replaced' if c.rel in listed else 'deleted'} after the job was dispatched, and this part "
+                f"predicts a piece of it (bytes {c.start:,} to {c.end:,} of generation {c.generation}) — send the "
+                "job again with another job_id"
+            )
 
 
 def _shares(value: Any, whole: Job, n: int) -> list[list[Cut]] | None:

@@ -151,7 +151,7 @@ class FileRun:
 
         Lines come in blocks (a downloaded chunk's worth) and are cut into batches as lists: at a
         few microseconds per instance, a Python step per line is a cost worth avoiding."""
-        max_batch_bytes, max_line_bytes = self.limits.max_batch_bytes, self.limits.max_line_bytes
+        max_line_bytes = self.limits.max_line_bytes
         counts = self.result.counts
         if max(map(len, block), default=0) > max_line_bytes:
             block = [TooLong(raw, max_line_bytes) if len(raw) > max_line_bytes else raw for raw in block]
@@ -163,15 +163,20 @@ class FileRun:
         else:
             counts.skipped += len(block) - len(kept)
             kept_numbers = [first + i for i, raw in enumerate(block) if raw and not raw.isspace()]
+        self._batch(kept, kept_numbers, out)
+
+    def _batch(self, kept: list[bytes], numbers: list[int] | range, out: _Waits) -> None:
+        """Lines (and their numbers) added to the batch, each batch predicted once full: of the
+        batch size, or of the line that reaches its byte bound."""
+        max_batch_bytes = self.limits.max_batch_bytes
         start = 0
         while start < len(kept):
-            # Take lines up to the batch's size, or up to the line that reaches its byte bound.
             size = self.batch_size()
             end = min(len(kept), start + max(0, size - len(self.pending)))
             sizes = list(accumulate(map(len, kept[start:end]), initial=self.pending_bytes))
             end = start + min(bisect_left(sizes, max_batch_bytes, lo=1), end - start)
             self.pending += kept[start:end]
-            self.numbers += kept_numbers[start:end]
+            self.numbers += numbers[start:end]
             self.pending_bytes = sizes[end - start]
             start = end
             if len(self.pending) >= size or self.pending_bytes >= max_batch_bytes:

@@ -78,24 +78,37 @@ def run_files(
             for i, f in enumerate(inputs):
                 results[i] = one(f)
             return
-        with ThreadPoolExecutor(max_workers=min(concurrency, len(inputs)), thread_name_prefix="file") as pool:
-            # Each file runs in a copy of this context, so its logs carry the job's id.
-            futures: dict[Future[FileResult], int] = {
-                pool.submit(contextvars.copy_context().run, one, f): i for i, f in enumerate(inputs)
-            }
-            done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
-            error = next((e for e in (fut.exception() for fut in done) if e is not None), None)
-            if error is not None:
-                tracker.stop()
-                for fut in not_done:
-                    fut.cancel()
-            wait(not_done)
-            for fut, i in futures.items():
-                if not fut.cancelled() and fut.exception() is None:
-                    results[i] = fut.result()
-            if error is not None:
-                raise error
+        _in_threads(one, inputs, concurrency, tracker, results)
     finally:
         for i in sorted(results):
             state.files.append(results[i])
             state.totals.add(results[i].counts)
+
+
+def _in_threads(
+    one: Callable[[Any], FileResult],
+    inputs: list[Any],
+    concurrency: int,
+    tracker: Tracker,
+    results: dict[int, FileResult],
+) -> None:
+    """`one` over the inputs in up to `concurrency` threads, each result in `results` by the
+    input's index as it comes; the first failure cancels the files not begun and is raised once
+    the files begun are done."""
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(inputs)), thread_name_prefix="file") as pool:
+        # Each file runs in a copy of this context, so its logs carry the job's id.
+        futures: dict[Future[FileResult], int] = {
+            pool.submit(contextvars.copy_context().run, one, f): i for i, f in enumerate(inputs)
+        }
+        done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
+        error = next((e for e in (fut.exception() for fut in done) if e is not None), None)
+        if error is not None:
+            tracker.stop()
+            for fut in not_done:
+                fut.cancel()
+        wait(not_done)
+        for fut, i in futures.items():
+            if not fut.cancelled() and fut.exception() is None:
+                results[i] = fut.result()
+        if error is not None:
+            raise error

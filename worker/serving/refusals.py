@@ -23,20 +23,24 @@ def inputs_of(names: list[str], instances: list[Any]) -> dict[str, list[Any]]:
     several inputs takes objects with exactly their names as keys. `BatchRejected` when the
     instances are not so, saying why."""
     if len(names) == 1:
-        (name,) = names
-        if dict not in set(map(type, instances)):
-            return {name: instances}
-        values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
-        named = next((v for v in values if isinstance(v, dict) and set(v) != {"b64"}), None)
-        if named is not None:  # not the input's name, nor bytes: an id beside it, say
-            each = all(isinstance(v, dict) and v.keys() == named.keys() for v in values)
-            raise BatchRejected(one_input_refusal(name, named), each=each)
-        return {name: values}
+        return {names[0]: _one_input(names[0], instances)}
     refusals = [named_inputs_refusal(names, i) for i in instances]
     first = next((r for r in refusals if r is not None), None)
     if first is not None:
         raise BatchRejected(first, each=all(r == first for r in refusals))
     return {name: [i[name] for i in instances] for name in names}
+
+
+def _one_input(name: str, instances: list[Any]) -> list[Any]:
+    """The values of a signature's one input: each instance, or its value when it is `{name: value}`."""
+    if dict not in set(map(type, instances)):
+        return instances
+    values = [i[name] if isinstance(i, dict) and set(i) == {name} else i for i in instances]
+    named = next((v for v in values if isinstance(v, dict) and set(v) != {"b64"}), None)
+    if named is not None:  # not the input's name, nor bytes: an id beside it, say
+        each = all(isinstance(v, dict) and v.keys() == named.keys() for v in values)
+        raise BatchRejected(one_input_refusal(name, named), each=each)
+    return values
 
 
 def strings_refused(name: str, values: list[Any]) -> BatchRejected | None:

@@ -189,38 +189,45 @@ class TensorFlowSignature:
                 return tensor
         if spec.dtype not in self._from_json:
             raise NotFromJson(name, "half" if spec.dtype == self._tf.float16 else spec.dtype.name, values)
-        if spec.dtype == self._tf.string:
-            try:
-                decoded = [decode_strings(v) for v in values]
-            except BatchRejected as e:
-                # Other types than strings (numbers for a text input, say); else all strings or
-                # {"b64": …}, of which one does not decode.
-                raise strings_refused(name, values) or BatchRejected(f"input {name!r}: {e.message}") from None
-            arr = np.asarray(decoded, dtype=object)
-            # An object array takes instances of several shapes without a word (["a"] and "b" make
-            # an array of 2 elements, a list and bytes): they are not one batch, not each refused.
-            if any(type(v) is list for v in arr.reshape(-1)):
-                raise BatchRejected(ragged_refusal(name))
-        else:
-            try:
-                arr = np.asarray(values)
-            except ValueError:  # NumPy's message names the batch's dimensions, not the instance's
-                raise BatchRejected(ragged_refusal(name)) from None
-            target = np.dtype(spec.dtype.as_numpy_dtype)
-            if arr.dtype.kind not in "biuf":  # the batch made an array: its instances have one shape
-                raise not_numbers_refusal(name, spec.dtype.name, values)
-            if target.kind in "iu":
-                arr = numbers.integers(name, spec.dtype.name, values, arr, target)
-            elif target.kind == "b":
-                numbers.check_booleans(name, arr)
-            with np.errstate(over="ignore"):  # beyond float32's range: infinity, refused below
-                arr = arr.astype(target, copy=False)
-            numbers.check_floats(name, values, arr)
+        arr = self._strings(name, values) if spec.dtype == self._tf.string else self._numbers(name, spec, values)
         self._check_shape(name, spec, list(arr.shape))
         try:
             return self._tf.constant(arr, dtype=spec.dtype)
         except (TypeError, ValueError) as e:  # what the checks above did not foresee: these instances' fault
             raise BatchRejected(f"input {name!r}: {e}") from None
+
+    def _strings(self, name: str, values: list[Any]) -> np.ndarray:
+        """The values of string input `name` as an array of bytes objects."""
+        try:
+            decoded = [decode_strings(v) for v in values]
+        except BatchRejected as e:
+            # Other types than strings (numbers for a text input, say); else all strings or
+            # {"b64": …}, of which one does not decode.
+            raise strings_refused(name, values) or BatchRejected(f"input {name!r}: {e.message}") from None
+        arr = np.asarray(decoded, dtype=object)
+        # An object array takes instances of several shapes without a word (["a"] and "b" make
+        # an array of 2 elements, a list and bytes): they are not one batch, not each refused.
+        if any(type(v) is list for v in arr.reshape(-1)):
+            raise BatchRejected(ragged_refusal(name))
+        return arr
+
+    def _numbers(self, name: str, spec: Any, values: list[Any]) -> np.ndarray:
+        """The values of numeric input `name` as an array of its type, refused as TF Serving would."""
+        try:
+            arr = np.asarray(values)
+        except ValueError:  # NumPy's message names the batch's dimensions, not the instance's
+            raise BatchRejected(ragged_refusal(name)) from None
+        target = np.dtype(spec.dtype.as_numpy_dtype)
+        if arr.dtype.kind not in "biuf":  # the batch made an array: its instances have one shape
+            raise not_numbers_refusal(name, spec.dtype.name, values)
+        if target.kind in "iu":
+            arr = numbers.integers(name, spec.dtype.name, values, arr, target)
+        elif target.kind == "b":
+            numbers.check_booleans(name, arr)
+        with np.errstate(over="ignore"):  # beyond float32's range: infinity, refused below
+            arr = arr.astype(target, copy=False)
+        numbers.check_floats(name, values, arr)
+        return arr
 
     @staticmethod
     def _check_shape(name: str, spec: Any, shape: list[int]) -> None:

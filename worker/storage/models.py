@@ -95,22 +95,28 @@ def choose_version(model: Uri, base: Uri, blobs: list[Any]) -> ModelSource:
         }
     )
     if not versions:
-        found = {posixpath.dirname(rel) + "/" for rel in rel_names if posixpath.basename(rel) in SAVED_MODEL_FILES}
-        if found:
-            deeper = sorted(found)
-            where = ", ".join(str(base.child(d)) for d in deeper[:3]) + (", …" if len(deeper) > 3 else "")
-            raise ModelError(
-                f"model {model} has no saved_model.pb, nor numeric version folders holding one; there is one "
-                f"deeper, in {where} — point `model` at that folder (or at the folder of its numeric versions)"
-            )
-        hint = next(filter(None, map(_not_saved_model, sorted(rel_names))), "")
-        raise ModelError(
-            f"model {model} has no saved_model.pb{hint} — point `model` at the version folder that "
-            "holds saved_model.pb and variables/, or at its parent holding numeric version folders"
-        )
+        raise _no_saved_model(model, base, sorted(rel_names))
     version = versions[-1]
     folder = base.child(f"{version}/")
     return ModelSource.of(folder, version, [b for b in blobs if b.name.startswith(folder.path)])
+
+
+def _no_saved_model(model: Uri, base: Uri, names: list[str]) -> ModelError:
+    """Why a model folder of objects `names` (relative to `base`) is not a SavedModel, and where to
+    point instead."""
+    found = {posixpath.dirname(rel) + "/" for rel in names if posixpath.basename(rel) in SAVED_MODEL_FILES}
+    if found:
+        deeper = sorted(found)
+        where = ", ".join(str(base.child(d)) for d in deeper[:3]) + (", …" if len(deeper) > 3 else "")
+        return ModelError(
+            f"model {model} has no saved_model.pb, nor numeric version folders holding one; there is one "
+            f"deeper, in {where} — point `model` at that folder (or at the folder of its numeric versions)"
+        )
+    hint = next(filter(None, map(_not_saved_model, names)), "")
+    return ModelError(
+        f"model {model} has no saved_model.pb{hint} — point `model` at the version folder that "
+        "holds saved_model.pb and variables/, or at its parent holding numeric version folders"
+    )
 
 
 def gcs_download(media: MediaTransport) -> Callable[[Any, str], None]:

@@ -101,23 +101,7 @@ class GcsStore:
         bucket = self._client.bucket(input_uri.bucket)
         with translate_errors(f"reading input {input_uri}", bucket):
             if not input_uri.is_prefix:
-                blob = bucket.get_blob(input_uri.path, retry=self._retry)
-                if blob is None and bucket_missing(bucket):
-                    raise NotFound(f"reading input {input_uri}: {no_bucket(bucket)}")
-                wildcard = min((i for i in map(input_uri.path.find, "*?[") if i >= 0), default=None)
-                if blob is None and wildcard is not None:
-                    folder = input_uri.path[:wildcard].rpartition("/")[0]
-                    raise NotFound(
-                        f"input {input_uri} does not exist, and wildcards (* ? [) are not expanded — give the "
-                        f"prefix the inputs are under, ending in / ({Uri(input_uri.bucket, folder).as_prefix()}, "
-                        "say): every object under it is an input"
-                    )
-                if blob is None:
-                    raise NotFound(
-                        f"input {input_uri} does not exist — check the object name, or end the URI "
-                        "with / to read every object under a prefix"
-                    )
-                return [self._input_file(blob, posixpath.basename(input_uri.path))]
+                return [self._one_input(bucket, input_uri)]
             files = []
             for blob in self._client.list_blobs(input_uri.bucket, prefix=input_uri.path, retry=self._retry):
                 name: str = blob.name
@@ -130,6 +114,26 @@ class GcsStore:
             raise NotFound(f"input {input_uri} matches no object — check the prefix and that files were uploaded")
         files.sort(key=lambda f: f.rel)
         return files
+
+    def _one_input(self, bucket: Any, input_uri: Uri) -> InputFile:
+        """The object `input_uri` names; NotFound saying what to give instead when there is none."""
+        blob = bucket.get_blob(input_uri.path, retry=self._retry)
+        if blob is not None:
+            return self._input_file(blob, posixpath.basename(input_uri.path))
+        if bucket_missing(bucket):
+            raise NotFound(f"reading input {input_uri}: {no_bucket(bucket)}")
+        wildcard = min((i for i in map(input_uri.path.find, "*?[") if i >= 0), default=None)
+        if wildcard is not None:
+            folder = input_uri.path[:wildcard].rpartition("/")[0]
+            raise NotFound(
+                f"input {input_uri} does not exist, and wildcards (* ? [) are not expanded — give the "
+                f"prefix the inputs are under, ending in / ({Uri(input_uri.bucket, folder).as_prefix()}, "
+                "say): every object under it is an input"
+            )
+        raise NotFound(
+            f"input {input_uri} does not exist — check the object name, or end the URI "
+            "with / to read every object under a prefix"
+        )
 
     @staticmethod
     def _input_file(blob: Any, rel: str) -> InputFile:

@@ -104,19 +104,20 @@ class RestPredictor:
             inputs = inputs_of(sorted(self._input_shapes), instances)
         except BatchRejected as e:
             return e.message if e.each else None
-        for name, values in inputs.items():
-            shapes = {dims_of(v) for v in values}
-            if len(shapes) == 1 and (shape := shapes.pop()) is not None:
-                refusal = shape_refusal(name, self._input_shapes[name], list(shape))
-                if refusal is not None:
-                    return refusal
-            dtype = self._input_types.get(name)
-            if dtype is None:
-                continue
-            refused = strings_refused(name, values) if dtype == "string" else numbers_refused(name, dtype, values)
-            if refused is not None and refused.each:
-                return refused.message
-        return None
+        return next(filter(None, (self._input_refusal(name, values) for name, values in inputs.items())), None)
+
+    def _input_refusal(self, name: str, values: list[Any]) -> str | None:
+        """Why input `name` refuses all its `values` alike: their one shape, or their JSON types."""
+        shapes = {dims_of(v) for v in values}
+        if len(shapes) == 1 and (shape := shapes.pop()) is not None:
+            refusal = shape_refusal(name, self._input_shapes[name], list(shape))
+            if refusal is not None:
+                return refusal
+        dtype = self._input_types.get(name)
+        if dtype is None:
+            return None
+        refused = strings_refused(name, values) if dtype == "string" else numbers_refused(name, dtype, values)
+        return refused.message if refused is not None and refused.each else None
 
     def _call(self, body: dict[str, Any], key: str) -> Any:
         r = self._server.call("POST", ":predict", body)
