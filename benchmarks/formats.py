@@ -144,7 +144,8 @@ def _speed(case: Case, repeat: int, tmp: Path, batch: int) -> dict[str, dict[str
     """Each format's jobs, in turn, each just after a floor pass; medians of the ratios."""
     from worker.app import Runtime
     from worker.config import Settings
-    from worker.jobs import Job, Uri
+    from worker.jobs import Job
+    from worker.uris import Uri
 
     settings = Settings(work_dir=str(tmp / "work"), batch_size=batch, log_level="WARNING")
     rt = Runtime.from_settings(settings, publish=False, local=True)

@@ -453,8 +453,8 @@ def storage_alone_s(env: Env, uri: str, out_bytes: int, repeat: int) -> float:
     fake-gcs-server costs alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from worker.jobs import Uri
     from worker.storage import GcsStore
+    from worker.uris import Uri
 
     store = GcsStore.from_environment("bench", environ=os.environ, concurrent_requests=16)
     inputs = store.list_inputs(Uri.parse(uri))

@@ -12,13 +12,14 @@ from typing import Any, Protocol
 
 from worker import errors, events, logs, triggers
 from worker.config import Settings
-from worker.jobs import STATUS_FAILED, Job, Uri
+from worker.jobs import STATUS_FAILED, Job
 from worker.manifest import failure
 from worker.models import ModelStore, StoreModelProvider, make_loader
 from worker.notify import PubSubPublisher
 from worker.parts import give_up_part, run
 from worker.pipeline import Limits, Outcome, ProgressFn, Publisher, Store
 from worker.serving import ServingStats
+from worker.uris import Uri
 
 log = logging.getLogger(__name__)
 

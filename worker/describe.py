@@ -14,9 +14,9 @@ from typing import Any
 
 from worker import codec
 from worker.errors import ModelError
-from worker.jobs import Uri
 from worker.serving import BatchRejected, TooBig
 from worker.serving.tf_backend import TensorFlowModel, TensorFlowSignature, serving_type
+from worker.uris import Uri
 
 _FLOATS = ("float", "double", "half", "bfloat16")
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from worker.codec import loads, shown
 from worker.errors import InvalidJob
-from worker.jobs import MAX_JOB_ID_BYTES, Job, fit_job_id, is_text, parse_json_object
+from worker.jobs import MAX_JOB_ID_BYTES, Job, fit_job_id, parse_json_object
+from worker.uris import is_text
 
 PUBSUB_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 STORAGE_FINALIZED = "google.cloud.storage.object.v1.finalized"

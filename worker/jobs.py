@@ -1,5 +1,5 @@
-"""Value types of a job: `Uri`, `Options`, `Job`, how its input files are read and where their
-outputs go.
+"""Value types of a job: `Options`, `Job`, how its input files are read and where their outputs
+go (the locations themselves are `worker.uris.Uri`).
 
 Pure data and validation; no I/O. Every parse error is an `InvalidJob` naming the field and the fix.
 """
@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from worker.codec import loads, shown, type_name
 from worker.errors import InvalidJob
-
-# A bucket name as GCS accepts it (3-222 chars of lowercase letters, digits, -, _ and .).
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+from worker.uris import Uri, check_text
 
 STATUS_SUCCEEDED = "SUCCEEDED"
 STATUS_PARTIAL = "PARTIALLY_SUCCEEDED"
@@ -38,71 +34,6 @@ LEASE_SUFFIX = ".lease"
 # A job id travels as the completion message's `job_id` attribute: Pub/Sub takes attribute values
 # of at most 1,024 bytes (https://cloud.google.com/pubsub/quotas#resource_limits).
 MAX_JOB_ID_BYTES = 1024
-# Cloud Storage's longest object name, in bytes of UTF-8 (fake-gcs-server takes longer ones).
-MAX_OBJECT_NAME_BYTES = 1024
-
-
-@dataclass(frozen=True)
-class Uri:
-    """Where a job reads or writes: `gs://bucket/path`, `path` empty (the bucket root) or ending in
-    `/` (a prefix); or, for the command line's runs on local files, an absolute local path (scheme
-    `file`, no bucket; a folder's ends in `/`). Jobs from messages and events are `gs://` only."""
-
-    bucket: str
-    path: str
-    scheme: str = "gs"
-
-    @classmethod
-    def parse(cls, value: object, *, what: str = "URI") -> Uri:
-        if not isinstance(value, str) or not value:
-            raise InvalidJob(f"{what} must be a gs:// URI string, got {shown(value)}")
-        if not value.startswith("gs://"):
-            raise InvalidJob(
-                f"{what} {shown(value)} is not a gs:// URI — write it as gs://BUCKET/PATH "
-                "(only Cloud Storage locations are supported)"
-            )
-        _check_text(value, what)
-        rest = value[len("gs://") :]
-        bucket, _, path = rest.partition("/")
-        if not _BUCKET_RE.match(bucket):
-            raise InvalidJob(f"{what} {shown(value)} has no valid bucket name after gs://")
-        if "//" in path or path.startswith("/"):
-            raise InvalidJob(f"{what} {shown(value)} has an empty path segment (//)")
-        if any(segment in (".", "..") for segment in path.split("/")):
-            # Object names are not paths: gs://b/a/../x names objects under `a/../`, and copied to
-            # disk they would land elsewhere.
-            raise InvalidJob(f"{what} {shown(value)} has a '.' or '..' segment — write the path without it")
-        return cls(bucket, path)
-
-    @classmethod
-    def local(cls, path: str, *, folder: bool) -> Uri:
-        """An absolute local path: a file's, or a folder's (then ending in `/`)."""
-        if not path.startswith("/"):
-            raise InvalidJob(f"local path {shown(path)} must be absolute")
-        _check_text(path, "local path")
-        return cls("", path.rstrip("/") + "/" if folder else path, scheme="file")
-
-    @property
-    def is_local(self) -> bool:
-        return self.scheme == "file"
-
-    def with_path(self, path: str) -> Uri:
-        """Another object (or prefix) of the same bucket, or another local path."""
-        return dataclasses.replace(self, path=path)
-
-    @property
-    def is_prefix(self) -> bool:
-        return self.path == "" or self.path.endswith("/")
-
-    def as_prefix(self) -> Uri:
-        """The same location read as a folder: `gs://b/out` → `gs://b/out/`."""
-        return self if self.is_prefix else self.with_path(self.path + "/")
-
-    def child(self, rel: str) -> Uri:
-        return self.with_path(self.as_prefix().path + rel)
-
-    def __str__(self) -> str:
-        return self.path if self.is_local else f"gs://{self.bucket}/{self.path}"
 
 
 _INSTANCE_TYPES = ("object", "array")
@@ -235,7 +166,7 @@ def _checked_job_id(job_id: Any) -> str:
     """A job id as given: non-empty text of at most what a Pub/Sub attribute holds."""
     if not isinstance(job_id, str) or not job_id.strip():
         raise InvalidJob(f"job_id must be a non-empty string, got {shown(job_id)}")
-    _check_text(job_id, "job_id")
+    check_text(job_id, "job_id")
     if len(job_id.encode()) > MAX_JOB_ID_BYTES:
         raise InvalidJob(
             f"job_id {shown(job_id)} is {len(job_id.encode())} bytes of UTF-8, more than the {MAX_JOB_ID_BYTES} "
@@ -358,22 +289,6 @@ def output_name(rel: str, input_format: str) -> str:
     return rel if input_format == "jsonl" else rel + ".jsonl"
 
 
-def check_object_name(uri: Uri, why: str) -> None:
-    """Refuse (`InvalidJob`) an object the worker would write whose name Cloud Storage refuses."""
-    size = len(uri.path.encode())
-    if size > MAX_OBJECT_NAME_BYTES:
-        raise InvalidJob(
-            f"{why} {shown(str(uri))} would be an object name of {size} bytes, more than the {MAX_OBJECT_NAME_BYTES} "
-            "Cloud Storage takes — use a shorter output prefix or shorter input names"
-        )
-
-
-def is_plain_path(name: str) -> bool:
-    """Whether a `/`-separated name is a plain path below its folder: no empty, `.` or `..`
-    segment (Cloud Storage takes them; a copy of the objects to disk would resolve them)."""
-    return not any(segment in ("", ".", "..") for segment in name.split("/"))
-
-
 def fit_job_id(text: str) -> str:
     """`text` as a job id of at most MAX_JOB_ID_BYTES: itself when it fits, else its beginning, "…"
     and a hash of the whole (the same for the same text, so a redelivery finds the same job). For
@@ -384,24 +299,6 @@ def fit_job_id(text: str) -> str:
     tail = "…" + hashlib.sha256(data).hexdigest()[:32]
     head = data[: MAX_JOB_ID_BYTES - len(tail.encode())].decode("utf-8", "ignore")
     return head + tail
-
-
-def is_text(value: object) -> bool:
-    """A string that can be written as UTF-8: none holding half of a UTF-16 surrogate pair (only a
-    hand-made request carries one: Pub/Sub and Cloud Storage take UTF-8 alone)."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _check_text(value: str, what: str) -> None:
-    """Refuse a string that is not text: it cannot name an object or go into one."""
-    if not is_text(value):  # `json.dumps` escapes it for the message
-        raise InvalidJob(f"{what} {json.dumps(value)} holds half of a UTF-16 surrogate pair: it is not text")
 
 
 def parse_json_object(text: str | bytes, *, what: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from worker import errors
-from worker.jobs import Uri
+from worker.uris import Uri
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from typing import Protocol
 
 from worker import errors
 from worker.config import Settings
-from worker.jobs import Uri
 from worker.pipeline import ModelHandle
 from worker.serving import LoadedModel, ServingStats
 from worker.serving.cache import ModelCache
 from worker.storage import LocalModel, ModelSource
+from worker.uris import Uri
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ from typing import Any
 from worker import errors
 from worker.config import Settings
 from worker.events import ObjectTrigger
-from worker.jobs import MANIFEST_NAME, Job, Uri, is_upload_part, parse_json_object
+from worker.jobs import MANIFEST_NAME, Job, is_upload_part, parse_json_object
 from worker.storage import WRITTEN_BY_KEY
+from worker.uris import Uri
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import pytest
 import worker.storage.store as store_mod
 import worker.storage.upload as upload_mod
 from worker import errors
-from worker.jobs import Uri
 from worker.storage import WRITTEN_BY_KEY, GcsStore
 from worker.storage.models import _safe_join
+from worker.uris import Uri
 
 pytestmark = pytest.mark.integration
 

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker import errors
-from worker.jobs import Job, Uri
+from worker.jobs import Job
 from worker.parts import run
 from worker.pipeline import Limits, ModelHandle
 from worker.serving import BatchRejected
 from worker.storage import InputFile
 from worker.storage.formats import can_cut_head, owned_lines
+from worker.uris import Uri
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from worker import errors
-from worker.jobs import Uri
 from worker.pipeline.file_lists import entry_blocks
 from worker.pipeline.lines import Fetched, Unreadable
+from worker.uris import Uri
 
 
 def test_entries_keep_their_order_and_uri_whatever_order_their_files_arrive_in():

@@ -8,8 +8,8 @@ import pytest
 
 from tests.unit.fakes import FakeStore
 from worker import errors
-from worker.jobs import Uri
 from worker.lease import Lease
+from worker.uris import Uri
 
 URI = Uri("bkt", "out/_manifest.json.lease")
 

@@ -20,9 +20,9 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 import worker.media as media_mod
 from worker import errors
-from worker.jobs import Uri
 from worker.media import MediaTransport
 from worker.storage import GcsStore
+from worker.uris import Uri
 
 
 class _Server(http.server.ThreadingHTTPServer):

@@ -14,11 +14,12 @@ import pytest
 
 from tests.unit.fakes import FakeModels, FakeStore, Published, SumPredictor, make_job, run_job
 from worker import errors
-from worker.jobs import Job, Uri
+from worker.jobs import Job
 from worker.parts import give_up_part, plan, run
 from worker.pipeline import Limits
 from worker.storage import InputFile
 from worker.storage.formats import tfrecord_crc
+from worker.uris import Uri
 
 
 def _parts_of(

@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 
 from tests.unit.fakes import FakeModels, FakeStore, Published, SumPredictor, make_job, run_job
 from worker import errors, pipeline
-from worker.jobs import Job, Uri
+from worker.jobs import Job
 from worker.pipeline import Limits, run
 from worker.storage import InputFile
+from worker.uris import Uri
 
 
 def test_key_field_and_predictions_format():

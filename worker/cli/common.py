@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 
 from worker.codec import shown
 from worker.errors import InvalidJob
-from worker.jobs import Job, Uri, parse_json_object
+from worker.jobs import Job, parse_json_object
+from worker.uris import Uri
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -9,12 +9,13 @@ from datetime import datetime
 from typing import Any
 
 from worker import errors, manifest
-from worker.jobs import JSONL, STATUS_FAILED, Job, Uri
+from worker.jobs import JSONL, STATUS_FAILED, Job
 from worker.manifest import Counts, error_ratio_exceeded, failure
 from worker.parts.plan import part_id, part_manifests, value_of, whole_job
 from worker.pipeline import Publisher, Store
 from worker.pipeline.job import finish, publish_completion
 from worker.pipeline.results import PUBLISHED_KEY, RunState
+from worker.uris import Uri
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from itertools import pairwise
 from typing import Any, Protocol
 
 from worker import errors
-from worker.jobs import Job, Uri, part_manifest_path, shares_path
+from worker.jobs import Job, part_manifest_path, shares_path
+from worker.uris import Uri
 
 log = logging.getLogger(__name__)
 

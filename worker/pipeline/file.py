@@ -12,7 +12,7 @@ from itertools import accumulate, chain, repeat
 from typing import Any, Literal
 
 from worker import codec, errors
-from worker.jobs import JSONL, Job, Options, Uri, check_object_name, input_format_of, output_name, piece_path
+from worker.jobs import JSONL, Job, Options, input_format_of, output_name, piece_path
 from worker.manifest import Counts, FileResult
 from worker.pipeline.csv_rows import CsvRows
 from worker.pipeline.file_lists import entry_blocks
@@ -22,6 +22,7 @@ from worker.pipeline.lines import OPEN, Entry, TooLong, entry_of, format_line, h
 from worker.pipeline.ports import Limits, Sink, Store
 from worker.pipeline.tf_records import Framing, record_blocks, records_before
 from worker.serving import BatchRejected, Predictor
+from worker.uris import Uri, check_object_name
 
 log = logging.getLogger(__name__)
 

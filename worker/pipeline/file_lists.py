@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from worker import errors
-from worker.jobs import Uri
 from worker.pipeline.lines import Fetched, Unreadable
+from worker.uris import Uri
 
 FETCH_THREADS = 8
 # Files of a block fetched before their lines are handed on: bounds memory (limit × this).

@@ -10,14 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker import errors
-from worker.jobs import (
-    STATUS_FAILED,
-    Job,
-    check_object_name,
-    input_format_of,
-    is_plain_path,
-    output_name,
-)
+from worker.jobs import STATUS_FAILED, Job, input_format_of, output_name
 from worker.lease import Lease
 from worker.manifest import FileResult, error_ratio_exceeded, failure
 from worker.pipeline.batching import BatchSize
@@ -33,6 +26,7 @@ from worker.pipeline.results import (
     iso_time,
     manifest_of,
 )
+from worker.uris import check_object_name, is_plain_path
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from worker.jobs import (
-    Uri,
-)
 from worker.serving import MAX_BATCH_OUTPUT_VALUES, LoadedModel
+from worker.uris import Uri
 
 
 class Sink(Protocol):

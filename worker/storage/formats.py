@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import google_crc32c
 
 from worker.errors import InvalidJob, OtherFormat
-from worker.jobs import Uri
+from worker.uris import Uri
 
 # How a gzip file begins; no JSON text does (0x1f is a control character).
 GZIP_MAGIC = b"\x1f\x8b"

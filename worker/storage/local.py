@@ -24,11 +24,11 @@ from typing import IO, Any
 
 from worker import codec
 from worker.errors import Conflict, InvalidJob, NotFound
-from worker.jobs import Uri
 from worker.storage import models
 from worker.storage.background import prefetched
 from worker.storage.formats import as_utf8, gunzipped, split_lines
 from worker.storage.values import SAVED_MODEL_FILES, WRITTEN_BY_KEY, InputFile, LocalModel, ModelSource, StoredJson
+from worker.uris import Uri
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from worker.codec import shown
 from worker.errors import ModelError, NotFound
-from worker.jobs import Uri, is_plain_path
 from worker.media import MediaTransport
 from worker.storage.errors import translate_errors
 from worker.storage.values import SAVED_MODEL_FILES, LocalModel, ModelSource
+from worker.uris import Uri, is_plain_path
 
 log = logging.getLogger(__name__)
 

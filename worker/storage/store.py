@@ -19,7 +19,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY, ConditionalRetryPolicy, is
 
 from worker import codec
 from worker.errors import Conflict, InvalidJob, NotFound, TransientError
-from worker.jobs import Uri, is_upload_part
+from worker.jobs import is_upload_part
 from worker.media import MediaTransport
 from worker.storage import models, upload
 from worker.storage.background import BackgroundWriter, prefetched
@@ -34,6 +34,7 @@ from worker.storage.formats import (
     split_lines,
 )
 from worker.storage.values import WRITTEN_BY_KEY, InputFile, LocalModel, ModelSource, StoredJson
+from worker.uris import Uri
 
 log = logging.getLogger(__name__)
 

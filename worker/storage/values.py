@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from worker.jobs import Uri
+from worker.uris import Uri
 
 # The file that makes a folder a SavedModel: binary, or text (as TF 1's builders could write it
 # with as_text=True); TensorFlow and TF Serving load either.
