@@ -7,7 +7,7 @@ import logging
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import accumulate, chain, repeat
 from typing import Any, Literal
 
@@ -27,46 +27,44 @@ from worker.uris import Uri, check_object_name
 log = logging.getLogger(__name__)
 
 
-def run_file(
-    job: Job,
-    f: Any,
-    store: Store,
-    predictor: Predictor,
-    batch_size: Callable[[], int],
-    limits: Limits,
-    tracker: Tracker,
-) -> FileResult:
+@dataclass(frozen=True)
+class JobFiles:
+    """What every input file of a job is predicted with: the job, its storage, its model's
+    predictor, the batch size of the moment, its limits and its progress."""
+
+    job: Job
+    store: Store
+    predictor: Predictor
+    batch_size: Callable[[], int]
+    limits: Limits
+    tracker: Tracker
+
+
+def run_file(files: JobFiles, f: Any) -> FileResult:
     """One input file predicted, read as its job or its name says; a file read as JSON lines that
     turns out to be TFRecord (its first record's framing checks out), and that no `input_format`
     names, is read again as TFRecord: its first read stopped before any output line was written,
     and that output was abandoned."""
+    job = files.job
     try:
-        return FileRun(job, f, store, predictor, batch_size, limits, tracker).run()
+        return FileRun(files, f).run()
     except errors.OtherFormat as e:
         if e.kind != "tf-record" or job.options.input_format is not None or f.piece:
             raise
     log.info('%s is a TFRecord file: reading it as one (each record the instance {"b64": …})', f.uri)
     as_records = replace(job, options=replace(job.options, input_format="tf-record"))
     check_object_name(as_records.output.child(output_name(f.rel, "tf-record")), f"the output of {f.uri}")
-    return FileRun(as_records, f, store, predictor, batch_size, limits, tracker).run()
+    return FileRun(replace(files, job=as_records), f).run()
 
 
 class FileRun:
     """One input file read as `input_format_of` says, its lines cut into batches, predicted and
     written as output lines in input order, with the counts, first error and waits of its result."""
 
-    def __init__(
-        self,
-        job: Job,
-        f: Any,
-        store: Store,
-        predictor: Predictor,
-        batch_size: Callable[[], int],
-        limits: Limits,
-        tracker: Tracker,
-    ) -> None:
-        self.job, self.f, self.store, self.predictor = job, f, store, predictor
-        self.batch_size, self.limits, self.tracker = batch_size, limits, tracker
+    def __init__(self, files: JobFiles, f: Any) -> None:
+        job = files.job
+        self.job, self.f, self.store, self.predictor = job, f, files.store, files.predictor
+        self.batch_size, self.limits, self.tracker = files.batch_size, files.limits, files.tracker
         self.read_as = input_format_of(job.options, f.rel)
         self.out_uri, self.result = _output_of(job, f, self.read_as)
         # A CSV file's rows read as JSON lines; its options name its header's columns once it is read.

@@ -4,6 +4,7 @@ this run (`worker.parts`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -12,9 +13,9 @@ from typing import Any
 from worker import errors
 from worker.jobs import STATUS_FAILED, Job, input_format_of, output_name
 from worker.lease import Lease
-from worker.manifest import FileResult, error_ratio_exceeded, failure
+from worker.manifest import error_ratio_exceeded, failure
 from worker.pipeline.batching import BatchSize
-from worker.pipeline.file import run_file
+from worker.pipeline.file import JobFiles, run_file
 from worker.pipeline.files import Tracker, run_files
 from worker.pipeline.ports import Limits, ModelProvider, Outcome, ProgressFn, Publisher, Store
 from worker.pipeline.results import (
@@ -123,10 +124,8 @@ def _execute(
             t = time.perf_counter()
             batch_size = BatchSize(job, limits, predictor)
 
-            def one(f: Any) -> FileResult:
-                return run_file(job, f, store, predictor, batch_size, limits, tracker)
-
-            run_files(one, inputs, limits.file_concurrency, state, tracker)
+            files = JobFiles(job, store, predictor, batch_size, limits, tracker)
+            run_files(functools.partial(run_file, files), inputs, limits.file_concurrency, state, tracker)
             timings["predict_s"] = time.perf_counter() - t
             timings["input_wait_s"] = sum(r.input_wait_s for r in state.files)
             timings["output_wait_s"] = sum(r.output_wait_s for r in state.files)
