@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,8 @@ _OUTPUT_FORMATS = ("results", "predictions")
 # The input formats read (Vertex AI batch prediction's names).
 INPUT_FORMATS = ("jsonl", "csv", "tf-record", "tf-record-gzip", "file-list")
 # Formats known by a file's name (`input_format` not given), by the end of the name.
+# A shard's number after a file's extension, as TensorFlow Datasets names its TFRecord files.
+_SHARD = re.compile(r"(?<=\.tfrecord)s?-\d+-of-\d+(?=(\.gz)?$)")
 _FORMATS_BY_NAME = (
     ((".csv", ".csv.gz"), "csv"),
     ((".tfrecord", ".tfrecords"), "tf-record"),
@@ -275,11 +278,12 @@ def piece_path(rel: str, i: int, m: int) -> str:
 
 def input_format_of(options: Options, rel: str) -> str:
     """How an input file is read: its job's `input_format`, else by its name — `.csv` (or
-    `.csv.gz`) is CSV, `.tfrecord` (or `.tfrecords`, and either `.gz`) TFRecord, anything else
-    JSON lines (a file list is never guessed: a `.txt` of URIs is named by the option)."""
+    `.csv.gz`) is CSV, `.tfrecord` (or `.tfrecords`, and either `.gz`) TFRecord, as is a shard
+    `.tfrecord-00000-of-00004` (TensorFlow Datasets' names), anything else JSON lines (a file list
+    is never guessed: a `.txt` of URIs is named by the option)."""
     if options.input_format is not None:
         return options.input_format
-    name = rel.lower()
+    name = _SHARD.sub("", rel.lower())
     return next((fmt for ends, fmt in _FORMATS_BY_NAME if name.endswith(ends)), "jsonl")
 
 

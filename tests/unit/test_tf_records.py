@@ -11,6 +11,7 @@ import struct
 import pytest
 
 from worker.errors import InvalidJob
+from worker.jobs import Options, input_format_of, output_name
 from worker.pipeline.lines import Unreadable
 from worker.pipeline.tf_records import Framing, record_blocks, records_before
 from worker.storage.formats import tfrecord_crc
@@ -136,3 +137,24 @@ def test_a_piece_in_which_no_record_begins_reads_none():
     data = frame(b"a" * 40) + frame(b"b")
     lines, framing = _piece(data, 20, 40)
     assert lines == [] and framing.first is None
+
+
+@pytest.mark.parametrize(
+    ("rel", "read_as"),
+    [
+        ("a.tfrecord", "tf-record"),
+        ("sub/A.TFRecords", "tf-record"),
+        ("b.tfrecord.gz", "tf-record-gzip"),
+        ("mnist-train.tfrecord-00000-of-00004", "tf-record"),  # TensorFlow Datasets' shards
+        ("mnist-train.tfrecords-00012-of-00100.gz", "tf-record-gzip"),
+        ("part-00000-of-00004", "jsonl"),  # known by its content, if at all
+        ("a.tfrecord-00000-of-00004.json", "jsonl"),
+        ("rows.csv", "csv"),
+        ("rows.jsonl", "jsonl"),
+    ],
+)
+def test_a_file_is_read_as_its_name_says_and_its_output_is_json_lines(rel: str, read_as: str):
+    options = Options.parse({})
+    assert input_format_of(options, rel) == read_as
+    assert output_name(rel, read_as) == (rel if read_as == "jsonl" else rel + ".jsonl")
+    assert input_format_of(Options.parse({"input_format": "csv"}), rel) == "csv"
