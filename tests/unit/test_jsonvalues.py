@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from worker import codec
 from worker.serving.jsonvalues import rows_from_array, tf_serving_float, tf_serving_floats
-from worker.serving.refusals import named_inputs_refusal
 
 
 def _nearest_float32(d: Fraction) -> np.float32:
@@ -103,17 +102,3 @@ def test_rows_keep_their_shape_and_float64_outputs_stay_exact() -> None:
     assert rows_from_array("scores", batch, 2) == [[[0.1, 0.2]], [[0.3, 0.333333343]]]
     doubles = np.array([0.1 + 0.2, 1 / 3])
     assert rows_from_array("scores", doubles, 2) == [0.30000000000000004, 1 / 3]
-
-
-def test_fields_beside_the_inputs_are_named_with_the_options_that_keep_them_out() -> None:
-    assert named_inputs_refusal(["a", "b"], {"a": 1, "b": 2, "id": 3, "ts": 4}) == (
-        "this model takes named inputs ['a', 'b']: each instance must be an object with exactly those keys, got "
-        "['a', 'b', 'id', 'ts']: 'id', 'ts' are not inputs — name one in options.key_field to write it as each "
-        "line's key, or leave them out with options.excluded_fields"
-    )
-    # Missing an input: no such hint.
-    assert named_inputs_refusal(["a", "b"], {"a": 1, "id": 3}) == (
-        "this model takes named inputs ['a', 'b']: each instance must be an object with exactly those keys, got "
-        "['a', 'id']"
-    )
-    assert named_inputs_refusal(["a", "b"], {"b": 1, "a": 2}) is None
