@@ -83,6 +83,7 @@ def start(say: Callable[[str], None], *, project: str = PROJECT) -> LocalCloud:
         subscriber.create_subscription(name=results_sub, topic=results)
 
         say("starting the worker (functions-framework, target handle_event)")
+        work_dir = tempfile.mkdtemp(prefix="embedded-tf-")
         worker, url = emulators.start_worker(
             {
                 "PUBSUB_EMULATOR_HOST": pubsub_host,
@@ -90,8 +91,9 @@ def start(say: Callable[[str], None], *, project: str = PROJECT) -> LocalCloud:
                 "GOOGLE_CLOUD_PROJECT": project,
                 "WORKER_RESULTS_TOPIC": "results",
                 "WORKER_JOBS_TOPIC": "jobs",  # jobs with options.parts come back as their parts
-                "WORKER_WORK_DIR": tempfile.mkdtemp(prefix="embedded-tf-"),
-            }
+                "WORKER_WORK_DIR": work_dir,
+            },
+            owns=(work_dir,),
         )
         services.append(worker)
         subscriber.create_subscription(

@@ -46,8 +46,10 @@ class Service:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         ready_timeout_s: float = 60.0,
+        owns: tuple[str, ...] = (),
     ) -> None:
         self.name = name
+        self._owns = owns  # folders it writes (an emulator's data), removed with its log once stopped
         self.argv = argv
         self._ready = ready
         self._env = dict(env) if env is not None else dict(os.environ)
@@ -77,9 +79,9 @@ class Service:
         deadline = time.monotonic() + self._ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServiceError(
-                    f"{self.name} exited with code {self.proc.returncode} before it was ready:\n{self.log_tail()}"
-                )
+                tail = self.log_tail()
+                self.stop()
+                raise ServiceError(f"{self.name} exited with code {self.proc.returncode} before it was ready:\n{tail}")
             try:
                 if self._ready():
                     return self
@@ -88,21 +90,31 @@ class Service:
             # Often: a worker's cold start is timed from its spawn to its first answer, and Cloud
             # Run sends an event as soon as the port answers, not up to a tenth of a second after.
             time.sleep(0.02)
+        tail = self.log_tail()
         self.stop()
-        raise ServiceError(f"{self.name} was not ready after {self._ready_timeout_s:.0f}s:\n{self.log_tail()}")
+        raise ServiceError(f"{self.name} was not ready after {self._ready_timeout_s:.0f}s:\n{tail}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop it (SIGTERM to its group, SIGKILL after `timeout_s`), then remove its log and the
+        folders it owns: nothing of it is left behind."""
         proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+            if proc is None or proc.poll() is not None:
+                return
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        finally:
+            self._log.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._log.name)
+            for path in self._owns:
+                shutil.rmtree(path, ignore_errors=True)
 
     def kill(self) -> None:
         """Abrupt death (SIGKILL to the group), as when an instance is lost mid-job."""
@@ -188,14 +200,18 @@ def start_pubsub_emulator() -> tuple[Service, str]:
     data_dir = tempfile.mkdtemp(prefix="pubsub-emulator-")
     argv = [pubsub_emulator_binary(), "--host=127.0.0.1", f"--port={port}", f"--data-dir={data_dir}"]
     host = f"127.0.0.1:{port}"
-    service = Service("pubsub-emulator", argv, ready=_http_ok(f"http://{host}/", expect="Ok"), ready_timeout_s=90)
+    ready = _http_ok(f"http://{host}/", expect="Ok")
+    service = Service("pubsub-emulator", argv, ready=ready, ready_timeout_s=90, owns=(data_dir,))
     return service.start(), host
 
 
-def start_worker(env: Mapping[str, str], *, target: str = "handle_event", threads: int = 4) -> tuple[Service, str]:
+def start_worker(
+    env: Mapping[str, str], *, target: str = "handle_event", threads: int = 4, owns: tuple[str, ...] = ()
+) -> tuple[Service, str]:
     """The worker served by functions-framework over HTTP, exactly as the image runs it: from its
     modules compiled beforehand (where Python keeps them, in `worker/__pycache__/`), as the image
-    holds them, which PYTHONDONTWRITEBYTECODE would otherwise have each start compile again."""
+    holds them, which PYTHONDONTWRITEBYTECODE would otherwise have each start compile again.
+    `owns`: folders removed once it is stopped (its work dir, say)."""
     compileall.compile_dir(REPO_ROOT / "worker", quiet=1)
     port = free_port()
     ff = shutil.which("functions-framework", path=os.path.dirname(sys.executable)) or "functions-framework"
@@ -208,7 +224,7 @@ def start_worker(env: Mapping[str, str], *, target: str = "handle_event", thread
         r = requests.get(url + "/__ready", timeout=2)
         return r.status_code in (200, 400, 404, 405)
 
-    service = Service(f"worker-{target}", argv, env=full_env, cwd=str(REPO_ROOT), ready=ready)
+    service = Service(f"worker-{target}", argv, env=full_env, cwd=str(REPO_ROOT), ready=ready, owns=owns)
     return service.start(), url
 
 
