@@ -220,6 +220,25 @@ def test_a_tf_record_file_whose_pieces_do_not_meet_at_a_record_fails_its_job_say
     assert "bkt/out/b.tfrecord.jsonl" not in store.objects
 
 
+def test_a_part_manifest_edited_to_say_nothing_of_its_records_fails_the_job_not_its_delivery():
+    """A part's manifest whose piece no longer says where its records are (edited by hand): the
+    job FAILED saying which piece, acknowledged — not an error each delivery of the last part meets."""
+    data = b"".join(_frame(b"record %d" % k) for k in range(30))
+    store = FakeStore({"bkt/in/b.tfrecord": data})
+    parts, pub, _ = _parts_of(store, {"parts": 2}, limits=Limits(4, min_piece_bytes=10))
+    _run_part(store, parts[0], pub, LengthPredictor())
+    key = "bkt/out/_parts/part-1-of-2.json"
+    edited = json.loads(store.objects[key])
+    edited["files"][0]["piece"]["records"] = ["x", 3, 4]
+    store.objects[key] = json.dumps(edited).encode()
+    assert _run_part(store, parts[1], pub, LengthPredictor()).status == "SUCCEEDED"  # the part itself
+    [(manifest, attrs)] = pub.messages
+    assert attrs["status"] == "FAILED" and manifest["error"]["message"] == (
+        "TFRecord input gs://bkt/in/b.tfrecord: the manifest of its piece 1 of 2 does not say where its records are "
+        '(["x", 3, 4]) — send the job again with another job_id'
+    )
+
+
 @pytest.mark.parametrize(
     "kept",
     [

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from worker import errors, manifest
+from worker.codec import shown
 from worker.jobs import JSONL, STATUS_FAILED, Job
 from worker.manifest import Counts, error_ratio_exceeded, failure
 from worker.parts.plan import part_id, part_manifests, value_of, whole_job
@@ -118,7 +119,13 @@ def _gap(name: str, framed: list[dict[str, Any]]) -> str | None:
         return None  # not all there: not joined, said so by `join_pieces`
     expected = 0
     for p in framed:
-        first, following = p["records"]
+        records = p["records"]
+        if not (len(records) == 2 and all(r is None or isinstance(r, int) for r in records)):
+            return (
+                f"TFRecord input {name}: the manifest of its piece {p['of'][0]} of {m} does not say where its records "
+                f"are ({shown(records)}) — send the job again with another job_id"
+            )
+        first, following = records
         if first is not None and first != expected:
             return (
                 f"TFRecord input {name} could not be cut at records: piece {p['of'][0]} of {m} found its first "
